@@ -1,0 +1,12 @@
+"""regharm_ext: image harmonization by matching regional references (PTL and LTL layers).
+
+``regharm_ext.ops`` holds the two ops (``patch_stats``, ``masked_attention``),
+``regharm_ext.backends()`` says which backends can run them, ``PTL`` and ``LTL`` are the layers.
+"""
+from .backends import BackendUnavailable, backends
+from .layers import LTL, PTL, SelfAttention, masked_instance_norm, resize_mask
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["backends", "BackendUnavailable", "ops", "PTL", "LTL", "SelfAttention",
+           "masked_instance_norm", "resize_mask", "__version__"]

@@ -1,0 +1,79 @@
+"""The backend switch (NATTEN/xformers style): which implementation runs an op, and why not.
+
+Backends, each a module with ``unavailable(device) -> Optional[str]`` (None when it can run on
+that device, else the reason) and the two op implementations:
+
+- ``reference``: readable transcription of the SPEC, the oracle (``ops/reference.py``);
+- ``torch``: memory-light PyTorch composite (``ops/torch_impl.py``);
+- ``native``: our compiled C++/CUDA ops in ``regharm_ext._C`` (``ops/native.py``);
+- ``triton``: Triton kernels (``ops/triton_backend.py``); on CPU tensors only under
+  ``TRITON_INTERPRET=1``.
+
+``backend=None`` picks the fastest backend that can run on the tensors' device; the environment
+variable ``REGHARM_BACKEND`` overrides that choice (never an explicit ``backend=`` argument).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Optional, Union
+
+import torch
+
+NAMES = ("reference", "torch", "native", "triton")
+_MODULES = {
+    "reference": "regharm_ext.ops.reference",
+    "torch": "regharm_ext.ops.torch_impl",
+    "native": "regharm_ext.ops.native",
+    "triton": "regharm_ext.ops.triton_backend",
+}
+# fastest first; the Triton interpreter is far too slow to be picked by default on CPU
+_PREFERENCE = {"cuda": ("native", "triton", "torch"), "cpu": ("native", "torch")}
+_ENV = "REGHARM_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a requested backend cannot run; the message says why."""
+
+
+def _module(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str, device: Union[str, torch.device]) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, otherwise the reason in words."""
+    if name not in NAMES:
+        return f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"
+    dev = torch.device(device)
+    try:
+        mod = _module(name)
+    except ImportError as exc:  # an optional dependency (e.g. triton) is missing
+        return f"cannot import {_MODULES[name]}: {exc}"
+    return mod.unavailable(dev)
+
+
+def backends(device: Union[str, torch.device, None] = None) -> Dict[str, str]:
+    """Every backend with ``"available"`` or the reason it is not, for ``device``.
+
+    ``device`` defaults to ``"cuda"`` when a GPU is usable, else ``"cpu"``.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {n: (unavailable_reason(n, device) or "available") for n in NAMES}
+
+
+def resolve(backend: Optional[str], device: torch.device):
+    """The module that runs an op for tensors on ``device``."""
+    name = backend
+    if name is None:
+        name = os.environ.get(_ENV) or None
+    if name is not None:
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            src = f"backend={name!r}" if backend is not None else f"{_ENV}={name!r}"
+            raise BackendUnavailable(f"{src} cannot run on {device.type}: {reason}")
+        return _module(name)
+    for cand in _PREFERENCE.get(device.type, ("torch",)):
+        if unavailable_reason(cand, device) is None:
+            return _module(cand)
+    return _module("reference")

@@ -1,0 +1,225 @@
+"""Drop-in layers of the paper: LTL (§3.2) and PTL (§3.3), exactly as SPEC §4 fixes them."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import masked_attention, patch_stats
+
+Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
+
+
+def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Mask (Tensor[B, 1, H, W]) at a feature size by area averaging; soft values stay weights."""
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must have shape (B, 1, H, W), got {tuple(mask.shape)}")
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=size, mode="area")
+
+
+def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Instance norm of x (Tensor[B, C, H, W]) with statistics over ``weight`` (Tensor[B, 1, H, W]).
+
+    ``(x - mu) / sqrt(var + eps)`` at every position, ``mu``/``var`` the weighted mean/variance of
+    each channel. An image whose weights sum to 0 gets ``mu = 0, var = 0`` (callers discard it).
+    """
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa, w = x.to(dt), weight.to(dt)
+    mass = w.sum((2, 3), keepdim=True)
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    mu = (w * xa).sum((2, 3), keepdim=True) / safe
+    var = (w * (xa - mu) ** 2).sum((2, 3), keepdim=True) / safe
+    return ((xa - mu) / torch.sqrt(var + eps)).to(x.dtype)
+
+
+def _resolve_size(value, extent: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int (pixels) or a float (fraction of the map), got {value!r}")
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"{name} as a fraction must lie in (0, 1], got {value}")
+        return max(1, int(round(value * extent)))
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 pixel, got {value}")
+    return value
+
+
+def _as_pair(value: Size):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class PTL(nn.Module):
+    """Patches-to-Location Translation (§3.3, SPEC §4).
+
+    Every foreground position takes the appearance (mean, std) of the background patches whose
+    content matches its own: ``T_fb = C_f * V + A`` with ``[A | V]`` one attention of the
+    foreground content over the patch contents, valued by ``[mu | sigma]``.
+
+    Args:
+        channels: C of the input.
+        patch, stride: int (pixels) or float (fraction of the feature height/width, rounded,
+            at least 1), or a pair of them. Defaults 1/8 and 1/32: 16 and 4 at 128².
+        eps: variance epsilon of every normalization.
+        scale: attention scale; ``"auto"`` is ``C ** -0.5``, ``1.0`` the printed equation.
+        feature_size: (H, W) of the input; only needed to create ``weight`` at construction when
+            ``patch`` is a fraction (otherwise it is created on the first forward).
+        min_mass: patches with less background mass are ignored.
+        backend: op backend (None picks; see :mod:`regharm_ext.backends`).
+
+    Shapes: x (Tensor[B, C, H, W]), mask (Tensor[B, 1, H', W']) in [0, 1] -> (Tensor[B, C, H, W]).
+    """
+
+    def __init__(self, channels: int, patch: Size = 1 / 8, stride: Size = 1 / 32, eps: float = 1e-5,
+                 scale: Union[str, float] = "auto", feature_size: Optional[Tuple[int, int]] = None,
+                 min_mass: float = 0.5, backend: Optional[str] = None):
+        super().__init__()
+        if scale != "auto" and not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be 'auto' or a number, got {scale!r}")
+        self.channels = channels
+        self.patch, self.stride = _as_pair(patch), _as_pair(stride)
+        self.eps, self.min_mass, self.backend = eps, min_mass, backend
+        self.scale = channels ** -0.5 if scale == "auto" else float(scale)
+        fixed = all(isinstance(p, int) and not isinstance(p, bool) for p in self.patch)
+        if fixed or feature_size is not None:
+            hw = _as_pair(feature_size) if feature_size is not None else (0, 0)
+            ph, pw = self.patch_size(*hw) if not fixed else self.patch
+            self.weight = nn.Parameter(torch.empty(ph * pw))
+            self.bias = nn.Parameter(torch.empty(1))
+            self.reset_parameters()
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def patch_size(self, h: int, w: int) -> Tuple[int, int]:
+        return (_resolve_size(self.patch[0], h, "patch"), _resolve_size(self.patch[1], w, "patch"))
+
+    def stride_size(self, h: int, w: int) -> Tuple[int, int]:
+        return (_resolve_size(self.stride[0], h, "stride"), _resolve_size(self.stride[1], w, "stride"))
+
+    def reset_parameters(self) -> None:
+        # like nn.Linear(ph*pw, 1): uniform weights would give content 0 (SPEC §2)
+        bound = 1 / math.sqrt(self.weight.numel())
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def _params(self, ph: int, pw: int, x: torch.Tensor):
+        if self.weight is None:  # first forward of a fractional patch: size is known now
+            self.weight = nn.Parameter(torch.empty(ph * pw, device=x.device))
+            self.bias = nn.Parameter(torch.empty(1, device=x.device))
+            self.reset_parameters()
+        if self.weight.numel() != ph * pw:
+            raise ValueError(
+                f"PTL was built for {self.weight.numel()} positions per patch but this input "
+                f"{tuple(x.shape)} gives patches of {(ph, pw)}; run it at its training resolution "
+                f"or give integer patch/stride sizes"
+            )
+        return self.weight, self.bias
+
+    def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor):
+        """The pieces of the forward pass; :meth:`contribution` reuses them."""
+        B, C, H, W = x.shape
+        m = resize_mask(mask, (H, W)).to(x.dtype)
+        bg = 1 - m
+        ps, st = self.patch_size(H, W), self.stride_size(H, W)
+        weight, bias = self._params(*ps, x)
+        mu, sigma, content, mass = patch_stats(x, bg, weight.to(x.dtype), bias.to(x.dtype), ps, st,
+                                               self.eps, self.min_mass, backend=self.backend)
+        c_f = masked_instance_norm(x, m, self.eps).flatten(2).transpose(1, 2)   # (B, HW, C)
+        valid = mass >= self.min_mass
+        key_bias = torch.zeros_like(mass).masked_fill(~valid, float("-inf"))
+        query_mask = (m > 0).flatten(1)
+        return m, c_f, content, torch.cat([mu, sigma], -1), key_bias, query_mask, valid
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"PTL({self.channels}) expects x of shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        m, c_f, content, values, key_bias, query_mask, valid = self.attention_inputs(x, mask)
+        av = masked_attention(c_f, content, values, key_bias, query_mask, self.scale, backend=self.backend)
+        a, v = av.split(C, dim=-1)
+        t_fb = (c_f * v + a).transpose(1, 2).reshape(B, C, H, W)
+        out = (1 - m) * x + m * t_fb
+        # no valid background patch: nothing to match, the input passes through unchanged
+        has_ref = valid.any(1).view(B, 1, 1, 1)
+        return torch.where(has_ref, out, x)
+
+    @torch.no_grad()
+    def contribution(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fig. 5's contribution map (Tensor[B, H, W]): how much attention the whole foreground pays
+        to each background pixel, spread from the patches that cover it; each map sums to 1."""
+        B, C, H, W = x.shape
+        m, c_f, content, _, key_bias, query_mask, _ = self.attention_inputs(x, mask)
+        # attention of each active query over the patches, summed over the foreground with
+        # weights m; queries in chunks so that the L x K probabilities never exist at once
+        per_patch = torch.zeros(B, content.shape[1], dtype=torch.float32, device=x.device)
+        weights = (m.flatten(1) * query_mask).float()
+        for start in range(0, c_f.shape[1], 4096):
+            s = self.scale * c_f[:, start:start + 4096].float() @ content.float().transpose(1, 2)
+            p = torch.softmax(s + key_bias.float()[:, None, :], -1).nan_to_num(0.0)
+            per_patch += (p * weights[:, start:start + 4096, None]).sum(1)
+        ps, st = self.patch_size(H, W), self.stride_size(H, W)
+        kh, kw = (H - ps[0]) // st[0] + 1, (W - ps[1]) // st[1] + 1
+        grid = per_patch.view(B, 1, kh, kw).float()
+        # each patch spreads its share over its pixels: transposed conv with a box kernel
+        box = torch.ones(1, 1, *ps, device=x.device) / (ps[0] * ps[1])
+        spread = F.conv_transpose2d(grid, box, stride=st)
+        spread = F.pad(spread, (0, W - spread.shape[-1], 0, H - spread.shape[-2]))[:, 0]
+        spread = spread * (1 - m[:, 0].float())
+        return spread / spread.flatten(1).sum(1).clamp_min(1e-12).view(B, 1, 1)
+
+
+class SelfAttention(nn.Module):
+    """Plain self-attention over all positions, 1x1-conv projections, residual outside.
+
+    Shapes: x (Tensor[B, C, H, W]) -> (Tensor[B, C, H, W]) (the attention term only).
+    """
+
+    def __init__(self, channels: int, heads: int = 1):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+
+        def split(t):  # (B, C, H, W) -> (B, heads, HW, C/heads)
+            return t.view(B, self.heads, C // self.heads, H * W).transpose(2, 3)
+
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(y.transpose(2, 3).reshape(B, C, H, W))
+
+
+class LTL(nn.Module):
+    """Locations-to-Location Translation (§3.2, SPEC §4).
+
+    ``z = IN(x + SelfAttention(x))``; each foreground token attends to the background tokens
+    (``key_bias = log(1 - m)``) and is fused with what it found: ``T_h = Linear(T ‖ T_r)``.
+
+    Shapes: x (Tensor[B, C, H, W]), mask (Tensor[B, 1, H', W']) -> (Tensor[B, C, H, W]).
+    """
+
+    def __init__(self, channels: int, heads: int = 1, backend: Optional[str] = None):
+        super().__init__()
+        self.channels, self.backend = channels, backend
+        self.attn = SelfAttention(channels, heads)
+        self.fuse = nn.Linear(2 * channels, channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"LTL({self.channels}) expects x of shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        z = F.instance_norm(x + self.attn(x))
+        t = z.flatten(2).transpose(1, 2)                                    # (B, HW, C)
+        m = resize_mask(mask, (H, W)).to(x.dtype)
+        mf = m.flatten(1).detach()
+        key_bias = torch.log1p(-mf.float().clamp(0, 1))                      # -inf at pure foreground
+        t_r = masked_attention(t, t, t, key_bias, mf > 0, backend=self.backend)
+        t_h = self.fuse(torch.cat([t, t_r], -1)).transpose(1, 2).reshape(B, C, H, W)
+        return (1 - m) * z + m * t_h

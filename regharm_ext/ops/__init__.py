@@ -1,0 +1,78 @@
+"""The two ops of the SPEC, dispatched to a backend (see :mod:`regharm_ext.backends`)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _checks
+
+__all__ = ["patch_stats", "masked_attention"]
+
+
+def patch_stats(
+    x: torch.Tensor,
+    bg: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    patch_size,
+    stride,
+    eps: float = 1e-5,
+    min_mass: float = 0.5,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Background appearance (masked mean/std) and content of every patch (SPEC §2, Eq. 3).
+
+    Args:
+        x (Tensor[B, C, H, W]): features.
+        bg (Tensor[B, 1, H, W]): background weights in [0, 1] (data: no gradient).
+        weight (Tensor[ph*pw]): the linear map from a normalized block to its content token.
+        bias (Tensor[1]): its bias.
+        patch_size, stride (int or (int, int)): patches without padding, row-major order
+            ``n = i*Kw + j``, ``Kh = (H-ph)//sh + 1``, ``Kw = (W-pw)//sw + 1``.
+        eps (float): added to the masked variance.
+        min_mass (float): patches whose ``Σ bg`` is below this are invalid: their outputs are 0
+            and carry no gradient.
+        backend (str, optional): ``reference``, ``torch``, ``native``, ``triton``; None picks.
+
+    Returns:
+        mu, sigma, content (Tensor[B, K, C]) and mass (Tensor[B, K]), in x's dtype.
+    """
+    from ..backends import resolve
+
+    ps, st = _checks.check_patch_stats(x, bg, weight, bias, patch_size, stride, eps, min_mass)
+    impl = resolve(backend, x.device)
+    return impl.patch_stats(x, bg, weight, bias, ps, st, float(eps), float(min_mass))
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor,
+    query_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Foreground-to-background attention with a per-key additive bias (SPEC §3, Eq. 1, 4).
+
+    ``out_l = Σ_n softmax_n(scale · q_l·k_n + key_bias_n) · v_n`` for active queries; inactive
+    queries and rows whose keys are all removed (``key_bias = -inf``) give exactly 0.
+
+    Args:
+        q (Tensor[B, L, D]), k (Tensor[B, N, D]), v (Tensor[B, N, E]): one dtype.
+        key_bias (Tensor[B, N]): additive bias, ``-inf`` removes a key (data: no gradient).
+        query_mask (Tensor[B, L] bool, optional): active queries (data).
+        scale (float, optional): defaults to ``D ** -0.5``.
+        backend (str, optional): see :func:`patch_stats`.
+
+    Returns:
+        out (Tensor[B, L, E]) in q's dtype.
+    """
+    from ..backends import resolve
+
+    _checks.check_masked_attention(q, k, v, key_bias, query_mask)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    impl = resolve(backend, q.device)
+    return impl.masked_attention(q, k, v, key_bias, query_mask, float(scale))

@@ -1,0 +1,111 @@
+"""Argument checks shared by every backend, so that each op rejects bad input the same way.
+
+Errors name the argument, the shape or dtype received and what was expected (the fix).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+IntPair = Union[int, Sequence[int]]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def pair(value: IntPair, name: str) -> Tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 2) -> (3, 2)``; anything else is a clear error."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        out = (value, value)
+    else:
+        try:
+            out = tuple(int(v) for v in value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        if len(out) != 2 or any(int(v) != v for v in value):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if out[0] < 1 or out[1] < 1:
+        raise ValueError(f"{name} must be >= 1, got {out}")
+    return out
+
+
+def _float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}; convert it with {name}.float()"
+        )
+
+
+def _rank(t: torch.Tensor, name: str, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)} ({t.dim()} dims)")
+
+
+def _same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    devices = {(n, t.device) for n, t in named if t is not None}
+    if len({d for _, d in devices}) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=str))
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_patch_stats(x, bg, weight, bias, patch_size, stride, eps, min_mass):
+    """Validates the arguments of ``patch_stats``; returns ``(ph, pw), (sh, sw)``."""
+    for t, n in ((x, "x"), (bg, "bg"), (weight, "weight"), (bias, "bias")):
+        _float(t, n)
+    _rank(x, "x", 4, "(B, C, H, W)")
+    _rank(bg, "bg", 4, "(B, 1, H, W)")
+    B, C, H, W = x.shape
+    if bg.shape != (B, 1, H, W):
+        raise ValueError(
+            f"bg must have shape (B, 1, H, W) = {(B, 1, H, W)} to match x {tuple(x.shape)}, "
+            f"got {tuple(bg.shape)}"
+        )
+    ph, pw = pair(patch_size, "patch_size")
+    sh, sw = pair(stride, "stride")
+    if H < ph or W < pw:
+        raise ValueError(
+            f"patch_size {(ph, pw)} is larger than the feature map {(H, W)} of x "
+            f"{tuple(x.shape)}; use a patch of at most {(H, W)}"
+        )
+    if weight.shape != (ph * pw,):
+        raise ValueError(f"weight must have shape (ph*pw,) = ({ph * pw},), got {tuple(weight.shape)}")
+    if bias.shape != (1,):
+        raise ValueError(f"bias must have shape (1,), got {tuple(bias.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not min_mass > 0:
+        raise ValueError(f"min_mass must be > 0 (an empty patch has no statistics), got {min_mass}")
+    _same_device([("x", x), ("bg", bg), ("weight", weight), ("bias", bias)])
+    return (ph, pw), (sh, sw)
+
+
+def check_masked_attention(q, k, v, key_bias, query_mask):
+    """Validates the arguments of ``masked_attention``."""
+    for t, n in ((q, "q"), (k, "k"), (v, "v"), (key_bias, "key_bias")):
+        _float(t, n)
+    _rank(q, "q", 3, "(B, L, D)")
+    _rank(k, "k", 3, "(B, N, D)")
+    _rank(v, "v", 3, "(B, N, E)")
+    _rank(key_bias, "key_bias", 2, "(B, N)")
+    B, L, D = q.shape
+    if k.shape[0] != B or k.shape[2] != D:
+        raise ValueError(f"k must have shape (B, N, D) with B={B}, D={D} from q {tuple(q.shape)}, got {tuple(k.shape)}")
+    N = k.shape[1]
+    if v.shape[:2] != (B, N):
+        raise ValueError(f"v must have shape (B, N, E) with B={B}, N={N} from k, got {tuple(v.shape)}")
+    if key_bias.shape != (B, N):
+        raise ValueError(f"key_bias must have shape (B, N) = {(B, N)}, got {tuple(key_bias.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if query_mask is not None:
+        if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+            got = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
+            raise TypeError(f"query_mask must be a bool tensor of shape (B, L) or None, got {got}")
+        if query_mask.shape != (B, L):
+            raise ValueError(f"query_mask must have shape (B, L) = {(B, L)}, got {tuple(query_mask.shape)}")
+    _same_device([("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("query_mask", query_mask)])

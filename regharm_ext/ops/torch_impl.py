@@ -1,0 +1,88 @@
+"""The `torch` backend: memory-light PyTorch composites of the two ops, autograd by PyTorch.
+
+- ``patch_stats`` never builds the blocks: every output is a window sum (``Σbg``, ``Σbg·x``,
+  ``Σbg·x²``, ``Σweight·bg``, ``Σweight·bg·x``), taken by strided pooling / convolution over
+  ``x`` shifted by its per-channel mean (so ``+100`` offsets do not cancel catastrophically in
+  ``Σbg·x² - mass·mu²``).
+- ``masked_attention`` gathers the active queries of each image (padded to the batch's largest
+  count) and runs ``F.scaled_dot_product_attention`` on them with the key bias as an additive mask.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def unavailable(device: torch.device):
+    """Runs wherever PyTorch runs."""
+    return None
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[int, int],
+                eps: float, min_mass: float):
+    """See :func:`regharm_ext.ops.patch_stats`; arguments are already checked."""
+    B, C, H, W = x.shape
+    ph, pw = patch_size
+    dt = _acc_dtype(x)
+    xa, bga = x.to(dt), bg.to(dt)
+    xs = xa - xa.mean((2, 3), keepdim=True).detach()            # shift: variance is invariant
+    area = float(ph * pw)
+
+    def wsum(t):  # window sums over every patch: (B, c, Kh, Kw)
+        return F.avg_pool2d(t, patch_size, stride=stride) * area
+
+    bx = bga * xs
+    mass = wsum(bga)                                              # (B, 1, Kh, Kw)
+    s1 = wsum(bx)
+    s2 = wsum(bx * xs)
+    kern = weight.to(dt).view(1, 1, ph, pw)
+    ws = F.conv2d(bga, kern, stride=stride)                       # Σ weight·bg     (B, 1, Kh, Kw)
+    wx = F.conv2d(bx.reshape(B * C, 1, H, W), kern, stride=stride)
+    wx = wx.view(B, C, *wx.shape[-2:])                            # Σ weight·bg·x   (B, C, Kh, Kw)
+
+    valid = mass >= min_mass
+    safe = torch.where(valid, mass, torch.ones_like(mass))
+    mu_s = s1 / safe
+    var = (s2 / safe - mu_s * mu_s).clamp_min(0)
+    sigma = torch.sqrt(var + eps)
+    # Σ_u weight·bg·(x - mu) / sigma  =  (Σ weight·bg·x - mu · Σ weight·bg) / sigma
+    content = bias.to(dt) + (wx - mu_s * ws) / sigma
+    mu = mu_s + (xa - xs).mean((2, 3), keepdim=True)               # undo the shift
+    zero = torch.zeros((), dtype=dt, device=x.device)
+    outs = [torch.where(valid, t, zero).flatten(2).transpose(1, 2).to(x.dtype)
+            for t in (mu, sigma, content)]
+    return outs[0], outs[1], outs[2], mass.flatten(1).to(x.dtype)
+
+
+def _attend(q, k, v, key_bias, scale):
+    # SDPA returns NaN for a row whose keys are all -inf; such rows are whole images here (the
+    # bias is per image), so they get a harmless 0 bias and are zeroed afterwards.
+    dead = ~torch.isfinite(key_bias).any(-1)                      # (B,)
+    bias = torch.where(dead[:, None], torch.zeros_like(key_bias), key_bias).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, :], scale=scale)
+    return torch.where(dead[:, None, None], torch.zeros_like(out), out)
+
+
+def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scale: float):
+    """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked."""
+    if query_mask is None:
+        return _attend(q, k, v, key_bias, scale)
+    B, L, _ = q.shape
+    counts = query_mask.sum(1)
+    lmax = int(counts.max()) if B else 0
+    out = q.new_zeros(B, L, v.shape[-1])
+    if lmax == 0:
+        return out + 0 * (q.sum() + k.sum() + v.sum())             # keep the graph connected
+    # active query indices first (stable sort keeps their order), padded with inactive ones
+    order = torch.sort((~query_mask).to(torch.uint8), dim=1, stable=True).indices[:, :lmax]
+    qa = torch.gather(q, 1, order[..., None].expand(-1, -1, q.shape[-1]))
+    oa = _attend(qa, k, v, key_bias, scale)
+    keep = torch.gather(query_mask, 1, order)[..., None]
+    oa = torch.where(keep, oa, torch.zeros_like(oa))
+    return out.scatter(1, order[..., None].expand(-1, -1, oa.shape[-1]), oa)

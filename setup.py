@@ -1,0 +1,62 @@
+"""Builds regharm_ext and its compiled ops ``regharm_ext._C``.
+
+- C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built.
+- CUDA kernels (csrc/cuda/*.cu and their glue csrc/cuda/*.cpp) are added when CUDA is usable
+  (torch built with CUDA and nvcc found) or when ``FORCE_CUDA=1``. ``TORCH_CUDA_ARCH_LIST``
+  selects the architectures (default: the local GPU's; use ``9.0`` for H100/H200) and
+  ``MAX_JOBS`` the parallel compile jobs, both read by torch's BuildExtension.
+- ``REGHARM_NO_EXT=1`` skips ``_C`` entirely (the reference and torch backends still work).
+
+Install with ``pip install --no-build-isolation .`` so that the build uses the installed torch.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def cuda_wanted() -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def extensions():
+    if os.environ.get("REGHARM_NO_EXT", "0") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17"]
+    if cuda_wanted() and _rel("csrc/cuda/*.cu"):
+        ext = CUDAExtension(
+            "regharm_ext._C",
+            sources + _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("REGHARM_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                                     "-lineinfo"]},
+        )
+    else:
+        ext = CppExtension("regharm_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                           extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=find_packages(include=["regharm_ext", "regharm_ext.*"]),
+    include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
