@@ -1,0 +1,167 @@
+"""Every CPU backend against `reference`: forward and every gradient, on the SPEC's hard cases.
+
+Triton has its own file (it needs the interpreter); CUDA tests live in *_cuda*.py files.
+"""
+import pytest
+import torch
+
+import regharm_ext
+from regharm_ext.backends import BackendUnavailable, unavailable_reason
+from regharm_ext.ops import masked_attention, patch_stats
+from helpers import assert_close, make_attention_inputs, make_patch_inputs
+
+FAST = [pytest.param(n, marks=pytest.mark.skipif(unavailable_reason(n, "cpu") is not None,
+                                                  reason=f"{n}: {unavailable_reason(n, 'cpu')}"))
+        for n in ("torch", "native")]
+DTYPES = [torch.float32, torch.bfloat16]
+
+PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
+    "odd": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
+    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
+    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
+    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
+    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+}
+
+
+def _run_patch(backend, inputs, patch, stride):
+    x, bg, w, b = (t.detach().clone().requires_grad_(i != 1) for i, t in enumerate(inputs))
+    outs = patch_stats(x, bg, w, b, patch, stride, backend=backend)
+    # random cotangents so every output and every gradient path is exercised
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs[:3])
+    loss.backward()
+    return outs, (x.grad, w.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PATCH_CASES)
+@pytest.mark.parametrize("backend", FAST)
+def test_patch_stats_matches_reference(backend, case, dtype):
+    shape, patch, stride, offset, kind = PATCH_CASES[case]
+    inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
+    got, got_g = _run_patch(backend, inputs, patch, stride)
+    want, want_g = _run_patch("reference", inputs, patch, stride)
+    for name, a, e in zip(("mu", "sigma", "content", "mass"), got, want):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        assert_close(a, e, dtype, msg=f"{backend} {name}")
+    for name, a, e in zip(("dx", "dweight", "dbias"), got_g, want_g):
+        assert torch.isfinite(a).all()
+        assert_close(a, e, dtype, grad=True, msg=f"{backend} {name}")
+
+
+ATTN_CASES = {  # name: kwargs of make_attention_inputs
+    "odd": dict(B=2, L=37, N=23, D=8, E=6),
+    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
+    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
+    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
+}
+
+
+def _run_attention(backend, inputs, scale=None):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in inputs[:3])
+    out = masked_attention(q, k, v, inputs[3], inputs[4], scale, backend=backend)
+    g = torch.Generator().manual_seed(2)
+    (out.float() * torch.randn(out.shape, generator=g)).sum().backward()
+    return out, (q.grad, k.grad, v.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES)
+@pytest.mark.parametrize("backend", FAST)
+def test_masked_attention_matches_reference(backend, case, dtype):
+    inputs = make_attention_inputs(**ATTN_CASES[case], dtype=dtype)
+    got, got_g = _run_attention(backend, inputs)
+    want, want_g = _run_attention("reference", inputs)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert_close(got, want, dtype, msg=f"{backend} out")
+    qm = inputs[4]
+    assert (got[~qm] == 0).all(), "inactive queries must give exactly 0"
+    for name, a, e in zip(("dq", "dk", "dv"), got_g, want_g):
+        assert torch.isfinite(a).all()
+        assert_close(a, e, dtype, grad=True, msg=f"{backend} {name}")
+    assert (got_g[0][~qm] == 0).all()
+
+
+def test_attention_without_query_mask_and_custom_scale():
+    inputs = list(make_attention_inputs(B=2, L=12, N=9, D=4, E=3))
+    inputs[4] = None
+    want, _ = _run_attention("reference", inputs, scale=1.0)
+    for backend in ("torch", "native"):
+        if unavailable_reason(backend, "cpu") is None:
+            got, _ = _run_attention(backend, inputs, scale=1.0)
+            assert_close(got, want, torch.float32, msg=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_gradcheck_float64(backend):
+    x, bg, w, b = make_patch_inputs(1, 2, 9, 8, (3, 4), (2, 3), torch.float64)
+    fn = lambda x, w, b: patch_stats(x, bg, w, b, (3, 4), (2, 3), backend=backend)[:3]
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x, w, b)))
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=7, N=6, D=3, E=2, dtype=torch.float64)
+    fn = lambda q, k, v: masked_attention(q, k, v, kb, qm, backend=backend)
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+def test_backends_lists_every_backend_with_reason():
+    listing = regharm_ext.backends("cpu")
+    assert set(listing) == {"reference", "torch", "native", "triton"}
+    assert listing["reference"] == listing["torch"] == "available"
+    for name, status in listing.items():
+        assert status == "available" or len(status) > 10, (name, status)
+
+
+def test_env_override_and_unknown_backend(monkeypatch):
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=4, N=3, D=2, E=2)
+    monkeypatch.setenv("REGHARM_BACKEND", "reference")
+    masked_attention(q, k, v, kb, qm)
+    monkeypatch.setenv("REGHARM_BACKEND", "nonsense")
+    with pytest.raises(BackendUnavailable, match="REGHARM_BACKEND='nonsense'"):
+        masked_attention(q, k, v, kb, qm)
+    monkeypatch.delenv("REGHARM_BACKEND")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        masked_attention(q, k, v, kb, qm, backend="cudnn")
+
+
+BAD_PATCH = [
+    (dict(x=torch.zeros(3, 8, 8)), ValueError, r"x must have shape \(B, C, H, W\)"),
+    (dict(bg=torch.zeros(2, 1, 8, 7)), ValueError, r"bg must have shape"),
+    (dict(bg=torch.zeros(1, 1, 8, 8)), ValueError, r"bg must have shape"),
+    (dict(patch_size=9), ValueError, r"patch_size \(9, 9\) is larger than the feature map \(8, 8\)"),
+    (dict(x=torch.zeros(2, 3, 8, 8, dtype=torch.int64)), TypeError, r"x must be a floating-point"),
+    (dict(weight=torch.zeros(5)), ValueError, r"weight must have shape"),
+    (dict(stride=(1, 0)), ValueError, r"stride must be >= 1"),
+    (dict(patch_size="4"), TypeError, r"patch_size must be an int"),
+    (dict(min_mass=0.0), ValueError, r"min_mass must be > 0"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,match", BAD_PATCH)
+def test_patch_stats_rejects_bad_arguments(bad, exc, match):
+    args = dict(x=torch.zeros(2, 3, 8, 8), bg=torch.ones(2, 1, 8, 8), weight=torch.zeros(16),
+                bias=torch.zeros(1), patch_size=4, stride=2, min_mass=0.5)
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        patch_stats(**args)
+
+
+BAD_ATTN = [
+    (dict(q=torch.zeros(4, 3)), ValueError, r"q must have shape \(B, L, D\)"),
+    (dict(k=torch.zeros(2, 5, 4)), ValueError, r"k must have shape"),
+    (dict(k=torch.zeros(3, 5, 3)), ValueError, r"k must have shape"),
+    (dict(v=torch.zeros(2, 6, 2)), ValueError, r"v must have shape"),
+    (dict(key_bias=torch.zeros(2, 4)), ValueError, r"key_bias must have shape \(B, N\) = \(2, 5\)"),
+    (dict(query_mask=torch.ones(2, 4)), TypeError, r"query_mask must be a bool tensor"),
+    (dict(query_mask=torch.ones(2, 3, dtype=torch.bool)), ValueError, r"query_mask must have shape"),
+    (dict(q=torch.zeros(2, 4, 3, dtype=torch.int32)), TypeError, r"q must be a floating-point"),
+    (dict(v=torch.zeros(2, 5, 2, dtype=torch.float64)), TypeError, r"share a dtype"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,match", BAD_ATTN)
+def test_masked_attention_rejects_bad_arguments(bad, exc, match):
+    args = dict(q=torch.zeros(2, 4, 3), k=torch.zeros(2, 5, 3), v=torch.zeros(2, 5, 2),
+                key_bias=torch.zeros(2, 5), query_mask=None)
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        masked_attention(**args)

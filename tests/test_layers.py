@@ -1,0 +1,115 @@
+"""PTL and LTL (SPEC §4): sizes, pass-through cases, and agreement across backends."""
+import pytest
+import torch
+
+from regharm_ext import LTL, PTL, masked_instance_norm
+from regharm_ext.backends import unavailable_reason
+from helpers import assert_close
+
+BACKENDS = ["reference"] + [n for n in ("torch", "native") if unavailable_reason(n, "cpu") is None]
+
+
+def _inputs(B=2, C=8, H=24, W=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g)
+    mask = torch.zeros(B, 1, 2 * H, 2 * W)  # masks may come at image size: layers resize them
+    mask[0, :, 10:30, 8:24] = 1.0
+    mask[1, :, 4:20, 20:36] = torch.rand(16, 16, generator=g)  # soft foreground
+    return x, mask
+
+
+def test_ptl_default_sizes_follow_the_paper():
+    ptl = PTL(64)
+    assert ptl.patch_size(128, 128) == (16, 16) and ptl.stride_size(128, 128) == (4, 4)
+    assert ptl.weight is None  # fractional patch: created at the first forward
+    x = torch.randn(1, 64, 128, 128)
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 40:80, 50:90] = 1
+    ptl(x, mask)
+    assert ptl.weight.shape == (256,)
+    built = PTL(64, feature_size=(128, 128))
+    assert built.weight.shape == (256,) and PTL(64, patch=(16, 8)).weight.shape == (128,)
+
+
+@pytest.mark.parametrize("layer", ["ptl", "ltl"])
+def test_layers_agree_across_backends(layer):
+    x, mask = _inputs()
+    torch.manual_seed(0)
+    mod = PTL(8, patch=(5, 4), stride=(3, 2)) if layer == "ptl" else LTL(8)
+    outs, grads = {}, {}
+    for name in BACKENDS:
+        mod.backend = name
+        xi = x.clone().requires_grad_(True)
+        mod.zero_grad()
+        out = mod(xi, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs[name] = out.detach()
+        grads[name] = [xi.grad] + [p.grad.clone() for p in mod.parameters()]
+    for name in BACKENDS[1:]:
+        assert_close(outs[name], outs["reference"], torch.float32, msg=name)
+        for a, e in zip(grads[name], grads["reference"]):
+            assert_close(a, e, torch.float32, grad=True, msg=name)
+
+
+@pytest.mark.parametrize("layer", ["ptl", "ltl"])
+def test_background_is_kept_where_mask_is_zero(layer):
+    x, mask = _inputs()
+    mod = PTL(8, patch=4, stride=2) if layer == "ptl" else LTL(8)
+    out = mod(x, mask)
+    m = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="area")
+    ref = x if layer == "ptl" else torch.nn.functional.instance_norm(x + mod.attn(x))
+    keep = (m == 0).expand_as(x)
+    assert torch.equal(out[keep], ref[keep])
+    assert not torch.allclose(out[~keep], ref[~keep])
+
+
+def test_ptl_passes_through_without_foreground_or_background():
+    x, _ = _inputs()
+    ptl = PTL(8, patch=4, stride=2)
+    assert torch.equal(ptl(x, torch.zeros(2, 1, 24, 20)), x)
+    assert torch.equal(ptl(x, torch.ones(2, 1, 24, 20)), x)
+    xr = x.clone().requires_grad_(True)
+    ptl(xr, torch.ones(2, 1, 24, 20)).sum().backward()
+    assert torch.isfinite(xr.grad).all() and torch.isfinite(ptl.weight.grad).all()
+
+
+def test_ltl_without_background_is_finite():
+    x, _ = _inputs()
+    ltl = LTL(8)
+    xr = x.clone().requires_grad_(True)
+    out = ltl(xr, torch.ones(2, 1, 24, 20))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(xr.grad).all()
+
+
+def test_masked_instance_norm_normalizes_the_weighted_region():
+    x, mask = _inputs()
+    m = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="area")
+    y = masked_instance_norm(x, m)
+    mass = m.sum((2, 3))
+    mean = (m * y).sum((2, 3)) / mass
+    var = (m * (y - mean[..., None, None]) ** 2).sum((2, 3)) / mass
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(var, torch.ones_like(var), atol=1e-3, rtol=0)
+
+
+def test_ptl_contribution_is_a_distribution_over_background():
+    x, mask = _inputs()
+    ptl = PTL(8, patch=4, stride=2)
+    cmap = ptl.contribution(x, mask)
+    assert cmap.shape == (2, 24, 20)
+    torch.testing.assert_close(cmap.sum((1, 2)), torch.ones(2))
+    m = torch.nn.functional.interpolate(mask, size=(24, 20), mode="area")[:, 0]
+    assert (cmap[m == 1] == 0).all() and (cmap >= 0).all()
+
+
+def test_layers_reject_wrong_channels_and_sizes():
+    with pytest.raises(ValueError, match=r"PTL\(8\) expects x of shape \(B, 8, H, W\)"):
+        PTL(8)(torch.zeros(1, 4, 16, 16), torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"LTL\(8\) expects"):
+        LTL(8)(torch.zeros(1, 8, 16), torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        LTL(8)(torch.zeros(1, 8, 4, 4), torch.zeros(1, 4, 4))
+    ptl = PTL(8, feature_size=(32, 32))
+    with pytest.raises(ValueError, match="training resolution"):
+        ptl(torch.zeros(1, 8, 64, 64), torch.zeros(1, 1, 64, 64))
