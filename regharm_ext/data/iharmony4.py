@@ -1,0 +1,186 @@
+"""iHarmony4 as it lies on disk (SPEC §6), for training and for the iDIH evaluation protocol.
+
+Layout::
+
+    ROOT/IHD_train.txt, IHD_test.txt
+    ROOT/<Subset>/{composite_images, masks, real_images}/, <Subset>_train.txt, <Subset>_test.txt
+
+A list line names a composite ``<id>_<m>_<k>.jpg`` (bare, or with a ``<Subset>/composite_images/``
+prefix); its mask is ``masks/<id>_<m>.png`` (white = foreground) and its real image
+``real_images/<id>.jpg``. Per-subset lists are read; a subset without one falls back to the
+root ``IHD_<split>.txt`` lines of that subset.
+
+Protocol without ``augment`` (the iDIH evaluation, Sofiiuk et al.): composite, real and mask are
+resized to ``size``² with bilinear interpolation (no antialiasing, like OpenCV's INTER_LINEAR);
+images are rounded back to 8-bit levels as an 8-bit resize would leave them; the mask stays soft.
+With ``augment`` (training): a random resized crop (0.5-1 of the area, aspect ratio ×[3/4, 4/3])
+and a random horizontal flip, then the same resize. Random draws come from torch's generator, so
+``torch.manual_seed`` fixes them and every DataLoader worker draws differently.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+SUBSETS = ("HCOCO", "HAdobe5k", "HFlickr", "Hday2night")
+_DIRS = ("composite_images", "masks", "real_images")
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, unreadable or inconsistent; the message names it."""
+
+
+def find_subsets(root: Path) -> List[str]:
+    """Subset folders under ``root``: the four of iHarmony4 in the usual order, then any other
+    folder with a ``composite_images/`` directory (e.g. an exported synthetic set), sorted."""
+    root = Path(root)
+    found = [s for s in SUBSETS if (root / s / "composite_images").is_dir()]
+    extra = sorted(p.name for p in root.iterdir()
+                   if p.is_dir() and p.name not in SUBSETS and (p / "composite_images").is_dir()) \
+        if root.is_dir() else []
+    return found + extra
+
+
+def _parse(name: str) -> Tuple[str, str]:
+    """``<id>_<m>_<k>.jpg`` -> (mask name ``<id>_<m>.png``, real name ``<id>.jpg``)."""
+    stem = Path(name).stem
+    parts = stem.rsplit("_", 2)
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"composite name {name!r} is not <id>_<m>_<k>.jpg")
+    return f"{parts[0]}_{parts[1]}.png", f"{parts[0]}.jpg"
+
+
+def _read(path: Path, mode: str, what: str, origin: str) -> Image.Image:
+    try:
+        with Image.open(path) as f:
+            img = f.convert(mode)
+            img.load()
+        return img
+    except FileNotFoundError:
+        raise DataError(f"missing {what} {path} (listed in {origin})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"unreadable {what} {path} (listed in {origin}): {e}") from None
+
+
+def _tensor(img: Image.Image) -> torch.Tensor:
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
+
+
+class IHarmony4(Dataset):
+    """iHarmony4 (or any tree in its layout), one item per composite of the official list.
+
+    Args:
+        root: the folder holding ``IHD_*.txt`` and the subset folders.
+        split: "train" or "test".
+        subsets: names to load (default: all present, see :func:`find_subsets`). A named subset
+            missing from ``root`` is an error unless ``skip_missing``; skipped names are kept in
+            ``self.skipped``.
+        size: output side S.
+        augment: random resized crop + horizontal flip (training); otherwise the evaluation resize.
+
+    Item: ``{"comp": Tensor[3, S, S], "mask": Tensor[1, S, S] (soft after resizing), "real":
+    Tensor[3, S, S], "name": "<Subset>/<composite name>", "subset": str}``; floats in [0, 1].
+    Raises :class:`DataError` naming the file (and the list that referenced it) when something is
+    missing, unreadable or of mismatched size.
+    """
+
+    def __init__(self, root, split: str = "test", subsets: Optional[Sequence[str]] = None,
+                 size: int = 256, augment: bool = False, skip_missing: bool = False):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root, self.split, self.size, self.augment = Path(root), split, int(size), bool(augment)
+        if not self.root.is_dir():
+            raise DataError(f"dataset root {self.root} does not exist or is not a folder")
+        present = find_subsets(self.root)
+        self.skipped: List[str] = []
+        if subsets is None:
+            wanted = present
+        else:
+            wanted = []
+            for s in subsets:
+                if s in present:
+                    wanted.append(s)
+                elif skip_missing:
+                    self.skipped.append(s)
+                else:
+                    raise DataError(f"subset {s} not found: {self.root / s / 'composite_images'} is missing")
+        if not wanted:
+            raise DataError(f"no iHarmony4 subset found under {self.root} "
+                            f"(expected folders like {', '.join(SUBSETS)} with composite_images/)")
+        self.subsets = wanted
+        # (subset, composite name, list file, line number)
+        self.items: List[Tuple[str, str, str]] = []
+        for s in wanted:
+            self.items += self._list(s)
+
+    def _list(self, subset: str) -> List[Tuple[str, str, str]]:
+        own = self.root / subset / f"{subset}_{self.split}.txt"
+        ihd = self.root / f"IHD_{self.split}.txt"
+        if own.is_file():
+            lines, src, keep = own.read_text().splitlines(), own, None
+        elif ihd.is_file():
+            lines, src, keep = ihd.read_text().splitlines(), ihd, f"{subset}/"
+        else:
+            raise DataError(f"missing list {own} (and no {ihd} to fall back on)")
+        out = []
+        for no, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or (keep and not line.startswith(keep)):
+                continue
+            name = Path(line).name
+            origin = f"{src}:{no}"
+            try:
+                _parse(name)
+            except ValueError as e:
+                raise DataError(f"{e} (line {origin})") from None
+            out.append((subset, name, origin))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def paths(self, index: int) -> Tuple[Path, Path, Path]:
+        """(composite, mask, real) paths of item ``index``."""
+        subset, name, _ = self.items[index]
+        mask_name, real_name = _parse(name)
+        base = self.root / subset
+        return base / "composite_images" / name, base / "masks" / mask_name, base / "real_images" / real_name
+
+    def _crop_box(self, w: int, h: int):
+        r = torch.rand(4).tolist()
+        area = (0.5 + 0.5 * r[0]) * w * h
+        ratio = (w / h) * math.exp(math.log(3 / 4) + r[1] * math.log(16 / 9))
+        cw = min(w, max(1, int(round(math.sqrt(area * ratio)))))
+        ch = min(h, max(1, int(round(math.sqrt(area / ratio)))))
+        x0, y0 = int(r[2] * (w - cw + 1)), int(r[3] * (h - ch + 1))
+        return x0, y0, min(w, x0 + cw), min(h, y0 + ch)
+
+    def __getitem__(self, index: int):
+        subset, name, origin = self.items[index]
+        cp, mp, rp = self.paths(index)
+        comp = _read(cp, "RGB", "composite image", origin)
+        mask = _read(mp, "L", "mask", origin)
+        real = _read(rp, "RGB", "real image", origin)
+        if not comp.size == mask.size == real.size:
+            raise DataError(f"size mismatch (listed in {origin}): composite {cp} {comp.size}, "
+                            f"mask {mp} {mask.size}, real {rp} {real.size}")
+        c, m, r = _tensor(comp), _tensor(mask), _tensor(real)
+        if self.augment:
+            x0, y0, x1, y1 = self._crop_box(*comp.size)
+            c, m, r = (t[:, y0:y1, x0:x1] for t in (c, m, r))
+            if bool(torch.rand(()) < 0.5):
+                c, m, r = (t.flip(-1) for t in (c, m, r))
+        s = (self.size, self.size)
+        if tuple(c.shape[-2:]) != s:
+            c, m, r = (F.interpolate(t[None], size=s, mode="bilinear", align_corners=False)[0]
+                       for t in (c, m, r))
+            c, r = ((t * 255).round().clamp(0, 255) / 255 for t in (c, r))
+        return {"comp": c, "mask": m.clamp(0, 1), "real": r, "name": f"{subset}/{name}", "subset": subset}

@@ -1,0 +1,177 @@
+"""Scoring a harmonizer or a baseline under the iDIH protocol, per subset (the paper's Table 1).
+
+    python -m regharm_ext.evaluate [--checkpoint RUN_DIR_OR_FILE] [--data-root DIR]
+        [--subsets HCOCO ...] [--split test] [--method model|composite|reinhard|reinhard-cielab ...] [--json OUT]
+
+Without ``--data-root`` the embedded validation split is scored (synthetic composites of the 15
+validation photos, 120 images); with it, the iHarmony4 tree at DIR (the subsets present, or those
+named). Without ``--checkpoint`` the packaged default weights are used. Every method sees the same
+images: composite, mask and real image at 256² (bilinear, soft mask), metrics of
+:mod:`regharm_ext.metrics`. A model whose training resolution differs runs at that resolution and
+its residual is upsampled to 256² (:mod:`regharm_ext.inference`), as ``harmonize`` does.
+
+JSON (``--json``): ``{"method": ..., "subsets": {"<Subset>": {"n", "mse", "fmse", "psnr"}, ...,
+"All": {...}}}``; a list of such objects when several methods are given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .baselines import composite, reinhard, reinhard_cielab
+from .inference import harmonize_tensor
+from .metrics import MetricTable, image_metrics
+
+BASELINES = {"composite": composite, "reinhard": reinhard, "reinhard-cielab": reinhard_cielab}
+METHODS = ("model", "composite", "reinhard", "reinhard-cielab")
+EVAL_SIZE = 256
+
+
+def evaluate(method: Union[str, torch.nn.Module], dataset: Dataset, device="cpu", batch_size: int = 8,
+             peak="target", progress: bool = True, name: str = None, num_workers: int = 0) -> Dict:
+    """Mean MSE, fMSE, PSNR per subset and over all images.
+
+    Args:
+        method: a model (``forward(image, mask) -> O``; a Harmonizer runs at its ``input_size``
+            with the residual upsampled, see :mod:`regharm_ext.inference`), or a baseline of
+            :mod:`regharm_ext.baselines`: "composite", "reinhard" (lαβ, as published) or
+            "reinhard-cielab".
+        dataset: items ``{"comp", "mask", "real", "subset", ...}`` of one size (SyntheticComposites,
+            IHarmony4).
+        peak: PSNR peak, "target" (iDIH) or a number such as 255.
+        name: the result's "method" (default: the string, or "model").
+
+    Returns: ``{"method": str, "subsets": {subset: {"n", "mse", "fmse", "psnr"}, ..., "All": {...}}}``.
+    """
+    if isinstance(method, str):
+        if method not in BASELINES:
+            raise ValueError(f"unknown method {method!r}: choose a model or one of {sorted(BASELINES)}")
+        fn, label, model = BASELINES[method], method, None
+    else:
+        model, label = method, "model"
+        fn = lambda image, mask: harmonize_tensor(model, image, mask)  # noqa: E731
+    device = torch.device(device)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    table = MetricTable()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    try:
+        with torch.no_grad(), tqdm(total=len(dataset), unit="img", disable=not progress, file=sys.stderr,
+                                   desc=f"evaluate {name or label}") as bar:
+            for batch in loader:
+                comp = batch["comp"].to(device)
+                mask = batch["mask"].to(device)
+                real = batch["real"].to(device)
+                pred = fn(comp, mask)
+                table.add(batch["subset"], {k: v.cpu() for k, v in image_metrics(pred.float(), real, mask, peak).items()})
+                bar.update(comp.shape[0])
+    finally:
+        if model is not None and was_training:
+            model.train()
+    return {"method": name or label, "subsets": table.summary()}
+
+
+def format_table(results: Union[Dict, Sequence[Dict]]) -> str:
+    """Markdown table laid out like the paper's Table 1: a block of rows (PSNR ↑, MSE ↓, fMSE ↓)
+    per subset, "All" last, one column per method; N is the number of images."""
+    if isinstance(results, dict):
+        results = [results]
+    subsets: List[str] = []
+    for r in results:
+        subsets += [s for s in r["subsets"] if s != "All" and s not in subsets]
+    subsets.append("All")
+    head = "| Dataset | N | Metric | " + " | ".join(r["method"] for r in results) + " |"
+    rule = "|---|---:|---|" + "---:|" * len(results)
+    lines = [head, rule]
+    for s in subsets:
+        ns = sorted({r["subsets"][s]["n"] for r in results if s in r["subsets"]})
+        for i, (key, label) in enumerate((("psnr", "PSNR ↑"), ("mse", "MSE ↓"), ("fmse", "fMSE ↓"))):
+            cells = [f"{r['subsets'][s][key]:.2f}" if s in r["subsets"] else "–" for r in results]
+            first = (s, "/".join(map(str, ns))) if i == 0 else ("", "")
+            lines.append(f"| {first[0]} | {first[1]} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_dataset(data_root=None, split="test", subsets=None, size=EVAL_SIZE, val_length=None):
+    """The evaluation set: iHarmony4 at ``data_root`` (missing subsets skipped, with a note on
+    stderr) or, without a root, the embedded validation split."""
+    if data_root is None:
+        from .data.synth import SyntheticComposites
+        return SyntheticComposites("val" if split == "test" else "train", size=size, length=val_length)
+    from .data.iharmony4 import IHarmony4
+    ds = IHarmony4(data_root, split=split, subsets=subsets, size=size, augment=False, skip_missing=True)
+    if ds.skipped:
+        print(f"note: subsets not under {data_root}, skipped: {', '.join(ds.skipped)}", file=sys.stderr)
+    return ds
+
+
+def _load_model(checkpoint, device):
+    try:
+        from .checkpoint import load_model
+    except ImportError as e:
+        raise RuntimeError(f"cannot load a model: {e}") from None
+    model, _config = load_model(checkpoint, device)
+    return model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m regharm_ext.evaluate",
+                                description="Score a harmonizer and baselines (iDIH protocol, Table 1 layout).")
+    p.add_argument("--checkpoint", default=None,
+                   help="run folder or weights file (default: the packaged default weights)")
+    p.add_argument("--data-root", default=None, type=Path,
+                   help="iHarmony4 root (default: the embedded synthetic validation split)")
+    p.add_argument("--subsets", nargs="+", default=None, help="subsets to score (default: all present)")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--method", nargs="+", default=["model"], choices=METHODS,
+                   help="what to score; several give one column each (default: model)")
+    p.add_argument("--json", default=None, type=Path, help="write the result(s) as JSON here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--peak", default="target", help="PSNR peak: 'target' (iDIH) or a number, e.g. 255")
+    p.add_argument("--size", type=int, default=EVAL_SIZE, help="evaluation resolution (protocol: 256)")
+    p.add_argument("--val-length", type=int, default=None,
+                   help="images of the embedded validation split (default 120)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    peak = a.peak
+    if peak != "target":
+        try:
+            peak = float(peak)
+        except ValueError:
+            p.error(f"--peak must be 'target' or a number, got {a.peak!r}")
+    try:
+        device = _device(a.device)
+        dataset = build_dataset(a.data_root, a.split, a.subsets, a.size, a.val_length)
+        results = []
+        for m in dict.fromkeys(a.method):
+            target = _load_model(a.checkpoint, device) if m == "model" else m
+            results.append(evaluate(target, dataset, device, a.batch_size, peak,
+                                    progress=not a.no_progress, name=m, num_workers=a.workers))
+    except Exception as e:  # one line for the user, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

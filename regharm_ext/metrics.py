@@ -1,0 +1,79 @@
+"""Evaluation metrics of the iDIH protocol (Sofiiuk et al., the paper's [23]; SPEC §6).
+
+Per image, with ``P`` the prediction and ``T`` the target on the 0-255 scale
+(``P = clamp(255 · pred, 0, 255)``, ``T = 255 · target``), ``err = P - T``, ``m`` the (soft) mask,
+``H·W`` pixels and 3 channels:
+
+- ``MSE  = Σ err² / (3·H·W)``
+- ``fMSE = Σ m·err² / (3·Σ m + ε)``                 (Σ m over pixels, ε = 1e-6)
+- ``PSNR = 10·log10(peak² / (MSE + ε))``,  ``peak = max(T)`` of that image ("target", iDIH's
+  choice) or 255.
+
+Subset figures are means of the per-image values; "All" is the mean over all images.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Iterable, Union
+
+import torch
+
+EPS = 1e-6
+Peak = Union[str, float]
+
+
+def image_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                  peak: Peak = "target") -> Dict[str, torch.Tensor]:
+    """Per-image MSE, fMSE and PSNR.
+
+    Args:
+        pred, target (Tensor[B, 3, H, W]): images in [0, 1] (pred is clamped, target is not).
+        mask (Tensor[B, 1, H, W]): foreground weights in [0, 1].
+        peak: "target" (each target's own maximum, iDIH) or a number (e.g. 255).
+
+    Returns: {"mse", "fmse", "psnr"}, each Tensor[B] float64.
+    """
+    if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 3:
+        raise ValueError(f"pred and target must be (B, 3, H, W) alike, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if mask.shape != (pred.shape[0], 1) + tuple(pred.shape[2:]):
+        raise ValueError(f"mask must be (B, 1, H, W) = {(pred.shape[0], 1) + tuple(pred.shape[2:])}, got {tuple(mask.shape)}")
+    p = (pred.double() * 255.0).clamp(0.0, 255.0)
+    t = target.double() * 255.0
+    m = mask.double()
+    se = (p - t) ** 2
+    mse = se.mean((1, 2, 3))
+    fmse = (se * m).sum((1, 2, 3)) / (3.0 * m.sum((1, 2, 3)) + EPS)
+    if peak == "target":
+        pk = t.amax((1, 2, 3))
+    else:
+        pk = torch.full_like(mse, float(peak))
+    psnr = 10.0 * torch.log10(pk ** 2 / (mse + EPS))
+    return {"mse": mse, "fmse": fmse, "psnr": psnr}
+
+
+class MetricTable:
+    """Accumulates per-image metrics by subset; :meth:`summary` gives the means and "All"."""
+
+    def __init__(self):
+        self._sums: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+
+    def add(self, subsets: Iterable[str], values: Dict[str, torch.Tensor]) -> None:
+        subsets = list(subsets)
+        for i, s in enumerate(subsets):
+            acc = self._sums.setdefault(s, {"n": 0, "mse": 0.0, "fmse": 0.0, "psnr": 0.0})
+            acc["n"] += 1
+            for k in ("mse", "fmse", "psnr"):
+                acc[k] += float(values[k][i])
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """{subset: {"n", "mse", "fmse", "psnr"}, ..., "All": {...}} (means over images)."""
+        out, total = {}, {"n": 0, "mse": 0.0, "fmse": 0.0, "psnr": 0.0}
+        for s, acc in self._sums.items():
+            n = acc["n"]
+            out[s] = {"n": n, **{k: acc[k] / n for k in ("mse", "fmse", "psnr")}}
+            total["n"] += n
+            for k in ("mse", "fmse", "psnr"):
+                total[k] += acc[k]
+        n = total["n"]
+        out["All"] = {"n": n, **{k: (total[k] / n if n else float("nan")) for k in ("mse", "fmse", "psnr")}}
+        return out
