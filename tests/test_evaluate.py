@@ -1,0 +1,143 @@
+"""Metrics on hand-computable cases, the Reinhard baseline, evaluate() and its CLI end to end on a
+tiny iHarmony4 tree."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from regharm_ext.baselines import reinhard
+from regharm_ext.data import SyntheticComposites
+from regharm_ext.evaluate import evaluate, format_table
+from regharm_ext.evaluate import main as evaluate_main
+from regharm_ext.metrics import image_metrics
+
+from data_helpers import export_tree, tiny_checkpoint, tiny_harmonizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _case():
+    """4x4 image of value 127.5, prediction +10 on a 2x2 foreground."""
+    target = torch.full((1, 3, 4, 4), 0.5, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    mask[..., :2, :2] = 1
+    pred = target + mask * (10 / 255)
+    return pred, target, mask
+
+
+def test_metrics_hand_computed():
+    pred, target, mask = _case()
+    r = image_metrics(pred, target, mask)
+    # squared error 100 on 4 of 16 pixels, 3 channels
+    assert r["mse"].item() == pytest.approx(25.0)
+    assert r["fmse"].item() == pytest.approx(100.0)
+    assert r["psnr"].item() == pytest.approx(10 * math.log10(127.5 ** 2 / 25.0))
+    assert image_metrics(pred, target, mask, peak=255)["psnr"].item() == pytest.approx(10 * math.log10(255 ** 2 / 25.0))
+
+
+def test_metrics_clamp_prediction_and_weight_soft_masks():
+    pred, target, mask = _case()
+    over = pred.clone()
+    over[..., :2, :2] = 3.0  # clamped to 255: error 127.5
+    assert image_metrics(over, target, mask)["fmse"].item() == pytest.approx(127.5 ** 2)
+    soft = mask * 0.5
+    soft[..., 3, 3] = 1.0  # an error-free pixel with full weight
+    # Σ m·err² = 4 px · 0.5 · 100 · 3 channels, Σ m = 3
+    assert image_metrics(pred, target, soft)["fmse"].item() == pytest.approx(600 / 9)
+    with pytest.raises(ValueError, match="mask"):
+        image_metrics(pred, target, mask[:, :, :3])
+
+
+def _colour_shift_case(seed=0):
+    """Foreground and background from the same texture, the foreground's colour shifted."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(2, 3, 32, 32, generator=g) * 0.6 + 0.2
+    real = torch.nn.functional.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+    real = (real + 0.03 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[..., 16:44, 20:50] = 1
+    gains = torch.tensor([1.35, 0.95, 0.7]).view(1, 3, 1, 1)
+    comp = real * (1 - mask) + (real * gains + 0.05).clamp(0, 1) * mask
+    return comp, mask, real
+
+
+@pytest.mark.parametrize("space", ["lab-alpha-beta", "cielab"])
+def test_reinhard_undoes_a_colour_shift(space):
+    comp, mask, real = _colour_shift_case()
+    before = image_metrics(comp, real, mask)["fmse"]
+    out = reinhard(comp, mask, space=space)
+    after = image_metrics(out, real, mask)["fmse"]
+    assert (after < 0.4 * before).all(), (before, after)
+    outside = (mask == 0).expand_as(comp)
+    assert torch.equal(out[outside], comp[outside])
+
+
+def test_reinhard_without_foreground_or_background_is_identity():
+    comp, _, _ = _colour_shift_case()
+    for m in (torch.zeros(2, 1, 64, 64), torch.ones(2, 1, 64, 64)):
+        assert torch.allclose(reinhard(comp, m), comp)
+
+
+def test_evaluate_structure_and_identity_model():
+    ds = SyntheticComposites("val", size=64, length=6)
+    comp = evaluate("composite", ds, batch_size=4, progress=False)
+    assert comp["method"] == "composite" and list(comp["subsets"]) == ["Synthetic", "All"]
+    assert comp["subsets"]["All"]["n"] == 6
+    # an untrained residual model outputs its input: the composite's scores
+    model = evaluate(tiny_harmonizer(input_size=64), ds, batch_size=4, progress=False)
+    assert model["method"] == "model"
+    for k in ("mse", "fmse", "psnr"):
+        assert model["subsets"]["All"][k] == pytest.approx(comp["subsets"]["All"][k], rel=1e-6)
+    # a model trained at 32² still scores at the data's 64² (residual upsampled)
+    moved = evaluate(tiny_harmonizer(input_size=32, head_std=0.05), ds, batch_size=4, progress=False)
+    assert moved["subsets"]["All"]["fmse"] != pytest.approx(comp["subsets"]["All"]["fmse"])
+    table = format_table([comp, model])
+    assert "| Synthetic | 6 | PSNR ↑ |" in table and "| All | 6 | PSNR ↑ |" in table
+    assert table.splitlines()[0].endswith("| composite | model |")
+
+
+def test_evaluate_cli_on_a_tiny_ihamony4_tree(tmp_path):
+    root = export_tree(tmp_path / "ihd", subsets=("HCOCO", "Hday2night"), n=2, n_train=1, size=64)
+    ck = tiny_checkpoint(tmp_path / "tiny.safetensors", input_size=64)
+    out = tmp_path / "res.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "regharm_ext.evaluate", "--checkpoint", str(ck), "--data-root", str(root),
+         "--subsets", "HCOCO", "HFlickr", "Hday2night", "--method", "model", "composite",
+         "--size", "64", "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HFlickr" in proc.stderr  # noted as skipped
+    assert "| HCOCO | 2 | PSNR ↑ |" in proc.stdout and "| Hday2night | 2 |" in proc.stdout
+    results = json.loads(out.read_text())
+    assert [r["method"] for r in results] == ["model", "composite"]
+    for r in results:
+        assert set(r) == {"method", "subsets"}
+        assert list(r["subsets"]) == ["HCOCO", "Hday2night", "All"]
+        for s, v in r["subsets"].items():
+            assert set(v) == {"n", "mse", "fmse", "psnr"}
+            assert v["n"] == (4 if s == "All" else 2)
+            assert 0 < v["mse"] <= v["fmse"] < 20000 and 10 < v["psnr"] < 60
+    # the untrained residual model is the identity: same figures as the composite
+    assert results[0]["subsets"]["All"]["fmse"] == pytest.approx(results[1]["subsets"]["All"]["fmse"], rel=1e-6)
+
+    # one method: the JSON is a single object
+    one = tmp_path / "one.json"
+    assert evaluate_main(["--data-root", str(root), "--method", "reinhard", "--size", "64",
+                          "--json", str(one), "--no-progress"]) == 0
+    single = json.loads(one.read_text())
+    assert single["method"] == "reinhard" and single["subsets"]["All"]["n"] == 4
+
+
+def test_evaluate_cli_reports_a_bad_root_in_one_line(tmp_path, capsys):
+    rc = evaluate_main(["--data-root", str(tmp_path / "none"), "--method", "composite", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "none") in err

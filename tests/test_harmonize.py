@@ -1,0 +1,117 @@
+"""The harmonize CLI: any image size, exact background, contribution maps, folder mode, and
+one-line rejections that leave no output file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from regharm_ext import harmonize as hz
+from regharm_ext.data.photo_set import PHOTO_DIR
+
+from data_helpers import tiny_checkpoint, tiny_harmonizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pair(d: Path, size=(1000, 750), name="comp"):
+    img = Image.open(PHOTO_DIR / "explore_monuments__colosseum.jpg").convert("RGB").resize(size)
+    img.save(d / f"{name}.jpg", quality=92)
+    mask = Image.new("L", size, 0)
+    w, h = size
+    ImageDraw.Draw(mask).ellipse((w * 0.3, h * 0.25, w * 0.6, h * 0.7), fill=255)
+    mask.save(d / f"{name}_mask.png")
+    return d / f"{name}.jpg", d / f"{name}_mask.png"
+
+
+def test_cli_keeps_size_and_background_exactly(tmp_path):
+    image, mask = _pair(tmp_path)
+    ck = tiny_checkpoint(tmp_path / "tiny.safetensors", input_size=64, head_std=0.05)
+    out, explain = tmp_path / "out.png", tmp_path / "map.png"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "regharm_ext.harmonize", "--checkpoint", str(ck),
+                           "--image", str(image), "--mask", str(mask), "--out", str(out),
+                           "--explain", str(explain)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    src = np.asarray(Image.open(image).convert("RGB"))
+    res = Image.open(out)
+    assert res.size == (1000, 750) and res.mode == "RGB"
+    res = np.asarray(res)
+    m = np.asarray(Image.open(mask)) > 0
+    assert np.array_equal(res[~m], src[~m])
+    assert (res[m] != src[m]).any()  # the (random) residual did change the foreground
+    ex = Image.open(explain)
+    assert ex.size == (1000, 750)
+
+
+def test_soft_mask_values_are_weights(tmp_path):
+    model = tiny_harmonizer(input_size=64, head_std=0.1)
+    img = np.asarray(Image.open(_pair(tmp_path, (96, 80))[0]).convert("RGB")).copy()
+    mask = np.zeros((80, 96), np.uint8)
+    mask[20:60, 30:70] = 255
+    mask[20:60, 25:30] = 100  # a soft edge
+    out = hz.harmonize_array(model, img, mask)
+    full = out[20:60, 30:70].astype(int) - img[20:60, 30:70]
+    edge = out[20:60, 25:30].astype(int) - img[20:60, 25:30]
+    assert np.array_equal(out[mask == 0], img[mask == 0])
+    assert np.abs(edge).mean() < np.abs(full).mean()
+    assert np.abs(edge).sum() > 0
+
+
+def _run_main(args, capsys):
+    rc = hz.main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["size", "unreadable", "empty", "missing", "not_image"])
+def test_rejections_are_one_line_with_no_output(case, tmp_path, capsys, monkeypatch):
+    image, mask = _pair(tmp_path, (120, 90))
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: tiny_harmonizer(input_size=64))
+    if case == "size":
+        Image.new("L", (121, 90), 255).save(mask)
+        expect = "same size"
+    elif case == "unreadable":
+        mask.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        expect = "cannot read mask"
+    elif case == "empty":
+        Image.new("L", (120, 90), 127).save(mask)
+        expect = "empty"
+    elif case == "missing":
+        image = tmp_path / "nope.jpg"
+        expect = "not found"
+    else:
+        image.write_text("hello")
+        expect = "cannot read image"
+    out = tmp_path / "out.png"
+    rc, err = _run_main(["--image", image, "--mask", mask, "--out", out], capsys)
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.png")]
+
+
+def test_explain_needs_ptl(tmp_path, capsys, monkeypatch):
+    image, mask = _pair(tmp_path, (64, 64))
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: tiny_harmonizer(input_size=64, variant="rbase"))
+    rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
+                         "--explain", tmp_path / "m.png"], capsys)
+    assert rc != 0 and "PTL" in err and not (tmp_path / "o.png").exists()
+
+
+def test_folder_mode(tmp_path, capsys, monkeypatch):
+    src, dst, maps = tmp_path / "in", tmp_path / "out", tmp_path / "maps"
+    src.mkdir()
+    _pair(src, (100, 70), "a")
+    _pair(src, (64, 96), "b")
+    Image.new("RGB", (50, 50)).save(src / "lonely.jpg")  # no mask: reported, the others go on
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: tiny_harmonizer(input_size=64, head_std=0.05))
+    rc, err = _run_main(["--input-dir", src, "--out-dir", dst, "--explain-dir", maps], capsys)
+    assert rc == 1 and "lonely" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in dst.iterdir()) == ["a.png", "b.png"]
+    assert Image.open(dst / "b.png").size == (64, 96) and Image.open(maps / "a.png").size == (100, 70)
