@@ -146,3 +146,24 @@ def test_loader_falls_back_on_the_root_list(tmp_path):
     (root / "HFlickr" / "HFlickr_test.txt").unlink()
     ds = IHarmony4(root, "test", subsets=["HFlickr"])
     assert [ds.items[i][1] for i in range(len(ds))] == ["v00000_1_1.jpg", "v00001_1_1.jpg"]
+
+
+def test_credits_table_in_the_docs_is_generated():
+    """Every photo is credited, and the tables in the docs are the generated ones."""
+    from pathlib import Path
+
+    from regharm_ext.data.credits import BEGIN, markdown_table, read_credits, update
+
+    rows = read_credits()
+    assert sorted(r["file"] for r in rows) == photo_names()
+    assert all(r["author"].strip() and r["licence"].strip() and r["source"].startswith("http") for r in rows)
+    table = markdown_table()
+    assert table.count("| val |") == len(split_photos("val"))
+    repo = Path(__file__).resolve().parents[1]
+    checked = 0
+    for doc in (repo / "README.md", repo / "docs" / "harmonizer.md"):
+        if doc.is_file() and BEGIN in doc.read_text(encoding="utf-8"):
+            text = doc.read_text(encoding="utf-8")
+            assert update(text) == text, f"{doc}: run python -m regharm_ext.data.credits --update {doc.name}"
+            checked += 1
+    assert checked >= 1

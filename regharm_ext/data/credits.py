@@ -1,15 +1,22 @@
 """Photo credits as a Markdown table, generated from ``photos/CREDITS.tsv``.
 
-    python -m regharm_ext.data.credits > credits.md
+    python -m regharm_ext.data.credits                   # print the table
+    python -m regharm_ext.data.credits --update README.md  # rewrite it between the markers
+
+The markers are ``<!-- credits:begin -->`` and ``<!-- credits:end -->``.
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import re
 import sys
+from pathlib import Path
 from typing import Dict, List
 
 from .photo_set import CREDITS, split_photos
 
+BEGIN, END = "<!-- credits:begin -->", "<!-- credits:end -->"
 COLUMNS = ("file", "width", "height", "licence", "author", "source")
 
 
@@ -40,8 +47,27 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    print(markdown_table())
+def update(text: str) -> str:
+    """``text`` with the table between the markers replaced by the current one."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no {BEGIN} ... {END} block found")
+    return pattern.sub(lambda _: f"{BEGIN}\n{markdown_table()}\n{END}", text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m regharm_ext.data.credits", description=__doc__.split("\n")[0])
+    p.add_argument("--update", type=Path, nargs="*", default=None, help="Markdown files to rewrite in place")
+    a = p.parse_args(argv)
+    if a.update is None:
+        print(markdown_table())
+        return 0
+    for path in a.update:
+        try:
+            path.write_text(update(path.read_text(encoding="utf-8")), encoding="utf-8")
+        except (OSError, ValueError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
