@@ -57,6 +57,8 @@ def evaluate(method: Union[str, torch.nn.Module], dataset: Dataset, device="cpu"
     else:
         model, label = method, "model"
         fn = lambda image, mask: harmonize_tensor(model, image, mask)  # noqa: E731
+    if len(dataset) == 0:
+        raise ValueError("the dataset holds no images to evaluate (empty list file?)")
     device = torch.device(device)
     was_training = model.training if model is not None else False
     if model is not None:

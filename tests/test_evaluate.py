@@ -141,3 +141,8 @@ def test_evaluate_cli_reports_a_bad_root_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and len(err.strip().splitlines()) == 1
     assert str(tmp_path / "none") in err
+    root = export_tree(tmp_path / "ihd", subsets=("HCOCO",), n=1, n_train=0, size=32)
+    (root / "HCOCO" / "HCOCO_test.txt").write_text("")
+    rc = evaluate_main(["--data-root", str(root), "--method", "composite", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "no images" in err and len(err.strip().splitlines()) == 1
