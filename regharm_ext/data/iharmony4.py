@@ -116,7 +116,7 @@ class IHarmony4(Dataset):
             raise DataError(f"no iHarmony4 subset found under {self.root} "
                             f"(expected folders like {', '.join(SUBSETS)} with composite_images/)")
         self.subsets = wanted
-        # (subset, composite name, list file, line number)
+        # (subset, composite name, "list file:line" that named it)
         self.items: List[Tuple[str, str, str]] = []
         for s in wanted:
             self.items += self._list(s)
