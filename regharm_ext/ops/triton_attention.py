@@ -1,0 +1,330 @@
+"""Triton ``masked_attention`` (SPEC §3): flash-attention forward, FA2 backward, one file.
+
+Layout of the work:
+
+- Active queries are compacted first (``_compact``: their indices, active first, and a count per
+  image), so a query tile holds only active queries and the tiles past the count do nothing. This
+  is the "skip query tiles with no active query" of SPEC §3 in its strongest form: with a 20 %
+  foreground blob no tile is wasted on half-inactive rows.
+- Key tiles whose keys are all removed (``key_bias = -inf``) are skipped inside the loops.
+- The forward keeps an online softmax (running max ``m``, sum ``l``) and never materializes the
+  ``L x N`` scores; it saves the log-sum-exp ``lse`` (float32, -inf for inactive queries and for
+  rows whose keys are all removed).
+- The backward recomputes ``P = exp(scale·qk + bias - lse)`` tile by tile: a preprocess kernel
+  for ``Δ = rowsum(dO ∘ O)``, a kernel over key tiles for ``dK, dV`` (looping over the active
+  queries only) and one over query tiles for ``dQ``: each output has a single writer, no atomics.
+
+Accumulation is float32 (float64 for float64 inputs, where products are broadcast-and-sum instead
+of ``tl.dot``: fp64 ``tl.dot`` is not supported on every GPU target). ``D`` and ``E`` are padded
+to powers of two (at least 16, the smallest ``tl.dot`` tile) and masked.
+
+Registered as ``torch.ops.regharm_triton.masked_attention`` (returns ``out, lse``) and
+``masked_attention_backward`` with ``torch.library.triton_op`` so that ``torch.compile`` sees the
+kernels, and autograd through ``register_autograd``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import register_autograd, triton_op
+
+from ._triton_util import acc_dtype, interpreting, launcher
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr):
+    """a (M, K) @ b (K, N) -> (M, N) in the accumulation dtype."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _rows(IDX, CNT, b, start, L, HAS_MASK: tl.constexpr, BM: tl.constexpr):
+    """Query rows handled by a tile starting at compacted position ``start``, and their mask."""
+    offs = start + tl.arange(0, BM)
+    if HAS_MASK:
+        count = tl.load(CNT + b)
+        ok = offs < count
+        rows = tl.load(IDX + b * L + offs, mask=ok, other=0)
+    else:
+        count = L
+        ok = offs < L
+        rows = offs
+    return rows, ok, count
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
+              HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr, BE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    acc_t = LSE.dtype.element_ty
+    rows, row_ok, count = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    q = tl.load(Q + b * L * D + rows[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full((BM,), float("-inf"), acc_t)
+    l_i = tl.zeros((BM,), acc_t)
+    acc = tl.zeros((BM, BE), acc_t)
+    hi = tl.where(pid_m * BM < count, N, 0)  # a tile past the active count has no work
+    for start in range(0, hi, BN):
+        cols = start + offs_n
+        kb = tl.load(KB + b * N + cols, mask=cols < N, other=float("-inf")).to(acc_t)
+        if tl.max(kb, 0) > float("-inf"):  # skip tiles whose keys are all removed
+            kt = tl.load(K + b * N * D + cols[None, :] * D + offs_d[:, None],
+                         mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+            s = _mm(q, kt, USE_DOT).to(acc_t) * scale + kb[None, :]
+            # some key of the tile is live, so the row max is finite and exp never sees inf - inf
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * N * E + cols[:, None] * E + offs_e[None, :],
+                        mask=(cols[:, None] < N) & (offs_e[None, :] < E), other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT).to(acc_t)
+            m_i = m_new
+    live = l_i > 0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, m_i + tl.log(l_safe), float("-inf"))
+    tl.store(O + b * L * E + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_e[None, :] < E))
+    tl.store(LSE + b * L + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, L, E, BM: tl.constexpr, BE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    acc_t = DELTA.dtype.element_ty
+    rows = pid_m * BM + tl.arange(0, BM)
+    offs_e = tl.arange(0, BE)
+    mask = (rows[:, None] < L) & (offs_e[None, :] < E)
+    off = b * L * E + rows[:, None] * E + offs_e[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(acc_t)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(acc_t)
+    tl.store(DELTA + b * L + rows, tl.sum(o * do, 1), mask=rows < L)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, scale,
+                   HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    acc_t = DELTA.dtype.element_ty
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    kb = tl.load(KB + b * N + cols, mask=col_ok, other=float("-inf")).to(acc_t)
+    kd_mask = col_ok[:, None] & (offs_d[None, :] < D)
+    ve_mask = col_ok[:, None] & (offs_e[None, :] < E)
+    k = tl.load(K + b * N * D + cols[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + b * N * E + cols[:, None] * E + offs_e[None, :], mask=ve_mask, other=0.0)
+    dk = tl.zeros((BN, BD), acc_t)
+    dv = tl.zeros((BN, BE), acc_t)
+    if HAS_MASK:
+        count = tl.load(CNT + b)
+    else:
+        count = L
+    hi = tl.where(tl.max(kb, 0) > float("-inf"), count, 0)  # all keys removed: dK = dV = 0
+    for start in range(0, hi, BM):
+        rows, row_ok, _ = _rows(IDX, CNT, b, start, L, HAS_MASK, BM)
+        # transposed loads: everything below is (keys, queries), no tl.trans needed
+        qt = tl.load(Q + b * L * D + rows[None, :] * D + offs_d[:, None],
+                     mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        dot_ = tl.load(DO + b * L * E + rows[None, :] * E + offs_e[:, None],
+                       mask=row_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+        lse = tl.load(LSE + b * L + rows, mask=row_ok, other=float("inf"))
+        # a dead row (lse = -inf) must give P = 0: +inf makes exp(s - lse) = 0 for every s
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + b * L + rows, mask=row_ok, other=0.0)
+        st = _mm(k, qt, USE_DOT).to(acc_t) * scale + kb[:, None]          # (BN, BM)
+        pt = tl.exp(st - lse[None, :])
+        dv += _mm(pt.to(dot_.dtype), tl.trans(dot_), USE_DOT).to(acc_t)
+        dpt = _mm(v, dot_, USE_DOT).to(acc_t)                               # (BN, BM)
+        dst = pt * (dpt - delta[None, :])
+        dk += _mm(dst.to(qt.dtype), tl.trans(qt), USE_DOT).to(acc_t)
+    tl.store(DK + b * N * D + cols[:, None] * D + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * N * E + cols[:, None] * E + offs_e[None, :], dv.to(DV.dtype.element_ty),
+             mask=ve_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
+                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    acc_t = DELTA.dtype.element_ty
+    rows, row_ok, count = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    qd_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * L * D + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * L * E + rows[:, None] * E + offs_e[None, :],
+                 mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    lse = tl.load(LSE + b * L + rows, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + b * L + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros((BM, BD), acc_t)
+    hi = tl.where(pid_m * BM < count, N, 0)
+    for start in range(0, hi, BN):
+        cols = start + offs_n
+        kb = tl.load(KB + b * N + cols, mask=cols < N, other=float("-inf")).to(acc_t)
+        if tl.max(kb, 0) > float("-inf"):
+            kt = tl.load(K + b * N * D + cols[None, :] * D + offs_d[:, None],
+                         mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+            vt = tl.load(V + b * N * E + cols[None, :] * E + offs_e[:, None],
+                         mask=(cols[None, :] < N) & (offs_e[:, None] < E), other=0.0)
+            s = _mm(q, kt, USE_DOT).to(acc_t) * scale + kb[None, :]
+            p = tl.exp(s - lse[:, None])
+            dp = _mm(do, vt, USE_DOT).to(acc_t)
+            ds = p * (dp - delta[:, None])
+            dq += _mm(ds.to(kt.dtype), tl.trans(kt), USE_DOT).to(acc_t)
+    tl.store(DQ + b * L * D + rows[:, None] * D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _fit(budget: int, per_row: int, hi: int = 64) -> int:
+    """Largest tile height in (hi, ..., 16) with ``height * per_row <= budget``."""
+    t = hi
+    while t > 16 and t * per_row > budget:
+        t //= 2
+    return t
+
+
+def _blocks(BD: int, BE: int, dtype: torch.dtype):
+    """(query tile, key tile) per kernel: ``fwd`` and ``dq`` keep a query tile's accumulators in
+    registers and stream key tiles through shared memory; ``dkdv`` the other way round. Budgets:
+    ~12 K fp32 accumulator values per program, ~48 KB per streamed tile."""
+    if dtype == torch.float64:
+        return dict(fwd=(16, 16), dq=(16, 16), dkdv=(16, 16))
+    if interpreting():  # numpy: bigger tiles are just fewer Python-level iterations
+        return dict(fwd=(64, 64), dq=(64, 64), dkdv=(64, 64))
+    elt = torch.finfo(dtype).bits // 8
+    rows_acc = _fit(12288, BD + BE)            # accumulator rows that fit in registers
+    rows_stream = _fit(48 * 1024, (BD + BE) * elt)  # streamed rows that fit a smem buffer
+    return dict(fwd=(rows_acc, rows_stream), dq=(_fit(12288, 2 * BD + BE), rows_stream),
+                dkdv=(rows_stream, rows_acc))
+
+
+def _compact(query_mask: torch.Tensor):
+    """Active query indices first (in order), then the inactive ones: (B, L) int32, and the
+    active count per image (B,) int32. A permutation built by one scatter, no sort, no sync."""
+    B, L = query_mask.shape
+    m = query_mask.to(torch.int32)
+    pos = torch.cumsum(m, 1, dtype=torch.int32)               # active ones up to and including l
+    count = pos[:, -1:]
+    ar = torch.arange(L, device=m.device, dtype=torch.int32).expand(B, L)
+    dest = torch.where(query_mask, pos - 1, count + ar - pos)  # inactive: after the actives
+    idx = torch.empty_like(m).scatter_(1, dest.long(), ar)
+    return idx, count.reshape(B).contiguous()
+
+
+def _prep(q, k, v, key_bias, query_mask):
+    q, k, v, key_bias = (t.contiguous() for t in (q, k, v, key_bias))
+    if query_mask is None:
+        idx, cnt = q, q                  # unused (HAS_MASK=False): any tensor will do
+    else:
+        idx, cnt = _compact(query_mask)
+    return q, k, v, key_bias, idx, cnt
+
+
+@triton_op("regharm_triton::masked_attention", mutates_args=())
+def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         key_bias: torch.Tensor, query_mask: Optional[torch.Tensor],
+                         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out (Tensor[B, L, E], q's dtype) and lse (Tensor[B, L], float32 or float64)."""
+    B, L, D = q.shape
+    N, E = v.shape[1], v.shape[2]
+    q, k, v, key_bias, idx, cnt = _prep(q, k, v, key_bias, query_mask)
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(B, L, E, device=q.device, dtype=q.dtype)
+    lse = torch.full((B, L), float("-inf"), device=q.device, dtype=acc)
+    BD, BE = _pow2(D), _pow2(E)
+    BM, BN = _blocks(BD, BE, q.dtype)["fwd"]
+    if B and L and N:
+        launcher(_attn_fwd)[(triton.cdiv(L, BM), B)](
+            q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale,
+            HAS_MASK=query_mask is not None, USE_DOT=acc != torch.float64,
+            BM=BM, BN=BN, BD=BD, BE=BE, num_warps=4, num_stages=2)
+    return out, lse
+
+
+@triton_op("regharm_triton::masked_attention_backward", mutates_args=())
+def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, key_bias: torch.Tensor,
+                         query_mask: Optional[torch.Tensor], out: torch.Tensor,
+                         lse: torch.Tensor, scale: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv in q's dtype."""
+    B, L, D = q.shape
+    N, E = v.shape[1], v.shape[2]
+    q, k, v, key_bias, idx, cnt = _prep(q, k, v, key_bias, query_mask)
+    do = grad_out.to(q.dtype).contiguous()
+    out = out.contiguous()
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if not (B and L and N):
+        return dq, dk, dv
+    delta = torch.empty(B, L, device=q.device, dtype=acc)
+    BD, BE = _pow2(D), _pow2(E)
+    blocks = _blocks(BD, BE, q.dtype)
+    bm = blocks["dq"][0]
+    launcher(_attn_bwd_delta)[(triton.cdiv(L, bm), B)](out, do, delta, L, E, BM=bm, BE=BE,
+                                                        num_warps=4)
+    flags = dict(HAS_MASK=query_mask is not None, USE_DOT=acc != torch.float64,
+                 BD=BD, BE=BE, num_warps=4, num_stages=2)
+    BM, BN = blocks["dkdv"]
+    launcher(_attn_bwd_dkdv)[(triton.cdiv(N, BN), B)](
+        q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, scale,
+        BM=BM, BN=BN, **flags)
+    BM, BN = blocks["dq"]
+    launcher(_attn_bwd_dq)[(triton.cdiv(L, BM), B)](
+        q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, D, E, scale,
+        BM=BM, BN=BN, **flags)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_bias, query_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_bias, query_mask, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, key_bias, query_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = masked_attention_bwd(grad_out, q, k, v, key_bias, query_mask, out, lse, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+register_autograd("regharm_triton::masked_attention", _backward, setup_context=_setup_context)
+
+
+def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:
+    """out (Tensor[B, L, E]) of SPEC §3; see :func:`regharm_ext.ops.masked_attention`."""
+    return torch.ops.regharm_triton.masked_attention(q, k, v, key_bias, query_mask, scale)[0]

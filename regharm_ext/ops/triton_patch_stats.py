@@ -1,0 +1,274 @@
+"""Triton ``patch_stats`` (SPEC §2): window sums per tile of patches, gather backward, one file.
+
+Forward (``_ps_fwd``): a program owns a tile of patches × a tile of channels and walks the
+``ph*pw`` positions of its patches once, accumulating ``Σbg``, ``Σweight·bg`` and, per channel,
+``Σbg·x``, ``Σbg·x²``, ``Σweight·bg·x``. The blocks are never stored. ``x`` is shifted by the
+value at each patch's top-left pixel before accumulating, so ``Σbg·x² - mass·mu²`` does not
+cancel catastrophically for inputs offset by +100 (any per-patch constant leaves the statistics
+unchanged; a local one keeps the sums as small as the patch's own spread).
+
+Backward, per valid patch n and channel c (SPEC §2 / COMMON brief), with ``a_u = weight_r·bg_u``,
+``Ws = Σa``, ``D = Σa(x - mu)``:
+``γ = g_content/σ``, ``β = g_sigma/(Mσ) - g_content·D/(Mσ³)``,
+``α = g_mu/M - g_content·Ws/(Mσ) - β·mu``,
+``grad_x_u = Σ_{n ∋ u} bg_u (α_n + β_n x_u) + γ_n a_u``,
+``grad_weight_r = Σ_{b,n,c} γ bg_u (x_u - mu)``, ``grad_bias = Σ g_content`` (valid patches).
+
+- ``_ps_bwd_patch``: one more pass over the patches (same tiling as the forward) recomputes
+  ``Ws`` and ``D`` from the saved ``mu`` and writes ``α, β, γ``; in the same pass it reduces
+  ``γ·bg·(x - mu)`` over its tile for each position r into a per-program partial row, which torch
+  sums over programs (a second kernel is unnecessary: the partials are ``programs × ph*pw``
+  values, deterministic, no atomics).
+- ``_ps_bwd_pixel``: each program owns a tile of pixels × channels and gathers from the at most
+  ``ceil(ph/sh)·ceil(pw/sw)`` patches that cover each pixel: one writer per gradient value.
+
+All outputs of the op are in the accumulation dtype (float32; float64 for float64 inputs); the
+backend casts them to ``x``'s dtype, so the backward sees exact saved statistics.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import register_autograd, triton_op
+
+from ._triton_util import acc_dtype, interpreting, launcher
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK: tl.constexpr, BC: tl.constexpr):
+    """Patch indices of the tile, their top-left pixel offset, channel indices and masks."""
+    n = pid_k * BK + tl.arange(0, BK)
+    c = pid_c * BC + tl.arange(0, BC)
+    n_ok = n < K
+    c_ok = c < C
+    top = (n // Kw) * sh * Wd + (n % Kw) * sw
+    return n, c, n_ok, c_ok, top
+
+
+@triton.jit
+def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, ph, pw, sh, sw, eps, min_mass,
+            BK: tl.constexpr, BC: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    acc_t = MU.dtype.element_ty
+    n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
+    m2 = n_ok[:, None] & c_ok[None, :]
+    xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
+    gb = BG + b * H * Wd
+    shift = tl.load(xb + top[:, None], mask=m2, other=0.0).to(acc_t)
+    mass = tl.zeros((BK,), acc_t)
+    ws = tl.zeros((BK,), acc_t)
+    s1 = tl.zeros((BK, BC), acc_t)
+    s2 = tl.zeros((BK, BC), acc_t)
+    wx = tl.zeros((BK, BC), acc_t)
+    for dy in range(0, ph):
+        for dx in range(0, pw):
+            off = top + dy * Wd + dx
+            w = tl.load(W + dy * pw + dx).to(acc_t)
+            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
+            xs = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift
+            gx = g[:, None] * xs
+            mass += g
+            ws += w * g
+            s1 += gx
+            s2 += gx * xs
+            wx += w * gx
+    valid = mass >= min_mass
+    safe = tl.where(valid, mass, 1.0)[:, None]
+    mu_s = s1 / safe
+    var = tl.maximum(s2 / safe - mu_s * mu_s, 0.0)
+    sigma = tl.sqrt(var + eps)
+    bias = tl.load(BIAS).to(acc_t)
+    # Σ_u a_u (x_u - mu) = Σ a·xs - mu_s·Σ a (the shift cancels)
+    content = bias + (wx - mu_s * ws[:, None]) / sigma
+    v2 = valid[:, None]
+    out = b * K * C + n[:, None] * C + c[None, :]
+    tl.store(MU + out, tl.where(v2, mu_s + shift, 0.0), mask=m2)
+    tl.store(SIG + out, tl.where(v2, sigma, 0.0), mask=m2)
+    tl.store(CON + out, tl.where(v2, content, 0.0), mask=m2)
+    if pid_c == 0:  # one writer per patch
+        tl.store(MASS + b * K + n, mass, mask=n_ok)
+
+
+@triton.jit
+def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ALPHA, BETA, GAMMA, GWP,
+                  C, H, Wd, Kw, K, ph, pw, sh, sw, min_mass, BK: tl.constexpr, BC: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    acc_t = ALPHA.dtype.element_ty
+    n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
+    m2 = n_ok[:, None] & c_ok[None, :]
+    xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
+    gb = BG + b * H * Wd
+    st = b * K * C + n[:, None] * C + c[None, :]
+    mass = tl.load(MASS + b * K + n, mask=n_ok, other=0.0).to(acc_t)
+    valid = (mass >= min_mass)[:, None] & m2
+    mu = tl.load(MU + st, mask=m2, other=0.0).to(acc_t)
+    sigma = tl.where(valid, tl.load(SIG + st, mask=m2, other=1.0).to(acc_t), 1.0)
+    g_mu = tl.load(GMU + st, mask=m2, other=0.0).to(acc_t)
+    g_sig = tl.load(GSIG + st, mask=m2, other=0.0).to(acc_t)
+    g_con = tl.load(GCON + st, mask=m2, other=0.0).to(acc_t)
+    gamma = tl.where(valid, g_con / sigma, 0.0)
+    ws = tl.zeros((BK,), acc_t)
+    d = tl.zeros((BK, BC), acc_t)
+    P = ph * pw
+    row = ((b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_k) * P
+    for dy in range(0, ph):
+        for dx in range(0, pw):
+            off = top + dy * Wd + dx
+            w = tl.load(W + dy * pw + dx).to(acc_t)
+            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
+            xc = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - mu
+            ws += w * g
+            d += (w * g)[:, None] * xc
+            gw = tl.sum(tl.sum(gamma * g[:, None] * xc, 1), 0)
+            tl.store(GWP + row + dy * pw + dx, gw)
+    safe = tl.where(valid, mass[:, None], 1.0)
+    ms = safe * sigma
+    beta = tl.where(valid, g_sig / ms - g_con * d / (ms * sigma * sigma), 0.0)
+    alpha = tl.where(valid, g_mu / safe - g_con * ws[:, None] / ms - beta * mu, 0.0)
+    tl.store(ALPHA + st, alpha, mask=m2)
+    tl.store(BETA + st, beta, mask=m2)
+    tl.store(GAMMA + st, gamma, mask=m2)
+
+
+@triton.jit
+def _ps_bwd_pixel(X, BG, W, ALPHA, BETA, GAMMA, GX, C, H, Wd, Kh, Kw, K, ph, pw, sh, sw, NI, NJ,
+                  BP: tl.constexpr, BC: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    acc_t = ALPHA.dtype.element_ty
+    p = pid_p * BP + tl.arange(0, BP)
+    c = pid_c * BC + tl.arange(0, BC)
+    p_ok = p < H * Wd
+    c_ok = c < C
+    m2 = p_ok[:, None] & c_ok[None, :]
+    y = p // Wd
+    xx = p % Wd
+    xoff = b * C * H * Wd + c[None, :] * (H * Wd) + p[:, None]
+    xv = tl.load(X + xoff, mask=m2, other=0.0).to(acc_t)
+    g = tl.load(BG + b * H * Wd + p, mask=p_ok, other=0.0).to(acc_t)
+    acc = tl.zeros((BP, BC), acc_t)
+    # patch rows covering y: i = y//sh - di for di < ceil(ph/sh) while 0 <= i < Kh, y - i*sh < ph
+    for di in range(0, NI):
+        i = y // sh - di
+        ry = y - i * sh
+        ok_i = p_ok & (i >= 0) & (i < Kh) & (ry < ph)
+        for dj in range(0, NJ):
+            j = xx // sw - dj
+            rx = xx - j * sw
+            ok = ok_i & (j >= 0) & (j < Kw) & (rx < pw)
+            w = tl.load(W + ry * pw + rx, mask=ok, other=0.0).to(acc_t)
+            src = b * K * C + (i * Kw + j)[:, None] * C + c[None, :]
+            mk = ok[:, None] & c_ok[None, :]
+            al = tl.load(ALPHA + src, mask=mk, other=0.0)
+            be = tl.load(BETA + src, mask=mk, other=0.0)
+            ga = tl.load(GAMMA + src, mask=mk, other=0.0)
+            acc += al + be * xv + ga * w[:, None]
+    tl.store(GX + xoff, (g[:, None] * acc).to(GX.dtype.element_ty), mask=m2)
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def _blocks(C: int):
+    """(patch tile, channel tile, pixel tile, pixel-kernel channel tile). Small patch tiles keep
+    >= 4 programs per SM at the paper's size (K = 841, C = 64, B = 4 -> 432 programs)."""
+    bc = min(16, triton.next_power_of_2(C))
+    if interpreting():  # numpy: fewer, larger programs
+        return 256, triton.next_power_of_2(C), 1024, triton.next_power_of_2(C)
+    return 32, bc, 128, bc
+
+
+def _grid_sizes(H, W, ph, pw, sh, sw):
+    Kh, Kw = (H - ph) // sh + 1, (W - pw) // sw + 1
+    return Kh, Kw, Kh * Kw
+
+
+@triton_op("regharm_triton::patch_stats", mutates_args=())
+def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    ph: int, pw: int, sh: int, sw: int, eps: float, min_mass: float
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mu, sigma, content (Tensor[B, K, C]) and mass (Tensor[B, K]) in the accumulation dtype."""
+    x, bg, weight, bias = (t.contiguous() for t in (x, bg, weight, bias))
+    B, C, H, W = x.shape
+    Kh, Kw, K = _grid_sizes(H, W, ph, pw, sh, sw)
+    acc = acc_dtype(x.dtype)
+    mu = torch.empty(B, K, C, device=x.device, dtype=acc)
+    sigma = torch.empty_like(mu)
+    content = torch.empty_like(mu)
+    mass = torch.empty(B, K, device=x.device, dtype=acc)
+    BK, BC, _, _ = _blocks(C)
+    if B and C:
+        launcher(_ps_fwd)[(triton.cdiv(K, BK), triton.cdiv(C, BC), B)](
+            x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, ph, pw, sh, sw,
+            eps, min_mass, BK=BK, BC=BC, num_warps=4)
+    return mu, sigma, content, mass
+
+
+@triton_op("regharm_triton::patch_stats_backward", mutates_args=())
+def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_content: torch.Tensor,
+                    x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, mu: torch.Tensor,
+                    sigma: torch.Tensor, mass: torch.Tensor, ph: int, pw: int, sh: int, sw: int,
+                    min_mass: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_x (x's dtype), grad_weight (weight's dtype), grad_bias (Tensor[1], weight's dtype)."""
+    x, bg, weight = (t.contiguous() for t in (x, bg, weight))
+    B, C, H, W = x.shape
+    Kh, Kw, K = _grid_sizes(H, W, ph, pw, sh, sw)
+    acc = acc_dtype(x.dtype)
+    grads = [g.to(acc).contiguous() for g in (grad_mu, grad_sigma, grad_content)]
+    alpha = torch.empty(B, K, C, device=x.device, dtype=acc)
+    beta = torch.empty_like(alpha)
+    gamma = torch.empty_like(alpha)
+    grad_x = torch.empty_like(x)
+    BK, BC, BP, BCP = _blocks(C)
+    tiles = (triton.cdiv(K, BK), triton.cdiv(C, BC), B)
+    partial = torch.empty(tiles[0] * tiles[1] * B, ph * pw, device=x.device, dtype=acc)
+    if B and C:
+        launcher(_ps_bwd_patch)[tiles](
+            x, bg, weight, mu, sigma, mass, *grads, alpha, beta, gamma, partial,
+            C, H, W, Kw, K, ph, pw, sh, sw, min_mass, BK=BK, BC=BC, num_warps=4)
+        launcher(_ps_bwd_pixel)[(triton.cdiv(H * W, BP), triton.cdiv(C, BCP), B)](
+            x, bg, weight, alpha, beta, gamma, grad_x, C, H, W, Kh, Kw, K, ph, pw, sh, sw,
+            triton.cdiv(ph, sh), triton.cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
+    else:
+        grad_x.zero_()
+    grad_weight = partial.sum(0).to(weight.dtype)
+    valid = (mass >= min_mass).unsqueeze(-1)
+    grad_bias = torch.where(valid, grads[2], 0.0).sum().reshape(1).to(weight.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass = inputs
+    mu, sigma, _, mass = output
+    ctx.save_for_backward(x, bg, weight, mu, sigma, mass)
+    ctx.args = (ph, pw, sh, sw, min_mass)
+    ctx.bias_dtype = bias.dtype
+
+
+def _backward(ctx, g_mu, g_sigma, g_content, g_mass):
+    x, bg, weight, mu, sigma, mass = ctx.saved_tensors
+    g_mu, g_sigma, g_content = (torch.zeros_like(mu) if g is None else g
+                                for g in (g_mu, g_sigma, g_content))
+    gx, gw, gb = torch.ops.regharm_triton.patch_stats_backward(
+        g_mu, g_sigma, g_content, x, bg, weight, mu, sigma, mass, *ctx.args)
+    return gx, None, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
+
+
+register_autograd("regharm_triton::patch_stats", _backward, setup_context=_setup_context)
+
+
+def patch_stats(x, bg, weight, bias, patch_size, stride, eps: float, min_mass: float):
+    """mu, sigma, content (Tensor[B, K, C]) and mass (Tensor[B, K]) in x's dtype (SPEC §2)."""
+    (ph, pw), (sh, sw) = patch_size, stride
+    outs = torch.ops.regharm_triton.patch_stats(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass)
+    return tuple(t.to(x.dtype) for t in outs)

@@ -1,0 +1,197 @@
+"""Triton kernels in the interpreter (``TRITON_INTERPRET=1``, CPU tensors) against `reference`.
+
+Forward and every gradient on tiny shapes: odd sizes, soft masks, images without background or
+without an active query, +100 offsets, whole key tiles removed, several tiles per dimension;
+float32, float16 (no bfloat16: the interpreter computes with numpy, which has none) and float64
+gradcheck. tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU before anything
+imports triton; where the kernels were compiled instead (a GPU machine) this file skips, and the
+CUDA tests live in tests/test_triton_cuda.py.
+"""
+import os
+
+import pytest
+import torch
+
+from helpers import assert_close, make_attention_inputs, make_patch_inputs
+from regharm_ext import LTL, PTL
+from regharm_ext.backends import unavailable_reason
+from regharm_ext.ops import masked_attention, patch_stats
+
+REASON = unavailable_reason("triton", "cpu")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(REASON is not None, reason=f"triton on CPU: {REASON}")]
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _grads_of(outs, inputs, seed):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def _run_patch(backend, inputs, patch, stride):
+    x, bg, w, b = (t.detach().clone().requires_grad_(i != 1) for i, t in enumerate(inputs))
+    outs = patch_stats(x, bg, w, b, patch, stride, backend=backend)
+    return outs, _grads_of(outs[:3], (x, w, b), seed=1)
+
+
+PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
+    "odd_soft": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
+    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
+    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
+    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
+    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+    # stride > patch: pixels no patch covers get zero gradient
+    "gaps": ((1, 3, 17, 15), (3, 2), (4, 3), 0.0, "soft"),
+    "one_patch": ((2, 5, 6, 7), (6, 7), (1, 1), 0.0, "soft"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PATCH_CASES)
+def test_patch_stats_matches_reference(case, dtype):
+    shape, patch, stride, offset, kind = PATCH_CASES[case]
+    if dtype == torch.float16 and offset:
+        pytest.skip("fp16 cannot hold 100 + noise accurately enough to compare with fp32 sums")
+    inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
+    got, got_g = _run_patch("triton", inputs, patch, stride)
+    want, want_g = _run_patch("reference", inputs, patch, stride)
+    for name, a, e in zip(("mu", "sigma", "content", "mass"), got, want):
+        assert a.dtype == dtype and a.shape == e.shape and torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, msg=f"triton {case} {name}")
+    for name, a, e in zip(("dx", "dweight", "dbias"), got_g, want_g):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, grad=True, msg=f"triton {case} {name}")
+    invalid = want[3] < 0.5
+    for t in got[:3]:
+        assert (t[invalid] == 0).all(), "invalid patches must give exactly 0"
+
+
+def test_patch_stats_offset_keeps_sigma_accurate():
+    """+100 offsets: sigma must match the unshifted input's (the variance is shift-invariant)."""
+    shape, patch, stride = (1, 3, 20, 22), (5, 4), (3, 3)
+    x, bg, w, b = make_patch_inputs(*shape, patch, stride, torch.float32)
+    _, s0, c0, _ = patch_stats(x, bg, w, b, patch, stride, backend="triton")
+    _, s1, c1, _ = patch_stats(x + 100, bg, w, b, patch, stride, backend="triton")
+    torch.testing.assert_close(s1, s0, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(c1, c0, atol=2e-4, rtol=2e-4)
+
+
+ATTN_CASES = {  # name: kwargs of make_attention_inputs
+    "odd": dict(B=2, L=37, N=23, D=8, E=6),
+    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
+    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
+    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
+    # several query and key tiles, D and E not powers of two
+    "multi_tile": dict(B=2, L=150, N=140, D=20, E=40, active=0.3, removed=0.2),
+}
+
+
+def _run_attention(backend, inputs, scale=None):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in inputs[:3])
+    out = masked_attention(q, k, v, inputs[3], inputs[4], scale, backend=backend)
+    return out, _grads_of([out], (q, k, v), seed=2)
+
+
+def _check_attention(inputs, dtype, scale=None):
+    got, got_g = _run_attention("triton", inputs, scale)
+    want, want_g = _run_attention("reference", inputs, scale)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert_close(got, want, dtype, msg="triton out")
+    for name, a, e in zip(("dq", "dk", "dv"), got_g, want_g):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, grad=True, msg=f"triton {name}")
+    qm = inputs[4]
+    if qm is not None:
+        assert (got[~qm] == 0).all(), "inactive queries must give exactly 0"
+        assert (got_g[0][~qm] == 0).all(), "inactive queries get no gradient"
+    return got, got_g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_masked_attention_matches_reference(case, dtype):
+    _check_attention(make_attention_inputs(**ATTN_CASES[case], dtype=dtype), dtype)
+
+
+def test_masked_attention_dead_image_and_removed_key_tiles():
+    """A whole image without keys gives 0 and no gradient; removed tiles are skipped exactly."""
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=70, N=150, D=8, E=12, removed=0.0,
+                                            dead_batch=True)
+    kb[0, :64] = float("-inf")           # the first key tile (64 in the interpreter) is dead
+    kb[0, 100:] = float("-inf")
+    out, (dq, dk, dv) = _check_attention((q, k, v, kb, qm), torch.float32)
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all()
+    assert (dk[0, :64] == 0).all() and (dv[0, 100:] == 0).all()
+
+
+def test_masked_attention_without_mask_custom_scale():
+    inputs = list(make_attention_inputs(B=2, L=21, N=9, D=5, E=3))
+    inputs[4] = None
+    _check_attention(inputs, torch.float32, scale=1.0)
+
+
+def test_key_bias_dtype_may_differ():
+    """key_bias is read in its own dtype (LTL passes float32 with half-precision tokens; the
+    fp16 cases above do that): float64 and float16 biases give the float32 bias's result."""
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=20, N=18, D=8, E=8, dtype=torch.float16)
+    kb = kb.half().float()               # exactly representable in every dtype below
+    want = masked_attention(q, k, v, kb, qm, backend="triton")
+    for dt in (torch.float64, torch.float16):
+        got = masked_attention(q, k, v, kb.to(dt), qm, backend="triton")
+        assert torch.equal(got, want), dt
+
+
+def test_gradcheck_float64():
+    """float64 runs in float64 in the kernels (broadcast products instead of tl.dot)."""
+    x, bg, w, b = make_patch_inputs(1, 2, 9, 8, (3, 4), (2, 3), torch.float64)
+    fn = lambda x, w, b: patch_stats(x, bg, w, b, (3, 4), (2, 3), backend="triton")[:3]
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x, w, b)), fast_mode=True)
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=7, N=6, D=3, E=2, dtype=torch.float64)
+    fn = lambda q, k, v: masked_attention(q, k, v, kb, qm, backend="triton")
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)), fast_mode=True)
+
+
+def test_compaction_puts_active_queries_first():
+    from regharm_ext.ops.triton_attention import _compact
+
+    qm = torch.rand(3, 29, generator=torch.Generator().manual_seed(0)) < 0.4
+    qm[1] = False
+    idx, count = _compact(qm)
+    for b in range(3):
+        n = int(qm[b].sum())
+        assert count[b] == n
+        assert sorted(idx[b].tolist()) == list(range(29))  # a permutation
+        assert idx[b, :n].tolist() == torch.nonzero(qm[b]).flatten().tolist()
+
+
+@pytest.mark.parametrize("layer", ["ptl", "ltl"])
+def test_layers_on_triton_match_reference(layer):
+    torch.manual_seed(0)
+    C, H, W = 8, 20, 18
+    mod = PTL(C, patch=5, stride=3) if layer == "ptl" else LTL(C)
+    x = torch.randn(2, C, H, W)
+    mask = torch.zeros(2, 1, H, W)
+    mask[0, :, 4:12, 3:11] = 1.0
+    mask[1, :, 10:, :9] = 0.7          # soft foreground
+    results = {}
+    for backend in ("reference", "triton"):
+        mod.backend = backend
+        xi = x.clone().requires_grad_()
+        out = mod(xi, mask)
+        grads = torch.autograd.grad((out * torch.cos(out)).sum(), [xi] + list(mod.parameters()))
+        results[backend] = (out, grads)
+    assert_close(results["triton"][0], results["reference"][0], torch.float32)
+    for a, e in zip(results["triton"][1], results["reference"][1]):
+        assert_close(a, e, torch.float32, grad=True)
+
+
+def test_unavailable_explains_devices():
+    from regharm_ext.ops import triton_backend
+
+    assert triton_backend.unavailable(torch.device("cpu")) is None
+    reason = triton_backend.unavailable(torch.device("cuda"))
+    assert reason is not None and "TRITON_INTERPRET" in reason
+    assert "mps" in triton_backend.unavailable(torch.device("mps"))
+    assert os.environ.get("TRITON_INTERPRET") == "1"
