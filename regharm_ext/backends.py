@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Dict, Optional, Union
 
 import torch
@@ -37,7 +38,10 @@ class BackendUnavailable(RuntimeError):
 
 
 def _module(name: str):
-    return importlib.import_module(_MODULES[name])
+    # an already imported backend is looked up, not imported: torch.compile cannot trace
+    # importlib, and this lookup lets it compile the ops with fullgraph=True
+    mod = sys.modules.get(_MODULES[name])
+    return mod if mod is not None else importlib.import_module(_MODULES[name])
 
 
 def unavailable_reason(name: str, device: Union[str, torch.device]) -> Optional[str]:
@@ -77,3 +81,9 @@ def resolve(backend: Optional[str], device: torch.device):
         if unavailable_reason(cand, device) is None:
             return _module(cand)
     return _module("reference")
+
+
+# Backends that import cheaply are imported up front (native's import never fails: a missing
+# extension is reported by its unavailable()), so that torch.compile never has to trace importlib.
+for _name in ("reference", "torch", "native"):
+    _module(_name)

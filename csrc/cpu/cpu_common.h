@@ -1,0 +1,67 @@
+// Helpers shared by the CPU kernels: argument checks and the accumulation dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+
+// Each kernel header is compiled twice: once for the baseline ISA, once for AVX2+FMA between
+// REGHARM_AVX2_BEGIN and REGHARM_AVX2_END (GCC only; other compilers keep the baseline copy).
+// cpu_has_avx2() picks the copy at run time, so one build serves every x86-64 CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define REGHARM_HAVE_AVX2_COPY 1
+#define REGHARM_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define REGHARM_AVX2_END _Pragma("GCC pop_options")
+#else
+#define REGHARM_HAVE_AVX2_COPY 0
+#endif
+
+// Calls fn from namespace isa_avx2 when the CPU has AVX2+FMA, else from isa_base.
+#if REGHARM_HAVE_AVX2_COPY
+#define REGHARM_ISA_CALL(fn, ...) \
+  (cpu_has_avx2() ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
+#else
+#define REGHARM_ISA_CALL(fn, ...) isa_base::fn(__VA_ARGS__)
+#endif
+
+namespace regharm {
+namespace cpu {
+
+inline bool cpu_has_avx2() {
+#if REGHARM_HAVE_AVX2_COPY
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// SPEC §1: accumulate in float32 whatever the input dtype; float64 stays float64 (gradcheck).
+inline at::ScalarType acc_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The tensor in the accumulation dtype, contiguous (no copy when it already is both).
+inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+
+inline void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
+              t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name,
+                        const char* op, const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ", expected,
+              ", got ", t.sizes());
+}
+
+}  // namespace cpu
+}  // namespace regharm

@@ -1,0 +1,328 @@
+// CPU kernels of regharm::masked_attention and regharm::masked_attention_backward (SPEC §3).
+//
+// Flash-attention style: per image the live keys (key_bias > -inf) are compacted once, active
+// queries are processed in blocks of kQB against tiles of kKT keys with an online softmax, so
+// neither removed keys nor inactive queries cost anything and the L x N score matrix never
+// exists. The backward recomputes P per tile from the saved log-sum-exp in two race-free passes:
+// one over query blocks (dQ), one over key tiles (dK, dV; each tile owns its rows).
+// The tile products are register-blocked SIMD loops (simd.h), in attention_kernels.h.
+//
+// T is the accumulation type: float for float32/float16/bfloat16 inputs, double for float64.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "simd.h"
+
+namespace regharm {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "regharm::masked_attention";
+constexpr const char* kOpBw = "regharm::masked_attention_backward";
+constexpr int64_t kQB = 32;  // queries per block
+constexpr int64_t kKT = 64;  // keys per tile (row stride of the score tile)
+
+struct Dims {
+  int64_t B, L, N, D, E;
+};
+
+Dims check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
+                const char* op) {
+  check_float_cpu(q, "q", op);
+  check_float_cpu(k, "k", op);
+  check_float_cpu(v, "v", op);
+  check_float_cpu(key_bias, "key_bias", op);
+  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, L, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must have shape (B, N, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 3, op, ": v must have shape (B, N, E), got ", v.sizes());
+  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), v.size(2)};
+  check_shape(k, {d.B, d.N, d.D}, "k", op, "(B, N, D)");
+  check_shape(v, {d.B, d.N, d.E}, "v", op, "(B, N, E)");
+  check_shape(key_bias, {d.B, d.N}, "key_bias", op, "(B, N)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  if (query_mask.has_value() && query_mask->defined()) {
+    const auto& qm = *query_mask;
+    TORCH_CHECK(qm.device().is_cpu(), op, " (CPU kernel): query_mask must be a CPU tensor, got ",
+                qm.device());
+    TORCH_CHECK(qm.scalar_type() == at::kBool, op, ": query_mask must be bool, got ",
+                qm.scalar_type());
+    check_shape(qm, {d.B, d.L}, "query_mask", op, "(B, L)");
+  }
+  return d;
+}
+
+inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// The live keys of one image as the tile kernels read them; their count nl is padded to nlp (a
+// multiple of 8) with removed keys, D and E to Dp and Ep with zero columns.
+template <typename T>
+struct KeysView {
+  int64_t nl, nlp, D, Dp, E, Ep;
+  const T* bias;  // (nlp), -inf on the padding
+  const T* kt;    // (D, nlp)
+  const T* k;     // (nlp, Dp), backward only
+  const T* v;     // (nlp, Ep), forward only
+  const T* vt;    // (E, nlp), backward only
+};
+
+template <typename T>
+struct LiveKeys {
+  std::vector<int64_t> idx;  // positions in the image's key axis
+  std::vector<T> bias, kt, k, v, vt;
+  KeysView<T> view;
+};
+
+template <typename T>
+void gather_keys(const Dims& s, int64_t b, const T* k, const T* v, const T* key_bias,
+                 bool backward, LiveKeys<T>& lk) {
+  const T* kb = key_bias + b * s.N;
+  for (int64_t n = 0; n < s.N; ++n)
+    if (kb[n] > -std::numeric_limits<T>::infinity()) lk.idx.push_back(n);
+  const int64_t nl = static_cast<int64_t>(lk.idx.size()), nlp = round8(nl);
+  const int64_t Dp = round8(s.D), Ep = round8(s.E);
+  lk.bias.assign(nlp, -std::numeric_limits<T>::infinity());
+  lk.kt.assign(s.D * nlp, T(0));
+  if (backward) {
+    lk.k.assign(nlp * Dp, T(0));
+    lk.vt.assign(s.E * nlp, T(0));
+  } else {
+    lk.v.assign(nlp * Ep, T(0));
+  }
+  for (int64_t j = 0; j < nl; ++j) {
+    const int64_t n = lk.idx[j];
+    lk.bias[j] = kb[n];
+    const T* kr = k + (b * s.N + n) * s.D;
+    const T* vr = v + (b * s.N + n) * s.E;
+    for (int64_t d = 0; d < s.D; ++d) lk.kt[d * nlp + j] = kr[d];
+    if (backward) {
+      std::copy(kr, kr + s.D, lk.k.data() + j * Dp);
+      for (int64_t e = 0; e < s.E; ++e) lk.vt[e * nlp + j] = vr[e];
+    } else {
+      std::copy(vr, vr + s.E, lk.v.data() + j * Ep);
+    }
+  }
+  lk.view = {nl, nlp, s.D, Dp, s.E, Ep, lk.bias.data(), lk.kt.data(), lk.k.data(),
+             lk.v.data(), lk.vt.data()};
+}
+
+namespace isa_base {
+#include "attention_kernels.h"
+}
+#if REGHARM_HAVE_AVX2_COPY
+REGHARM_AVX2_BEGIN
+namespace isa_avx2 {
+#include "attention_kernels.h"
+}
+REGHARM_AVX2_END
+#endif
+
+struct Block {
+  int64_t b, start, count;
+};
+
+std::vector<Block> blocks_of(const std::vector<std::vector<int64_t>>& rows, int64_t size) {
+  std::vector<Block> out;
+  for (int64_t b = 0; b < static_cast<int64_t>(rows.size()); ++b) {
+    const int64_t n = static_cast<int64_t>(rows[b].size());
+    for (int64_t s = 0; s < n; s += size) out.push_back({b, s, std::min(size, n - s)});
+  }
+  return out;
+}
+
+template <typename T>
+void forward_kernel(const Dims& s, const T* q, const T* k, const T* v, const T* key_bias,
+                    const bool* qmask, T scale, T* out, float* lse) {
+  std::vector<LiveKeys<T>> keys(s.B);
+  std::vector<std::vector<int64_t>> queries(s.B);
+  for (int64_t b = 0; b < s.B; ++b) {
+    gather_keys(s, b, k, v, key_bias, false, keys[b]);
+    if (keys[b].view.nl == 0) continue;  // every key removed: the whole image's rows stay 0
+    for (int64_t l = 0; l < s.L; ++l)
+      if (qmask == nullptr || qmask[b * s.L + l]) queries[b].push_back(l);
+  }
+  const int64_t Dp = round8(s.D), Ep = round8(s.E);
+  const auto blocks = blocks_of(queries, kQB);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qs(kQB * Dp, T(0)), S(kQB * kKT), O(kQB * Ep), mrow(kQB), lrow(kQB);
+    for (int64_t t = begin; t < end; ++t) {
+      const Block& blk = blocks[t];
+      const int64_t* rows = queries[blk.b].data() + blk.start;
+      const int64_t nq = blk.count;
+      for (int64_t i = 0; i < nq; ++i) {
+        const T* qr = q + (blk.b * s.L + rows[i]) * s.D;
+        for (int64_t d = 0; d < s.D; ++d) qs[i * Dp + d] = scale * qr[d];
+      }
+      REGHARM_ISA_CALL(forward_block<T>, keys[blk.b].view, qs.data(), nq, S.data(), O.data(),
+                       mrow.data(), lrow.data());
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t row = blk.b * s.L + rows[i];
+        const T inv = T(1) / lrow[i];
+        T* o = out + row * s.E;
+        for (int64_t e = 0; e < s.E; ++e) o[e] = O[i * Ep + e] * inv;
+        lse[row] = static_cast<float>(mrow[i] + std::log(lrow[i]));
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, const T* v,
+                     const T* key_bias, const bool* qmask, const T* out, const T* lse_in,
+                     T scale, T* dq, T* dk, T* dv) {
+  const int64_t Dp = round8(s.D), Ep = round8(s.E);
+  // per image: live keys, and active queries (mask on, finite lse) gathered contiguously
+  std::vector<LiveKeys<T>> keys(s.B);
+  std::vector<std::vector<int64_t>> queries(s.B);
+  std::vector<std::vector<T>> qs(s.B), go(s.B), delta(s.B), lse(s.B);
+  for (int64_t b = 0; b < s.B; ++b) {
+    gather_keys(s, b, k, v, key_bias, true, keys[b]);
+    if (keys[b].view.nl == 0) continue;
+    for (int64_t l = 0; l < s.L; ++l) {
+      const int64_t row = b * s.L + l;
+      if ((qmask == nullptr || qmask[row]) && std::isfinite(lse_in[row])) queries[b].push_back(l);
+    }
+    const int64_t la = static_cast<int64_t>(queries[b].size());
+    qs[b].assign(la * Dp, T(0));
+    go[b].assign(la * Ep, T(0));
+    delta[b].resize(la);
+    lse[b].resize(la);
+    for (int64_t i = 0; i < la; ++i) {
+      const int64_t row = b * s.L + queries[b][i];
+      for (int64_t d = 0; d < s.D; ++d) qs[b][i * Dp + d] = scale * q[row * s.D + d];
+      T dl = 0;
+      for (int64_t e = 0; e < s.E; ++e) {
+        go[b][i * Ep + e] = grad_out[row * s.E + e];
+        dl += grad_out[row * s.E + e] * out[row * s.E + e];
+      }
+      delta[b][i] = dl;
+      lse[b][i] = lse_in[row];
+    }
+  }
+  const bool exact_lse = std::is_same<T, double>::value;
+
+  // pass 1, over query blocks: dQ = scale · dS K (in float64 the exact lse first: the saved
+  // one is float32, too coarse for gradcheck)
+  const auto qblocks = blocks_of(queries, kQB);
+  at::parallel_for(0, static_cast<int64_t>(qblocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kQB * kKT), dP(kQB * kKT), dQ(kQB * Dp), mrow(kQB), lrow(kQB);
+    for (int64_t t = begin; t < end; ++t) {
+      const Block& blk = qblocks[t];
+      const auto& kv = keys[blk.b].view;
+      const int64_t b = blk.b, i0 = blk.start, nq = blk.count;
+      const T* q_i = qs[b].data() + i0 * Dp;
+      if (exact_lse)
+        REGHARM_ISA_CALL(lse_block<T>, kv, q_i, nq, S.data(), mrow.data(), lrow.data(),
+                         lse[b].data() + i0);
+      REGHARM_ISA_CALL(backward_query_block<T>, kv, q_i, go[b].data() + i0 * Ep,
+                       lse[b].data() + i0, delta[b].data() + i0, nq, S.data(), dP.data(),
+                       dQ.data());
+      for (int64_t i = 0; i < nq; ++i) {
+        T* o = dq + (b * s.L + queries[b][i0 + i]) * s.D;
+        for (int64_t d = 0; d < s.D; ++d) o[d] = scale * dQ[i * Dp + d];
+      }
+    }
+  });
+
+  // pass 2, over key tiles: dV = Pᵀ dO, dK = dSᵀ (scale · Q). Tiles are narrowed when there are
+  // few keys so that every thread gets work.
+  std::vector<std::vector<int64_t>> live(s.B);
+  int64_t total_live = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (!queries[b].empty()) live[b] = keys[b].idx;
+    total_live += static_cast<int64_t>(live[b].size());
+  }
+  const int64_t want_tiles = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t kt2 =
+      round8(std::clamp<int64_t>(total_live / std::max<int64_t>(1, want_tiles), 16, kKT));
+  const auto kblocks = blocks_of(live, kt2);
+  at::parallel_for(0, static_cast<int64_t>(kblocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kQB * kKT), dP(kQB * kKT), dK(kKT * Dp), dV(kKT * Ep);
+    for (int64_t t = begin; t < end; ++t) {
+      const Block& blk = kblocks[t];
+      const int64_t b = blk.b, j0 = blk.start, nt = blk.count;
+      REGHARM_ISA_CALL(backward_key_tile<T>, keys[b].view, qs[b].data(), go[b].data(),
+                       lse[b].data(), delta[b].data(),
+                       static_cast<int64_t>(queries[b].size()), j0, nt, S.data(), dP.data(),
+                       dK.data(), dV.data());
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t row = b * s.N + keys[b].idx[j0 + j];
+        std::copy(dK.data() + j * Dp, dK.data() + j * Dp + s.D, dk + row * s.D);
+        std::copy(dV.data() + j * Ep, dV.data() + j * Ep + s.E, dv + row * s.E);
+      }
+    }
+  });
+}
+
+const bool* mask_ptr(const std::optional<at::Tensor>& query_mask, at::Tensor& holder) {
+  if (!query_mask.has_value() || !query_mask->defined()) return nullptr;
+  holder = query_mask->contiguous();
+  return holder.data_ptr<bool>();
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_bias,
+    const std::optional<at::Tensor>& query_mask, double scale) {
+  const Dims s = check_args(q, k, v, key_bias, query_mask, kOp);
+  const auto acc = acc_dtype(q);
+  const auto qa = to_acc(q, acc), ka = to_acc(k, acc), va = to_acc(v, acc);
+  const auto kb = to_acc(key_bias, acc);
+  at::Tensor mask_holder;
+  const bool* qm = mask_ptr(query_mask, mask_holder);
+  auto out = at::zeros({s.B, s.L, s.E}, qa.options());
+  auto lse = at::full({s.B, s.L}, -std::numeric_limits<float>::infinity(),
+                      qa.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES(acc, "masked_attention_cpu", [&] {
+    using T = scalar_t;
+    forward_kernel<T>(s, qa.data_ptr<T>(), ka.data_ptr<T>(), va.data_ptr<T>(), kb.data_ptr<T>(),
+                      qm, static_cast<T>(scale), out.data_ptr<T>(), lse.data_ptr<float>());
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
+    const at::Tensor& out, const at::Tensor& lse, double scale) {
+  const Dims s = check_args(q, k, v, key_bias, query_mask, kOpBw);
+  check_float_cpu(grad_out, "grad_out", kOpBw);
+  check_shape(grad_out, {s.B, s.L, s.E}, "grad_out", kOpBw, "(B, L, E)");
+  check_float_cpu(out, "out", kOpBw);
+  check_shape(out, {s.B, s.L, s.E}, "out", kOpBw, "(B, L, E)");
+  check_float_cpu(lse, "lse", kOpBw);
+  check_shape(lse, {s.B, s.L}, "lse", kOpBw, "(B, L)");
+  const auto acc = acc_dtype(q);
+  const auto qa = to_acc(q, acc), ka = to_acc(k, acc), va = to_acc(v, acc);
+  const auto kb = to_acc(key_bias, acc), ga = to_acc(grad_out, acc), oa = to_acc(out, acc);
+  const auto la = to_acc(lse, acc);
+  at::Tensor mask_holder;
+  const bool* qm = mask_ptr(query_mask, mask_holder);
+  auto dq = at::zeros_like(qa), dk = at::zeros_like(ka), dv = at::zeros_like(va);
+  AT_DISPATCH_FLOATING_TYPES(acc, "masked_attention_backward_cpu", [&] {
+    using T = scalar_t;
+    backward_kernel<T>(s, ga.data_ptr<T>(), qa.data_ptr<T>(), ka.data_ptr<T>(), va.data_ptr<T>(),
+                       kb.data_ptr<T>(), qm, oa.data_ptr<T>(), la.data_ptr<T>(),
+                       static_cast<T>(scale), dq.data_ptr<T>(), dk.data_ptr<T>(),
+                       dv.data_ptr<T>());
+  });
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regharm, CPU, m) {
+  m.impl("masked_attention", &masked_attention_cpu);
+  m.impl("masked_attention_backward", &masked_attention_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace regharm

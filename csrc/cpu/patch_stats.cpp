@@ -1,0 +1,168 @@
+// CPU kernels of regharm::patch_stats and regharm::patch_stats_backward (SPEC §2).
+//
+// Every output is a sum over one patch window read straight from x: the B·K·C·ph·pw block
+// tensor never exists. A window is summed twice while it sits in L1 — once for the mean, once
+// for the centred moments — so the variance needs no shift and stays exact for inputs offset
+// by +100. Sums over a window's rows go into per-column accumulators first: the inner loops then
+// vectorize without reassociating float additions.
+//
+// T is the accumulation type: float for float32/float16/bfloat16 inputs (converted once at
+// entry), double for float64.
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "cpu_common.h"
+#include "simd.h"
+
+namespace regharm {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "regharm::patch_stats";
+constexpr const char* kOpBw = "regharm::patch_stats_backward";
+
+struct Geom {
+  int64_t B, C, H, W, ph, pw, sh, sw, Kh, Kw, K, P;
+};
+
+Geom check_args(const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight,
+                const at::Tensor& bias, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                double eps, double min_mass, const char* op) {
+  check_float_cpu(x, "x", op);
+  check_float_cpu(bg, "bg", op);
+  check_float_cpu(weight, "weight", op);
+  check_float_cpu(bias, "bias", op);
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C, H, W), got ", x.sizes());
+  Geom g{};
+  g.B = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  check_shape(bg, {g.B, 1, g.H, g.W}, "bg", op, "(B, 1, H, W)");
+  TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size must be >= 1, got (", ph, ", ", pw, ")");
+  TORCH_CHECK(sh >= 1 && sw >= 1, op, ": stride must be >= 1, got (", sh, ", ", sw, ")");
+  TORCH_CHECK(g.H >= ph && g.W >= pw, op, ": patch size (", ph, ", ", pw,
+              ") is larger than the feature map (", g.H, ", ", g.W, ") of x");
+  check_shape(weight, {ph * pw}, "weight", op, "(ph*pw,)");
+  check_shape(bias, {1}, "bias", op, "(1,)");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK(min_mass > 0, op, ": min_mass must be > 0, got ", min_mass);
+  g.ph = ph, g.pw = pw, g.sh = sh, g.sw = sw;
+  g.Kh = (g.H - ph) / sh + 1;
+  g.Kw = (g.W - pw) / sw + 1;
+  g.K = g.Kh * g.Kw;
+  g.P = ph * pw;
+  return g;
+}
+
+namespace isa_base {
+#include "patch_kernels.h"
+}
+#if REGHARM_HAVE_AVX2_COPY
+REGHARM_AVX2_BEGIN
+namespace isa_avx2 {
+#include "patch_kernels.h"
+}
+REGHARM_AVX2_END
+#endif
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(
+    const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight, const at::Tensor& bias,
+    int64_t ph, int64_t pw, int64_t sh, int64_t sw, double eps, double min_mass) {
+  const Geom g = check_args(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass, kOp);
+  const auto acc = acc_dtype(x);
+  const auto xa = to_acc(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
+  const auto ba = to_acc(bias, acc);
+  const auto opts = xa.options();
+  auto mu = at::empty({g.B, g.K, g.C}, opts), sigma = at::empty({g.B, g.K, g.C}, opts);
+  auto content = at::empty({g.B, g.K, g.C}, opts), mass = at::empty({g.B, g.K}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "patch_stats_cpu", [&] {
+    using T = scalar_t;
+    const T* px = xa.data_ptr<T>();
+    const T* pbg = bga.data_ptr<T>();
+    const T* pwt = wa.data_ptr<T>();
+    const T bias_v = ba.data_ptr<T>()[0];
+    T *pmu = mu.data_ptr<T>(), *psig = sigma.data_ptr<T>(), *pcon = content.data_ptr<T>();
+    T* pmass = mass.data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.C * g.P));
+    at::parallel_for(0, g.B * g.K, grain, [&](int64_t begin, int64_t end) {
+      REGHARM_ISA_CALL(forward_patches<T>, g, px, pbg, pwt, bias_v, static_cast<T>(eps),
+                       static_cast<T>(min_mass), pmu, psig, pcon, pmass, begin, end);
+    });
+  });
+  const auto dt = x.scalar_type();
+  return {mu.to(dt), sigma.to(dt), content.to(dt), mass.to(dt)};
+}
+
+// The saved mu, sigma and mass are only checked: the window statistics are recomputed in the
+// accumulation dtype, since for 16-bit inputs the saved ones are rounded (a bfloat16 mu of a
+// +100 input is off by up to 0.25, which would spoil every centred sum).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cpu(
+    const at::Tensor& grad_mu, const at::Tensor& grad_sigma, const at::Tensor& grad_content,
+    const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight, const at::Tensor& mu,
+    const at::Tensor& sigma, const at::Tensor& mass, int64_t ph, int64_t pw, int64_t sh,
+    int64_t sw, double eps, double min_mass) {
+  const auto bias_like = at::empty({1}, weight.options());
+  const Geom g = check_args(x, bg, weight, bias_like, ph, pw, sh, sw, eps, min_mass, kOpBw);
+  const std::vector<int64_t> bkc{g.B, g.K, g.C};
+  const std::pair<const at::Tensor*, const char*> per_patch[] = {
+      {&grad_mu, "grad_mu"}, {&grad_sigma, "grad_sigma"}, {&grad_content, "grad_content"},
+      {&mu, "mu"}, {&sigma, "sigma"}};
+  for (const auto& [t, name] : per_patch) {
+    check_float_cpu(*t, name, kOpBw);
+    check_shape(*t, bkc, name, kOpBw, "(B, K, C)");
+  }
+  check_float_cpu(mass, "mass", kOpBw);
+  check_shape(mass, {g.B, g.K}, "mass", kOpBw, "(B, K)");
+
+  const auto acc = acc_dtype(x);
+  const auto xa = to_acc(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
+  const auto gmu = to_acc(grad_mu, acc), gsig = to_acc(grad_sigma, acc);
+  const auto gcon = to_acc(grad_content, acc);
+  const auto opts = xa.options();
+  const auto shift = g.H * g.W > 0 ? xa.mean({2, 3}).contiguous() : at::zeros({g.B, g.C}, opts);
+  auto alpha = at::zeros({g.B, g.C, g.K}, opts), beta = at::zeros({g.B, g.C, g.K}, opts);
+  auto gamma = at::zeros({g.B, g.C, g.K}, opts);
+  auto gw_rows = at::zeros({g.B * g.Kh, g.P}, opts), gb_rows = at::zeros({g.B * g.Kh}, opts);
+  auto grad_x = at::empty({g.B, g.C, g.H, g.W}, opts);
+  auto grad_w = at::zeros({g.P}, opts), grad_b = at::zeros({1}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "patch_stats_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* px = xa.data_ptr<T>();
+    const T* pbg = bga.data_ptr<T>();
+    const T* pwt = wa.data_ptr<T>();
+    const T* psh = shift.data_ptr<T>();
+    T *pa = alpha.data_ptr<T>(), *pb = beta.data_ptr<T>(), *pg = gamma.data_ptr<T>();
+    at::parallel_for(0, g.B * g.Kh, 1, [&](int64_t begin, int64_t end) {
+      REGHARM_ISA_CALL(backward_coefficients<T>, g, px, pbg, pwt, psh, gmu.data_ptr<T>(),
+                       gsig.data_ptr<T>(), gcon.data_ptr<T>(), static_cast<T>(eps),
+                       static_cast<T>(min_mass), pa, pb, pg, gw_rows.data_ptr<T>(),
+                       gb_rows.data_ptr<T>(), begin, end);
+    });
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+      REGHARM_ISA_CALL(backward_gather<T>, g, px, pbg, pwt, psh, pa, pb, pg,
+                       grad_x.data_ptr<T>(), begin, end);
+    });
+    // fixed-order reduction of the per-row partial sums: deterministic for any thread count
+    const T* rows = gw_rows.data_ptr<T>();
+    const T* brow = gb_rows.data_ptr<T>();
+    T* gw = grad_w.data_ptr<T>();
+    T gb = 0;
+    for (int64_t t = 0; t < g.B * g.Kh; ++t) {
+      for (int64_t u = 0; u < g.P; ++u) gw[u] += rows[t * g.P + u];
+      gb += brow[t];
+    }
+    grad_b.data_ptr<T>()[0] = gb;
+  });
+  return {grad_x.to(x.scalar_type()), grad_w.to(weight.scalar_type()),
+          grad_b.to(grad_content.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regharm, CPU, m) {
+  m.impl("patch_stats", &patch_stats_cpu);
+  m.impl("patch_stats_backward", &patch_stats_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace regharm

@@ -1,0 +1,141 @@
+"""The `native` backend: our compiled ops ``torch.ops.regharm.*`` from ``regharm_ext._C``.
+
+C++ kernels run CPU tensors (csrc/cpu), CUDA kernels GPU tensors (csrc/cuda, when the extension
+was built with them). This module registers, in the pytorch/extension-cpp style, fake kernels for
+the four ops (shapes for ``torch.compile``) and autograd for the two forward ops, whose backward
+is itself an op. Importing it never fails: when ``_C`` is missing, :func:`unavailable` says why.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    from regharm_ext import _C  # noqa: F401  (loading it registers the ops and their kernels)
+
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # not built, or built against another torch
+    _IMPORT_ERROR = exc
+
+_OPS = ("patch_stats", "patch_stats_backward", "masked_attention", "masked_attention_backward")
+_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_REASONS = {}  # device type -> reason (or None); the answer cannot change within a process
+
+
+def _reason(device_type: str) -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return (f"the compiled extension regharm_ext._C is not importable ({_IMPORT_ERROR}); "
+                f"build it with `pip install --no-build-isolation .` (or `-e .`) from the "
+                f"repository root")
+    key = _KEYS.get(device_type)
+    if key is None:
+        return f"native runs CPU and CUDA tensors only, got {device_type} tensors"
+    missing = [op for op in _OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regharm::{op}", key)]
+    if not missing:
+        return None
+    if key == "CUDA":
+        return ("regharm_ext._C was built without CUDA kernels; rebuild it where nvcc and a GPU "
+                "are visible (or with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0): "
+                "`pip install --no-build-isolation .`")
+    return (f"regharm_ext._C has no {key} kernel for {', '.join(missing)}; rebuild it with "
+            f"`pip install --no-build-isolation .`")
+
+
+def unavailable(device: torch.device) -> Optional[str]:
+    """None when ``torch.ops.regharm`` can run on ``device``, otherwise the reason."""
+    dtype = torch.device(device).type
+    if dtype not in _REASONS:
+        _REASONS[dtype] = _reason(dtype)
+    return _REASONS[dtype]
+
+
+# answered at import, so that torch.compile finds plain values when it traces the backend switch
+for _type in _KEYS:
+    unavailable(torch.device(_type))
+
+
+def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[int, int],
+                eps: float, min_mass: float):
+    """See :func:`regharm_ext.ops.patch_stats`; arguments are already checked.
+
+    Returns mu, sigma, content (Tensor[B, K, C]) and mass (Tensor[B, K]), in x's dtype.
+    """
+    (ph, pw), (sh, sw) = patch_size, stride
+    return torch.ops.regharm.patch_stats(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass)
+
+
+def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scale: float):
+    """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked.
+
+    Returns out (Tensor[B, L, E]) in q's dtype (the op's log-sum-exp is kept for the backward).
+    """
+    out, _ = torch.ops.regharm.masked_attention(q, k, v, key_bias, query_mask, scale)
+    return out
+
+
+def _register() -> None:
+    lib = "regharm::"
+
+    @torch.library.register_fake(lib + "patch_stats")
+    def _(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass):
+        B, C, H, W = x.shape
+        K = ((H - ph) // sh + 1) * ((W - pw) // sw + 1)
+        return (x.new_empty(B, K, C), x.new_empty(B, K, C), x.new_empty(B, K, C),
+                x.new_empty(B, K))
+
+    @torch.library.register_fake(lib + "patch_stats_backward")
+    def _(grad_mu, grad_sigma, grad_content, x, bg, weight, mu, sigma, mass, ph, pw, sh, sw, eps,
+          min_mass):
+        # the CPU and CUDA kernels return contiguous tensors, whatever the inputs' strides
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_content.new_empty(1)
+
+    @torch.library.register_fake(lib + "masked_attention")
+    def _(q, k, v, key_bias, query_mask, scale):
+        B, L, _ = q.shape
+        return q.new_empty(B, L, v.shape[-1]), q.new_empty(B, L, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "masked_attention_backward")
+    def _(grad_out, q, k, v, key_bias, query_mask, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def patch_setup(ctx, inputs, output):
+        x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass = inputs
+        mu, sigma, _, mass = output
+        ctx.save_for_backward(x, bg, weight, mu, sigma, mass)
+        ctx.args = (ph, pw, sh, sw, eps, min_mass)
+        ctx.bias_dtype = bias.dtype
+
+    def patch_backward(ctx, grad_mu, grad_sigma, grad_content, _grad_mass):
+        # mass depends on bg only (data): its gradient is dropped
+        x, bg, weight, mu, sigma, mass = ctx.saved_tensors
+        grads = [g if g is not None else torch.zeros_like(mu)
+                 for g in (grad_mu, grad_sigma, grad_content)]
+        gx, gw, gb = torch.ops.regharm.patch_stats_backward(*grads, x, bg, weight, mu, sigma, mass,
+                                                            *ctx.args)
+        return gx, None, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "patch_stats", patch_backward, setup_context=patch_setup)
+
+    def attn_setup(ctx, inputs, output):
+        q, k, v, key_bias, query_mask, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, key_bias, query_mask, out, lse)
+        ctx.scale = scale
+
+    def attn_backward(ctx, grad_out, _grad_lse):
+        # lse is an internal output (the public op returns out only): its gradient is dropped
+        q, k, v, key_bias, query_mask, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.regharm.masked_attention_backward(
+            grad_out, q, k, v, key_bias, query_mask, out, lse, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(lib + "masked_attention", attn_backward,
+                                    setup_context=attn_setup)
+
+
+if _IMPORT_ERROR is None:
+    _register()
