@@ -1,0 +1,108 @@
+// Block-wide matrix product of shared-memory tiles, C (+)= A · B, accumulated in the
+// accumulation type: 16-bit inputs on tensor cores (WMMA 16x16x16, float accumulators), float32
+// and float64 on CUDA cores. The attention kernels are written against this one function, so
+// the dtype only changes how a tile product is computed, never the tiling or the masking.
+//
+// Shapes: C is M x N (row-major, pitch ldc), A is M x K, B is K x N; M, N, K are multiples of 16.
+// A_COL / B_COL: the operand is stored transposed (element (i, j) at [j * ld + i]), which is how
+// Kᵀ, Vᵀ, Pᵀ and dSᵀ are read without copying. For WMMA, pointers must be 32-byte aligned and
+// pitches multiples of 16 bytes (the kernels' shared-memory layouts guarantee both).
+#pragma once
+
+#include <type_traits>
+
+#include "device_utils.cuh"
+
+#if defined(REGHARM_CUDA_EMULATION)
+#define REGHARM_WMMA_HALF 1
+#define REGHARM_WMMA_BF16 1
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define REGHARM_WMMA_HALF 1
+#define REGHARM_WMMA_BF16 1
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+#define REGHARM_WMMA_HALF 1
+#define REGHARM_WMMA_BF16 0
+#else
+#define REGHARM_WMMA_HALF 0
+#define REGHARM_WMMA_BF16 0
+#endif
+
+#if REGHARM_WMMA_HALF && !defined(REGHARM_CUDA_EMULATION)
+#include <mma.h>
+#endif
+
+namespace regharm {
+namespace cuda {
+
+template <typename T> struct UseWmma { static constexpr bool value = false; };
+#if REGHARM_WMMA_HALF
+template <> struct UseWmma<__half> { static constexpr bool value = true; };
+#endif
+#if REGHARM_WMMA_BF16
+template <> struct UseWmma<__nv_bfloat16> { static constexpr bool value = true; };
+#endif
+
+template <typename T, typename A, bool A_COL, bool B_COL, bool ACCUMULATE>
+__device__ void simt_mm(A* C, int ldc, const T* Am, int lda, const T* Bm, int ldb, int M, int N,
+                        int K) {
+  // consecutive threads take consecutive columns of one row: A is a broadcast, B and C rows are
+  // contiguous in N for row-major B
+  for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+    const int m = idx / N, n = idx % N;
+    A acc = ACCUMULATE ? C[m * ldc + n] : A(0);
+    for (int k = 0; k < K; ++k) {
+      const T a = A_COL ? Am[k * lda + m] : Am[m * lda + k];
+      const T b = B_COL ? Bm[n * ldb + k] : Bm[k * ldb + n];
+      acc += to_acc<A>(a) * to_acc<A>(b);
+    }
+    C[m * ldc + n] = acc;
+  }
+}
+
+#if REGHARM_WMMA_HALF
+template <typename T, bool A_COL, bool B_COL, bool ACCUMULATE>
+__device__ void wmma_mm(float* C, int ldc, const T* Am, int lda, const T* Bm, int ldb, int M,
+                        int N, int K) {
+  namespace wmma = nvcuda::wmma;
+  using LayoutA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
+  // each warp owns whole 16x16 output tiles: no two warps touch the same C element
+  for (int t = warp; t < tiles; t += nwarps) {
+    const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    if (ACCUMULATE)
+      wmma::load_matrix_sync(c, C + tm * ldc + tn, ldc, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(c, 0.0f);
+    for (int k = 0; k < K; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> b;
+      wmma::load_matrix_sync(a, A_COL ? Am + k * lda + tm : Am + tm * lda + k, lda);
+      wmma::load_matrix_sync(b, B_COL ? Bm + tn * ldb + k : Bm + k * ldb + tn, ldb);
+      wmma::mma_sync(c, a, b, c);
+    }
+    wmma::store_matrix_sync(C + tm * ldc + tn, c, ldc, wmma::mem_row_major);
+  }
+}
+#endif
+
+// C (+)= A · B over the whole block. No barrier inside: callers synchronize before reading C or
+// overwriting A and B.
+template <typename T, typename A, bool A_COL, bool B_COL, bool ACCUMULATE>
+__device__ __forceinline__ void block_mm(A* C, int ldc, const T* Am, int lda, const T* Bm,
+                                         int ldb, int M, int N, int K) {
+#if REGHARM_WMMA_HALF
+  if constexpr (UseWmma<T>::value) {
+    wmma_mm<T, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
+  } else {
+    simt_mm<T, A, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
+  }
+#else
+  simt_mm<T, A, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
+#endif
+}
+
+}  // namespace cuda
+}  // namespace regharm

@@ -1,0 +1,95 @@
+// Launchers of the CUDA kernels of regharm (SPEC §2-§3). Plain C++ over raw device pointers:
+// no torch header, so the kernel files build with nvcc alone (tests/test_cuda_compile.py) and
+// the torch glue (patch_stats_cuda.cpp, masked_attention_cuda.cpp) stays thin.
+//
+// Conventions: sizes and strides are in elements; every output is contiguous; tensors named
+// "acc" are in the accumulation type (float, or double when the dtype tag is kFloat64). Each
+// launcher checks the launch (cudaGetLastError) and returns the error; it never synchronizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace regharm {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// ---- patch_stats ---------------------------------------------------------------------------
+
+struct PatchShape {
+  int64_t B, C, H, W;
+  int ph, pw, sh, sw;
+  int64_t Kh, Kw;  // (H - ph) / sh + 1, (W - pw) / sw + 1
+};
+
+struct XStrides { int64_t b, c, h, w; };   // x (B, C, H, W)
+struct BgStrides { int64_t b, h, w; };     // bg (B, 1, H, W) without its channel
+
+// x: dtype dt; bg, weight (ph*pw), bias (1): acc. Outputs in dt: mu, sigma, content (B, K, C),
+// mass (B, K).
+cudaError_t patch_stats_forward(DType dt, const void* x, XStrides xs, const void* bg, BgStrides bs,
+                                const void* weight, const void* bias, const PatchShape& s,
+                                double eps, double min_mass, void* mu, void* sigma, void* content,
+                                void* mass, cudaStream_t stream);
+
+// Whether the shared memory these shapes need (*need bytes) fits the current device (*have).
+bool patch_stats_fits(DType dt, const PatchShape& s, size_t* need, size_t* have);
+
+// Scratch bytes patch_stats_backward needs (per-patch coefficients and per-block partial sums).
+size_t patch_stats_backward_workspace(DType dt, const PatchShape& s);
+
+// grad_mu, grad_sigma, grad_content: acc, contiguous (B, K, C). Outputs: grad_x in dt,
+// contiguous (B, C, H, W); grad_wb in acc, ph*pw + 1 values: grad_weight then grad_bias.
+// workspace: patch_stats_backward_workspace(dt, s) bytes, 16-byte aligned.
+cudaError_t patch_stats_backward(DType dt, const void* grad_mu, const void* grad_sigma,
+                                 const void* grad_content, const void* x, XStrides xs,
+                                 const void* bg, BgStrides bs, const void* weight,
+                                 const PatchShape& s, double eps, double min_mass,
+                                 void* workspace, void* grad_x, void* grad_wb,
+                                 cudaStream_t stream);
+
+// ---- masked_attention ----------------------------------------------------------------------
+
+struct AttnShape {
+  int64_t B, L, N;
+  int D, E;
+};
+
+// A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.
+struct RowStrides { int64_t b, r; };
+
+// Largest D and E the kernels take (E = 2C for PTL).
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxValueDim = 512;
+
+// q (B, L, D), k (B, N, D), v (B, N, E): dtype dt; key_bias: acc, contiguous (B, N);
+// query_mask: contiguous bool (B, L) or null (every query active). Outputs: out (B, L, E) in
+// dt, lse (B, L) float32 (-inf for inactive queries and rows with every key removed).
+cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
+                                     RowStrides ks, const void* v, RowStrides vs,
+                                     const void* key_bias, const bool* query_mask,
+                                     const AttnShape& s, double scale, void* out, float* lse,
+                                     cudaStream_t stream);
+
+// Whether the shared memory of the forward and backward kernels (*need bytes, the largest)
+// fits the current device (*have).
+bool masked_attention_fits(DType dt, const AttnShape& s, size_t* need, size_t* have);
+
+// Scratch bytes masked_attention_backward needs (row sums Δ and split-L partial dK, dV).
+size_t masked_attention_backward_workspace(DType dt, const AttnShape& s);
+
+// grad_out and out (B, L, E) in dt; lse as returned by the forward. Outputs dq, dk, dv in dt,
+// contiguous. workspace: masked_attention_backward_workspace(dt, s) bytes, 16-byte aligned.
+cudaError_t masked_attention_backward(DType dt, const void* grad_out, RowStrides gs,
+                                      const void* q, RowStrides qs, const void* k, RowStrides ks,
+                                      const void* v, RowStrides vs, const void* key_bias,
+                                      const bool* query_mask, const void* out, RowStrides os,
+                                      const float* lse, const AttnShape& s, double scale,
+                                      void* workspace, void* dq, void* dk, void* dv,
+                                      cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace regharm

@@ -1,0 +1,140 @@
+// Torch glue of the CUDA masked_attention kernels (SPEC §3): checks, dtype conversions,
+// allocation, the current stream. The kernels themselves are in masked_attention_kernels.cu.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cuda_glue.h"
+#include "kernels.h"
+
+namespace regharm {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "regharm::masked_attention (CUDA)";
+constexpr const char* kOpBw = "regharm::masked_attention_backward (CUDA)";
+
+// Called under a guard on q's device (the shared-memory check asks that device).
+AttnShape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
+                     const char* op) {
+  const auto dev = q.device();
+  check_float_cuda(q, "q", op, dev);
+  check_float_cuda(k, "k", op, dev);
+  check_float_cuda(v, "v", op, dev);
+  check_float_cuda(key_bias, "key_bias", op, dev);
+  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, L, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must have shape (B, N, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 3, op, ": v must have shape (B, N, E), got ", v.sizes());
+  AttnShape s{};
+  s.B = q.size(0), s.L = q.size(1), s.N = k.size(1);
+  const int64_t D = q.size(2), E = v.size(2);
+  check_shape(k, {s.B, s.N, D}, "k", op, "(B, N, D)");
+  check_shape(v, {s.B, s.N, E}, "v", op, "(B, N, E)");
+  check_shape(key_bias, {s.B, s.N}, "key_bias", op, "(B, N)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  if (query_mask.has_value() && query_mask->defined()) {
+    TORCH_CHECK(query_mask->device() == dev, op, ": query_mask must be on ", dev, ", got ",
+                query_mask->device());
+    TORCH_CHECK(query_mask->scalar_type() == at::kBool, op,
+                ": query_mask must be a bool tensor, got ", query_mask->scalar_type());
+    check_shape(*query_mask, {s.B, s.L}, "query_mask", op, "(B, L)");
+  }
+  TORCH_CHECK(D <= kMaxHeadDim, op, ": q and k have D = ", D, " features; the CUDA kernels take "
+              "at most ", kMaxHeadDim);
+  TORCH_CHECK(E <= kMaxValueDim, op, ": v has E = ", E, " features; the CUDA kernels take at "
+              "most ", kMaxValueDim);
+  check_grid_dim(s.B, "batch size B", op);
+  s.D = int(D), s.E = int(E);
+  size_t need = 0, have = 0;
+  TORCH_CHECK(masked_attention_fits(dtype_tag(q), s, &need, &have), op, ": D = ", D, ", E = ", E,
+              " in ", q.scalar_type(), " need ", need, " bytes of shared memory, the GPU offers ",
+              have);
+  return s;
+}
+
+// The kernels read rows through batch and row strides; only the feature dim must be dense.
+at::Tensor dense_rows(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+RowStrides row_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
+
+const bool* mask_ptr(const std::optional<at::Tensor>& query_mask, at::Tensor& holder) {
+  if (!query_mask.has_value() || !query_mask->defined()) return nullptr;
+  holder = query_mask->contiguous();
+  return holder.data_ptr<bool>();
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_bias,
+    const std::optional<at::Tensor>& query_mask, double scale) {
+  TORCH_CHECK(q.defined() && q.is_cuda(), kOp, ": q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttnShape s = check_args(q, k, v, key_bias, query_mask, kOp);
+  const auto qd = dense_rows(q), kd = dense_rows(k), vd = dense_rows(v);
+  const auto bias = key_bias.to(acc_dtype(q)).contiguous();
+  at::Tensor mask;
+  const bool* mp = mask_ptr(query_mask, mask);
+  auto out = at::empty({s.B, s.L, s.E}, q.options());
+  auto lse = at::empty({s.B, s.L}, q.options().dtype(at::kFloat));
+  check_launch(masked_attention_forward(dtype_tag(q), qd.data_ptr(), row_strides(qd),
+                                        kd.data_ptr(), row_strides(kd), vd.data_ptr(),
+                                        row_strides(vd), bias.data_ptr(), mp, s, scale,
+                                        out.data_ptr(), lse.data_ptr<float>(),
+                                        c10::cuda::getCurrentCUDAStream()),
+               kOp);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
+    const at::Tensor& out, const at::Tensor& lse, double scale) {
+  TORCH_CHECK(q.defined() && q.is_cuda(), kOpBw, ": q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttnShape s = check_args(q, k, v, key_bias, query_mask, kOpBw);
+  check_float_cuda(grad_out, "grad_out", kOpBw, q.device());
+  check_float_cuda(out, "out", kOpBw, q.device());
+  check_float_cuda(lse, "lse", kOpBw, q.device());
+  check_shape(grad_out, {s.B, s.L, s.E}, "grad_out", kOpBw, "(B, L, E)");
+  check_shape(out, {s.B, s.L, s.E}, "out", kOpBw, "(B, L, E)");
+  check_shape(lse, {s.B, s.L}, "lse", kOpBw, "(B, L)");
+  const auto dt = q.scalar_type();
+  const auto qd = dense_rows(q), kd = dense_rows(k), vd = dense_rows(v);
+  const auto god = dense_rows(grad_out.to(dt)), od = dense_rows(out.to(dt));
+  const auto lsed = lse.to(at::kFloat).contiguous();
+  const auto bias = key_bias.to(acc_dtype(q)).contiguous();
+  at::Tensor mask;
+  const bool* mp = mask_ptr(query_mask, mask);
+  const auto tag = dtype_tag(q);
+  auto workspace = at::empty({int64_t(masked_attention_backward_workspace(tag, s))},
+                             q.options().dtype(at::kByte));
+  auto dq = at::empty({s.B, s.L, s.D}, q.options());
+  auto dk = at::empty({s.B, s.N, s.D}, q.options());
+  auto dv = at::empty({s.B, s.N, s.E}, q.options());
+  check_launch(masked_attention_backward(tag, god.data_ptr(), row_strides(god), qd.data_ptr(),
+                                         row_strides(qd), kd.data_ptr(), row_strides(kd),
+                                         vd.data_ptr(), row_strides(vd), bias.data_ptr(), mp,
+                                         od.data_ptr(), row_strides(od), lsed.data_ptr<float>(), s,
+                                         scale, workspace.data_ptr(), dq.data_ptr(),
+                                         dk.data_ptr(), dv.data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()),
+               kOpBw);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regharm, CUDA, m) {
+  m.impl("masked_attention", &masked_attention_cuda);
+  m.impl("masked_attention_backward", &masked_attention_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace regharm

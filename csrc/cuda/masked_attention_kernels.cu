@@ -1,0 +1,747 @@
+// CUDA kernels of regharm::masked_attention and its backward (SPEC §3), flash-attention style:
+// the L x N score matrix only ever exists as one BM x BN tile in shared memory.
+//
+// Forward (one block per BM queries x EC value columns x image): an online softmax over key
+// tiles. Query tiles without an active query and key tiles whose keys are all removed
+// (key_bias = -inf) are skipped outright; foregrounds cover 5-30 % of an image, so skipping is
+// most of the speed. Saves lse = m + log(l) per row, -inf where nothing is attended.
+//
+// Backward (FlashAttention-2): Δ_l = rowsum(dO ∘ O); then P = exp(scale·QKᵀ + bias - lse) is
+// recomputed tile by tile, once in a kernel over key tiles (dV = Pᵀ dO, dK = scale·dSᵀ Q with
+// dS = P ∘ (dO Vᵀ - Δ)), once in a kernel over query tiles (dQ = scale·dS K). Each output element
+// has one writer: the key-tile kernel may split the queries over several blocks (the PTL case
+// has few keys and many queries), each writing its own partial sums, which a last kernel adds in
+// a fixed order. No atomics: results are deterministic.
+//
+// Products of tiles go through block_mm (tensor cores for 16-bit inputs, CUDA cores for float32
+// and float64); everything else (softmax, masking) runs in the accumulation type.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "block_mm.cuh"
+
+namespace regharm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+
+template <typename T, typename A>
+struct AttnArgs {
+  const T* q;
+  RowStrides qs;
+  const T* k;
+  RowStrides ks;
+  const T* v;
+  RowStrides vs;
+  const A* bias;        // (B, N)
+  const bool* qmask;    // (B, L) or null
+  int64_t B, L, N;
+  int D, E, Dp, Ep;     // Dp, Ep: D, E rounded up to a multiple of 16 (at least 16)
+  int BM, BN, EC;       // queries and keys per tile; value columns per forward block
+  A scale;
+  bool vec_q, vec_k, vec_v;
+};
+
+template <typename T, typename A>
+struct BwdArgs {
+  const T* dout;
+  RowStrides dos;
+  bool vec_do;
+  const T* out;
+  RowStrides os;
+  const A* lse;         // (B, L): the forward's, or for float64 recomputed exactly
+  A* delta;             // (B, L)
+  A* dk_part;           // (nsplit, B, N, D), scaled
+  A* dv_part;           // (nsplit, B, N, E)
+  int nsplit;
+  T* dq;
+  T* dk;
+  T* dv;
+};
+
+// Row pitches: 16 bytes of padding per row spreads rows over the shared-memory banks and keeps
+// the pitch a multiple of 16 bytes (WMMA needs multiples of 8 halves / 4 floats).
+template <typename T> __host__ __device__ constexpr int pad_of() { return int(16 / sizeof(T)); }
+
+template <typename T, typename A>
+struct FwdSmem {
+  T *q, *k, *v, *p;
+  A *s, *o, *m, *l, *bias;
+  int* act;
+  int ldq, ldv, lds, ldp, ldo;
+  size_t bytes;
+  __host__ __device__ FwdSmem(unsigned char* base, int BM, int BN, int Dp, int EC) {
+    ldq = Dp + pad_of<T>();
+    ldv = EC + pad_of<T>();
+    ldp = BN + pad_of<T>();
+    lds = BN + pad_of<A>();
+    ldo = EC + pad_of<A>();
+    SmemCarver c(base);
+    q = c.take<T>(size_t(BM) * ldq);
+    k = c.take<T>(size_t(BN) * ldq);
+    v = c.take<T>(size_t(BN) * ldv);
+    s = c.take<A>(size_t(BM) * lds);
+    p = c.take<T>(size_t(BM) * ldp);
+    o = c.take<A>(size_t(BM) * ldo);
+    m = c.take<A>(BM);
+    l = c.take<A>(BM);
+    bias = c.take<A>(BN);
+    act = c.take<int>(BM);
+    bytes = c.offset;
+  }
+};
+
+// Shared memory of both backward kernels. dQ kernel: acc = dQ (BM x Dp), acc2 unused.
+// dK/dV kernel: acc = dK (BN x Dp), acc2 = dV (BN x Ep).
+template <typename T, typename A>
+struct BwdSmem {
+  T *q, *dout, *k, *v, *p, *ds;
+  A *s, *dp, *acc, *acc2, *bias, *lse, *delta;
+  int ldq, lde, lds, ldp, ldacc, ldacc2;
+  size_t bytes;
+  __host__ __device__ BwdSmem(unsigned char* base, int BM, int BN, int Dp, int Ep, bool dkdv) {
+    ldq = Dp + pad_of<T>();
+    lde = Ep + pad_of<T>();
+    ldp = BN + pad_of<T>();
+    lds = BN + pad_of<A>();
+    ldacc = Dp + pad_of<A>();
+    ldacc2 = Ep + pad_of<A>();
+    SmemCarver c(base);
+    q = c.take<T>(size_t(BM) * ldq);
+    dout = c.take<T>(size_t(BM) * lde);
+    k = c.take<T>(size_t(BN) * ldq);
+    v = c.take<T>(size_t(BN) * lde);
+    s = c.take<A>(size_t(BM) * lds);
+    dp = c.take<A>(size_t(BM) * lds);
+    p = dkdv ? c.take<T>(size_t(BM) * ldp) : nullptr;
+    ds = c.take<T>(size_t(BM) * ldp);
+    acc = c.take<A>(size_t(dkdv ? BN : BM) * ldacc);
+    acc2 = dkdv ? c.take<A>(size_t(BN) * ldacc2) : nullptr;
+    bias = c.take<A>(BN);
+    lse = c.take<A>(BM);
+    delta = c.take<A>(BM);
+    bytes = c.offset;
+  }
+};
+
+template <typename A> __device__ __forceinline__ A acc_log(A v) { return log(v); }
+template <> __device__ __forceinline__ float acc_log<float>(float v) { return __logf(v); }
+
+// Loads key_bias of keys [k0, k0 + BN) (-inf past N); true when any key of the tile is kept.
+// Contains the barrier that ends the previous use of the tile's shared memory.
+template <typename A>
+__device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_t k0, int keys,
+                                               int BN) {
+  int alive = 0;
+  for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+    const A bv = c < keys ? bias_row[k0 + c] : neg_inf<A>();
+    dst[c] = bv;
+    alive |= bv > neg_inf<A>();
+  }
+  return __syncthreads_or(alive) != 0;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    attn_fwd_kernel(AttnArgs<T, A> a, T* __restrict__ out, float* __restrict__ lse) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const FwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.EC);
+  const int64_t b = blockIdx.z;
+  const int64_t q0 = int64_t(blockIdx.x) * a.BM;
+  const int e0 = blockIdx.y * a.EC;
+  const int rows = int(min(int64_t(a.BM), a.L - q0));
+  const int ecols = min(a.EC, a.E - e0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  T* out_b = out + (b * a.L + q0) * a.E + e0;
+  float* lse_b = lse + b * a.L + q0;
+
+  int any = 0;
+  for (int r = tid; r < a.BM; r += blockDim.x) {
+    const int act = r < rows && (a.qmask == nullptr || a.qmask[b * a.L + q0 + r]);
+    sm.act[r] = act;
+    sm.m[r] = neg_inf<A>();
+    sm.l[r] = A(0);
+    any |= act;
+  }
+  if (!__syncthreads_or(any)) {  // no active query: exact zeros, nothing attended
+    for (int idx = tid; idx < rows * ecols; idx += blockDim.x)
+      out_b[int64_t(idx / ecols) * a.E + idx % ecols] = from_acc<T>(A(0));
+    if (blockIdx.y == 0)
+      for (int r = tid; r < rows; r += blockDim.x) lse_b[r] = -INFINITY;
+    return;
+  }
+  load_tile(sm.q, sm.ldq, a.q + b * a.qs.b + q0 * a.qs.r, a.qs.r, rows, a.BM, a.D, a.Dp, a.vec_q);
+  for (int idx = tid; idx < a.BM * a.EC; idx += blockDim.x)
+    sm.o[(idx / a.EC) * sm.ldo + idx % a.EC] = A(0);
+
+  const T* k_b = a.k + b * a.ks.b;
+  const T* v_b = a.v + b * a.vs.b + e0;
+  const A* bias_b = a.bias + b * a.N;
+  for (int64_t k0 = 0; k0 < a.N; k0 += a.BN) {
+    const int keys = int(min(int64_t(a.BN), a.N - k0));
+    if (!load_bias_tile(sm.bias, bias_b, k0, keys, a.BN)) continue;  // every key removed
+    load_tile(sm.k, sm.ldq, k_b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp, a.vec_k);
+    load_tile(sm.v, sm.ldv, v_b + k0 * a.vs.r, a.vs.r, keys, a.BN, ecols, a.EC, a.vec_v);
+    __syncthreads();
+    block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp);
+    __syncthreads();
+    // online softmax, one warp per row: P = exp(s - m_new), O and l rescaled by exp(m_old - m_new)
+    for (int r = warp; r < a.BM; r += nwarps) {
+      const A* srow = sm.s + r * sm.lds;
+      T* prow = sm.p + r * sm.ldp;
+      A tmax = neg_inf<A>();
+      for (int c = lane; c < a.BN; c += 32) {
+        const A sv = srow[c] * a.scale + sm.bias[c];
+        tmax = sv > tmax ? sv : tmax;
+      }
+      tmax = warp_max(tmax);
+      const A m_old = sm.m[r];
+      const A m_new = tmax > m_old ? tmax : m_old;
+      if (m_new == neg_inf<A>()) {  // nothing kept yet in this row (warp-uniform)
+        for (int c = lane; c < a.BN; c += 32) prow[c] = from_acc<T>(A(0));
+        continue;
+      }
+      A sum = 0;
+      for (int c = lane; c < a.BN; c += 32) {
+        const A pv = fast_exp(srow[c] * a.scale + sm.bias[c] - m_new);  // exp(-inf) = 0
+        prow[c] = from_acc<T>(pv);
+        sum += pv;
+      }
+      sum = warp_sum(sum);
+      const A alpha = fast_exp(m_old - m_new);  // 0 when m_old = -inf
+      if (alpha != A(1))
+        for (int e = lane; e < a.EC; e += 32) sm.o[r * sm.ldo + e] *= alpha;
+      if (lane == 0) {  // every lane read sm.m[r] before warp_sum
+        sm.m[r] = m_new;
+        sm.l[r] = sm.l[r] * alpha + sum;
+      }
+    }
+    __syncthreads();
+    block_mm<T, A, false, false, true>(sm.o, sm.ldo, sm.p, sm.ldp, sm.v, sm.ldv, a.BM, a.EC, a.BN);
+    // the next load_bias_tile's barrier protects sm.k, sm.v, sm.p from being overwritten early
+  }
+  __syncthreads();
+  for (int idx = tid; idx < rows * ecols; idx += blockDim.x) {
+    const int r = idx / ecols, e = idx % ecols;
+    const A l = sm.l[r];
+    const A val = (sm.act[r] && l > A(0)) ? sm.o[r * sm.ldo + e] / l : A(0);
+    out_b[int64_t(r) * a.E + e] = from_acc<T>(val);
+  }
+  if (blockIdx.y == 0)
+    for (int r = tid; r < rows; r += blockDim.x) {
+      const A l = sm.l[r];
+      lse_b[r] = (sm.act[r] && l > A(0)) ? float(sm.m[r] + acc_log(l)) : -INFINITY;
+    }
+}
+
+// float64 only: the log-sum-exp recomputed in float64, since the forward saves it in float32
+// (a 1e-7 relative error in P would limit gradcheck-grade gradients). The forward's online
+// softmax without values: one block per BM queries, one warp per row.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    attn_lse_kernel(AttnArgs<T, A> a, A* __restrict__ lse) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const FwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.EC);
+  const int64_t b = blockIdx.z;
+  const int64_t q0 = int64_t(blockIdx.x) * a.BM;
+  const int rows = int(min(int64_t(a.BM), a.L - q0));
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  int any = 0;
+  for (int r = tid; r < a.BM; r += blockDim.x) {
+    const int act = r < rows && (a.qmask == nullptr || a.qmask[b * a.L + q0 + r]);
+    sm.act[r] = act;
+    sm.m[r] = neg_inf<A>();
+    sm.l[r] = A(0);
+    any |= act;
+  }
+  if (__syncthreads_or(any)) {
+    load_tile(sm.q, sm.ldq, a.q + b * a.qs.b + q0 * a.qs.r, a.qs.r, rows, a.BM, a.D, a.Dp,
+              a.vec_q);
+    for (int64_t k0 = 0; k0 < a.N; k0 += a.BN) {
+      const int keys = int(min(int64_t(a.BN), a.N - k0));
+      if (!load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, a.BN)) continue;
+      load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp,
+                a.vec_k);
+      __syncthreads();
+      block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN,
+                                         a.Dp);
+      __syncthreads();
+      for (int r = warp; r < a.BM; r += nwarps) {
+        const A* srow = sm.s + r * sm.lds;
+        A tmax = neg_inf<A>();
+        for (int c = lane; c < a.BN; c += 32) {
+          const A sv = srow[c] * a.scale + sm.bias[c];
+          tmax = sv > tmax ? sv : tmax;
+        }
+        tmax = warp_max(tmax);
+        const A m_old = sm.m[r];
+        const A m_new = tmax > m_old ? tmax : m_old;
+        if (m_new == neg_inf<A>()) continue;
+        A sum = 0;
+        for (int c = lane; c < a.BN; c += 32) sum += fast_exp(srow[c] * a.scale + sm.bias[c] - m_new);
+        sum = warp_sum(sum);
+        if (lane == 0) {
+          sm.l[r] = sm.l[r] * fast_exp(m_old - m_new) + sum;
+          sm.m[r] = m_new;
+        }
+      }
+      // the next load_bias_tile's barrier orders these reads of sm.s before the next product
+    }
+  }
+  __syncthreads();
+  for (int r = tid; r < rows; r += blockDim.x) {
+    const A l = sm.l[r];
+    lse[b * a.L + q0 + r] = (sm.act[r] && l > A(0)) ? sm.m[r] + acc_log(l) : neg_inf<A>();
+  }
+}
+
+// Δ = rowsum(dO ∘ O) for rows that attended something (0 elsewhere); one warp per row.
+template <typename T, typename A>
+__global__ void __launch_bounds__(256)
+    attn_delta_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= a.B * a.L) return;  // whole warp
+  const int64_t b = row / a.L, l = row % a.L;
+  const bool act = (a.qmask == nullptr || a.qmask[row]) && g.lse[row] > -INFINITY;
+  A s = 0;
+  if (act) {
+    const T* dor = g.dout + b * g.dos.b + l * g.dos.r;
+    const T* orow = g.out + b * g.os.b + l * g.os.r;
+    for (int e = lane; e < a.E; e += 32) s += to_acc<A>(dor[e]) * to_acc<A>(orow[e]);
+  }
+  s = warp_sum(s);
+  if (lane == 0) g.delta[row] = s;
+}
+
+// Loads lse and Δ of queries [q0, q0 + BM) into shared memory; rows that attend nothing get
+// lse = -inf (their P is 0). True when any row attends. Contains a barrier.
+template <typename T, typename A>
+__device__ __forceinline__ bool load_query_rows(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
+                                                A* lse_s, A* delta_s, int64_t b, int64_t q0,
+                                                int rows) {
+  int any = 0;
+  for (int r = threadIdx.x; r < a.BM; r += blockDim.x) {
+    A ls = neg_inf<A>(), dl = A(0);
+    if (r < rows && (a.qmask == nullptr || a.qmask[b * a.L + q0 + r])) {
+      ls = A(g.lse[b * a.L + q0 + r]);
+      dl = g.delta[b * a.L + q0 + r];
+    }
+    const int act = ls > neg_inf<A>();
+    lse_s[r] = act ? ls : neg_inf<A>();
+    delta_s[r] = act ? dl : A(0);
+    any |= act;
+  }
+  return __syncthreads_or(any) != 0;
+}
+
+// S = Q Kᵀ and dP = dO Vᵀ of the current tiles, then P and dS = P ∘ (dP - Δ) in T.
+// Starts after a barrier that published q, dout, k, v, bias, lse, delta; ends with one.
+template <typename T, typename A, bool WITH_P>
+__device__ __forceinline__ void tile_p_ds(const AttnArgs<T, A>& a, const BwdSmem<T, A>& sm) {
+  block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp);
+  block_mm<T, A, false, true, false>(sm.dp, sm.lds, sm.dout, sm.lde, sm.v, sm.lde, a.BM, a.BN,
+                                     a.Ep);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < a.BM * a.BN; idx += blockDim.x) {
+    const int r = idx / a.BN, c = idx % a.BN;
+    const A ls = sm.lse[r], bv = sm.bias[c];
+    A p = 0;
+    if (ls > neg_inf<A>() && bv > neg_inf<A>())
+      p = fast_exp(sm.s[r * sm.lds + c] * a.scale + bv - ls);
+    const A ds = p * (sm.dp[r * sm.lds + c] - sm.delta[r]);
+    if (WITH_P) sm.p[r * sm.ldp + c] = from_acc<T>(p);
+    sm.ds[r * sm.ldp + c] = from_acc<T>(ds);
+  }
+  __syncthreads();
+}
+
+// dK, dV of BN keys from the query tiles qt = split, split + nsplit, ...
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dkdv_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const BwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.Ep, true);
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t k0 = int64_t(blockIdx.x) * a.BN;
+  const int keys = int(min(int64_t(a.BN), a.N - k0));
+  const int tid = threadIdx.x;
+
+  for (int idx = tid; idx < a.BN * a.Dp; idx += blockDim.x)
+    sm.acc[(idx / a.Dp) * sm.ldacc + idx % a.Dp] = A(0);
+  for (int idx = tid; idx < a.BN * a.Ep; idx += blockDim.x)
+    sm.acc2[(idx / a.Ep) * sm.ldacc2 + idx % a.Ep] = A(0);
+  if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, a.BN)) {  // else: removed keys, 0
+    load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp,
+              a.vec_k);
+    load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, a.BN, a.E, a.Ep,
+              a.vec_v);
+    const int64_t qtiles = (a.L + a.BM - 1) / a.BM;
+    for (int64_t qt = split; qt < qtiles; qt += g.nsplit) {
+      const int64_t q0 = qt * a.BM;
+      const int rows = int(min(int64_t(a.BM), a.L - q0));
+      // barrier inside: the previous tile's products are done with q, dout, p, ds
+      if (!load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) continue;
+      load_tile(sm.q, sm.ldq, a.q + b * a.qs.b + q0 * a.qs.r, a.qs.r, rows, a.BM, a.D, a.Dp,
+                a.vec_q);
+      load_tile(sm.dout, sm.lde, g.dout + b * g.dos.b + q0 * g.dos.r, g.dos.r, rows, a.BM, a.E,
+                a.Ep, g.vec_do);
+      __syncthreads();
+      tile_p_ds<T, A, true>(a, sm);
+      // dV += Pᵀ dO, dK += dSᵀ Q (scale applied once at the end)
+      block_mm<T, A, true, false, true>(sm.acc2, sm.ldacc2, sm.p, sm.ldp, sm.dout, sm.lde, a.BN,
+                                        a.Ep, a.BM);
+      block_mm<T, A, true, false, true>(sm.acc, sm.ldacc, sm.ds, sm.ldp, sm.q, sm.ldq, a.BN,
+                                        a.Dp, a.BM);
+    }
+  }
+  __syncthreads();
+  A* dk = g.dk_part + ((split * a.B + b) * a.N + k0) * a.D;
+  A* dv = g.dv_part + ((split * a.B + b) * a.N + k0) * a.E;
+  for (int idx = tid; idx < keys * a.D; idx += blockDim.x)
+    dk[idx] = sm.acc[(idx / a.D) * sm.ldacc + idx % a.D] * a.scale;
+  for (int idx = tid; idx < keys * a.E; idx += blockDim.x)
+    dv[idx] = sm.acc2[(idx / a.E) * sm.ldacc2 + idx % a.E];
+}
+
+// dk, dv = Σ_split partials, in a fixed order.
+template <typename T, typename A>
+__global__ void __launch_bounds__(256) attn_bwd_reduce_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
+  const int64_t nk = a.B * a.N * a.D, nv = a.B * a.N * a.E;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < nk + nv;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const bool is_k = idx < nk;
+    const int64_t i = is_k ? idx : idx - nk, stride = is_k ? nk : nv;
+    const A* src = (is_k ? g.dk_part : g.dv_part) + i;
+    A s = 0;
+    for (int sp = 0; sp < g.nsplit; ++sp) s += src[sp * stride];
+    (is_k ? g.dk : g.dv)[i] = from_acc<T>(s);
+  }
+}
+
+// dQ of BM queries over every key tile.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dq_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const BwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.Ep, false);
+  const int64_t b = blockIdx.z;
+  const int64_t q0 = int64_t(blockIdx.x) * a.BM;
+  const int rows = int(min(int64_t(a.BM), a.L - q0));
+  const int tid = threadIdx.x;
+
+  for (int idx = tid; idx < a.BM * a.Dp; idx += blockDim.x)
+    sm.acc[(idx / a.Dp) * sm.ldacc + idx % a.Dp] = A(0);
+  if (load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) {  // else: nothing attended, 0
+    load_tile(sm.q, sm.ldq, a.q + b * a.qs.b + q0 * a.qs.r, a.qs.r, rows, a.BM, a.D, a.Dp,
+              a.vec_q);
+    load_tile(sm.dout, sm.lde, g.dout + b * g.dos.b + q0 * g.dos.r, g.dos.r, rows, a.BM, a.E,
+              a.Ep, g.vec_do);
+    const A* bias_b = a.bias + b * a.N;
+    for (int64_t k0 = 0; k0 < a.N; k0 += a.BN) {
+      const int keys = int(min(int64_t(a.BN), a.N - k0));
+      // barrier inside: the previous tile's dQ product is done with k and ds
+      if (!load_bias_tile(sm.bias, bias_b, k0, keys, a.BN)) continue;
+      load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp,
+                a.vec_k);
+      load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, a.BN, a.E, a.Ep,
+                a.vec_v);
+      __syncthreads();
+      tile_p_ds<T, A, false>(a, sm);
+      block_mm<T, A, false, false, true>(sm.acc, sm.ldacc, sm.ds, sm.ldp, sm.k, sm.ldq, a.BM,
+                                         a.Dp, a.BN);
+    }
+  }
+  __syncthreads();
+  T* dq = g.dq + (b * a.L + q0) * a.D;
+  for (int idx = tid; idx < rows * a.D; idx += blockDim.x) {
+    const int r = idx / a.D, d = idx % a.D;
+    const A val = sm.lse[r] > neg_inf<A>() ? sm.acc[r * sm.ldacc + d] * a.scale : A(0);
+    dq[idx] = from_acc<T>(val);
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------
+
+inline int round16(int v) { return std::max(16, (v + 15) / 16 * 16); }
+
+struct Tiles {
+  int BM = 0, BN = 0, EC = 0;
+  size_t smem = 0;  // 0: nothing fits
+};
+
+// Preferred first: large tiles within ~100 KB (two blocks per SM on H100, fits sm_86), then any
+// that fits the device.
+constexpr int kTileCandidates[][2] = {{64, 64}, {64, 32}, {32, 32}, {32, 16}, {16, 16}};
+constexpr size_t kSoftSmem = 100 * 1024;
+
+template <typename T, typename A>
+Tiles choose_fwd(int Dp, int Ep, size_t limit) {
+  for (const size_t budget : {std::min(kSoftSmem, limit), limit})
+    for (const int ec : {128, 64, 32, 16}) {
+      const int EC = std::min(ec, Ep);
+      if (ec != 128 && EC != ec) continue;  // each chunk width once
+      for (const auto& bmn : kTileCandidates) {
+        const size_t bytes = FwdSmem<T, A>(nullptr, bmn[0], bmn[1], Dp, EC).bytes;
+        if (bytes <= budget) return Tiles{bmn[0], bmn[1], EC, bytes};
+      }
+    }
+  return Tiles{};
+}
+
+template <typename T, typename A>
+Tiles choose_bwd(int Dp, int Ep, bool dkdv, size_t limit) {
+  // the key-tile kernel prefers narrow key tiles: more blocks for the PTL case's few keys
+  static constexpr int dkdv_candidates[][2] = {{64, 32}, {32, 32}, {64, 16}, {32, 16}, {16, 16}};
+  for (const size_t budget : {std::min(kSoftSmem, limit), limit})
+    for (int i = 0; i < 5; ++i) {
+      const int BM = dkdv ? dkdv_candidates[i][0] : kTileCandidates[i][0];
+      const int BN = dkdv ? dkdv_candidates[i][1] : kTileCandidates[i][1];
+      const size_t bytes = BwdSmem<T, A>(nullptr, BM, BN, Dp, Ep, dkdv).bytes;
+      if (bytes <= budget) return Tiles{BM, BN, 0, bytes};
+    }
+  return Tiles{};
+}
+
+template <typename T, typename A>
+AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides ks,
+                         const void* v, RowStrides vs, const void* key_bias,
+                         const bool* query_mask, const AttnShape& s, double scale) {
+  constexpr int V = 16 / sizeof(T);
+  auto vec_ok = [](const void* p, RowStrides st, int cols) {
+    return aligned16(p) && cols % V == 0 && st.b % V == 0 && st.r % V == 0;
+  };
+  AttnArgs<T, A> a;
+  a.q = static_cast<const T*>(q);
+  a.qs = qs;
+  a.k = static_cast<const T*>(k);
+  a.ks = ks;
+  a.v = static_cast<const T*>(v);
+  a.vs = vs;
+  a.bias = static_cast<const A*>(key_bias);
+  a.qmask = query_mask;
+  a.B = s.B, a.L = s.L, a.N = s.N;
+  a.D = s.D, a.E = s.E;
+  a.Dp = round16(s.D);
+  a.Ep = round16(s.E);
+  a.BM = a.BN = a.EC = 0;
+  a.scale = A(scale);
+  a.vec_q = vec_ok(q, qs, s.D);
+  a.vec_k = vec_ok(k, ks, s.D);
+  a.vec_v = vec_ok(v, vs, s.E);
+  return a;
+}
+
+template <typename T>
+cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrides ks,
+                           const void* v, RowStrides vs, const void* key_bias,
+                           const bool* query_mask, const AttnShape& s, double scale, void* out,
+                           float* lse, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (s.B == 0 || s.L == 0) return cudaSuccess;
+  auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
+  const Tiles t = choose_fwd<T, A>(a.Dp, a.Ep, size_t(max_dynamic_smem()));
+  if (t.smem == 0) return cudaErrorInvalidValue;
+  a.BM = t.BM, a.BN = t.BN, a.EC = t.EC;
+  auto kern = attn_fwd_kernel<T, A>;
+  cudaError_t err = allow_smem(reinterpret_cast<const void*>(kern), t.smem);
+  if (err != cudaSuccess) return err;
+  // E = 0 still needs one column block: it writes lse
+  const dim3 grid(unsigned((s.L + t.BM - 1) / t.BM), unsigned(std::max(1, (s.E + t.EC - 1) / t.EC)),
+                  unsigned(s.B));
+  REGHARM_LAUNCH(kern, grid, dim3(kThreads), t.smem, stream, a, static_cast<T*>(out), lse);
+  return cudaGetLastError();
+}
+
+// Query splits of the key-tile kernel: enough blocks for two per multiprocessor.
+inline int num_splits(const AttnShape& s, const Tiles& t) {
+  const int64_t key_blocks = s.B * ((s.N + t.BN - 1) / t.BN);
+  const int64_t qtiles = (s.L + t.BM - 1) / t.BM;
+  if (key_blocks == 0 || qtiles == 0) return 1;
+  const int64_t want = (2 * int64_t(multiprocessor_count()) + key_blocks - 1) / key_blocks;
+  return int(std::max<int64_t>(1, std::min<int64_t>({want, qtiles, 16})));
+}
+
+template <typename A>
+struct BwdWorkspace {
+  A *delta, *lse, *dk_part, *dv_part;
+  size_t bytes;
+  BwdWorkspace(void* base, const AttnShape& s, int nsplit) {
+    unsigned char* p = static_cast<unsigned char*>(base);
+    size_t off = 0;
+    auto take = [&](size_t count) {
+      A* r = p ? reinterpret_cast<A*>(p + off) : nullptr;
+      off = align_up(off + count * sizeof(A), 256);
+      return r;
+    };
+    delta = take(size_t(s.B * s.L));
+    lse = take(std::is_same<A, double>::value ? size_t(s.B * s.L) : 0);
+    dk_part = take(size_t(nsplit) * s.B * s.N * s.D);
+    dv_part = take(size_t(nsplit) * s.B * s.N * s.E);
+    bytes = off;
+  }
+};
+
+template <typename T>
+size_t workspace_impl(const AttnShape& s) {
+  using A = acc_t<T>;
+  const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, size_t(max_dynamic_smem()));
+  if (t.smem == 0) return 0;
+  return BwdWorkspace<A>(nullptr, s, num_splits(s, t)).bytes;
+}
+
+template <typename T>
+cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, RowStrides qs,
+                            const void* k, RowStrides ks, const void* v, RowStrides vs,
+                            const void* key_bias, const bool* query_mask, const void* out,
+                            RowStrides os, const float* lse, const AttnShape& s, double scale,
+                            void* workspace, void* dq, void* dk, void* dv, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int V = 16 / sizeof(T);
+  auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
+  const size_t limit = size_t(max_dynamic_smem());
+  const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, limit);
+  const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, limit);
+  if (tkv.smem == 0 || tq.smem == 0) return cudaErrorInvalidValue;
+  const int nsplit = num_splits(s, tkv);
+  const BwdWorkspace<A> ws(workspace, s, nsplit);
+
+  BwdArgs<T, A> g;
+  g.dout = static_cast<const T*>(grad_out);
+  g.dos = gs;
+  g.vec_do = aligned16(grad_out) && s.E % V == 0 && gs.b % V == 0 && gs.r % V == 0;
+  g.out = static_cast<const T*>(out);
+  g.os = os;
+  if constexpr (std::is_same<A, float>::value) g.lse = lse;  // the forward's
+  else g.lse = nullptr;  // float64: recomputed below
+  g.delta = ws.delta;
+  g.dk_part = ws.dk_part;
+  g.dv_part = ws.dv_part;
+  g.nsplit = nsplit;
+  g.dq = static_cast<T*>(dq);
+  g.dk = static_cast<T*>(dk);
+  g.dv = static_cast<T*>(dv);
+
+  cudaError_t err;
+  if constexpr (std::is_same<A, double>::value) {
+    if (s.B * s.L > 0) {
+      const Tiles tf = choose_fwd<T, A>(a.Dp, 16, limit);
+      if (tf.smem == 0) return cudaErrorInvalidValue;
+      auto la = a;
+      la.BM = tf.BM, la.BN = tf.BN, la.EC = tf.EC;
+      auto kern = attn_lse_kernel<T, A>;
+      if ((err = allow_smem(reinterpret_cast<const void*>(kern), tf.smem)) != cudaSuccess)
+        return err;
+      const dim3 grid(unsigned((s.L + tf.BM - 1) / tf.BM), 1u, unsigned(s.B));
+      REGHARM_LAUNCH(kern, grid, dim3(kThreads), tf.smem, stream, la, ws.lse);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      g.lse = ws.lse;
+    }
+  }
+  if (s.B * s.L > 0) {
+    auto kern = attn_delta_kernel<T, A>;
+    const int64_t blocks = (s.B * s.L + 7) / 8;  // 8 warps (rows) per block
+    REGHARM_LAUNCH(kern, dim3(unsigned(blocks)), dim3(256), 0, stream, a, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (s.B * s.N > 0) {
+    a.BM = tkv.BM, a.BN = tkv.BN;
+    auto kern = attn_bwd_dkdv_kernel<T, A>;
+    if ((err = allow_smem(reinterpret_cast<const void*>(kern), tkv.smem)) != cudaSuccess)
+      return err;
+    const dim3 grid(unsigned((s.N + tkv.BN - 1) / tkv.BN), unsigned(nsplit), unsigned(s.B));
+    REGHARM_LAUNCH(kern, grid, dim3(kThreads), tkv.smem, stream, a, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    const int64_t total = s.B * s.N * (s.D + s.E);
+    if (total > 0) {
+      auto rkern = attn_bwd_reduce_kernel<T, A>;
+      const int64_t blocks = std::min<int64_t>((total + 255) / 256, 1 << 16);
+      REGHARM_LAUNCH(rkern, dim3(unsigned(blocks)), dim3(256), 0, stream, a, g);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  if (s.B * s.L > 0) {
+    a.BM = tq.BM, a.BN = tq.BN;
+    auto kern = attn_bwd_dq_kernel<T, A>;
+    if ((err = allow_smem(reinterpret_cast<const void*>(kern), tq.smem)) != cudaSuccess)
+      return err;
+    const dim3 grid(unsigned((s.L + tq.BM - 1) / tq.BM), 1u, unsigned(s.B));
+    REGHARM_LAUNCH(kern, grid, dim3(kThreads), tq.smem, stream, a, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+size_t largest_smem(const AttnShape& s) {
+  using A = acc_t<T>;
+  const size_t limit = size_t(max_dynamic_smem());
+  const int Dp = round16(s.D), Ep = round16(s.E);
+  const Tiles f = choose_fwd<T, A>(Dp, Ep, limit), kv = choose_bwd<T, A>(Dp, Ep, true, limit),
+              dq = choose_bwd<T, A>(Dp, Ep, false, limit);
+  if (f.smem == 0 || kv.smem == 0 || dq.smem == 0) {  // report what the smallest tiles need
+    return std::max({FwdSmem<T, A>(nullptr, 16, 16, Dp, 16).bytes,
+                     BwdSmem<T, A>(nullptr, 16, 16, Dp, Ep, true).bytes,
+                     BwdSmem<T, A>(nullptr, 16, 16, Dp, Ep, false).bytes});
+  }
+  return std::max({f.smem, kv.smem, dq.smem});
+}
+
+}  // namespace
+
+#define REGHARM_DISPATCH(dt, FN, ...)                                  \
+  switch (dt) {                                                         \
+    case DType::kFloat32: return FN<float>(__VA_ARGS__);                \
+    case DType::kFloat16: return FN<__half>(__VA_ARGS__);               \
+    case DType::kBFloat16: return FN<__nv_bfloat16>(__VA_ARGS__);       \
+    case DType::kFloat64: return FN<double>(__VA_ARGS__);               \
+  }
+
+cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
+                                     RowStrides ks, const void* v, RowStrides vs,
+                                     const void* key_bias, const bool* query_mask,
+                                     const AttnShape& s, double scale, void* out, float* lse,
+                                     cudaStream_t stream) {
+  REGHARM_DISPATCH(dt, forward_launch, q, qs, k, ks, v, vs, key_bias, query_mask, s, scale, out,
+                   lse, stream)
+  return cudaErrorInvalidValue;
+}
+
+bool masked_attention_fits(DType dt, const AttnShape& s, size_t* need, size_t* have) {
+  size_t bytes = 0;
+  switch (dt) {
+    case DType::kFloat32: bytes = largest_smem<float>(s); break;
+    case DType::kFloat16: bytes = largest_smem<__half>(s); break;
+    case DType::kBFloat16: bytes = largest_smem<__nv_bfloat16>(s); break;
+    case DType::kFloat64: bytes = largest_smem<double>(s); break;
+  }
+  const size_t limit = size_t(max_dynamic_smem());
+  if (need) *need = bytes;
+  if (have) *have = limit;
+  return bytes <= limit;
+}
+
+size_t masked_attention_backward_workspace(DType dt, const AttnShape& s) {
+  REGHARM_DISPATCH(dt, workspace_impl, s)
+  return 0;
+}
+
+cudaError_t masked_attention_backward(DType dt, const void* grad_out, RowStrides gs,
+                                      const void* q, RowStrides qs, const void* k, RowStrides ks,
+                                      const void* v, RowStrides vs, const void* key_bias,
+                                      const bool* query_mask, const void* out, RowStrides os,
+                                      const float* lse, const AttnShape& s, double scale,
+                                      void* workspace, void* dq, void* dk, void* dv,
+                                      cudaStream_t stream) {
+  REGHARM_DISPATCH(dt, backward_launch, grad_out, gs, q, qs, k, ks, v, vs, key_bias, query_mask,
+                   out, os, lse, s, scale, workspace, dq, dk, dv, stream)
+  return cudaErrorInvalidValue;
+}
+
+#undef REGHARM_DISPATCH
+
+}  // namespace cuda
+}  // namespace regharm

@@ -1,0 +1,452 @@
+// CUDA kernels of regharm::patch_stats and its backward (SPEC §2).
+//
+// A block takes one (image, channel) and a tile of tkh x tkw patches: it reads the pixels under
+// the tile once into shared memory (x minus a shift, and bg), sums the rows of every patch
+// window once (separable window sums give the mass and Σ bg·x), then each thread finishes one
+// patch with a second sweep over its window in shared memory for the centred moments
+// Σ bg·(x - mu)² and Σ weight·bg·(x - mu). Centring inside the patch keeps the variance exact
+// for inputs offset by +100; the shift (one pixel of the tile) only keeps Σ bg·x small.
+//
+// Backward: the same tile pass recomputes the statistics in the accumulation type (the saved
+// 16-bit ones are rounded), turns the output gradients into per-patch coefficients
+//   alpha~ = g_mu/M - g_content·Ws/(M σ),  beta = g_sigma/(M σ) - g_content·D/(M σ³),
+//   gamma = g_content/σ,
+// so that grad_x_u = bg_u · Σ_{n covering u} [alpha~_n + beta_n (x_u - mu_n) + gamma_n weight_r]
+// (alpha~ = alpha + beta·mu of the brief, centred for the same +100 reason), and writes per-block
+// partial sums of grad_weight and grad_bias. A gather kernel then gives each pixel its gradient
+// from the patches covering it, and a reduction kernel sums the partials: no atomics anywhere,
+// so results are deterministic.
+#include <algorithm>
+#include <cmath>
+
+#include "device_utils.cuh"
+
+namespace regharm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxTile = 16;  // patches per tile side (tkh * tkw <= kThreads)
+
+template <typename T, typename A>
+struct PatchArgs {
+  const T* x;
+  XStrides xs;
+  const A* bg;
+  BgStrides bs;
+  const A* weight;
+  int C, Kh, Kw;
+  int ph, pw, sh, sw;
+  int tkh, tkw, tiles_w;
+  A eps, min_mass;
+};
+
+template <typename A> struct alignas(sizeof(A) * 4) Coef { A alpha, beta, gamma, mu; };
+
+// Shared-memory layout of a tile; the host runs the same constructor with a null base to size it.
+template <typename A>
+struct TileSmem {
+  A *xs, *bg, *hb, *hx, *gamma, *mu, *scratch;
+  size_t bytes;
+  __host__ __device__ TileSmem(unsigned char* base, int tkh, int tkw, int ph, int pw, int sh,
+                               int sw) {
+    const int rh = (tkh - 1) * sh + ph, rw = (tkw - 1) * sw + pw;
+    SmemCarver c(base);
+    xs = c.take<A>(size_t(rh) * rw);
+    bg = c.take<A>(size_t(rh) * rw);
+    hb = c.take<A>(size_t(rh) * tkw);
+    hx = c.take<A>(size_t(rh) * tkw);
+    gamma = c.take<A>(tkh * tkw);
+    mu = c.take<A>(tkh * tkw);
+    scratch = c.take<A>(32);
+    bytes = c.offset;
+  }
+};
+
+// Where this block's tile sits: ni x nj patches from patch (i0, j0), pixels from (y0, x0).
+struct Tile {
+  int b, c, i0, j0, ni, nj, rh, rw;
+};
+
+__device__ __forceinline__ Tile tile_of_block(int Kh, int Kw, int tkh, int tkw, int tiles_w,
+                                              int ph, int pw, int sh, int sw) {
+  Tile t;
+  t.b = blockIdx.z;
+  t.c = blockIdx.y;
+  t.i0 = (blockIdx.x / tiles_w) * tkh;
+  t.j0 = (blockIdx.x % tiles_w) * tkw;
+  t.ni = min(tkh, Kh - t.i0);
+  t.nj = min(tkw, Kw - t.j0);
+  t.rh = (t.ni - 1) * sh + ph;  // the last patch ends inside the map: no bounds checks needed
+  t.rw = (t.nj - 1) * sw + pw;
+  return t;
+}
+
+template <typename A> struct Moments { A mass, mu, var, d, ws; bool valid; };
+
+// Loads the tile's pixels, sums window rows, and returns the statistics of patch `p` of the
+// tile (for p < ni*nj; other threads get an invalid patch). Ends with all of shared memory
+// written (the caller needs no barrier to read xs, bg).
+template <typename T, typename A>
+__device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, const TileSmem<A>& sm,
+                                   A shift, int p) {
+  const T* xc = a.x + t.b * a.xs.b + t.c * a.xs.c;
+  const A* bgi = a.bg + t.b * a.bs.b;
+  const int y0 = t.i0 * a.sh, x0 = t.j0 * a.sw;
+  for (int idx = threadIdx.x; idx < t.rh * t.rw; idx += blockDim.x) {
+    const int r = idx / t.rw, q = idx % t.rw;
+    const int64_t y = y0 + r, xx = x0 + q;
+    sm.xs[idx] = to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift;
+    sm.bg[idx] = bgi[y * a.bs.h + xx * a.bs.w];
+  }
+  __syncthreads();
+  // horizontal window sums: row r of the region, patch column j
+  for (int idx = threadIdx.x; idx < t.rh * t.nj; idx += blockDim.x) {
+    const int r = idx / t.nj, j = idx % t.nj;
+    const A* bw = sm.bg + r * t.rw + j * a.sw;
+    const A* xw = sm.xs + r * t.rw + j * a.sw;
+    A sb = 0, sx = 0;
+    for (int q = 0; q < a.pw; ++q) {
+      sb += bw[q];
+      sx += bw[q] * xw[q];
+    }
+    sm.hb[r * t.nj + j] = sb;
+    sm.hx[r * t.nj + j] = sx;
+  }
+  __syncthreads();
+  Moments<A> m{A(0), A(0), A(0), A(0), A(0), false};
+  if (p >= t.ni * t.nj) return m;
+  const int i = p / t.nj, j = p % t.nj;
+  A s1 = 0;
+  for (int r = 0; r < a.ph; ++r) {
+    m.mass += sm.hb[(i * a.sh + r) * t.nj + j];
+    s1 += sm.hx[(i * a.sh + r) * t.nj + j];
+  }
+  m.valid = m.mass >= a.min_mass;
+  if (!m.valid) return m;
+  m.mu = s1 / m.mass;
+  for (int r = 0; r < a.ph; ++r) {
+    const A* bw = sm.bg + (i * a.sh + r) * t.rw + j * a.sw;
+    const A* xw = sm.xs + (i * a.sh + r) * t.rw + j * a.sw;
+    const A* ww = a.weight + r * a.pw;
+    for (int q = 0; q < a.pw; ++q) {
+      const A dv = xw[q] - m.mu, bv = bw[q], wb = ww[q] * bv;
+      m.var += bv * dv * dv;
+      m.d += wb * dv;
+      m.ws += wb;
+    }
+  }
+  m.var /= m.mass;
+  return m;
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ A tile_shift(const PatchArgs<T, A>& a, const Tile& t) {
+  return to_acc<A>(a.x[t.b * a.xs.b + t.c * a.xs.c + int64_t(t.i0 * a.sh) * a.xs.h +
+                       int64_t(t.j0 * a.sw) * a.xs.w]);
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    patch_stats_fwd_kernel(PatchArgs<T, A> a, const A* __restrict__ bias, T* __restrict__ mu,
+                           T* __restrict__ sigma, T* __restrict__ content, T* __restrict__ mass) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw);
+  const Tile t = tile_of_block(a.Kh, a.Kw, a.tkh, a.tkw, a.tiles_w, a.ph, a.pw, a.sh, a.sw);
+  const A shift = tile_shift(a, t);
+  const int p = threadIdx.x;
+  const Moments<A> m = tile_moments(a, t, sm, shift, p);
+  if (p >= t.ni * t.nj) return;
+  const int64_t K = int64_t(a.Kh) * a.Kw;
+  const int64_t n = int64_t(t.i0 + p / t.nj) * a.Kw + t.j0 + p % t.nj;
+  const int64_t o = (t.b * K + n) * a.C + t.c;
+  A mu_v = 0, sigma_v = 0, content_v = 0;
+  if (m.valid) {  // invalid patches are exactly 0 (SPEC §2)
+    sigma_v = sqrt(m.var + a.eps);
+    mu_v = shift + m.mu;
+    content_v = bias[0] + m.d / sigma_v;
+  }
+  mu[o] = from_acc<T>(mu_v);
+  sigma[o] = from_acc<T>(sigma_v);
+  content[o] = from_acc<T>(content_v);
+  if (t.c == 0) mass[t.b * K + n] = from_acc<T>(m.mass);
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    patch_stats_coef_kernel(PatchArgs<T, A> a, const A* __restrict__ grad_mu,
+                            const A* __restrict__ grad_sigma, const A* __restrict__ grad_content,
+                            Coef<A>* __restrict__ coef, A* __restrict__ partial) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw);
+  const Tile t = tile_of_block(a.Kh, a.Kw, a.tkh, a.tkw, a.tiles_w, a.ph, a.pw, a.sh, a.sw);
+  const A shift = tile_shift(a, t);
+  const int p = threadIdx.x, np = t.ni * t.nj;
+  const Moments<A> m = tile_moments(a, t, sm, shift, p);
+  const int64_t K = int64_t(a.Kh) * a.Kw;
+  A gc_valid = 0;
+  if (p < np) {
+    const int64_t n = int64_t(t.i0 + p / t.nj) * a.Kw + t.j0 + p % t.nj;
+    Coef<A> cf{A(0), A(0), A(0), A(0)};
+    if (m.valid) {
+      const int64_t o = (t.b * K + n) * a.C + t.c;
+      const A gm = grad_mu[o], gs = grad_sigma[o], gc = grad_content[o];
+      const A s = sqrt(m.var + a.eps), M = m.mass;
+      cf.gamma = gc / s;
+      cf.beta = gs / (M * s) - gc * m.d / (M * s * s * s);
+      cf.alpha = gm / M - gc * m.ws / (M * s);
+      cf.mu = shift + m.mu;
+      gc_valid = gc;
+    }
+    coef[(int64_t(t.b) * a.C + t.c) * K + n] = cf;
+    sm.gamma[p] = cf.gamma;
+    sm.mu[p] = m.mu;  // in the tile's shifted coordinates, like sm.xs
+  }
+  // block_sum's barrier also publishes sm.gamma and sm.mu
+  const A gb = block_sum(gc_valid, sm.scratch);
+  const int64_t nblocks = int64_t(gridDim.x) * gridDim.y * gridDim.z;
+  const int64_t blk = (int64_t(t.b) * a.C + t.c) * gridDim.x + blockIdx.x;
+  const int P = a.ph * a.pw;
+  // grad_weight_r += Σ_patches gamma · bg_u · (x_u - mu), u = position r of the patch
+  for (int r = threadIdx.x; r < P; r += blockDim.x) {
+    const int dy = r / a.pw, dx = r % a.pw;
+    A s = 0;
+    for (int q = 0; q < np; ++q) {
+      const A g = sm.gamma[q];
+      if (g == A(0)) continue;
+      const int u = ((q / t.nj) * a.sh + dy) * t.rw + (q % t.nj) * a.sw + dx;
+      s += g * sm.bg[u] * (sm.xs[u] - sm.mu[q]);
+    }
+    partial[r * nblocks + blk] = s;
+  }
+  if (threadIdx.x == 0) partial[int64_t(P) * nblocks + blk] = gb;
+}
+
+// grad_wb[r] = Σ_blocks partial[r][block], one block per r (r = P is grad_bias); the order of
+// the sum depends on the shapes only, so results are deterministic.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    patch_stats_reduce_kernel(const A* __restrict__ partial, int64_t nblocks,
+                              A* __restrict__ grad_wb) {
+  __shared__ A scratch[32];
+  const A* row = partial + int64_t(blockIdx.x) * nblocks;
+  A s = 0;
+  for (int64_t k = threadIdx.x; k < nblocks; k += blockDim.x) s += row[k];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) grad_wb[blockIdx.x] = s;
+}
+
+// grad_x of every pixel, gathered from the coefficients of the patches covering it.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    patch_stats_gather_kernel(PatchArgs<T, A> a, int H, int W, const Coef<A>* __restrict__ coef,
+                              T* __restrict__ grad_x, int64_t total) {
+  const int64_t K = int64_t(a.Kh) * a.Kw;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int xx = int(idx % W);
+    const int y = int((idx / W) % H);
+    const int64_t bc = idx / (int64_t(H) * W);
+    const int c = int(bc % a.C);
+    const int64_t b = bc / a.C;
+    const A bgv = a.bg[b * a.bs.b + y * a.bs.h + xx * a.bs.w];
+    A g = 0;
+    if (bgv != A(0)) {  // every term carries a factor bg_u
+      const A xv = to_acc<A>(a.x[b * a.xs.b + c * a.xs.c + y * a.xs.h + xx * a.xs.w]);
+      // patches (i, j) with i*sh <= y <= i*sh + ph - 1 and j*sw <= xx <= j*sw + pw - 1
+      const int i_lo = y >= a.ph ? (y - a.ph) / a.sh + 1 : 0, i_hi = min(y / a.sh, a.Kh - 1);
+      const int j_lo = xx >= a.pw ? (xx - a.pw) / a.sw + 1 : 0, j_hi = min(xx / a.sw, a.Kw - 1);
+      const Coef<A>* cb = coef + bc * K;
+      for (int i = i_lo; i <= i_hi; ++i) {
+        const A* wrow = a.weight + (y - i * a.sh) * a.pw;
+        for (int j = j_lo; j <= j_hi; ++j) {
+          const Coef<A> cf = cb[int64_t(i) * a.Kw + j];
+          g += cf.alpha + cf.beta * (xv - cf.mu) + cf.gamma * wrow[xx - j * a.sw];
+        }
+      }
+      g *= bgv;
+    }
+    grad_x[idx] = from_acc<T>(g);
+  }
+}
+
+struct TileChoice {
+  int tkh, tkw, tiles_h, tiles_w;
+  size_t smem;
+};
+
+// The largest tile (at most 16 x 16 patches) within 48 KB of shared memory; a patch too large
+// for that takes a single-patch tile with the device's opt-in maximum.
+template <typename A>
+TileChoice choose_tiles(const PatchShape& s) {
+  TileChoice tc;
+  tc.tkh = int(std::min<int64_t>(kMaxTile, s.Kh));
+  tc.tkw = int(std::min<int64_t>(kMaxTile, s.Kw));
+  for (;;) {
+    tc.smem = TileSmem<A>(nullptr, tc.tkh, tc.tkw, s.ph, s.pw, s.sh, s.sw).bytes;
+    if (tc.smem <= 48 * 1024 || (tc.tkh == 1 && tc.tkw == 1)) break;
+    if (tc.tkw >= tc.tkh) tc.tkw = (tc.tkw + 1) / 2;
+    else tc.tkh = (tc.tkh + 1) / 2;
+  }
+  tc.tiles_h = int((s.Kh + tc.tkh - 1) / tc.tkh);
+  tc.tiles_w = int((s.Kw + tc.tkw - 1) / tc.tkw);
+  return tc;
+}
+
+template <typename T, typename A>
+PatchArgs<T, A> make_args(const void* x, XStrides xs, const void* bg, BgStrides bs,
+                          const void* weight, const PatchShape& s, const TileChoice& tc,
+                          double eps, double min_mass) {
+  PatchArgs<T, A> a;
+  a.x = static_cast<const T*>(x);
+  a.xs = xs;
+  a.bg = static_cast<const A*>(bg);
+  a.bs = bs;
+  a.weight = static_cast<const A*>(weight);
+  a.C = int(s.C);
+  a.Kh = int(s.Kh);
+  a.Kw = int(s.Kw);
+  a.ph = s.ph, a.pw = s.pw, a.sh = s.sh, a.sw = s.sw;
+  a.tkh = tc.tkh, a.tkw = tc.tkw, a.tiles_w = tc.tiles_w;
+  a.eps = A(eps);
+  a.min_mass = A(min_mass);
+  return a;
+}
+
+inline int64_t num_blocks(const PatchShape& s, const TileChoice& tc) {
+  return int64_t(tc.tiles_h) * tc.tiles_w * s.C * s.B;
+}
+
+inline bool empty(const PatchShape& s) { return s.B == 0 || s.C == 0 || s.Kh <= 0 || s.Kw <= 0; }
+
+template <typename T>
+cudaError_t forward_impl(const void* x, XStrides xs, const void* bg, BgStrides bs,
+                         const void* weight, const void* bias, const PatchShape& s, double eps,
+                         double min_mass, void* mu, void* sigma, void* content, void* mass,
+                         cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (empty(s)) return cudaSuccess;
+  const TileChoice tc = choose_tiles<A>(s);
+  const auto a = make_args<T, A>(x, xs, bg, bs, weight, s, tc, eps, min_mass);
+  auto kern = patch_stats_fwd_kernel<T, A>;
+  cudaError_t err = allow_smem(reinterpret_cast<const void*>(kern), tc.smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(tc.tiles_h * tc.tiles_w), unsigned(s.C), unsigned(s.B));
+  REGHARM_LAUNCH(kern, grid, dim3(kThreads), tc.smem, stream, a, static_cast<const A*>(bias),
+                 static_cast<T*>(mu), static_cast<T*>(sigma), static_cast<T*>(content),
+                 static_cast<T*>(mass));
+  return cudaGetLastError();
+}
+
+template <typename A>
+struct Workspace {
+  Coef<A>* coef;
+  A* partial;
+  size_t bytes;
+  Workspace(void* base, const PatchShape& s, const TileChoice& tc) {
+    unsigned char* b = static_cast<unsigned char*>(base);
+    const size_t coef_bytes = align_up(sizeof(Coef<A>) * size_t(s.B * s.C * s.Kh * s.Kw), 256);
+    coef = reinterpret_cast<Coef<A>*>(b);
+    partial = reinterpret_cast<A*>(b + coef_bytes);
+    bytes = coef_bytes + sizeof(A) * size_t(s.ph * s.pw + 1) * size_t(num_blocks(s, tc));
+  }
+};
+
+template <typename T>
+size_t workspace_impl(const PatchShape& s) {
+  using A = acc_t<T>;
+  if (empty(s)) return 0;
+  return Workspace<A>(nullptr, s, choose_tiles<A>(s)).bytes;
+}
+
+template <typename T>
+cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const void* grad_content,
+                          const void* x, XStrides xs, const void* bg, BgStrides bs,
+                          const void* weight, const PatchShape& s, double eps, double min_mass,
+                          void* workspace, void* grad_x, void* grad_wb, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int P = s.ph * s.pw;
+  const int64_t total = s.B * s.C * s.H * s.W;
+  if (empty(s)) {  // nothing to sum: zero gradients
+    cudaError_t err = cudaMemsetAsync(grad_wb, 0, sizeof(A) * (P + 1), stream);
+    if (err == cudaSuccess && total > 0)
+      err = cudaMemsetAsync(grad_x, 0, sizeof(T) * size_t(total), stream);
+    return err;
+  }
+  const TileChoice tc = choose_tiles<A>(s);
+  const auto a = make_args<T, A>(x, xs, bg, bs, weight, s, tc, eps, min_mass);
+  const Workspace<A> ws(workspace, s, tc);
+  const int64_t nblocks = num_blocks(s, tc);
+
+  auto coef_kern = patch_stats_coef_kernel<T, A>;
+  cudaError_t err = allow_smem(reinterpret_cast<const void*>(coef_kern), tc.smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(tc.tiles_h * tc.tiles_w), unsigned(s.C), unsigned(s.B));
+  REGHARM_LAUNCH(coef_kern, grid, dim3(kThreads), tc.smem, stream, a,
+                 static_cast<const A*>(grad_mu), static_cast<const A*>(grad_sigma),
+                 static_cast<const A*>(grad_content), ws.coef, ws.partial);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  auto reduce_kern = patch_stats_reduce_kernel<A>;
+  // one warp per 32 partial sums, at most kThreads: few tiles (large patches) need few threads
+  const int reduce_threads = int(std::min<int64_t>(kThreads, (nblocks + 31) / 32 * 32));
+  REGHARM_LAUNCH(reduce_kern, dim3(unsigned(P + 1)), dim3(reduce_threads), 0, stream,
+                 static_cast<const A*>(ws.partial), nblocks, static_cast<A*>(grad_wb));
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  auto gather_kern = patch_stats_gather_kernel<T, A>;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
+  REGHARM_LAUNCH(gather_kern, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, a, int(s.H),
+                 int(s.W), static_cast<const Coef<A>*>(ws.coef), static_cast<T*>(grad_x), total);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+#define REGHARM_DISPATCH(dt, FN, ...)                                  \
+  switch (dt) {                                                         \
+    case DType::kFloat32: return FN<float>(__VA_ARGS__);                \
+    case DType::kFloat16: return FN<__half>(__VA_ARGS__);               \
+    case DType::kBFloat16: return FN<__nv_bfloat16>(__VA_ARGS__);       \
+    case DType::kFloat64: return FN<double>(__VA_ARGS__);               \
+  }
+
+cudaError_t patch_stats_forward(DType dt, const void* x, XStrides xs, const void* bg, BgStrides bs,
+                                const void* weight, const void* bias, const PatchShape& s,
+                                double eps, double min_mass, void* mu, void* sigma, void* content,
+                                void* mass, cudaStream_t stream) {
+  REGHARM_DISPATCH(dt, forward_impl, x, xs, bg, bs, weight, bias, s, eps, min_mass, mu, sigma,
+                   content, mass, stream)
+  return cudaErrorInvalidValue;
+}
+
+bool patch_stats_fits(DType dt, const PatchShape& s, size_t* need, size_t* have) {
+  const size_t bytes = empty(s) ? 0
+                       : dt == DType::kFloat64 ? choose_tiles<double>(s).smem
+                                               : choose_tiles<float>(s).smem;
+  const size_t limit = bytes <= 48 * 1024 ? 48 * 1024 : size_t(max_dynamic_smem());
+  if (need) *need = bytes;
+  if (have) *have = limit;
+  return bytes <= limit;
+}
+
+size_t patch_stats_backward_workspace(DType dt, const PatchShape& s) {
+  REGHARM_DISPATCH(dt, workspace_impl, s)
+  return 0;
+}
+
+cudaError_t patch_stats_backward(DType dt, const void* grad_mu, const void* grad_sigma,
+                                 const void* grad_content, const void* x, XStrides xs,
+                                 const void* bg, BgStrides bs, const void* weight,
+                                 const PatchShape& s, double eps, double min_mass,
+                                 void* workspace, void* grad_x, void* grad_wb,
+                                 cudaStream_t stream) {
+  REGHARM_DISPATCH(dt, backward_impl, grad_mu, grad_sigma, grad_content, x, xs, bg, bs, weight,
+                   s, eps, min_mass, workspace, grad_x, grad_wb, stream)
+  return cudaErrorInvalidValue;
+}
+
+#undef REGHARM_DISPATCH
+
+}  // namespace cuda
+}  // namespace regharm

@@ -1,0 +1,107 @@
+// C interface (for ctypes) to the launchers of csrc/cuda/*.cu compiled for the CPU emulator
+// (emu_runtime.h, force-included in every translation unit): tests/cuda_emu/emulated.py passes
+// CPU tensors' data pointers where the launchers expect device pointers.
+#include "cuda/kernels.h"
+
+using namespace regharm::cuda;
+
+extern "C" {
+
+// smem_optin: opt-in shared memory per block (bytes); sm_count: multiprocessors; order: fiber
+// schedule (0 forward, 1 reverse, 2 shuffled).
+void emu_configure(int smem_optin, int sm_count, int order, unsigned seed) {
+  emu::config().smem_optin = smem_optin;
+  emu::config().sm_count = sm_count;
+  emu::config().order = order;
+  emu::config().seed = seed;
+  emu::smem_attribute().clear();
+}
+
+// Everything the emulator found wrong since the last call (empty: nothing).
+const char* emu_take_errors() {
+  static std::string last;
+  last = emu::error_text();
+  emu::error_text().clear();
+  return last.c_str();
+}
+
+static PatchShape patch_shape(const int64_t* s) {  // B, C, H, W, ph, pw, sh, sw
+  PatchShape p{};
+  p.B = s[0], p.C = s[1], p.H = s[2], p.W = s[3];
+  p.ph = int(s[4]), p.pw = int(s[5]), p.sh = int(s[6]), p.sw = int(s[7]);
+  p.Kh = (p.H - p.ph) / p.sh + 1;
+  p.Kw = (p.W - p.pw) / p.sw + 1;
+  return p;
+}
+
+int emu_patch_stats_forward(int dt, const void* x, const int64_t* xs, const void* bg,
+                            const int64_t* bs, const void* weight, const void* bias,
+                            const int64_t* shape, double eps, double min_mass, void* mu,
+                            void* sigma, void* content, void* mass) {
+  return int(patch_stats_forward(DType(dt), x, XStrides{xs[0], xs[1], xs[2], xs[3]}, bg,
+                                 BgStrides{bs[0], bs[1], bs[2]}, weight, bias, patch_shape(shape),
+                                 eps, min_mass, mu, sigma, content, mass, nullptr));
+}
+
+int64_t emu_patch_stats_backward_workspace(int dt, const int64_t* shape) {
+  return int64_t(patch_stats_backward_workspace(DType(dt), patch_shape(shape)));
+}
+
+int emu_patch_stats_fits(int dt, const int64_t* shape, int64_t* need) {
+  size_t n = 0, h = 0;
+  const bool ok = patch_stats_fits(DType(dt), patch_shape(shape), &n, &h);
+  *need = int64_t(n);
+  return ok;
+}
+
+int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const void* gcontent,
+                             const void* x, const int64_t* xs, const void* bg, const int64_t* bs,
+                             const void* weight, const int64_t* shape, double eps,
+                             double min_mass, void* workspace, void* grad_x, void* grad_wb) {
+  return int(patch_stats_backward(DType(dt), gmu, gsigma, gcontent, x,
+                                  XStrides{xs[0], xs[1], xs[2], xs[3]}, bg,
+                                  BgStrides{bs[0], bs[1], bs[2]}, weight, patch_shape(shape), eps,
+                                  min_mass, workspace, grad_x, grad_wb, nullptr));
+}
+
+static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E
+  AttnShape a{};
+  a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
+  return a;
+}
+
+// strides: 2 per tensor (batch, row), in the order of the tensor arguments
+int emu_attention_forward(int dt, const void* q, const void* k, const void* v,
+                          const int64_t* strides, const void* bias, const bool* mask,
+                          const int64_t* shape, double scale, void* out, float* lse) {
+  return int(masked_attention_forward(DType(dt), q, RowStrides{strides[0], strides[1]}, k,
+                                      RowStrides{strides[2], strides[3]}, v,
+                                      RowStrides{strides[4], strides[5]}, bias, mask,
+                                      attn_shape(shape), scale, out, lse, nullptr));
+}
+
+int emu_attention_fits(int dt, const int64_t* shape, int64_t* need) {
+  size_t n = 0, h = 0;
+  const bool ok = masked_attention_fits(DType(dt), attn_shape(shape), &n, &h);
+  *need = int64_t(n);
+  return ok;
+}
+
+int64_t emu_attention_backward_workspace(int dt, const int64_t* shape) {
+  return int64_t(masked_attention_backward_workspace(DType(dt), attn_shape(shape)));
+}
+
+// strides: grad_out, q, k, v, out
+int emu_attention_backward(int dt, const void* grad_out, const void* q, const void* k,
+                           const void* v, const void* out, const int64_t* strides,
+                           const void* bias, const bool* mask, const float* lse,
+                           const int64_t* shape, double scale, void* workspace, void* dq,
+                           void* dk, void* dv) {
+  return int(masked_attention_backward(
+      DType(dt), grad_out, RowStrides{strides[0], strides[1]}, q,
+      RowStrides{strides[2], strides[3]}, k, RowStrides{strides[4], strides[5]}, v,
+      RowStrides{strides[6], strides[7]}, bias, mask, out, RowStrides{strides[8], strides[9]},
+      lse, attn_shape(shape), scale, workspace, dq, dk, dv, nullptr));
+}
+
+}  // extern "C"

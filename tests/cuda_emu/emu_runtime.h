@@ -1,0 +1,434 @@
+// CPU emulation of the parts of CUDA that csrc/cuda/*.cu use, so that a machine without a GPU
+// can execute the kernels (tests/test_cuda_emulated.py). Force-included (g++ -include) before
+// the kernel files, with REGHARM_CUDA_EMULATION defined.
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// another. A fiber runs until it reaches a barrier (__syncthreads, a warp shuffle, a vote), so
+// a missing barrier shows up as a wrong result: the schedule order (forward, reverse, shuffled)
+// decides who writes first. The emulator also checks what a GPU would only corrupt silently:
+// barriers reached by part of the block or at different lines (divergence), deadlocks, WMMA
+// pointer alignment and pitches, 16-byte vector access alignment, dynamic shared memory beyond
+// the launch size (guard bytes) or the opt-in limit, and launch configurations. Dynamic shared
+// memory starts filled with NaN bytes, so reading an element never written poisons the result.
+//
+// WMMA fragments hold the whole 16x16 tile in every lane (their real distribution over lanes is
+// opaque to the kernels anyway); only lane 0 stores, so a lane that reads a tile stored by its
+// warp without a barrier reads stale data.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <vector_functions.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#undef __host__
+#undef __device__
+#undef __global__
+#undef __shared__
+#undef __forceinline__
+#undef __launch_bounds__
+#define __host__
+#define __device__
+#define __global__
+#define __shared__ static
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+namespace emu {
+
+struct Config {
+  int smem_optin = 227 * 1024;  // H100
+  int sm_count = 4;             // few: exercises the key-tile kernel's query splits
+  int order = 0;                // 0 forward, 1 reverse, 2 shuffled every round
+  unsigned seed = 1;
+};
+inline Config& config() {
+  static Config c;
+  return c;
+}
+
+inline std::string& error_text() {
+  static std::string s;
+  return s;
+}
+inline void fail(const std::string& what) {
+  if (error_text().size() < 4000) error_text() += what + "\n";
+}
+
+enum State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  int linear = 0;
+  State state = kRunnable;
+  const char* file = nullptr;
+  int line = 0;
+};
+
+struct Block {
+  dim3 grid, dim;
+  uint3 idx;
+  std::vector<Fiber> fibers;
+  std::vector<std::vector<char>> stacks;
+  ucontext_t sched;
+  int current = 0;
+  unsigned char* smem = nullptr;
+  std::vector<uint64_t> exchange;
+  std::vector<int> votes;
+  std::function<void()>* body = nullptr;
+};
+
+inline Block*& block_ptr() {
+  static Block* b = nullptr;
+  return b;
+}
+inline Block& blk() { return *block_ptr(); }
+inline Fiber& cur() { return blk().fibers[blk().current]; }
+
+inline void yield_to_scheduler() {
+  Block& b = blk();
+  swapcontext(&b.fibers[b.current].ctx, &b.sched);
+}
+
+inline void syncthreads(const char* file, int line) {
+  Fiber& f = cur();
+  f.state = kBlockBarrier;
+  f.file = file;
+  f.line = line;
+  yield_to_scheduler();
+}
+
+inline void warp_barrier() {
+  cur().state = kWarpBarrier;
+  yield_to_scheduler();
+}
+
+inline int syncthreads_or(int pred, const char* file, int line) {
+  Block& b = blk();
+  const int me = cur().linear;
+  b.votes[me] = pred != 0;
+  syncthreads(file, line);
+  int any = 0;
+  for (int v : b.votes) any |= v;
+  syncthreads(file, line);  // nobody overwrites a vote before everyone has read them
+  return any;
+}
+
+template <typename T> T shfl_xor(T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+  Block& b = blk();
+  const int me = cur().linear, base = me & ~31, lane = me & 31;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  b.exchange[me] = bits;
+  warp_barrier();
+  const int src = base + (lane ^ lane_mask);
+  if (src >= int(b.fibers.size())) fail("shuffle from a lane outside the block");
+  T out;
+  std::memcpy(&out, &b.exchange[src], sizeof(T));
+  warp_barrier();
+  return out;
+}
+
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s: pointer %p not %zu-byte aligned", what, p, bytes);
+    fail(buf);
+  }
+}
+
+inline unsigned char* dynamic_smem() { return blk().smem; }
+
+inline std::map<const void*, int>& smem_attribute() {
+  static std::map<const void*, int> m;
+  return m;
+}
+
+inline cudaError_t& last_error() {
+  static cudaError_t e = cudaSuccess;
+  return e;
+}
+
+constexpr size_t kGuard = 256;
+constexpr size_t kStack = 256 * 1024;
+
+inline void fiber_entry() {
+  Block& b = blk();
+  (*b.body)();
+  b.fibers[b.current].state = kDone;
+  // returning resumes uc_link (the scheduler)
+}
+
+// Runs one block to completion; false when it deadlocked or diverged.
+inline bool run_block(Block& b, std::mt19937& rng) {
+  const int n = int(b.fibers.size());
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    f.state = kRunnable;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = b.stacks[i].data();
+    f.ctx.uc_stack.ss_size = b.stacks[i].size();
+    f.ctx.uc_link = &b.sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = config().order == 1 ? n - 1 - i : i;
+  for (;;) {
+    if (config().order == 2) std::shuffle(order.begin(), order.end(), rng);
+    bool ran = false;
+    for (int i : order) {
+      if (b.fibers[i].state != kRunnable) continue;
+      b.current = i;
+      swapcontext(&b.sched, &b.fibers[i].ctx);
+      ran = true;
+    }
+    if (ran) continue;
+    int done = 0, at_block = 0;
+    for (auto& f : b.fibers) {
+      done += f.state == kDone;
+      at_block += f.state == kBlockBarrier;
+    }
+    if (done == n) return true;
+    bool released = false;
+    // warps whose live lanes all wait at a warp barrier go on
+    for (int w = 0; w * 32 < n; ++w) {
+      int live = 0, waiting = 0;
+      for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i) {
+        live += b.fibers[i].state != kDone;
+        waiting += b.fibers[i].state == kWarpBarrier;
+      }
+      if (waiting > 0 && waiting == live) {
+        if (live != std::min(n, w * 32 + 32) - w * 32) fail("warp shuffle after some lanes exited");
+        for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i)
+          if (b.fibers[i].state == kWarpBarrier) b.fibers[i].state = kRunnable;
+        released = true;
+      }
+    }
+    if (released) continue;
+    if (at_block + done == n && at_block > 0) {
+      if (done > 0) {
+        fail("__syncthreads reached after some threads of the block returned");
+        return false;
+      }
+      const Fiber& f0 = b.fibers[0];
+      for (auto& f : b.fibers)
+        if (f.line != f0.line || std::strcmp(f.file, f0.file) != 0) {
+          char buf[400];
+          std::snprintf(buf, sizeof buf, "divergent barriers: %s:%d and %s:%d", f0.file, f0.line,
+                        f.file, f.line);
+          fail(buf);
+          return false;
+        }
+      for (auto& f : b.fibers) f.state = kRunnable;
+      continue;
+    }
+    fail("deadlock: threads wait at different kinds of barrier");
+    return false;
+  }
+}
+
+inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
+                   std::function<void()> body) {
+  const int n = int(block.x * block.y * block.z);
+  char buf[200];
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n == 0 || n > 1024 || grid.y > 65535 ||
+      grid.z > 65535 || n % 32 != 0) {
+    std::snprintf(buf, sizeof buf, "bad launch: grid (%u, %u, %u), block (%u, %u, %u)", grid.x,
+                  grid.y, grid.z, block.x, block.y, block.z);
+    fail(buf);
+    last_error() = cudaErrorInvalidConfiguration;
+    return;
+  }
+  auto it = smem_attribute().find(kernel);
+  const size_t allowed = it == smem_attribute().end() ? 48 * 1024 : size_t(it->second);
+  if (smem > allowed) {
+    std::snprintf(buf, sizeof buf, "launch with %zu bytes of dynamic shared memory, %zu allowed",
+                  smem, allowed);
+    fail(buf);
+    last_error() = cudaErrorInvalidValue;
+    return;
+  }
+  Block b;
+  b.grid = grid;
+  b.dim = block;
+  b.fibers.resize(n);
+  b.stacks.assign(n, std::vector<char>(kStack));
+  b.exchange.assign(n, 0);
+  b.votes.assign(n, 0);
+  b.body = &body;
+  for (int i = 0; i < n; ++i) {
+    b.fibers[i].linear = i;
+    b.fibers[i].tid = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+  }
+  std::vector<unsigned char> raw(smem + 2 * kGuard + 128);
+  // 128-byte aligned start, guard bytes on both sides
+  unsigned char* base = raw.data() + kGuard;
+  base += (128 - reinterpret_cast<uintptr_t>(base) % 128) % 128;
+  std::mt19937 rng(config().seed);
+  block_ptr() = &b;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::memset(raw.data(), 0xA5, raw.size());
+        std::memset(base, 0xFF, smem);  // NaN in every float format
+        b.smem = base;
+        b.idx = make_uint3(x, y, z);
+        if (!run_block(b, rng)) {
+          last_error() = cudaErrorLaunchFailure;
+          block_ptr() = nullptr;
+          return;
+        }
+        for (unsigned char* p = raw.data(); p < base; ++p)
+          if (*p != 0xA5) { fail("write before the dynamic shared memory"); break; }
+        for (unsigned char* p = base + smem; p < raw.data() + raw.size(); ++p)
+          if (*p != 0xA5) { fail("write past the dynamic shared memory"); break; }
+      }
+  block_ptr() = nullptr;
+  if (!error_text().empty()) last_error() = cudaErrorLaunchFailure;
+}
+
+}  // namespace emu
+
+// ---- the CUDA names the kernels use ----------------------------------------------------------
+
+#define threadIdx (::emu::cur().tid)
+#define blockIdx (::emu::blk().idx)
+#define blockDim (::emu::blk().dim)
+#define gridDim (::emu::blk().grid)
+#define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
+#define __syncthreads_or(p) ::emu::syncthreads_or((p), __FILE__, __LINE__)
+#define __syncwarp(...) ::emu::warp_barrier()
+
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
+  return ::emu::shfl_xor(v, lane_mask);
+}
+template <typename T> inline T __ldg(const T* p) {
+  if (sizeof(T) == 16) ::emu::check_aligned(p, 16, "__ldg of a 16-byte vector");
+  return *p;
+}
+inline float __expf(float v) { return std::exp(v); }
+inline float __logf(float v) { return std::log(v); }
+using std::max;
+using std::min;
+inline int min(int a, long b) = delete;  // mixed-width min/max are errors in CUDA too
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = ::emu::last_error();
+  ::emu::last_error() = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = ::emu::config().smem_optin;
+  else if (attr == cudaDevAttrMultiProcessorCount) *v = ::emu::config().sm_count;
+  else return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int v) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (v > ::emu::config().smem_optin) {
+    ::emu::fail("cudaFuncSetAttribute above the opt-in shared memory limit");
+    return cudaErrorInvalidValue;
+  }
+  ::emu::smem_attribute()[f] = v;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
+
+// ---- WMMA ------------------------------------------------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator models 16x16x16 fragments only");
+  T x[256];
+  static constexpr int num_elements = 256;
+};
+
+template <typename T> inline void check_tile(const T* p, unsigned ldm, const char* what) {
+  ::emu::check_aligned(p, 32, what);
+  const unsigned unit = 16 / sizeof(T);  // ldm: multiple of 16 bytes
+  if (ldm % unit != 0) ::emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
+}
+
+template <typename Use, typename T, typename L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same<Use, accumulator>::value, "accumulators need a layout");
+  check_tile(p, ldm, "wmma::load_matrix_sync");
+  constexpr bool row = std::is_same<L, row_major>::value;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[i * 16 + j] = row ? p[i * ldm + j] : p[j * ldm + i];
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm,
+                             layout_t layout) {
+  check_tile(p, ldm, "wmma::load_matrix_sync (accumulator)");
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      f.x[i * 16 + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
+}
+
+template <typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm,
+                              layout_t layout) {
+  check_tile(p, ldm, "wmma::store_matrix_sync");
+  if ((::emu::cur().linear & 31) != 0) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      (layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.x[i * 16 + j];
+}
+
+template <typename Use, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, V v) {
+  for (auto& e : f.x) e = T(v);
+}
+
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float r[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += float(a.x[i * 16 + k]) * float(b.x[k * 16 + j]);
+      r[i * 16 + j] = s;
+    }
+  std::memcpy(d.x, r, sizeof r);
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,247 @@
+"""The CUDA kernels of csrc/cuda, built for the CPU emulator (emu_runtime.h) and called like the
+torch glue calls them (csrc/cuda/*_cuda.cpp): same conversions, same strides, same outputs.
+
+Every tensor handed to a kernel sits between NaN guard zones (so an out-of-bounds read poisons
+the result) and every output between sentinel zones that must be intact afterwards (an
+out-of-bounds write is an error).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SOURCES = [ROOT / "csrc/cuda/patch_stats_kernels.cu", ROOT / "csrc/cuda/masked_attention_kernels.cu",
+           HERE / "emu_exports.cpp"]
+HEADERS = [HERE / "emu_runtime.h", *sorted((ROOT / "csrc/cuda").glob("*.h")),
+           *sorted((ROOT / "csrc/cuda").glob("*.cuh"))]
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Werror", "-x", "c++",
+         "-DREGHARM_CUDA_EMULATION", "-include", str(HERE / "emu_runtime.h"),
+         f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc'}"]
+
+DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+GUARD = 64  # elements
+
+
+def unavailable() -> Optional[str]:
+    """None when the emulator can be built here, else why not."""
+    if shutil.which("g++") is None:
+        return "g++ not found"
+    if not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        return f"CUDA headers not found in {CUDA_INCLUDE} (set CUDA_HOME)"
+    return None
+
+
+def build() -> Path:
+    """Compiles the emulator library once per source version (cached in the temp dir)."""
+    digest = hashlib.sha256()
+    for p in SOURCES + HEADERS:
+        digest.update(p.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    out_dir = Path(tempfile.gettempdir()) / f"regharm_cuda_emu_{digest.hexdigest()[:16]}"
+    lib = out_dir / "emu.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objs = [out_dir / (s.name + ".o") for s in SOURCES]
+
+    def compile_one(src_obj):
+        src, obj = src_obj
+        proc = subprocess.run(["g++", *FLAGS, "-c", str(src), "-o", str(obj)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"emulator build failed for {src.name}:\n{proc.stderr[-6000:]}")
+
+    with ThreadPoolExecutor(len(SOURCES)) as pool:
+        list(pool.map(compile_one, zip(SOURCES, objs)))
+    tmp = out_dir / f"emu.{os.getpid()}.so"
+    subprocess.run(["g++", "-shared", "-o", str(tmp), *map(str, objs)], check=True)
+    tmp.replace(lib)
+    return lib
+
+
+def _guarded(t: torch.Tensor, fill=float("nan")) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of t (same strides pattern, dense) inside a buffer with GUARD elements of `fill`
+    on both sides. Returns (view, buffer)."""
+    buf = torch.full((t.numel() + 2 * GUARD,), fill, dtype=t.dtype)
+    view = buf[GUARD:GUARD + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view, buf
+
+
+def _output(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    n = 1
+    for s in shape:
+        n *= s
+    buf = torch.full((n + 2 * GUARD,), 12345.0, dtype=dtype)
+    return buf[GUARD:GUARD + n].view(shape), buf
+
+
+def _check_guards(buf: torch.Tensor, name: str) -> None:
+    for zone in (buf[:GUARD], buf[-GUARD:]):
+        if not (zone == 12345.0).all():
+            raise AssertionError(f"kernel wrote outside {name}")
+
+
+def strided_copy(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """t with a non-contiguous layout whose gaps hold NaN. kind: "pad" (rows padded),
+    "channels_last" (4-d) / "transposed" (3-d, feature dim not dense)."""
+    if kind == "pad":
+        big = torch.full((*t.shape[:-1], t.shape[-1] + 3), float("nan"), dtype=t.dtype)
+        big[..., : t.shape[-1]] = t
+        return big[..., : t.shape[-1]]
+    if kind == "channels_last" and t.dim() == 4:
+        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if kind == "transposed" and t.dim() == 3:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    raise ValueError(kind)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _i64(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*[int(v) for v in values])
+
+
+class Emulator:
+    def __init__(self, lib: Path):
+        self.lib = ctypes.CDLL(str(lib))
+        self.lib.emu_take_errors.restype = ctypes.c_char_p
+        self.lib.emu_patch_stats_backward_workspace.restype = ctypes.c_int64
+        self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
+
+    def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1):
+        self.lib.emu_configure(smem_optin, sm_count, order, seed)
+
+    def _done(self, rc: int, what: str) -> None:
+        errors = self.lib.emu_take_errors().decode()
+        if rc != 0 or errors:
+            raise AssertionError(f"{what}: error code {rc}\n{errors}")
+
+    # ---- patch_stats: like csrc/cuda/patch_stats_cuda.cpp -----------------------------------
+
+    def patch_fits(self, dtype, shape8) -> tuple[bool, int]:
+        need = ctypes.c_int64(0)
+        ok = self.lib.emu_patch_stats_fits(DTYPE_TAG[dtype], _i64(shape8), ctypes.byref(need))
+        return bool(ok), need.value
+
+    def patch_stats(self, x, bg, weight, bias, patch, stride, eps=1e-5, min_mass=0.5):
+        B, C, H, W = x.shape
+        (ph, pw), (sh, sw) = patch, stride
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        shape = _i64([B, C, H, W, ph, pw, sh, sw])
+        xg = _strided_guarded(x)
+        bga = _strided_guarded(bg.to(acc))
+        wa, _ = _guarded(weight.to(acc).contiguous())
+        ba, _ = _guarded(bias.to(acc).contiguous())
+        K = ((H - ph) // sh + 1) * ((W - pw) // sw + 1)
+        outs = [_output((B, K, C), x.dtype) for _ in range(3)] + [_output((B, K), x.dtype)]
+        rc = self.lib.emu_patch_stats_forward(
+            DTYPE_TAG[x.dtype], _ptr(xg), _i64(xg.stride()), _ptr(bga),
+            _i64([bga.stride(0), bga.stride(2), bga.stride(3)]), _ptr(wa), _ptr(ba), shape,
+            ctypes.c_double(eps), ctypes.c_double(min_mass), *[_ptr(o) for o, _ in outs])
+        self._done(rc, "patch_stats_forward")
+        for (o, buf), name in zip(outs, ("mu", "sigma", "content", "mass")):
+            _check_guards(buf, name)
+        return tuple(o.clone() for o, _ in outs)
+
+    def patch_stats_backward(self, grads, x, bg, weight, patch, stride, eps=1e-5, min_mass=0.5):
+        B, C, H, W = x.shape
+        (ph, pw), (sh, sw) = patch, stride
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        shape = _i64([B, C, H, W, ph, pw, sh, sw])
+        gs = [_guarded(g.to(acc).contiguous())[0] for g in grads]
+        xg = _strided_guarded(x)
+        bga = _strided_guarded(bg.to(acc))
+        wa, _ = _guarded(weight.to(acc).contiguous())
+        ws_bytes = self.lib.emu_patch_stats_backward_workspace(DTYPE_TAG[x.dtype], shape)
+        workspace = torch.full((ws_bytes // 8 + 1,), float("nan"), dtype=torch.float64)
+        gx, gx_buf = _output((B, C, H, W), x.dtype)
+        gwb, gwb_buf = _output((ph * pw + 1,), acc)
+        rc = self.lib.emu_patch_stats_backward(
+            DTYPE_TAG[x.dtype], *[_ptr(g) for g in gs], _ptr(xg), _i64(xg.stride()), _ptr(bga),
+            _i64([bga.stride(0), bga.stride(2), bga.stride(3)]), _ptr(wa), shape,
+            ctypes.c_double(eps), ctypes.c_double(min_mass), _ptr(workspace), _ptr(gx), _ptr(gwb))
+        self._done(rc, "patch_stats_backward")
+        _check_guards(gx_buf, "grad_x")
+        _check_guards(gwb_buf, "grad_weight/bias")
+        P = ph * pw
+        return gx.clone(), gwb[:P].to(weight.dtype), gwb[P:].to(grads[2].dtype)
+
+    # ---- masked_attention: like csrc/cuda/masked_attention_cuda.cpp --------------------------
+
+    def attention_fits(self, dtype, shape5) -> tuple[bool, int]:
+        need = ctypes.c_int64(0)
+        ok = self.lib.emu_attention_fits(DTYPE_TAG[dtype], _i64(shape5), ctypes.byref(need))
+        return bool(ok), need.value
+
+    def attention(self, q, k, v, key_bias, query_mask, scale):
+        B, L, D = q.shape
+        N, E = k.shape[1], v.shape[2]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        shape = _i64([B, L, N, D, E])
+        qd, kd, vd = (_strided_guarded(_dense_rows(t)) for t in (q, k, v))
+        bias, _ = _guarded(key_bias.to(acc).contiguous())
+        mask = query_mask.contiguous() if query_mask is not None else None
+        out, out_buf = _output((B, L, E), q.dtype)
+        lse, lse_buf = _output((B, L), torch.float32)
+        strides = _i64([s for t in (qd, kd, vd) for s in t.stride()[:2]])
+        rc = self.lib.emu_attention_forward(
+            DTYPE_TAG[q.dtype], _ptr(qd), _ptr(kd), _ptr(vd), strides, _ptr(bias), _ptr(mask),
+            shape, ctypes.c_double(scale), _ptr(out), _ptr(lse))
+        self._done(rc, "masked_attention_forward")
+        _check_guards(out_buf, "out")
+        _check_guards(lse_buf, "lse")
+        return out.clone(), lse.clone()
+
+    def attention_backward(self, grad_out, q, k, v, key_bias, query_mask, out, lse, scale):
+        B, L, D = q.shape
+        N, E = k.shape[1], v.shape[2]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        shape = _i64([B, L, N, D, E])
+        tensors = [_strided_guarded(_dense_rows(t)) for t in (grad_out.to(q.dtype), q, k, v,
+                                                              out.to(q.dtype))]
+        bias, _ = _guarded(key_bias.to(acc).contiguous())
+        mask = query_mask.contiguous() if query_mask is not None else None
+        lse_g, _ = _guarded(lse.float().contiguous())
+        ws_bytes = self.lib.emu_attention_backward_workspace(DTYPE_TAG[q.dtype], shape)
+        workspace = torch.full((ws_bytes // 8 + 1,), float("nan"), dtype=torch.float64)
+        grads = [_output(s, q.dtype) for s in ((B, L, D), (B, N, D), (B, N, E))]
+        strides = _i64([s for t in tensors for s in t.stride()[:2]])
+        rc = self.lib.emu_attention_backward(
+            DTYPE_TAG[q.dtype], *[_ptr(t) for t in tensors], strides, _ptr(bias), _ptr(mask),
+            _ptr(lse_g), shape, ctypes.c_double(scale), _ptr(workspace),
+            *[_ptr(g) for g, _ in grads])
+        self._done(rc, "masked_attention_backward")
+        for (g, buf), name in zip(grads, ("dq", "dk", "dv")):
+            _check_guards(buf, name)
+        return tuple(g.clone() for g, _ in grads)
+
+
+def _dense_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _strided_guarded(t: torch.Tensor) -> torch.Tensor:
+    """t keeping its strides (gaps stay NaN), inside NaN guard zones."""
+    if t.is_contiguous():
+        return _guarded(t)[0]
+    # the smallest storage span that holds t's layout, NaN wherever t has no element
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    buf = torch.full((span + 2 * GUARD,), float("nan"), dtype=t.dtype)
+    view = buf.as_strided(t.shape, t.stride(), GUARD)
+    view.copy_(t)
+    return view

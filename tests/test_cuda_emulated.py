@@ -1,0 +1,232 @@
+"""The CUDA kernels of csrc/cuda executed on the CPU (tests/cuda_emu: every CUDA thread a fiber)
+against `reference`: index math, tiling, masking, padding, shared-memory layouts and barriers are
+checked on any machine, before a GPU ever runs them. What only a GPU shows (speed, the real
+tensor-core fragment layouts, memory-model corner cases) is tested in test_cuda_native.py.
+
+Each kernel sees its inputs between NaN guard zones and its outputs between sentinel zones
+(emulated.py), and the emulator reports divergent barriers, deadlocks, misaligned WMMA or vector
+accesses and shared memory beyond the launch size.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+
+import emulated  # noqa: E402
+from helpers import assert_close, make_attention_inputs, make_patch_inputs  # noqa: E402
+from regharm_ext.ops import reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(emulated.unavailable() is not None,
+                                reason=f"CUDA emulator: {emulated.unavailable()}")
+
+H100, A100, RTX = 227 * 1024, 163 * 1024, 99 * 1024  # opt-in shared memory per block
+ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}  # fiber schedules
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emulated.Emulator(emulated.build())
+
+
+@pytest.fixture
+def configured(emu):
+    def configure(smem=H100, sms=4, order="forward"):
+        emu.configure(smem, sms, ORDERS[order], seed=7)
+        return emu
+    configure()
+    return configure
+
+
+# ---- patch_stats ------------------------------------------------------------------------------
+
+PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
+    "odd": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
+    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
+    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
+    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
+    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+    "many_tiles": ((1, 2, 40, 72), (4, 4), (1, 2), 0.0, "soft"),       # 37 x 35 patches
+    "gaps": ((1, 2, 23, 19), (3, 2), (5, 4), 0.0, "soft"),              # stride > patch
+    "whole_map": ((2, 2, 9, 7), (9, 7), (1, 1), 0.0, "soft"),
+    "pixels": ((1, 3, 6, 5), (1, 1), (1, 1), 0.0, "soft"),
+    "big_patch": ((1, 2, 60, 64), (56, 56), (4, 8), 0.0, "soft"),      # float64: > 48 KB, opt-in
+}
+
+
+def _patch_reference(inputs, patch, stride, cotangents):
+    x, bg, w, b = inputs
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    outs = reference.patch_stats(xr, bg, wr, br, patch, stride, 1e-5, 0.5)
+    torch.autograd.backward(outs[:3], cotangents)
+    return outs, (xr.grad, wr.grad, br.grad)
+
+
+def _cotangents(outs, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g).to(dtype) for o in outs[:3]]
+
+
+def _check_patch(emu, inputs, patch, stride, layout=None):
+    x, bg, w, b = inputs
+    dtype = x.dtype
+    xk = emulated.strided_copy(x, layout) if layout else x
+    got = emu.patch_stats(xk, bg, w, b, patch, stride)
+    cots = _cotangents(got, dtype)
+    want, want_g = _patch_reference(inputs, patch, stride, cots)
+    for name, a, e in zip(("mu", "sigma", "content", "mass"), got, want):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, msg=f"emulated CUDA {name}")
+    got_g = emu.patch_stats_backward(cots, xk, bg, w, patch, stride)
+    for name, a, e in zip(("dx", "dweight", "dbias"), got_g, want_g):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, grad=True, msg=f"emulated CUDA {name}")
+    valid = want[3] >= 0.5
+    for o in got[:3]:  # invalid patches are exactly 0
+        assert (o[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("case", PATCH_CASES)
+def test_cuda_emulated_patch_stats(configured, case, dtype):
+    shape, patch, stride, offset, kind = PATCH_CASES[case]
+    if case == "big_patch" and dtype != torch.float64:
+        pytest.skip("float64 is the dtype whose 56x56 window exceeds 48 KB")
+    inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
+    _check_patch(configured(), inputs, patch, stride)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("layout", ["channels_last", "pad"])
+def test_cuda_emulated_patch_stats_layouts_and_schedules(configured, layout, order):
+    inputs = make_patch_inputs(2, 3, 37, 50, (7, 5), (3, 2), torch.float32, offset=100.0)
+    _check_patch(configured(order=order), inputs, (7, 5), (3, 2), layout)
+
+
+def test_cuda_emulated_patch_stats_shared_memory_limits(configured):
+    # 80x80 float32 needs one-patch tiles beyond 48 KB: opt-in on every GPU
+    emu = configured(smem=RTX)
+    ok, need = emu.patch_fits(torch.float32, (1, 2, 84, 84, 80, 80, 2, 4))
+    assert ok and 48 * 1024 < need <= RTX
+    # a patch whose window alone exceeds the device: refused (the glue names the sizes)
+    ok, need = emu.patch_fits(torch.float64, (1, 1, 130, 130, 128, 128, 1, 1))
+    assert not ok and need > RTX
+    # the paper's setting fits in 48 KB for every dtype
+    for dtype in (torch.float32, torch.float64):
+        ok, need = emu.patch_fits(dtype, (4, 64, 128, 128, 16, 16, 4, 4))
+        assert ok and need <= 48 * 1024
+
+
+# ---- masked_attention -------------------------------------------------------------------------
+
+ATTN_CASES = {  # name: kwargs of make_attention_inputs
+    "odd": dict(B=2, L=37, N=23, D=8, E=6),
+    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
+    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
+    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
+    "tiles": dict(B=2, L=150, N=70, D=24, E=40),  # several query/key tiles, split queries
+    "ptl_like": dict(B=1, L=70, N=29, D=64, E=128, active=0.3, removed=0.2),
+}
+
+
+def _attn_reference(inputs, scale, cot):
+    q, k, v, kb, qm = inputs
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    out = reference.masked_attention(qr, kr, vr, kb, qm, scale)
+    out.backward(cot)
+    s = scale * q.double() @ k.double().transpose(1, 2) + kb.double()[:, None, :]
+    lse = torch.logsumexp(s, -1)
+    if qm is not None:
+        lse = torch.where(qm, lse, torch.full_like(lse, float("-inf")))
+    return out, lse, (qr.grad, kr.grad, vr.grad)
+
+
+def _check_attention(emu, inputs, scale=None, layout=None):
+    q, k, v, kb, qm = inputs
+    dtype = q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qk, kk, vk = (emulated.strided_copy(t, layout) if layout else t for t in (q, k, v))
+    out, lse = emu.attention(qk, kk, vk, kb, qm, scale)
+    g = torch.Generator().manual_seed(2)
+    cot = torch.randn(out.shape, generator=g).to(dtype)
+    want, want_lse, want_g = _attn_reference(inputs, scale, cot)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, want, dtype, msg="emulated CUDA out")
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)), "lse must be -inf exactly where nothing is attended"
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=1e-5, rtol=1e-5)
+    if qm is not None:
+        assert (out[~qm] == 0).all(), "inactive queries give exactly 0"
+    grads = emu.attention_backward(cot, qk, kk, vk, kb, qm, out, lse, scale)
+    for name, a, e in zip(("dq", "dk", "dv"), grads, want_g):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, grad=True, msg=f"emulated CUDA {name}")
+    if qm is not None:
+        assert (grads[0][~qm] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_cuda_emulated_masked_attention(configured, case, dtype):
+    _check_attention(configured(), make_attention_inputs(**ATTN_CASES[case], dtype=dtype))
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("layout", [None, "pad", "transposed"])
+def test_cuda_emulated_attention_layouts_and_schedules(configured, layout, order):
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=torch.bfloat16)
+    _check_attention(configured(order=order), inputs, layout=layout)
+
+
+def test_cuda_emulated_attention_without_mask_and_custom_scale(configured):
+    inputs = list(make_attention_inputs(B=2, L=12, N=9, D=4, E=3))
+    inputs[4] = None
+    _check_attention(configured(), inputs, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("smem", [H100, A100], ids=["sm90", "sm80"])
+def test_cuda_emulated_attention_largest_dims(configured, smem, dtype):
+    """D = 256, E = 512 (E = 2C at C = 256): chunked value columns, smaller tiles, within the
+    shared memory of an A100 or H100."""
+    emu = configured(smem=smem)
+    ok, need = emu.attention_fits(dtype, (1, 20, 18, 256, 512))
+    assert ok, need
+    inputs = make_attention_inputs(B=1, L=20, N=18, D=256, E=512, dtype=dtype, dead_batch=False)
+    _check_attention(emu, inputs)
+
+
+@pytest.mark.parametrize("dtype,D,E", [(torch.bfloat16, 256, 384), (torch.float32, 128, 256)],
+                         ids=["bf16", "fp32"])
+def test_cuda_emulated_attention_on_99kb_gpus(configured, dtype, D, E):
+    """sm_86/sm_89 offer 99 KB per block: the backward's key-tile kernel then holds 16 keys with
+    their full dV rows, which limits E (bf16 at D = 256: E = 512 needs ~104 KB)."""
+    emu = configured(smem=RTX)
+    ok, need = emu.attention_fits(dtype, (1, 20, 18, D, E))
+    assert ok, need
+    inputs = make_attention_inputs(B=1, L=20, N=18, D=D, E=E, dtype=dtype, dead_batch=False)
+    _check_attention(emu, inputs)
+
+
+def test_cuda_emulated_attention_odd_value_width(configured):
+    # E = 200: value chunks of 128 and 72 columns (the last one partly padding)
+    _check_attention(configured(), make_attention_inputs(B=1, L=40, N=33, D=40, E=200,
+                                                         dtype=torch.float16, dead_batch=False))
+
+
+def test_cuda_emulated_float64_gradients_are_exact(configured):
+    """The float32 lse of the forward is recomputed in float64 by the backward."""
+    inputs = make_attention_inputs(B=2, L=70, N=40, D=12, E=10, dtype=torch.float64)
+    q, k, v, kb, qm = inputs
+    emu = configured()
+    out, lse = emu.attention(q, k, v, kb, qm, 0.3)
+    cot = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = emu.attention_backward(cot, q, k, v, kb, qm, out, lse, 0.3)
+    _, _, want = _attn_reference(inputs, 0.3, cot)
+    for a, e in zip(grads, want):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
