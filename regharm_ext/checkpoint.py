@@ -1,0 +1,373 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for everything else, written atomically.
+
+A run directory (what ``train`` writes and ``--checkpoint`` accepts)::
+
+    RUN_DIR/latest.json                  {"checkpoint": "checkpoints/step-00000120", "step": .., "epoch": ..}
+    RUN_DIR/best.json                    same form, when the run validates during training
+    RUN_DIR/checkpoints/step-00000120/   one checkpoint, renamed into place when complete
+        model.safetensors                the weights (``state_dict``)
+        model.json                       {"format", "model": Harmonizer kwargs, "trained": {..}, "step", "epoch"}
+        train_state.safetensors          optimizer / scheduler / RNG tensors
+        train_state.json                 the rest of that state, tensors replaced by references
+
+A bare weights file ``X.safetensors`` has its ``X.json`` beside it (the packaged default weights
+are ``regharm_ext/weights/default.safetensors`` + ``default.json``).
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "regharm_ext/harmonizer-v1"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "default.safetensors"
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model it describes."""
+
+
+# --------------------------------------------------------------------------- atomic files
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """JSON written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+    _atomic_write(Path(path), write)
+
+
+def _read_json(path: Path, what: str) -> Dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing {what}: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- state codec
+def _encode(obj: Any, tensors: Dict[str, torch.Tensor], prefix: str) -> Any:
+    """Nested state -> JSON-able tree; tensors and arrays go to ``tensors`` under a key."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "t"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = prefix or "a"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64)
+                                        if obj.dtype.kind in "iu" else np.ascontiguousarray(obj)).clone()
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, collections.Counter):
+        return {"__counter__": [[_encode(k, tensors, f"{prefix}.k{i}"), v] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _encode(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}}
+        return {"__items__": [[_encode(k, tensors, f"{prefix}.k{i}"), _encode(v, tensors, f"{prefix}.v{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {prefix or 'top level'})")
+
+
+def _decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+    if "__counter__" in obj:
+        return collections.Counter({_decode(k, tensors): v for k, v in obj["__counter__"]})
+    if "__dict__" in obj:
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"].items()}
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    raise CheckpointError(f"unrecognized entry in a training state file: {sorted(obj)}")
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a training step may draw from (torch CPU/CUDA, numpy, python)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    # JSON turned the inner tuple into a list; random.setstate needs tuples back
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --------------------------------------------------------------------------- weights
+def _model_meta(model: torch.nn.Module, extra: Optional[Dict]) -> Dict:
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError("model must be a Harmonizer (it needs a .config dict to be rebuilt)")
+    meta = {"format": FORMAT, "model": dict(config)}
+    meta.update(extra or {})
+    return meta
+
+
+def save_weights(path: PathLike, model: torch.nn.Module, extra: Optional[Dict] = None) -> Path:
+    """``path`` (``X.safetensors``) with the weights and ``X.json`` beside it with the model config
+    plus ``extra`` (e.g. ``{"trained": {...}}``), each written atomically. Returns the weights path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"weights file must end in .safetensors, got {path}")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_json(path.with_suffix(".json"), _model_meta(model, extra))
+    return path
+
+
+# --------------------------------------------------------------------------- run checkpoints
+def save_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    state: Optional[Dict] = None, keep: int = 2, best: bool = False) -> Path:
+    """Write one complete checkpoint of a run and point ``RUN_DIR/latest.json`` at it.
+
+    Args:
+        run_dir: the run directory.
+        model: a :class:`~regharm_ext.model.Harmonizer`.
+        optimizer, scheduler: saved with their ``state_dict()`` when given.
+        state: JSON-able training state (counters, losses, ...); ``state["step"]`` names the
+            checkpoint, ``state["trained"]`` (optional) goes to ``model.json``. The RNG states are
+            added automatically.
+        keep: how many checkpoints to keep (the latest ones, and always the best one).
+        best: also point ``RUN_DIR/best.json`` at this checkpoint.
+
+    The checkpoint is written into a temporary folder that is renamed into place only when
+    complete, then the pointer file is replaced atomically: an interruption at any moment leaves
+    the previous checkpoint usable. Returns the checkpoint folder.
+    """
+    run_dir = Path(run_dir)
+    state = dict(state or {})
+    step = int(state.get("step", 0))
+    ckdir = run_dir / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    n = 1
+    while (ckdir / name).exists():
+        n += 1
+        name = f"step-{step:08d}.{n}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckdir))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        extra = {k: state[k] for k in ("trained", "step", "epoch") if k in state}
+        save_weights(tmp / "model.safetensors", model, extra)
+        full = {"state": state, "rng": rng_state()}
+        if optimizer is not None:
+            full["optimizer"] = optimizer.state_dict()
+        if scheduler is not None:
+            full["scheduler"] = scheduler.state_dict()
+        tensors: Dict[str, torch.Tensor] = {}
+        tree = _encode(full, tensors, "")
+        _atomic_write(tmp / "train_state.safetensors", lambda t: save_file(tensors, t))
+        write_json(tmp / "train_state.json", tree)
+        os.replace(tmp, ckdir / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = {"checkpoint": f"checkpoints/{name}", "step": step, "epoch": state.get("epoch")}
+    write_json(run_dir / "latest.json", pointer)
+    if best:
+        write_json(run_dir / "best.json", pointer)
+    _prune(run_dir, keep)
+    return ckdir / name
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    pinned = set()
+    for ptr in ("latest.json", "best.json"):
+        p = run_dir / ptr
+        if p.is_file():
+            try:
+                pinned.add(Path(json.loads(p.read_text())["checkpoint"]).name)
+            except (ValueError, KeyError, OSError):
+                pass
+    done = sorted(d for d in (run_dir / "checkpoints").iterdir() if d.is_dir() and d.name.startswith("step-"))
+    for d in done[:-max(1, keep)]:
+        if d.name not in pinned:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def resolve_checkpoint(checkpoint: Optional[PathLike], prefer: str = "best") -> Path:
+    """The weights file a ``--checkpoint`` argument means.
+
+    ``None`` -> the packaged default weights; a ``.safetensors`` file -> itself; a run directory
+    -> the checkpoint its ``best.json`` (``prefer="best"``) or ``latest.json`` points to; a
+    checkpoint folder -> its ``model.safetensors``.
+    """
+    if checkpoint is None:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CheckpointError(f"no packaged default weights: missing {DEFAULT_WEIGHTS}; "
+                                  f"train a model (python -m regharm_ext.train) and pass --checkpoint RUN_DIR")
+        return DEFAULT_WEIGHTS
+    path = Path(checkpoint)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path} is not a .safetensors weights file or a run directory")
+        return path
+    if path.is_dir():
+        order = ("best.json", "latest.json") if prefer == "best" else ("latest.json", "best.json")
+        for ptr in order:
+            if (path / ptr).is_file():
+                target = path / _read_json(path / ptr, "checkpoint pointer")["checkpoint"]
+                weights = target / "model.safetensors"
+                if not weights.is_file():
+                    raise CheckpointError(f"{path / ptr} points to {target}, but {weights} is missing")
+                return weights
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        raise CheckpointError(f"{path} holds no checkpoint: expected latest.json (a run directory) "
+                              f"or model.safetensors (a checkpoint folder)")
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def _build(meta: Dict, source: Path):
+    from .model import Harmonizer
+
+    config = meta.get("model")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source} has no 'model' section (the Harmonizer config)")
+    allowed = set(inspect.signature(Harmonizer.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model config keys {unknown}; "
+                              f"known: {sorted(allowed)}")
+    try:
+        return Harmonizer(**config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: invalid model config {config}: {exc}") from None
+
+
+def _load_state(model: torch.nn.Module, weights: Path) -> None:
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read weights {weights}: {exc}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+        raise CheckpointError(f"weights {weights} do not fit the model its config describes: " + "; ".join(parts))
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
+               backend: Optional[str] = None) -> Tuple[torch.nn.Module, Dict]:
+    """A ready Harmonizer (eval mode, on ``device``) and its config.
+
+    Args:
+        checkpoint: a run directory (its best, else latest checkpoint), a checkpoint folder, a
+            ``.safetensors`` file (with its ``.json`` beside it), or None for the packaged
+            default weights.
+        device: where to put the model.
+        backend: op backend for PTL/LTL, overriding the stored one (None keeps it).
+
+    Returns:
+        (model, config): ``config`` is the model's constructor arguments (``variant``,
+        ``input_size``, ...) plus ``"trained"`` (how it was trained, may be empty),
+        ``"step"``/``"epoch"`` when known, and ``"checkpoint"`` (the weights path).
+    """
+    weights = resolve_checkpoint(checkpoint)
+    meta = _read_json(weights.with_suffix(".json"), "model config (JSON beside the weights)")
+    if backend is not None:
+        meta = dict(meta, model=dict(meta.get("model") or {}, backend=backend))
+    model = _build(meta, weights.with_suffix(".json"))
+    _load_state(model, weights)
+    model.to(device).eval()
+    config = dict(model.config)
+    config.update({"trained": meta.get("trained", {}), "checkpoint": str(weights)})
+    for k in ("step", "epoch"):
+        if k in meta:
+            config[k] = meta[k]
+    return model, config
+
+
+def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> Dict:
+    """Restore a run's latest checkpoint into ``model`` (and ``optimizer``/``scheduler``); set
+    the RNG states as they were when it was saved. Returns the training ``state`` dict."""
+    weights = resolve_checkpoint(run_dir, prefer="latest")
+    ck = weights.parent
+    meta = _read_json(ck / "model.json", "model config")
+    if meta.get("model") != model.config:
+        diff = sorted(k for k in set(meta.get("model", {})) | set(model.config)
+                      if meta.get("model", {}).get(k) != model.config.get(k))
+        raise CheckpointError(f"{ck} was saved for another model config (differs in {diff})")
+    _load_state(model, weights)
+    tree = _read_json(ck / "train_state.json", "training state")
+    st = ck / "train_state.safetensors"
+    if not st.is_file():
+        raise CheckpointError(f"missing training state tensors: {st}")
+    full = _decode(tree, load_file(str(st)))
+    if optimizer is not None:
+        if "optimizer" not in full:
+            raise CheckpointError(f"{ck} holds no optimizer state")
+        optimizer.load_state_dict(full["optimizer"])
+    if scheduler is not None:
+        if "scheduler" not in full:
+            raise CheckpointError(f"{ck} holds no scheduler state")
+        scheduler.load_state_dict(full["scheduler"])
+    if restore_rng:
+        set_rng_state(full["rng"])
+    return full["state"]

@@ -1,0 +1,494 @@
+"""Training: ``python -m regharm_ext.train [--preset demo|paper|smoke] [--out RUN_DIR]
+[--data-root DIR] [--resume] [--<field> VALUE ...]``.
+
+Presets (every :class:`TrainConfig` field can be overridden, e.g. ``--lr 1e-3 --variant rbase``):
+
+- ``demo`` (the default): the embedded synthetic composites, sized so that training plus the
+  final validation finish within 15 minutes on a 2-core CPU.
+- ``paper``: SPEC §6 / §4.1 — iHarmony4 (``--data-root``), 256², batch 4, Adam(0.9, 0.999),
+  lr 1e-3 divided by 10 at epoch 120 of 140, random crop + horizontal flip; validated on the
+  iHarmony4 test split.
+- ``smoke``: a few seconds, for tests.
+
+A run directory holds everything the run writes: ``config.json``, ``log.jsonl`` (one JSON line per
+epoch), ``checkpoints/`` + ``latest.json`` (a checkpoint every epoch, see
+:mod:`regharm_ext.checkpoint`), ``val.json`` (the final table: model vs composite vs Reinhard) and
+``tensorboard/`` when TensorBoard is installed. ``--resume`` continues from the latest checkpoint at
+the same step, with the same data order and RNG states, so its next loss is the one the
+uninterrupted run would have had.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .losses import fmse_loss
+from .model import Harmonizer
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (the ``paper`` recipe by default; presets override some)."""
+    preset: str = "paper"
+    # model
+    variant: str = "rbase+ltl+ptl"
+    width: float = 1.0
+    base_channels: int = 32
+    ltl_levels: Tuple[int, ...] = (32,)
+    input_size: int = 256
+    backend: Optional[str] = None
+    # data
+    data: str = "iharmony4"                  # "iharmony4" or "synth" (embedded photos)
+    data_root: Optional[str] = None
+    subsets: Optional[Tuple[str, ...]] = None
+    augment: bool = True                     # iHarmony4: random crop + horizontal flip
+    images_per_epoch: int = 0                # synth: samples per epoch; iharmony4: 0 = all
+    fresh_data: bool = True                  # synth: new draws every epoch
+    val_images: int = 0                      # 0 = the whole validation split
+    # optimization
+    epochs: int = 140
+    batch_size: int = 4
+    lr: float = 1e-3
+    lr_milestones: Tuple[int, ...] = (120,)  # epochs after which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    a_min: float = 100.0
+    seed: int = 0
+    # run control (may change on --resume)
+    device: str = "auto"
+    threads: int = 0                         # 0: auto (CPU: the cores not busy elsewhere)
+    num_workers: int = 0
+    eval_batch_size: int = 16
+    max_steps: int = 0                       # > 0: stop after this global step, as if interrupted
+    max_minutes: float = 0.0                 # > 0: end training after this long, then validate
+    validate: bool = True                    # the final table
+    val_every: int = 0                       # > 0: score val_subset images every N epochs, keep the best
+    val_subset: int = 0                      # images for those scores (0 = the whole split)
+    keep_checkpoints: int = 2
+    progress: bool = True                    # tqdm bar
+
+
+EVAL_SIZE = 256   # the iDIH protocol's resolution for every score (SPEC §6)
+RUN_CONTROL = {"device", "threads", "num_workers", "eval_batch_size", "max_steps", "max_minutes",
+               "validate", "progress", "data_root", "epochs", "backend", "val_every", "val_subset",
+               "keep_checkpoints"}
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper": {},
+    # Sized on a shared 2-core CPU: see the report in the README for the measured time and table.
+    "demo": dict(data="synth", input_size=128, base_channels=8, width=1.0, batch_size=8,
+                 images_per_epoch=1600, epochs=10, lr=2e-3, lr_milestones=(8,), max_minutes=12.5),
+    "smoke": dict(data="synth", input_size=64, base_channels=4, batch_size=4, images_per_epoch=8,
+                  epochs=6, lr=3e-3, lr_milestones=(), fresh_data=False, val_images=4,
+                  eval_batch_size=4, progress=False),
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """The config of a preset with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name], preset=name)
+    values.update(overrides)
+    return _make(values)
+
+
+def _make(values: Dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    cfg = TrainConfig(**values)
+    for f in ("ltl_levels", "lr_milestones", "subsets"):
+        v = getattr(cfg, f)
+        if v is not None:
+            setattr(cfg, f, tuple(v))
+    return cfg
+
+
+# --------------------------------------------------------------------------- data
+def _datasets(cfg: TrainConfig):
+    if cfg.data == "synth":
+        from .data.synth import SyntheticComposites
+
+        train = SyntheticComposites("train", size=cfg.input_size, length=cfg.images_per_epoch or 2000,
+                                    seed=cfg.seed)
+        # scored like every evaluation (SPEC §6): at 256², the model at its own size, Î upsampled
+        val = SyntheticComposites("val", size=EVAL_SIZE, length=cfg.val_images or None, seed=0)
+        return train, val
+    if cfg.data == "iharmony4":
+        if not cfg.data_root:
+            raise SystemExit("the iharmony4 data (preset 'paper') needs --data-root DIR pointing at iHarmony4 "
+                             "(or use --preset demo for the embedded synthetic data)")
+        from .data.iharmony4 import IHarmony4
+
+        train = IHarmony4(cfg.data_root, "train", subsets=cfg.subsets, size=cfg.input_size, augment=cfg.augment)
+        val = IHarmony4(cfg.data_root, "test", subsets=cfg.subsets, size=EVAL_SIZE, augment=False)
+        if cfg.val_images:
+            val = torch.utils.data.Subset(val, range(min(cfg.val_images, len(val))))
+        return train, val
+    raise ValueError(f"data must be 'synth' or 'iharmony4', got {cfg.data!r}")
+
+
+def _epoch_batches(cfg: TrainConfig, n: int, epoch: int) -> List[List[int]]:
+    """The batches of an epoch: a permutation seeded by (seed, epoch), so a resumed run sees the
+    same order. Incomplete last batches are dropped (BatchNorm and a constant step size)."""
+    per_epoch = min(n, cfg.images_per_epoch) if cfg.images_per_epoch else n
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)[:per_epoch].tolist()
+    return [order[i:i + cfg.batch_size] for i in range(0, per_epoch - cfg.batch_size + 1, cfg.batch_size)]
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """Seeds the global RNGs from (seed, epoch, index) before each sample, so that random
+    augmentation drawn from them does not depend on workers, order or resumption."""
+
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2 ** 32)
+        return self.dataset[i]
+
+
+# --------------------------------------------------------------------------- loop helpers
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _set_threads(cfg: TrainConfig, device: torch.device) -> int:
+    """CPU: the cores that other processes leave idle (at least 1). On a shared machine more
+    threads than free cores is far slower than fewer: OpenMP workers spin waiting for each other
+    (measured: 2 threads 4x slower than 1 at load 7 on 2 cores)."""
+    if cfg.threads > 0:
+        n = cfg.threads
+    elif device.type == "cpu":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+        n = max(1, min(cores, int(cores - busy + 0.5)))
+    else:
+        return torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def build_model(cfg: TrainConfig) -> Harmonizer:
+    return Harmonizer(variant=cfg.variant, width=cfg.width, ltl_levels=cfg.ltl_levels,
+                      input_size=cfg.input_size, backend=cfg.backend, base_channels=cfg.base_channels)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: JSON lines only
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
+
+
+def _trained_info(cfg: TrainConfig, state: Dict) -> Dict:
+    return {"preset": cfg.preset, "data": cfg.data, "input_size": cfg.input_size,
+            "epochs_done": state["epoch"], "steps": state["step"], "batch_size": cfg.batch_size,
+            "images_per_epoch": cfg.images_per_epoch, "lr": cfg.lr, "lr_milestones": list(cfg.lr_milestones),
+            "train_seconds": round(state["elapsed"], 1)}
+
+
+def final_validation(model, val, cfg: TrainConfig, device: torch.device, run_dir: Path) -> Dict:
+    """Model vs composite vs Reinhard on the validation split; prints the table, writes val.json."""
+    from .evaluate import evaluate, format_table
+
+    model.eval()
+    results = [evaluate(model, val, device=str(device), batch_size=cfg.eval_batch_size)]
+    for baseline in ("composite", "reinhard"):
+        results.append(evaluate(baseline, val, device=str(device), batch_size=cfg.eval_batch_size))
+    print(format_table(results), flush=True)
+    fm = [r["subsets"]["All"]["fmse"] for r in results]
+    out = {"results": results, "fmse_vs_composite": fm[0] / fm[1] if fm[1] else None,
+           "fmse_vs_reinhard": fm[0] / fm[2] if fm[2] else None}
+    write_json(run_dir / "val.json", out)
+    return out
+
+
+def _set_lr(opt, cfg: TrainConfig, state: Dict, elapsed: float) -> None:
+    """Step decay: ``lr · gamma^k`` after k milestones (epochs). With a time budget
+    (``max_minutes``) a milestone also passes when that fraction of the budget is spent, so that a
+    run cut short by a slow machine still ends with the lower learning rate."""
+    passed = 0
+    for m in cfg.lr_milestones:
+        by_time = cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes * m / max(1, cfg.epochs)
+        passed += state["epoch"] >= m or by_time
+    state["lr_drops"] = max(state.get("lr_drops", 0), passed)
+    lr = cfg.lr * cfg.lr_gamma ** state["lr_drops"]
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _quick_val(model, val, cfg: TrainConfig, device: torch.device) -> float:
+    """fMSE of the model on the first ``val_subset`` validation images (during training)."""
+    from .evaluate import evaluate
+
+    if cfg.val_subset:
+        val = torch.utils.data.Subset(val, range(min(cfg.val_subset, len(val))))
+    res = evaluate(model, val, device=str(device), batch_size=cfg.eval_batch_size, progress=False)
+    return float(res["subsets"]["All"]["fmse"])
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
+    """Run (or resume) training in ``run_dir``.
+
+    Returns ``{"run_dir", "state", "step_losses": [(step, loss), ...] of this process,
+    "val": the final table or None, "stopped": "done" | "max_steps" | "time" | "interrupted"}``.
+    """
+    run_dir = Path(run_dir)
+    device = _device(cfg)
+    threads = _set_threads(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    train_ds, val_ds = _datasets(cfg)
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0}
+    if resume:
+        state = load_checkpoint(run_dir, model, opt)
+        if state.get("finished"):
+            print(f"{run_dir} already finished ({state['epoch']} epochs); nothing to resume", flush=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    print(f"run {run_dir}: {cfg.variant}, {model.count_parameters() / 1e6:.2f} M parameters, "
+          f"{cfg.input_size}², {device}, {threads} threads", flush=True)
+
+    n_batches = len(_epoch_batches(cfg, len(train_ds), 0))
+    if n_batches == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than an epoch "
+                         f"({cfg.images_per_epoch or len(train_ds)} images)")
+    total = cfg.epochs * n_batches
+    writer = _tensorboard(run_dir)
+    bar = _progress(total, state["step"], cfg.progress and not state.get("finished"))
+    step_losses: List[Tuple[int, float]] = []
+    stopped = "done"
+    start = time.time() - state["elapsed"]
+    running = None
+
+    def checkpoint(best=False):
+        state["elapsed"] = time.time() - start
+        state["trained"] = _trained_info(cfg, state)
+        save_checkpoint(run_dir, model, opt, None, state, keep=cfg.keep_checkpoints, best=best)
+
+    try:
+        while state["epoch"] < cfg.epochs and not state.get("finished"):
+            epoch = state["epoch"]
+            if cfg.data == "synth" and cfg.fresh_data:
+                train_ds.set_epoch(epoch)
+            batches = _epoch_batches(cfg, len(train_ds), epoch)[state["batch"]:]
+            loader = DataLoader(_SeededSamples(train_ds, cfg.seed, epoch), batch_sampler=batches,
+                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+            model.train()
+            for batch in loader:
+                _set_lr(opt, cfg, state, time.time() - start)
+                comp, mask, real = (batch[k].to(device, non_blocking=True) for k in ("comp", "mask", "real"))
+                loss = fmse_loss(model(comp, mask), real, mask, cfg.a_min)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss became {value} at step {state['step'] + 1}; "
+                                             f"try a lower --lr")
+                state["step"] += 1
+                state["batch"] += 1
+                state["loss_sum"] += value
+                state["loss_count"] += 1
+                step_losses.append((state["step"], value))
+                running = value if running is None else 0.95 * running + 0.05 * value
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running:.4f}")
+                if cfg.max_steps and state["step"] >= cfg.max_steps:
+                    stopped = "max_steps"
+                    break
+                if cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes:
+                    stopped = "time"
+                    break
+            if stopped == "max_steps":
+                checkpoint()
+                break
+            # epoch end (or the time budget ran out inside it: log it as the last epoch)
+            record = {"epoch": epoch + 1, "step": state["step"],
+                      "loss": state["loss_sum"] / max(1, state["loss_count"]),
+                      "lr": opt.param_groups[0]["lr"], "images": state["loss_count"] * cfg.batch_size,
+                      "seconds": round(time.time() - start, 2)}
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+            if stopped == "time":
+                record["stopped"] = "time budget (max_minutes)"
+                state["finished"] = True
+            elif state["epoch"] >= cfg.epochs:
+                state["finished"] = True
+            best = False
+            if cfg.val_every and (record["epoch"] % cfg.val_every == 0 or state.get("finished")):
+                record["val_fmse"] = _quick_val(model, val_ds, cfg, device)
+                best = record["val_fmse"] < state.get("best_fmse", float("inf"))
+                if best:
+                    state["best_fmse"] = record["val_fmse"]
+            if writer is not None:
+                writer.add_scalar("loss/train", record["loss"], state["step"])
+                writer.add_scalar("lr", record["lr"], state["step"])
+                if "val_fmse" in record:
+                    writer.add_scalar("fmse/val", record["val_fmse"], state["step"])
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint(best)
+            bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
+                      f"{record['seconds']:.0f} s")
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        checkpoint()
+        print(f"\ninterrupted at step {state['step']}; continue with: python -m regharm_ext.train "
+              f"--out {run_dir} --resume", file=sys.stderr, flush=True)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    val = None
+    if stopped in ("done", "time") and cfg.validate:
+        val = final_validation(model, val_ds, cfg, device, run_dir)
+    return {"run_dir": str(run_dir), "state": state, "step_losses": step_losses, "val": val, "stopped": stopped}
+
+
+# --------------------------------------------------------------------------- CLI
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_parser(f: dataclasses.Field):
+    """(argparse kwargs) for a TrainConfig field, from its annotation."""
+    ann = str(f.type)
+    if "Tuple[int" in ann:
+        def ints(text):
+            text = text.strip()
+            return tuple(int(v) for v in text.replace(",", " ").split()) if text and text != "none" else ()
+        return dict(type=ints, metavar="N,N")
+    if "Tuple[str" in ann:
+        return dict(type=lambda t: None if t.lower() in ("", "none", "all") else tuple(t.split(",")), metavar="A,B")
+    if ann == "bool":
+        return dict(type=_parse_bool, metavar="BOOL")
+    if ann == "int":
+        return dict(type=int)
+    if ann == "float":
+        return dict(type=float)
+    if "Optional[str]" in ann:
+        return dict(type=lambda t: None if t.lower() == "none" else t)
+    return dict(type=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m regharm_ext.train",
+                                description="Train the harmonizer (every config field is an option).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="demo (default: embedded data, ≤ 15 min on 2 CPU cores), paper (SPEC §6 "
+                        "recipe on iHarmony4, needs --data-root) or smoke (seconds)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the newest "
+                                                         "runs/<preset>-*) from its latest checkpoint")
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        kw = _field_parser(f)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"(default per preset; paper: {f.default!r})", **kw)
+    return p
+
+
+def _newest_run(preset: str) -> Path:
+    runs = sorted(Path("runs").glob(f"{preset}-*"))
+    if not runs:
+        raise SystemExit(f"--resume: no runs/{preset}-* directory here; pass --out RUN_DIR")
+    return runs[-1]
+
+
+def _resume_config(run_dir: Path, preset: Optional[str], overrides: Dict[str, Any]) -> TrainConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} not found (is {run_dir} a run directory?)")
+    saved = json.loads(path.read_text())
+    if preset is not None and preset != saved.get("preset"):
+        raise SystemExit(f"--resume: {run_dir} is a {saved.get('preset')!r} run, not {preset!r}")
+    base = preset_config(saved["preset"])
+    values = dict(saved)
+    for name in RUN_CONTROL - {"epochs", "data_root", "backend"}:
+        values[name] = getattr(base, name)      # run control is not inherited, e.g. max_steps
+    cfg = _make(values)
+    for name, v in overrides.items():
+        if name not in RUN_CONTROL and v != getattr(cfg, name):
+            raise SystemExit(f"--resume: cannot change {name} of an existing run "
+                             f"({getattr(cfg, name)!r} -> {v!r}); start a new run instead")
+        setattr(cfg, name, v)
+    return _make(dataclasses.asdict(cfg))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "out", "resume")}
+    if args.resume:
+        run_dir = Path(args.out) if args.out else _newest_run(args.preset or "demo")
+        cfg = _resume_config(run_dir, args.preset, overrides)
+    else:
+        preset = args.preset or "demo"
+        try:
+            cfg = preset_config(preset, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"bad configuration: {exc}")
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run_dir / "latest.json").exists():
+            raise SystemExit(f"{run_dir} already holds a run; use --resume to continue it or another --out")
+    t0 = time.time()
+    result = train(cfg, run_dir, resume=args.resume)
+    print(f"{result['stopped']}: step {result['state']['step']}, {time.time() - t0:.0f} s in this process; "
+          f"run directory {run_dir}", flush=True)
+    return 0 if result["stopped"] in ("done", "time") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
