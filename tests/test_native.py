@@ -331,3 +331,34 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
+@needs_native
+def test_float16_matches_reference():
+    dtype = torch.float16
+    kw = dict(PATCH_CASES["odd_soft"])
+    inputs = make_patch_inputs(dtype=dtype, **kw)
+    (got, got_g) = _patch("native", inputs, kw["patch"], kw["stride"])
+    (want, want_g) = _patch("reference", inputs, kw["patch"], kw["stride"], dtype=torch.float32)
+    inputs = make_attention_inputs(dtype=dtype, **ATTN_CASES["tiles"])
+    (out, out_g), (ref, ref_g) = _attention("native", inputs), _attention("reference", inputs,
+                                                                           torch.float32)
+    for a, e in zip([*got, out], [*want, ref]):
+        assert a.dtype == dtype
+        assert_close(a, e, dtype)
+    for a, e in zip([*got_g, *out_g], [*want_g, *ref_g]):
+        assert a.dtype == dtype
+        assert_close(a, e, dtype, grad=True)
+
+
+@needs_native
+def test_baseline_isa_copy_matches_reference():
+    # the kernels are compiled for the baseline ISA and for AVX2+FMA; this CPU runs one of them,
+    # REGHARM_CPU_BASELINE=1 makes a fresh process run the baseline one
+    tests = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         os.path.join(tests, "test_native.py"),
+         "-k", "matches_reference and float32 and (odd or tiles or offset100)"],
+        capture_output=True, text=True, env=dict(os.environ, REGHARM_CPU_BASELINE="1"), cwd=tests)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

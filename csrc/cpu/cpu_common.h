@@ -5,11 +5,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <string>
 
-// Each kernel header is compiled twice: once for the baseline ISA, once for AVX2+FMA between
-// REGHARM_AVX2_BEGIN and REGHARM_AVX2_END (GCC only; other compilers keep the baseline copy).
-// cpu_has_avx2() picks the copy at run time, so one build serves every x86-64 CPU.
+#define REGHARM_INLINE inline __attribute__((always_inline))
+
+// Each kernel header (with simd.h) is compiled twice, in namespaces isa_base and isa_avx2: once
+// for the baseline ISA, once for AVX2+FMA between REGHARM_AVX2_BEGIN and REGHARM_AVX2_END (GCC
+// on x86-64 only; elsewhere the baseline copy alone). cpu_has_avx2() picks the copy at run time,
+// so one build serves every x86-64 CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define REGHARM_HAVE_AVX2_COPY 1
 #define REGHARM_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
@@ -29,9 +35,14 @@
 namespace regharm {
 namespace cpu {
 
+// REGHARM_CPU_BASELINE=1 in the environment forces the baseline copy (to test it on any CPU).
 inline bool cpu_has_avx2() {
 #if REGHARM_HAVE_AVX2_COPY
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = [] {
+    const char* forced = std::getenv("REGHARM_CPU_BASELINE");
+    if (forced != nullptr && std::string(forced) == "1") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return ok;
 #else
   return false;

@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "cpu_common.h"
-#include "simd.h"
 
 namespace regharm {
 namespace cpu {
@@ -115,13 +114,19 @@ void gather_keys(const Dims& s, int64_t b, const T* k, const T* v, const T* key_
 }
 
 namespace isa_base {
+#define REGHARM_VEC_BYTES 16
+#include "simd.h"
 #include "attention_kernels.h"
-}
+#undef REGHARM_VEC_BYTES
+}  // namespace isa_base
 #if REGHARM_HAVE_AVX2_COPY
 REGHARM_AVX2_BEGIN
 namespace isa_avx2 {
+#define REGHARM_VEC_BYTES 32
+#include "simd.h"
 #include "attention_kernels.h"
-}
+#undef REGHARM_VEC_BYTES
+}  // namespace isa_avx2
 REGHARM_AVX2_END
 #endif
 

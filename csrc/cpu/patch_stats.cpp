@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "cpu_common.h"
-#include "simd.h"
 
 namespace regharm {
 namespace cpu {
@@ -56,12 +55,12 @@ Geom check_args(const at::Tensor& x, const at::Tensor& bg, const at::Tensor& wei
 
 namespace isa_base {
 #include "patch_kernels.h"
-}
+}  // namespace isa_base
 #if REGHARM_HAVE_AVX2_COPY
 REGHARM_AVX2_BEGIN
 namespace isa_avx2 {
 #include "patch_kernels.h"
-}
+}  // namespace isa_avx2
 REGHARM_AVX2_END
 #endif
 
