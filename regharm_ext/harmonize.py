@@ -105,8 +105,13 @@ def contribution_map(model, image: np.ndarray, mask: np.ndarray, device="cpu") -
 
 def heatmap_overlay(image: np.ndarray, value: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``value`` (float [H, W] >= 0) as a colour heat map over a dimmed grey ``image``, the
-    foreground (mask > 127) outlined in white. Returns uint8 [H, W, 3]."""
-    v = value / max(float(value.max()), 1e-12)
+    foreground (mask > 127) outlined in white. Returns uint8 [H, W, 3].
+
+    The colours span the background's 2nd to 99.5th percentile of ``value``: attention spread
+    almost evenly would otherwise show as one flat colour."""
+    bg = value[mask <= 127]
+    lo, hi = (np.percentile(bg, [2, 99.5]) if bg.size else (0.0, float(value.max())))
+    v = np.clip((value - lo) / max(hi - lo, 1e-12), 0, 1)
     heat = np.stack([np.interp(v, _CMAP_X, _CMAP_RGB[:, c]) for c in range(3)], -1)
     grey = (image.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))[..., None] * 0.6
     alpha = (0.25 + 0.65 * np.sqrt(v))[..., None]
