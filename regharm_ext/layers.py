@@ -151,7 +151,7 @@ class PTL(nn.Module):
     @torch.no_grad()
     def contribution(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fig. 5's contribution map (Tensor[B, H, W]): how much attention the whole foreground pays
-        to each background pixel, spread from the patches that cover it; each map sums to 1."""
+        to each background pixel (the mean over the patches that cover it); each map sums to 1."""
         B, C, H, W = x.shape
         m, c_f, content, _, key_bias, query_mask, _ = self.attention_inputs(x, mask)
         # attention of each active query over the patches, summed over the foreground with
@@ -165,9 +165,12 @@ class PTL(nn.Module):
         ps, st = self.patch_size(H, W), self.stride_size(H, W)
         kh, kw = (H - ps[0]) // st[0] + 1, (W - ps[1]) // st[1] + 1
         grid = per_patch.view(B, 1, kh, kw).float()
-        # each patch spreads its share over its pixels: transposed conv with a box kernel
-        box = torch.ones(1, 1, *ps, device=x.device) / (ps[0] * ps[1])
+        # a pixel gets the mean share of the patches covering it: dividing by the coverage count
+        # keeps borders (covered by fewer patches) from fading
+        box = torch.ones(1, 1, *ps, device=x.device)
         spread = F.conv_transpose2d(grid, box, stride=st)
+        cover = F.conv_transpose2d(torch.ones_like(grid[:1]), box, stride=st)
+        spread = spread / cover.clamp_min(1)
         spread = F.pad(spread, (0, W - spread.shape[-1], 0, H - spread.shape[-2]))[:, 0]
         spread = spread * (1 - m[:, 0].float())
         return spread / spread.flatten(1).sum(1).clamp_min(1e-12).view(B, 1, 1)
