@@ -1,0 +1,99 @@
+"""pytest-benchmark suite of regharm_ext: run ``pytest benchmarks/ --benchmark-only``.
+
+- ``--bench-device cpu|cuda`` picks the device (default: cuda when usable, else cpu).
+- Without ``--benchmark-json PATH`` the JSON goes to ``benchmarks/results/<device kind>.json``
+  (``cpu.json``, ``cuda-nvidia-h100-80gb-hbm3.json``, ...) when the whole suite runs, and to
+  ``<device kind>-partial.json`` when only part of it runs (``-k``, ``-m``, single files or tests),
+  so that a partial run never overwrites the full results. ``python benchmarks/report.py`` turns
+  the JSON into the README's tables and plots.
+- The JSON gets a ``regharm`` block: device name, torch/triton versions, commit, backends, and
+  how time and memory were measured (see ``benchlib``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", choices=["cpu", "cuda"], default=None,
+                     help="device of the regharm_ext benchmarks (default: cuda when usable, else cpu)")
+
+
+def _device(config) -> torch.device:
+    name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--bench-device cuda but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+class _LazyJson:
+    """Stands in for pytest-benchmark's ``--benchmark-json`` file: opened only when it saves."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._fh = open(self.path, "wb")
+        return self._fh
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+    def __str__(self):
+        return self.path
+
+
+def _whole_suite(config) -> bool:
+    if config.getoption("keyword") or config.getoption("markexpr"):
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    args = [os.path.abspath(a) for a in config.args]
+    return all(a.rstrip(os.sep) == here for a in args)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled or session.json is not None:
+        return
+    kind = benchlib.device_kind(_device(config))
+    name = kind if _whole_suite(config) else f"{kind}-partial"
+    session.json = _LazyJson(os.path.join(benchlib.RESULTS, f"{name}.json"))
+
+
+def pytest_report_header(config):
+    dev = _device(config)
+    return [f"regharm_ext benchmarks on {benchlib.device_name(dev)}",
+            f"backends: {benchlib.regharm_ext.backends(dev)}"]
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    dev = _device(config)
+    facts = benchlib.machine_facts(dev)
+    channels, source = benchlib.paper_channels()
+    facts["paper_channels"] = {str(k): v for k, v in channels.items()}
+    facts["paper_channels_source"] = source
+    output_json["regharm"] = facts
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return _device(request.config)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory(device):
+    """Each benchmark starts without the previous one's leftovers (allocator caches, garbage)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    yield
