@@ -8,6 +8,8 @@
 - ``REGHARM_NO_EXT=1`` skips ``_C`` entirely (the reference and torch backends still work).
 
 Install with ``pip install --no-build-isolation .`` so that the build uses the installed torch.
+On an H100/H200 machine: ``TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 pip install --no-build-isolation .``
+Where no GPU is visible (FORCE_CUDA=1), set TORCH_CUDA_ARCH_LIST: torch cannot guess it there.
 """
 import glob
 import os

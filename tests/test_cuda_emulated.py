@@ -7,6 +7,7 @@ Each kernel sees its inputs between NaN guard zones and its outputs between sent
 (emulated.py), and the emulator reports divergent barriers, deadlocks, misaligned WMMA or vector
 accesses and shared memory beyond the launch size.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,14 @@ import emulated  # noqa: E402
 from helpers import assert_close, make_attention_inputs, make_patch_inputs  # noqa: E402
 from regharm_ext.ops import reference  # noqa: E402
 
-pytestmark = pytest.mark.skipif(emulated.unavailable() is not None,
-                                reason=f"CUDA emulator: {emulated.unavailable()}")
+# with a GPU the real kernels are tested (test_cuda_native.py); REGHARM_EMULATE_CUDA=1 insists
+ON_GPU = torch.cuda.is_available() and os.environ.get("REGHARM_EMULATE_CUDA") != "1"
+pytestmark = [
+    pytest.mark.skipif(emulated.unavailable() is not None,
+                       reason=f"CUDA emulator: {emulated.unavailable()}"),
+    pytest.mark.skipif(ON_GPU, reason="a GPU runs the real kernels here (test_cuda_native.py); "
+                                      "set REGHARM_EMULATE_CUDA=1 to emulate them anyway"),
+]
 
 H100, A100, RTX = 227 * 1024, 163 * 1024, 99 * 1024  # opt-in shared memory per block
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}  # fiber schedules

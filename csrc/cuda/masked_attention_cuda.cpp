@@ -43,7 +43,7 @@ AttnShape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     TORCH_CHECK(query_mask->device() == dev, op, ": query_mask must be on ", dev, ", got ",
                 query_mask->device());
     TORCH_CHECK(query_mask->scalar_type() == at::kBool, op,
-                ": query_mask must be a bool tensor, got ", query_mask->scalar_type());
+                ": query_mask must be bool, got ", query_mask->scalar_type());
     check_shape(*query_mask, {s.B, s.L}, "query_mask", op, "(B, L)");
   }
   TORCH_CHECK(D <= kMaxHeadDim, op, ": q and k have D = ", D, " features; the CUDA kernels take "

@@ -1,0 +1,115 @@
+"""The CUDA sources compile on a machine without a GPU.
+
+- every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no GPU, no torch CUDA libraries needed),
+  with the flags torch's CUDAExtension adds (no implicit half/bfloat16 conversions);
+- the torch glue csrc/cuda/*.cpp with ``g++ -fsyntax-only`` against torch's headers (a CPU
+  wheel ships ATen/c10 CUDA headers) and the CUDA include directory.
+
+Skipped, with the reason, when nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin) or g++ is
+missing. All compilations start at once in a temporary directory, each .cu once with both
+gencodes.
+"""
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CU_FILES = sorted((ROOT / "csrc/cuda").glob("*.cu"))
+GLUE_FILES = sorted((ROOT / "csrc/cuda").glob("*.cpp"))
+GENCODES = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+
+def _find_nvcc():
+    candidates = [shutil.which("nvcc")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _find_cuda_include(nvcc):
+    """The CUDA headers next to nvcc (which may be a wrapper script elsewhere)."""
+    candidates = [os.environ.get("CUDA_HOME"), str(Path(nvcc).resolve().parents[1]),
+                  "/usr/local/cuda"]
+    for c in filter(None, candidates):
+        if (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c) / "include"
+    return None
+
+
+NVCC = _find_nvcc()
+CUDA_INCLUDE = _find_cuda_include(NVCC) if NVCC else None
+
+
+def _torch_nvcc_flags():
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    return list(COMMON_NVCC_FLAGS)
+
+
+def _nvcc_cmd(src: Path, out: Path):
+    return [NVCC, "-c", str(src), "-o", str(out), "-std=c++17", "-O3", "--use_fast_math",
+            f"-I{ROOT / 'csrc'}", *_torch_nvcc_flags(), *GENCODES]
+
+
+def _glue_cmd(src: Path):
+    import torch.utils.cpp_extension as ce
+    includes = [f"-isystem{p}" for p in ce.include_paths()] + [f"-isystem{CUDA_INCLUDE}"]
+    defines = ["-DREGHARM_WITH_CUDA"]
+    torch_include = Path(ce.include_paths()[0])
+    if not (torch_include / "c10/cuda/impl/cuda_cmake_macros.h").exists():
+        # a CPU wheel lacks this generated header; it only sets export macros
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    return ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *includes,
+            f"-I{ROOT / 'csrc'}", *defines, str(src)]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Starts every compilation at once; {file name: (returncode, output, seconds)}."""
+    tmp = tmp_path_factory.mktemp("cuda_compile")
+    jobs = {}
+    if NVCC:
+        for src in CU_FILES:
+            jobs[src.name] = _nvcc_cmd(src, tmp / (src.stem + ".o"))
+    if NVCC and CUDA_INCLUDE and shutil.which("g++"):
+        for src in GLUE_FILES:
+            jobs[src.name] = _glue_cmd(src)
+    start = time.time()
+    procs = {n: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, c in jobs.items()}
+    results = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate()
+        results[name] = (proc.returncode, output, time.time() - start)
+    return results
+
+
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin: "
+                         "the CUDA sources were not compiled")
+
+
+def test_there_are_cuda_sources():
+    assert {p.name for p in CU_FILES} >= {"patch_stats_kernels.cu", "masked_attention_kernels.cu"}
+    assert {p.name for p in GLUE_FILES} >= {"patch_stats_cuda.cpp", "masked_attention_cuda.cpp"}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", [p.name for p in CU_FILES])
+def test_cuda_kernels_compile_for_sm80_and_sm90(compiled, name):
+    rc, output, seconds = compiled[name]
+    assert rc == 0, f"nvcc failed on {name} after {seconds:.0f} s:\n{output[-8000:]}"
+    assert "warning" not in output.lower(), f"nvcc warnings on {name}:\n{output[-8000:]}"
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("g++") is None or CUDA_INCLUDE is None,
+                    reason="g++ or the CUDA headers (cuda_runtime_api.h) not found: glue not checked")
+@pytest.mark.parametrize("name", [p.name for p in GLUE_FILES])
+def test_cuda_glue_compiles_against_torch_headers(compiled, name):
+    rc, output, seconds = compiled[name]
+    assert rc == 0, f"g++ -fsyntax-only failed on {name} after {seconds:.0f} s:\n{output[-8000:]}"

@@ -1,0 +1,318 @@
+"""The `native` backend's CUDA kernels (csrc/cuda) on a GPU against `reference`: odd shapes,
+soft masks, patches without background, +100 offsets, clustered foregrounds (whole query tiles
+skipped), the D = 256 / E = 512 extremes, float32/float16/bfloat16, non-contiguous inputs,
+float64 gradcheck, opcheck of the four ops, determinism, and torch.compile(fullgraph=True) of a
+small PTL + LTL module. Skipped without a GPU; tests/test_cuda_emulated.py runs the same kernels
+on a CPU.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import assert_close, make_attention_inputs, make_patch_inputs
+from regharm_ext import LTL, PTL
+from regharm_ext.backends import unavailable_reason
+from regharm_ext.ops import masked_attention, patch_stats
+
+HAS_GPU = torch.cuda.is_available()
+REASON = "needs a CUDA GPU" if not HAS_GPU else unavailable_reason("native", "cuda")
+needs_native_cuda = pytest.mark.skipif(REASON is not None, reason=f"native CUDA: {REASON}")
+pytestmark = pytest.mark.cuda
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_native_cuda_kernels_are_built_where_there_is_a_gpu():
+    # on a GPU machine a build without the CUDA kernels is a failure, not a reason to skip
+    assert unavailable_reason("native", "cuda") is None, unavailable_reason("native", "cuda")
+
+
+def _grads(outs, leaves, seed):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
+    return torch.autograd.grad(loss, leaves)
+
+
+def _both(fn, inputs, grad_idx, seed, layout=None):
+    """Outputs and gradients of `native` (inputs passed through `layout`) and `reference`."""
+    res = {}
+    for backend in ("native", "reference"):
+        leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+        args = [layout(t) if layout is not None and backend == "native" else t for t in leaves]
+        outs = fn(backend, *args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        res[backend] = outs, _grads(outs, [leaves[i] for i in grad_idx], seed)
+    return res["native"], res["reference"]
+
+
+def _noncontiguous(t):
+    """The same values in a non-contiguous layout: channels last for 4-d, padded rows else."""
+    if t.dim() == 4 and t.shape[1] > 1:
+        return t.contiguous(memory_format=torch.channels_last)
+    big = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype, device=t.device)
+    big = big.index_copy(t.dim() - 1, torch.arange(t.shape[-1], device=t.device), t)
+    return big[..., : t.shape[-1]]
+
+
+# ---- patch_stats ------------------------------------------------------------------------------
+
+PATCH_CASES = {  # (B, C, H, W), patch, stride, offset, bg kind
+    "paper": ((2, 64, 128, 128), (16, 16), (4, 4), 0.0, "soft"),
+    "odd": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
+    "offset100": ((1, 20, 41, 33), (8, 6), (3, 4), 100.0, "soft"),
+    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
+    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
+    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+    "gaps": ((1, 3, 23, 19), (3, 2), (5, 4), 0.0, "soft"),
+    "big_patch": ((1, 2, 90, 90), (80, 80), (5, 5), 0.0, "soft"),  # beyond 48 KB of smem
+}
+PATCH_RUNS = [("paper", F32), ("paper", F16), ("paper", BF16), ("odd", F32), ("odd", F16),
+              ("odd", BF16), ("odd", F64), ("offset100", F32), ("offset100", BF16),
+              ("binary", F32), ("no_background", F32), ("no_foreground", BF16), ("gaps", F32),
+              ("big_patch", F32)]
+
+
+def _patch_fn(patch, stride):
+    return lambda backend, x, bg, w, b: patch_stats(x, bg, w, b, patch, stride, backend=backend)
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("case,dtype", PATCH_RUNS, ids=str)
+def test_cuda_native_patch_stats(case, dtype):
+    shape, patch, stride, offset, kind = PATCH_CASES[case]
+    inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind,
+                               device="cuda")
+    (got, got_g), (want, want_g) = _both(_patch_fn(patch, stride), inputs, (0, 2, 3), seed=1)
+    for name, a, e in zip(("mu", "sigma", "content", "mass"), got, want):
+        assert a.dtype == dtype and a.is_cuda and torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, msg=f"{case} {name}")
+    invalid = want[3].float() < 0.5
+    for name, a in zip(("mu", "sigma", "content"), got[:3]):
+        assert (a[invalid] == 0).all(), f"{name} of invalid patches must be exactly 0"
+    for name, a, e in zip(("dx", "dweight", "dbias"), got_g, want_g):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, grad=True, msg=f"{case} {name}")
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_patch_stats_noncontiguous(dtype):
+    shape, patch, stride, offset, kind = PATCH_CASES["offset100"]
+    inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, device="cuda")
+    (got, got_g), (want, want_g) = _both(_patch_fn(patch, stride), inputs, (0, 2, 3), seed=1,
+                                         layout=_noncontiguous)
+    for a, e in zip(got + got_g, want + want_g):
+        assert_close(a, e, dtype, grad=True)
+
+
+# ---- masked_attention -------------------------------------------------------------------------
+
+ATTN_CASES = {
+    "ptl": dict(B=2, L=2000, N=841, D=64, E=128, active=0.2, removed=0.1),
+    "ltl": dict(B=2, L=1024, N=1024, D=64, E=64, active=0.3, removed=0.3),
+    "wide": dict(B=1, L=300, N=200, D=256, E=512, active=0.5, removed=0.2),
+    "c128": dict(B=1, L=257, N=130, D=128, E=256, active=0.5, removed=0.2),
+    "odd": dict(B=3, L=37, N=23, D=3, E=6),
+    "none_active": dict(B=2, L=100, N=50, D=16, E=16, active=0.0),
+    "mostly_removed": dict(B=3, L=133, N=165, D=8, E=16, removed=0.95),
+}
+ATTN_RUNS = [("ptl", F32), ("ptl", F16), ("ptl", BF16), ("ltl", BF16), ("ltl", F32),
+             ("wide", BF16), ("wide", F32), ("c128", F16), ("odd", F32), ("odd", BF16),
+             ("odd", F64), ("none_active", F32), ("mostly_removed", BF16)]
+
+
+def _attn_fn(kb, qm, scale=None):
+    return lambda backend, q, k, v: masked_attention(q, k, v, kb, qm, scale, backend=backend)
+
+
+def _check_attention(got, got_g, want, want_g, dtype, qm, kb, label):
+    assert got[0].dtype == dtype and torch.isfinite(got[0]).all()
+    assert_close(got[0], want[0], dtype, msg=f"{label} out")
+    if qm is not None:
+        assert (got[0][~qm] == 0).all(), "inactive queries give exactly 0"
+        assert (got_g[0][~qm] == 0).all(), "inactive queries get no gradient"
+    removed = ~torch.isfinite(kb)
+    assert (got_g[1][removed] == 0).all() and (got_g[2][removed] == 0).all()
+    for name, a, e in zip(("dq", "dk", "dv"), got_g, want_g):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, e, dtype, grad=True, msg=f"{label} {name}")
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("case,dtype", ATTN_RUNS, ids=str)
+def test_cuda_native_masked_attention(case, dtype):
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES[case], dtype=dtype, device="cuda")
+    (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+    _check_attention(got, got_g, want, want_g, dtype, qm, kb, case)
+
+
+def _foreground_queries(B, h, w, device):
+    """query_mask of a rectangular foreground (~20 %), as PTL/LTL make it: whole tiles of rows
+    are inactive and must be skipped."""
+    m = torch.zeros(B, h, w, dtype=torch.bool, device=device)
+    m[:, h // 4: h // 4 + h * 9 // 20, w // 3: w // 3 + w * 9 // 20] = True
+    return m.flatten(1)
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_attention_clustered_foreground(dtype):
+    B, h, w = 2, 48, 40
+    q, k, v, kb, _ = make_attention_inputs(B=B, L=h * w, N=300, D=64, E=128, dtype=dtype,
+                                           device="cuda", dead_batch=False)
+    qm = _foreground_queries(B, h, w, "cuda")
+    (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=4)
+    _check_attention(got, got_g, want, want_g, dtype, qm, kb, "clustered")
+
+
+@needs_native_cuda
+def test_cuda_native_attention_without_mask_and_custom_scale():
+    q, k, v, kb, _ = make_attention_inputs(B=2, L=130, N=70, D=32, E=48, device="cuda")
+    (got, got_g), (want, want_g) = _both(_attn_fn(kb, None, 0.3), (q, k, v), (0, 1, 2), seed=3)
+    _check_attention(got, got_g, want, want_g, F32, None, kb, "no mask")
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_attention_noncontiguous(dtype):
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=dtype,
+                                            device="cuda")
+    layouts = {"padded rows": _noncontiguous,
+               "feature dim strided": lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)}
+    for label, layout in layouts.items():
+        (got, got_g), (want, want_g) = _both(_attn_fn(kb.t().contiguous().t(), qm), (q, k, v),
+                                             (0, 1, 2), seed=5, layout=layout)
+        _check_attention(got, got_g, want, want_g, dtype, qm, kb, label)
+
+
+@needs_native_cuda
+def test_cuda_native_lse_and_dead_rows():
+    q, k, v, kb, qm = make_attention_inputs(B=3, L=90, N=40, D=16, E=8, device="cuda")
+    out, lse = torch.ops.regharm.masked_attention(q, k, v, kb, qm, 0.25)
+    assert lse.dtype == torch.float32 and lse.shape == qm.shape
+    s = 0.25 * q.double() @ k.double().transpose(1, 2) + kb.double()[:, None, :]
+    want = torch.logsumexp(s, -1).masked_fill(~qm, float("-inf"))
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(lse[finite].double(), want[finite], atol=1e-5, rtol=1e-5)
+    assert (out[-1] == 0).all(), "the image whose keys are all removed gives 0"
+
+
+# ---- float64, opcheck, determinism, errors ----------------------------------------------------
+
+@needs_native_cuda
+def test_cuda_native_gradcheck_float64():
+    x, bg, w, b = make_patch_inputs(1, 2, 9, 11, (3, 4), (2, 3), F64, offset=2.0, device="cuda")
+    fn = lambda x, w, b: patch_stats(x, bg, w, b, (3, 4), (2, 3), backend="native")[:3]
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x, w, b)))
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=40, N=70, D=3, E=4, dtype=F64, device="cuda")
+    fn = lambda q, k, v: masked_attention(q, k, v, kb, qm, 0.7, backend="native")
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_opcheck_all_four_ops(dtype):
+    ops = torch.ops.regharm
+    x, bg, w, b = make_patch_inputs(2, 3, 13, 10, (4, 3), (3, 2), dtype, device="cuda")
+    args = (4, 3, 3, 2, 1e-5, 0.5)
+    torch.library.opcheck(ops.patch_stats.default,
+                          (x.requires_grad_(), bg, w.requires_grad_(), b.requires_grad_()) + args)
+    mu, sigma, content, mass = ops.patch_stats(x.detach(), bg, w.detach(), b.detach(), *args)
+    g = [torch.randn_like(mu) for _ in range(3)]
+    torch.library.opcheck(ops.patch_stats_backward.default,
+                          (*g, x.detach(), bg, w.detach(), mu, sigma, mass, *args))
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=37, N=70, D=5, E=6, dtype=dtype, device="cuda")
+    for mask in (qm, None):
+        torch.library.opcheck(ops.masked_attention.default,
+                              (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), kb,
+                               mask, 0.5))
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = ops.masked_attention(q, k, v, kb, qm, 0.5)
+    torch.library.opcheck(ops.masked_attention_backward.default,
+                          (torch.randn_like(out), q, k, v, kb, qm, out, lse, 0.5))
+
+
+@needs_native_cuda
+def test_cuda_native_is_deterministic():
+    """No atomics: two runs give the same bits."""
+    x, bg, w, b = make_patch_inputs(2, 16, 64, 64, (16, 16), (4, 4), device="cuda")
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=700, N=841, D=64, E=128, dtype=BF16,
+                                            device="cuda")
+    runs = []
+    for _ in range(2):
+        (pg, pgg), _ = _both(_patch_fn((16, 16), (4, 4)), (x, bg, w, b), (0, 2, 3), seed=1)
+        (ag, agg), _ = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+        runs.append([*pg, *pgg, *ag, *agg])
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+
+
+@needs_native_cuda
+def test_cuda_native_argument_errors_name_the_argument():
+    ops = torch.ops.regharm
+    x, bg, w, b = make_patch_inputs(1, 2, 10, 10, (3, 3), (1, 1), device="cuda")
+    with pytest.raises(RuntimeError, match="bg must have shape"):
+        ops.patch_stats(x, bg[:, :, :5], w, b, 3, 3, 1, 1, 1e-5, 0.5)
+    with pytest.raises(RuntimeError, match="weight must be on"):
+        ops.patch_stats(x, bg, w.cpu(), b, 3, 3, 1, 1, 1e-5, 0.5)
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=300, E=4, device="cuda")
+    with pytest.raises(RuntimeError, match="at most 256"):
+        ops.masked_attention(q, k, v, kb, qm, 1.0)
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
+    with pytest.raises(RuntimeError, match="query_mask must be bool"):
+        ops.masked_attention(q, k, v, kb, qm.float(), 1.0)
+
+
+# ---- layers -----------------------------------------------------------------------------------
+
+class _Small(nn.Module):
+    def __init__(self, channels, backend):
+        super().__init__()
+        self.ptl = PTL(channels, patch=4, stride=2, backend=backend)
+        self.ltl = LTL(channels, backend=backend)
+
+    def forward(self, x, mask):
+        return self.ltl(self.ptl(x, mask), mask)
+
+
+def _mask(B, H, device):
+    mask = torch.zeros(B, 1, H, H, device=device)
+    mask[0, :, 5:15, 3:13] = 1
+    mask[1, :, 12:, :10] = 0.6
+    return mask
+
+
+@needs_native_cuda
+def test_cuda_native_compiled_module_matches_eager():
+    torch.manual_seed(0)
+    C, H = 16, 24
+    mod = _Small(C, "native").cuda()
+    x = torch.randn(2, C, H, H, device="cuda")
+    mask = _mask(2, H, "cuda")
+    outs = {}
+    for name, fn in (("eager", mod), ("compiled", torch.compile(mod, fullgraph=True))):
+        xi = x.clone().requires_grad_()
+        out = fn(xi, mask)
+        grads = torch.autograd.grad((out * out).sum(), [xi] + list(mod.parameters()))
+        outs[name] = (out, grads)
+    torch.testing.assert_close(outs["compiled"][0], outs["eager"][0], atol=1e-4, rtol=1e-4)
+    for a, e in zip(outs["compiled"][1], outs["eager"][1]):
+        torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-3)
+
+
+@needs_native_cuda
+def test_cuda_native_layers_match_torch_backend():
+    torch.manual_seed(1)
+    C, H = 32, 32
+    x = torch.randn(2, C, H, H, device="cuda")
+    mask = _mask(2, H, "cuda")
+    results = {}
+    for backend in ("native", "torch"):
+        torch.manual_seed(2)
+        mod = _Small(C, backend).cuda()
+        xi = x.clone().requires_grad_()
+        out = mod(xi, mask)
+        results[backend] = (out, *torch.autograd.grad(out.square().sum(), [xi, mod.ptl.weight]))
+    for a, e in zip(results["native"], results["torch"]):
+        assert_close(a, e, F32, grad=True)
