@@ -111,6 +111,8 @@ def machine_facts(device: torch.device) -> Dict:
 def backend_skip_reason(name: str, device: torch.device) -> Optional[str]:
     """None when ``name`` runs on ``device``, else why not (as ``regharm_ext.backends`` says)."""
     status = regharm_ext.backends(device)[name]
+    if status == "available" and name == "triton" and device.type != "cuda":
+        return "the Triton interpreter on CPU (TRITON_INTERPRET=1) is a correctness tool, not timed here"
     return None if status == "available" else status
 
 
