@@ -15,7 +15,7 @@ try:
     from regharm_ext import _C  # noqa: F401  (loading it registers the ops and their kernels)
 
     _IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # not built, or built against another torch
+except (ImportError, OSError, RuntimeError) as exc:  # not built, or built for another torch
     _IMPORT_ERROR = exc
 
 _OPS = ("patch_stats", "patch_stats_backward", "masked_attention", "masked_attention_backward")
@@ -45,10 +45,10 @@ def _reason(device_type: str) -> Optional[str]:
 
 def unavailable(device: torch.device) -> Optional[str]:
     """None when ``torch.ops.regharm`` can run on ``device``, otherwise the reason."""
-    dtype = torch.device(device).type
-    if dtype not in _REASONS:
-        _REASONS[dtype] = _reason(dtype)
-    return _REASONS[dtype]
+    kind = torch.device(device).type
+    if kind not in _REASONS:
+        _REASONS[kind] = _reason(kind)
+    return _REASONS[kind]
 
 
 # answered at import, so that torch.compile finds plain values when it traces the backend switch
