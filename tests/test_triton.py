@@ -115,6 +115,27 @@ def test_masked_attention_matches_reference(case, dtype):
     _check_attention(make_attention_inputs(**ATTN_CASES[case], dtype=dtype), dtype)
 
 
+def test_gpu_tile_sizes(monkeypatch):
+    """The interpreter normally takes big tiles (fewer numpy steps); the GPU's smaller, uneven
+    ones (e.g. 16 x 32 at D = 256, E = 512; 32 patches x 16 channels) must give the same."""
+    from regharm_ext.ops import triton_attention, triton_patch_stats
+
+    monkeypatch.setattr(triton_attention, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_patch_stats, "interpreting", lambda: False)
+    assert triton_attention._blocks(256, 512, torch.float16)["fwd"] == (16, 32)
+    _check_attention(make_attention_inputs(B=2, L=40, N=50, D=200, E=300, active=0.4), torch.float32)
+    _check_attention(make_attention_inputs(B=1, L=90, N=70, D=20, E=40, active=0.6,
+                                           dtype=torch.float16), torch.float16)
+    shape, patch, stride, offset, kind = PATCH_CASES["odd_soft"]
+    inputs = make_patch_inputs(1, 20, 30, 41, patch, stride, torch.float32, bg_kind=kind)
+    got, got_g = _run_patch("triton", inputs, patch, stride)
+    want, want_g = _run_patch("reference", inputs, patch, stride)
+    for a, e in zip(got, want):
+        assert_close(a, e, torch.float32)
+    for a, e in zip(got_g, want_g):
+        assert_close(a, e, torch.float32, grad=True)
+
+
 def test_masked_attention_dead_image_and_removed_key_tiles():
     """A whole image without keys gives 0 and no gradient; removed tiles are skipped exactly."""
     q, k, v, kb, qm = make_attention_inputs(B=2, L=70, N=150, D=8, E=12, removed=0.0,

@@ -22,13 +22,19 @@ def is_interpreted(kernel) -> bool:
     return not isinstance(kernel, JITFunction)
 
 
-def interpreting() -> bool:
-    return is_interpreted(_probe)
-
-
 @triton.jit
 def _probe():
     pass
+
+
+# fixed when this module is imported, like every kernel's own choice; a plain bool also lets
+# torch.compile read it as a constant
+_INTERPRETING = is_interpreted(_probe)
+
+
+def interpreting() -> bool:
+    """True when this process's kernels are interpreted (CPU tensors only)."""
+    return _INTERPRETING
 
 
 def launcher(kernel):
