@@ -371,3 +371,53 @@ def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
     if restore_rng:
         set_rng_state(full["rng"])
     return full["state"]
+
+
+# --------------------------------------------------------------------------- packaging
+def package_weights(run_dir: PathLike, out: PathLike = DEFAULT_WEIGHTS, notes: Optional[Dict] = None) -> Path:
+    """Copy a run's best (else latest) weights to ``out`` (default: the packaged default weights),
+    with a ``trained`` section: the run's training info and config, its final validation table
+    (``val.json``) when there is one, and ``notes``."""
+    run_dir = Path(run_dir)
+    model, config = load_model(run_dir)
+    trained = dict(config.get("trained") or {})
+    if (run_dir / "config.json").is_file():
+        trained["config"] = _read_json(run_dir / "config.json", "run config")
+    if (run_dir / "val.json").is_file():
+        val = _read_json(run_dir / "val.json", "validation table")
+        trained["validation"] = {r["method"]: r["subsets"]["All"] for r in val.get("results", [])}
+    trained["source"] = {"run": run_dir.name, "checkpoint": Path(config["checkpoint"]).parent.name,
+                         "step": config.get("step"), "epoch": config.get("epoch")}
+    trained.update(notes or {})
+    return save_weights(out, model, {"trained": trained})
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m regharm_ext.checkpoint",
+                                description="Package a run's best weights (default: as the shipped default weights).")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file to write (.safetensors)")
+    p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra entries for the 'trained' section (JSON values allowed)")
+    a = p.parse_args(argv)
+    notes = {}
+    for item in a.note:
+        key, _, value = item.partition("=")
+        try:
+            notes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            notes[key] = value
+    try:
+        path = package_weights(a.run_dir, a.out, notes)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}")
+    print(f"wrote {path} and {path.with_suffix('.json')} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

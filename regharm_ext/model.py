@@ -21,8 +21,9 @@ head          S    256  3         conv1x1 -> Î (no activation)
 ============  ========  ========  ==================================================================
 
 Every conv3x3 is followed by BatchNorm and an activation (LeakyReLU 0.2 in the encoder, ReLU in the
-decoder); "up x2" is bilinear upsampling. Parameters: 10.0 M for ``rbase+ltl+ptl`` at width 1
-(paper: 9.48 M); widths 2, 3, 4 give 4.0x, 7.0x, 11.0x that (paper: 4.0x, 7.6x, 12.4x).
+decoder); "up x2" is bilinear upsampling. Parameters of ``rbase+ltl+ptl``: 8.83 M at width 1,
+35.29 M / 72.30 M / 122.23 M at widths 2 / 3 / 4 (paper, Table 5: 9.48 / 37.81 / 72.39 / 117.42 M);
+``base``/``rbase`` 8.43 M (LTL adds 0.39 M at 32², PTL 257 weights).
 
 Input: ``concat(2 I - 1, M)``. Output (Eq. 6 / Eq. 7):
 - ``base``: ``O = I * (1 - M) + Î * M``;

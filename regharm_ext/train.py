@@ -93,7 +93,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  images_per_epoch=1600, epochs=10, lr=2e-3, lr_milestones=(8,), max_minutes=12.5),
     "smoke": dict(data="synth", input_size=64, base_channels=4, batch_size=4, images_per_epoch=8,
                   epochs=6, lr=3e-3, lr_milestones=(), fresh_data=False, val_images=4,
-                  eval_batch_size=4, progress=False),
+                  eval_batch_size=4, progress=False, threads=1),
 }
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from regharm_ext.checkpoint import (CheckpointError, _decode, _encode, load_checkpoint, load_model,
-                                    save_checkpoint, save_weights)
+from regharm_ext.checkpoint import (DEFAULT_WEIGHTS, CheckpointError, _decode, _encode, load_checkpoint,
+                                    load_model, save_checkpoint, save_weights)
 from regharm_ext.losses import fmse_loss
 from regharm_ext.model import Harmonizer
 from regharm_ext.train import main, preset_config, train
@@ -147,6 +147,21 @@ def test_load_errors_are_clear(tmp_path):
         load_model(w)
 
 
+def test_default_weights_ship_and_run():
+    assert DEFAULT_WEIGHTS.stat().st_size <= 20e6
+    model, config = load_model()
+    trained = config["trained"]
+    print("default weights:", config["variant"], config["input_size"], trained.get("validation"))
+    assert trained["preset"] and trained["steps"] > 0 and "validation" in trained
+    assert trained["validation"]["model"]["fmse"] < trained["validation"]["reinhard"]["fmse"]
+    image, mask = _inputs()
+    size = model.input_size
+    image = torch.nn.functional.interpolate(image, size=size)
+    mask = torch.nn.functional.interpolate(mask, size=size)
+    out = model(image, mask)
+    assert torch.isfinite(out).all() and torch.equal(out[(mask == 0).expand_as(out)], image[(mask == 0).expand_as(image)])
+
+
 # --------------------------------------------------------------------------- training
 def _epoch_losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -185,6 +200,12 @@ def test_cli_overrides_table_and_resume_rules(tmp_path, capsys):
     val = json.loads((out / "val.json").read_text())
     assert [r["method"] for r in val["results"]] == ["model", "composite", "reinhard"]
     assert load_model(out)[1]["trained"]["preset"] == "smoke"
+
+    from regharm_ext.checkpoint import main as package_main
+    assert package_main([str(out), "--out", str(tmp_path / "w.safetensors"), "--note", "machine=test box"]) == 0
+    trained = load_model(tmp_path / "w.safetensors")[1]["trained"]
+    assert trained["machine"] == "test box" and trained["config"]["variant"] == "rbase+sa"
+    assert set(trained["validation"]) == {"model", "composite", "reinhard"}
 
     with pytest.raises(SystemExit, match="cannot change variant"):
         main(["--out", str(out), "--resume", "--variant", "rbase"])
