@@ -59,7 +59,6 @@ PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
     "gaps": ((1, 2, 23, 19), (3, 2), (5, 4), 0.0, "soft"),              # stride > patch
     "whole_map": ((2, 2, 9, 7), (9, 7), (1, 1), 0.0, "soft"),
     "pixels": ((1, 3, 6, 5), (1, 1), (1, 1), 0.0, "soft"),
-    "big_patch": ((1, 2, 60, 64), (56, 56), (4, 8), 0.0, "soft"),      # float64: > 48 KB, opt-in
 }
 
 
@@ -100,10 +99,18 @@ def _check_patch(emu, inputs, patch, stride, layout=None):
 @pytest.mark.parametrize("case", PATCH_CASES)
 def test_cuda_emulated_patch_stats(configured, case, dtype):
     shape, patch, stride, offset, kind = PATCH_CASES[case]
-    if case == "big_patch" and dtype != torch.float64:
-        pytest.skip("float64 is the dtype whose 56x56 window exceeds 48 KB")
     inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
     _check_patch(configured(), inputs, patch, stride)
+
+
+def test_cuda_emulated_patch_stats_beyond_48kb(configured):
+    """A 56x56 float64 window needs more than the default 48 KB: one-patch tiles, opt-in."""
+    emu = configured(smem=RTX)
+    shape8 = (1, 2, 60, 64, 56, 56, 4, 8)
+    ok, need = emu.patch_fits(torch.float64, shape8)
+    assert ok and need > 48 * 1024
+    inputs = make_patch_inputs(*shape8[:4], (56, 56), (4, 8), torch.float64)
+    _check_patch(emu, inputs, (56, 56), (4, 8))
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
@@ -114,9 +121,9 @@ def test_cuda_emulated_patch_stats_layouts_and_schedules(configured, layout, ord
 
 
 def test_cuda_emulated_patch_stats_shared_memory_limits(configured):
-    # 80x80 float32 needs one-patch tiles beyond 48 KB: opt-in on every GPU
     emu = configured(smem=RTX)
-    ok, need = emu.patch_fits(torch.float32, (1, 2, 84, 84, 80, 80, 2, 4))
+    # 80x80 float32 (test_cuda_native.py's big patch) needs one-patch tiles beyond 48 KB
+    ok, need = emu.patch_fits(torch.float32, (1, 2, 90, 90, 80, 80, 5, 5))
     assert ok and 48 * 1024 < need <= RTX
     # a patch whose window alone exceeds the device: refused (the glue names the sizes)
     ok, need = emu.patch_fits(torch.float64, (1, 1, 130, 130, 128, 128, 1, 1))

@@ -1,9 +1,9 @@
 """The `native` backend's CUDA kernels (csrc/cuda) on a GPU against `reference`: odd shapes,
 soft masks, patches without background, +100 offsets, clustered foregrounds (whole query tiles
-skipped), the D = 256 / E = 512 extremes, float32/float16/bfloat16, non-contiguous inputs,
-float64 gradcheck, opcheck of the four ops, determinism, and torch.compile(fullgraph=True) of a
-small PTL + LTL module. Skipped without a GPU; tests/test_cuda_emulated.py runs the same kernels
-on a CPU.
+skipped), the D = 256 / E = 512 extremes and the dense path beyond them, float32, float16 and
+bfloat16, non-contiguous inputs, float64 gradcheck, opcheck of the four ops, determinism, and
+torch.compile(fullgraph=True) of a small PTL + LTL module. Skipped without a GPU;
+tests/test_cuda_emulated.py runs the same kernels on a CPU.
 """
 import pytest
 import torch
@@ -115,10 +115,13 @@ ATTN_CASES = {
     "odd": dict(B=3, L=37, N=23, D=3, E=6),
     "none_active": dict(B=2, L=100, N=50, D=16, E=16, active=0.0),
     "mostly_removed": dict(B=3, L=133, N=165, D=8, E=16, removed=0.95),
+    # LTL at 320+ channels: beyond the tiled kernels (D <= 256, E <= 512), the dense path
+    "beyond_tiles": dict(B=2, L=300, N=200, D=320, E=640, active=0.5, removed=0.2),
 }
 ATTN_RUNS = [("ptl", F32), ("ptl", F16), ("ptl", BF16), ("ltl", BF16), ("ltl", F32),
              ("wide", BF16), ("wide", F32), ("c128", F16), ("odd", F32), ("odd", BF16),
-             ("odd", F64), ("none_active", F32), ("mostly_removed", BF16)]
+             ("odd", F64), ("none_active", F32), ("mostly_removed", BF16),
+             ("beyond_tiles", BF16), ("beyond_tiles", F32)]
 
 
 def _attn_fn(kb, qm, scale=None):
@@ -256,9 +259,6 @@ def test_cuda_native_argument_errors_name_the_argument():
         ops.patch_stats(x, bg[:, :, :5], w, b, 3, 3, 1, 1, 1e-5, 0.5)
     with pytest.raises(RuntimeError, match="weight must be on"):
         ops.patch_stats(x, bg, w.cpu(), b, 3, 3, 1, 1, 1e-5, 0.5)
-    q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=300, E=4, device="cuda")
-    with pytest.raises(RuntimeError, match="at most 256"):
-        ops.masked_attention(q, k, v, kb, qm, 1.0)
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
     with pytest.raises(RuntimeError, match="query_mask must be bool"):
         ops.masked_attention(q, k, v, kb, qm.float(), 1.0)

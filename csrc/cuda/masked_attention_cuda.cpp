@@ -1,5 +1,7 @@
 // Torch glue of the CUDA masked_attention kernels (SPEC §3): checks, dtype conversions,
-// allocation, the current stream. The kernels themselves are in masked_attention_kernels.cu.
+// allocation, the current stream. The kernels themselves are in masked_attention_kernels.cu;
+// shapes they cannot hold (D > 256, E > 512, or tiles beyond the GPU's shared memory) go to the
+// dense ATen path of dense_attention.h instead of failing.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +11,7 @@
 #include <tuple>
 
 #include "cuda_glue.h"
+#include "dense_attention.h"
 #include "kernels.h"
 
 namespace regharm {
@@ -18,10 +21,15 @@ namespace {
 constexpr const char* kOp = "regharm::masked_attention (CUDA)";
 constexpr const char* kOpBw = "regharm::masked_attention_backward (CUDA)";
 
+struct Checked {
+  AttnShape shape;
+  bool tiled;  // false: the tiled kernels cannot hold these sizes, use the dense path
+};
+
 // Called under a guard on q's device (the shared-memory check asks that device).
-AttnShape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
-                     const char* op) {
+Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
+                   const char* op) {
   const auto dev = q.device();
   check_float_cuda(q, "q", op, dev);
   check_float_cuda(k, "k", op, dev);
@@ -46,17 +54,10 @@ AttnShape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 ": query_mask must be bool, got ", query_mask->scalar_type());
     check_shape(*query_mask, {s.B, s.L}, "query_mask", op, "(B, L)");
   }
-  TORCH_CHECK(D <= kMaxHeadDim, op, ": q and k have D = ", D, " features; the CUDA kernels take "
-              "at most ", kMaxHeadDim);
-  TORCH_CHECK(E <= kMaxValueDim, op, ": v has E = ", E, " features; the CUDA kernels take at "
-              "most ", kMaxValueDim);
-  check_grid_dim(s.B, "batch size B", op);
+  // grid z of the kernels holds B: at most 65535
+  if (D > kMaxHeadDim || E > kMaxValueDim || s.B > 65535) return {s, false};
   s.D = int(D), s.E = int(E);
-  size_t need = 0, have = 0;
-  TORCH_CHECK(masked_attention_fits(dtype_tag(q), s, &need, &have), op, ": D = ", D, ", E = ", E,
-              " in ", q.scalar_type(), " need ", need, " bytes of shared memory, the GPU offers ",
-              have);
-  return s;
+  return {s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 
 // The kernels read rows through batch and row strides; only the feature dim must be dense.
@@ -76,7 +77,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(
     const std::optional<at::Tensor>& query_mask, double scale) {
   TORCH_CHECK(q.defined() && q.is_cuda(), kOp, ": q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttnShape s = check_args(q, k, v, key_bias, query_mask, kOp);
+  const auto [s, tiled] = check_args(q, k, v, key_bias, query_mask, kOp);
+  if (!tiled) return dense::forward(q, k, v, key_bias, query_mask, scale);
   const auto qd = dense_rows(q), kd = dense_rows(k), vd = dense_rows(v);
   const auto bias = key_bias.to(acc_dtype(q)).contiguous();
   at::Tensor mask;
@@ -98,13 +100,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, double scale) {
   TORCH_CHECK(q.defined() && q.is_cuda(), kOpBw, ": q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttnShape s = check_args(q, k, v, key_bias, query_mask, kOpBw);
+  const auto [s, tiled] = check_args(q, k, v, key_bias, query_mask, kOpBw);
   check_float_cuda(grad_out, "grad_out", kOpBw, q.device());
   check_float_cuda(out, "out", kOpBw, q.device());
   check_float_cuda(lse, "lse", kOpBw, q.device());
-  check_shape(grad_out, {s.B, s.L, s.E}, "grad_out", kOpBw, "(B, L, E)");
-  check_shape(out, {s.B, s.L, s.E}, "out", kOpBw, "(B, L, E)");
+  const int64_t E = v.size(2);
+  check_shape(grad_out, {s.B, s.L, E}, "grad_out", kOpBw, "(B, L, E)");
+  check_shape(out, {s.B, s.L, E}, "out", kOpBw, "(B, L, E)");
   check_shape(lse, {s.B, s.L}, "lse", kOpBw, "(B, L)");
+  if (!tiled) return dense::backward(grad_out, q, k, v, key_bias, query_mask, out, lse, scale);
   const auto dt = q.scalar_type();
   const auto qd = dense_rows(q), kd = dense_rows(k), vd = dense_rows(v);
   const auto god = dense_rows(grad_out.to(dt)), od = dense_rows(out.to(dt));
