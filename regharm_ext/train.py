@@ -70,7 +70,7 @@ class TrainConfig:
     # run control (may change on --resume)
     device: str = "auto"
     threads: int = 0                         # 0: auto (CPU: the cores not busy elsewhere)
-    num_workers: int = 0
+    num_workers: int = -1                    # -1: auto (0 on CPU, up to 8 loader processes on GPU)
     eval_batch_size: int = 16
     max_steps: int = 0                       # > 0: stop after this global step, as if interrupted
     max_minutes: float = 0.0                 # > 0: end training after this long, then validate
@@ -295,6 +295,9 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
     print(f"run {run_dir}: {cfg.variant}, {model.count_parameters() / 1e6:.2f} M parameters, "
           f"{cfg.input_size}², {device}, {threads} threads", flush=True)
 
+    workers = cfg.num_workers
+    if workers < 0:   # on CPU the loader would compete with the training threads for the cores
+        workers = 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1))
     n_batches = len(_epoch_batches(cfg, len(train_ds), 0))
     if n_batches == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than an epoch "
@@ -319,7 +322,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
                 train_ds.set_epoch(epoch)
             batches = _epoch_batches(cfg, len(train_ds), epoch)[state["batch"]:]
             loader = DataLoader(_SeededSamples(train_ds, cfg.seed, epoch), batch_sampler=batches,
-                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                                num_workers=workers, pin_memory=device.type == "cuda")
             model.train()
             for batch in loader:
                 _set_lr(opt, cfg, state, time.time() - start)
@@ -423,6 +426,35 @@ def _field_parser(f: dataclasses.Field):
     return dict(type=str)
 
 
+HELP = {
+    "variant": "base, rbase, rbase+ltl, rbase+sa, rbase+adain, rbase+ptl, rbase+ltl+ptl",
+    "width": "channel multiplier (Table 5)",
+    "base_channels": "stem channels at width 1 (32 = the 8.8 M paper-size model)",
+    "ltl_levels": "LTL decoder levels by their size at a 256² input: 16, 32, 64",
+    "input_size": "training resolution (multiple of 32)",
+    "backend": "op backend: reference, torch, native, triton (none = fastest available)",
+    "data": "synth (embedded photos) or iharmony4 (--data-root)",
+    "subsets": "iHarmony4 subsets, comma-separated (none = all present)",
+    "images_per_epoch": "images per epoch (0 = the whole training list)",
+    "fresh_data": "synth: new composites every epoch",
+    "val_images": "validation images for the final table (0 = all)",
+    "lr_milestones": "epochs after which lr *= lr_gamma",
+    "a_min": "A_min of the loss (Eq. 8)",
+    "threads": "CPU threads (0 = the idle cores)",
+    "num_workers": "DataLoader processes (-1 = auto)",
+    "max_steps": "stop after this global step, as an interruption (0 = no limit)",
+    "max_minutes": "training time budget, then validate (0 = none); lr milestones also pass by time",
+    "validate": "print and save the final table",
+    "val_every": "score val_subset images every N epochs and keep the best checkpoint (0 = never)",
+}
+
+
+def _show(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    return str(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m regharm_ext.train",
                                 description="Train the harmonizer (every config field is an option).")
@@ -436,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "preset":
             continue
         kw = _field_parser(f)
+        defaults = ", ".join(f"{n} {_show(getattr(preset_config(n), f.name))}" for n in ("demo", "paper", "smoke"))
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"(default per preset; paper: {f.default!r})", **kw)
+                       help=f"{HELP.get(f.name, '')} [{defaults}]".strip(), **kw)
     return p
 
 
