@@ -42,20 +42,38 @@ template <> struct UseWmma<__half> { static constexpr bool value = true; };
 template <> struct UseWmma<__nv_bfloat16> { static constexpr bool value = true; };
 #endif
 
+// Each thread owns a 4 x 4 register tile of rows tm + i*M/4 and columns tn + j*N/4: 16 FMAs per
+// 8 shared-memory reads, and neighbouring threads read neighbouring rows or columns, which the
+// odd row pitches of 4- and 8-byte tiles spread over the banks.
 template <typename T, typename A, bool A_COL, bool B_COL, bool ACCUMULATE>
 __device__ void simt_mm(A* C, int ldc, const T* Am, int lda, const T* Bm, int ldb, int M, int N,
                         int K) {
-  // consecutive threads take consecutive columns of one row: A is a broadcast, B and C rows are
-  // contiguous in N for row-major B
-  for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
-    const int m = idx / N, n = idx % N;
-    A acc = ACCUMULATE ? C[m * ldc + n] : A(0);
+  const int MS = M / 4, NS = N / 4;
+  for (int u = threadIdx.x; u < MS * NS; u += blockDim.x) {
+    const int tm = u / NS, tn = u % NS;
+    A acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        acc[i][j] = ACCUMULATE ? C[(tm + i * MS) * ldc + tn + j * NS] : A(0);
     for (int k = 0; k < K; ++k) {
-      const T a = A_COL ? Am[k * lda + m] : Am[m * lda + k];
-      const T b = B_COL ? Bm[n * ldb + k] : Bm[k * ldb + n];
-      acc += to_acc<A>(a) * to_acc<A>(b);
+      A a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        a[i] = to_acc<A>(A_COL ? Am[k * lda + tm + i * MS] : Am[(tm + i * MS) * lda + k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        b[j] = to_acc<A>(B_COL ? Bm[(tn + j * NS) * ldb + k] : Bm[k * ldb + tn + j * NS]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
     }
-    C[m * ldc + n] = acc;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) C[(tm + i * MS) * ldc + tn + j * NS] = acc[i][j];
   }
 }
 

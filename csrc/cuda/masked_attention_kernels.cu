@@ -61,9 +61,16 @@ struct BwdArgs {
   T* dv;
 };
 
-// Row pitches: 16 bytes of padding per row spreads rows over the shared-memory banks and keeps
-// the pitch a multiple of 16 bytes (WMMA needs multiples of 8 halves / 4 floats).
-template <typename T> __host__ __device__ constexpr int pad_of() { return int(16 / sizeof(T)); }
+// Row padding of shared-memory tiles. 16-bit tiles feed WMMA, whose pitch must be a multiple of
+// 16 bytes: 8 elements. 4- and 8-byte tiles are read by CUDA cores only (simt_mm, softmax):
+// one element makes the pitch odd, so a column walk hits 32 different banks. Accumulator
+// tiles (float for 16-bit inputs) are WMMA operands too: they take 16 bytes as well.
+template <typename T> __host__ __device__ constexpr int pad_of() {
+  return sizeof(T) == 2 ? 8 : 1;
+}
+template <typename A> __host__ __device__ constexpr int acc_pad_of() {
+  return int(16 / sizeof(A));
+}
 
 template <typename T, typename A>
 struct FwdSmem {
@@ -76,8 +83,8 @@ struct FwdSmem {
     ldq = Dp + pad_of<T>();
     ldv = EC + pad_of<T>();
     ldp = BN + pad_of<T>();
-    lds = BN + pad_of<A>();
-    ldo = EC + pad_of<A>();
+    lds = BN + acc_pad_of<A>();
+    ldo = EC + acc_pad_of<A>();
     SmemCarver c(base);
     q = c.take<T>(size_t(BM) * ldq);
     k = c.take<T>(size_t(BN) * ldq);
@@ -105,9 +112,9 @@ struct BwdSmem {
     ldq = Dp + pad_of<T>();
     lde = Ep + pad_of<T>();
     ldp = BN + pad_of<T>();
-    lds = BN + pad_of<A>();
-    ldacc = Dp + pad_of<A>();
-    ldacc2 = Ep + pad_of<A>();
+    lds = BN + acc_pad_of<A>();
+    ldacc = Dp + acc_pad_of<A>();
+    ldacc2 = Ep + acc_pad_of<A>();
     SmemCarver c(base);
     q = c.take<T>(size_t(BM) * ldq);
     dout = c.take<T>(size_t(BM) * lde);
@@ -510,9 +517,10 @@ template <typename T, typename A>
 AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides ks,
                          const void* v, RowStrides vs, const void* key_bias,
                          const bool* query_mask, const AttnShape& s, double scale) {
+  // 16-byte loads land in 16-bit tiles only (the others have odd pitches)
   constexpr int V = 16 / sizeof(T);
   auto vec_ok = [](const void* p, RowStrides st, int cols) {
-    return aligned16(p) && cols % V == 0 && st.b % V == 0 && st.r % V == 0;
+    return sizeof(T) == 2 && aligned16(p) && cols % V == 0 && st.b % V == 0 && st.r % V == 0;
   };
   AttnArgs<T, A> a;
   a.q = static_cast<const T*>(q);
@@ -612,7 +620,8 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   BwdArgs<T, A> g;
   g.dout = static_cast<const T*>(grad_out);
   g.dos = gs;
-  g.vec_do = aligned16(grad_out) && s.E % V == 0 && gs.b % V == 0 && gs.r % V == 0;
+  g.vec_do = sizeof(T) == 2 && aligned16(grad_out) && s.E % V == 0 && gs.b % V == 0 &&
+             gs.r % V == 0;
   g.out = static_cast<const T*>(out);
   g.os = os;
   if constexpr (std::is_same<A, float>::value) g.lse = lse;  // the forward's

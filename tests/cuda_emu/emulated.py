@@ -26,8 +26,8 @@ SOURCES = [ROOT / "csrc/cuda/patch_stats_kernels.cu", ROOT / "csrc/cuda/masked_a
 HEADERS = [HERE / "emu_runtime.h", *sorted((ROOT / "csrc/cuda").glob("*.h")),
            *sorted((ROOT / "csrc/cuda").glob("*.cuh"))]
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Werror", "-x", "c++",
-         "-DREGHARM_CUDA_EMULATION", "-include", str(HERE / "emu_runtime.h"),
+FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+         "-x", "c++", "-DREGHARM_CUDA_EMULATION", "-include", str(HERE / "emu_runtime.h"),
          f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc'}"]
 
 DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
