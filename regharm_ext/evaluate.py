@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .baselines import composite, reinhard, reinhard_cielab
+from .errors import one_line
 from .inference import harmonize_tensor
 from .metrics import MetricTable, image_metrics
 
@@ -165,8 +166,10 @@ def main(argv=None) -> int:
             target = _load_model(a.checkpoint, device) if m == "model" else m
             results.append(evaluate(target, dataset, device, a.batch_size, peak,
                                     progress=not a.no_progress, name=m, num_workers=a.workers))
+    except KeyboardInterrupt:
+        return 130
     except Exception as e:  # one line for the user, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(format_table(results))
     if a.json is not None:

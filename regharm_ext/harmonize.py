@@ -12,12 +12,22 @@ Resolution: the network runs at its training resolution (``input_size`` of the c
 residual Î is upsampled bilinearly and applied to the full-resolution image with the
 full-resolution mask (:mod:`regharm_ext.inference`), so the output has the input's size and detail.
 
-Masks: read as 8-bit grayscale (any mode is converted to L). Values are weights ``m = value / 255``:
-the network sees them resized, and the correction at full resolution is ``I + Î·m`` (an
-antialiased edge gets a partial correction rather than a halo). Pixels whose mask value is 0 are
-copied from the input unchanged (the final composite is done on 8-bit values), so save the output
-as PNG. The foreground is the set of pixels above 127: a mask with none is rejected as empty.
-Pixel grids are used as stored (EXIF orientation is not applied to either file).
+Files (:mod:`regharm_ext.data.image_file`): EXIF orientation is applied; grayscale, palette,
+RGBA (alpha dropped), CMYK and 16-bit images are converted to 8-bit RGB; 32-bit float images are
+refused. Masks are grayscale weights ``m = value / 255`` (a cut-out's alpha channel is its mask; a
+0/1 label mask is read as 0/255; a colour picture is refused). The network sees them resized, and
+the correction at full resolution is ``I + Î·m`` (an antialiased edge gets a partial correction
+rather than a halo). Pixels whose mask value is 0 are copied from the input unchanged (the final
+composite is done on 8-bit values), so save the output as PNG. The foreground is the set of pixels
+above 127: a mask with none is rejected as empty, a mask with no pixel at or below 127 as full
+(nothing left to harmonize against).
+
+Large images: sizes are read from the file headers first, so an image above ``--max-pixels``
+(default: Pillow's bomb limit, about 179 megapixels), an image/mask size mismatch, or an image
+needing more memory than is available is refused before any pixel is decoded. Full-resolution
+work (upsampling the residual, compositing, the explanation map) runs in strips of rows, and
+above 16 megapixels the image is shrunk for the network by Pillow on 8-bit data, so memory stays
+near 20 bytes per pixel.
 
 ``--explain`` writes the PTL contribution map (the paper's Fig. 5): how much the foreground as a
 whole attends to each background region, as a heat map over a dimmed copy of the image, with the
@@ -35,9 +45,11 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
-from .inference import predict_raw_at, resize
+from .data.image_file import ImageFileError, check_memory, image_size, read_mask, read_rgb
+from .errors import one_line
+from .inference import resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # piecewise-linear "inferno"-like colormap: value -> RGB
@@ -49,58 +61,120 @@ class InputError(Exception):
     """A problem with the user's files; reported as one line."""
 
 
-def _open(path: Path, mode: str, what: str) -> np.ndarray:
-    if not path.exists():
-        raise InputError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise InputError(f"{what} is not a file: {path}")
-    try:
-        with Image.open(path) as f:
-            img = f.convert(mode)
-            img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read {what} {path}: {e}") from None
-    return np.array(img)  # a writable copy: torch warns on read-only arrays
+# Above LEAN_PIXELS the image is shrunk for the network by Pillow on 8-bit data instead of torch on
+# a float copy (16 bytes per pixel); full-resolution work runs in strips of about STRIP_PIXELS.
+LEAN_PIXELS = 16_000_000
+STRIP_PIXELS = 262_144
+_MODEL_BYTES = 512 * 2**20   # weights and activations at the training resolution, generously
 
 
-def load_pair(image_path, mask_path) -> Tuple[np.ndarray, np.ndarray]:
-    """(image uint8 [H, W, 3], mask uint8 [H, W]) after the checks of the CLI."""
+def memory_needed(width: int, height: int, explain: bool = False) -> int:
+    """Peak bytes to harmonize a ``width`` x ``height`` image (estimate, on the safe side)."""
+    px = width * height
+    per_px = 3 + 1 + 3 + 8          # image, mask, output; decoding / EXIF-rotation working copy
+    if px <= LEAN_PIXELS:
+        per_px += 16                # float image and mask for torch's resize
+    if explain:
+        per_px += 4 + 8 + 3 + 2     # contribution map, its background percentile copies, overlay, edges
+    return px * per_px + 128 * STRIP_PIXELS + _MODEL_BYTES   # float64 overlay strips: ~100 B/px
+
+
+def load_pair(image_path, mask_path, max_pixels: Optional[int] = None,
+              explain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """(image uint8 [H, W, 3], mask uint8 [H, W]) after the checks of the CLI.
+
+    Sizes, the pixel limit and the memory estimate are checked from the file headers before
+    anything is decoded; then the pixels are read and the mask checked (not empty, not full)."""
     image_path, mask_path = Path(image_path), Path(mask_path)
-    img = _open(image_path, "RGB", "image")
-    mask = _open(mask_path, "L", "mask")
-    if img.shape[:2] != mask.shape:
-        raise InputError(f"image {image_path} is {img.shape[1]}x{img.shape[0]} but mask {mask_path} is "
-                         f"{mask.shape[1]}x{mask.shape[0]}: they must have the same size")
+    try:
+        iw, ih = image_size(image_path, "image", max_pixels)
+        mw, mh = image_size(mask_path, "mask", max_pixels)
+        if (iw, ih) != (mw, mh):
+            raise InputError(f"image {image_path} is {iw}x{ih} but mask {mask_path} is {mw}x{mh}: "
+                             f"they must have the same size")
+        check_memory(memory_needed(iw, ih, explain), f"image {image_path} ({iw}x{ih})")
+        img = read_rgb(image_path, "image", max_pixels)
+        mask = read_mask(mask_path, "mask", max_pixels)
+    except ImageFileError as e:
+        raise InputError(str(e)) from None
     if not (mask > 127).any():
         raise InputError(f"mask {mask_path} is empty: no pixel above 127 marks a foreground")
+    if not (mask <= 127).any():
+        raise InputError(f"mask {mask_path} is full: no pixel at or below 127 is left as background "
+                         f"to harmonize the foreground with")
     return img, mask
+
+
+def _strips(height: int, width: int):
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for y0 in range(0, height, rows):
+        yield y0, min(height, y0 + rows)
+
+
+class _Upsampler:
+    """Bilinear upsampling (``align_corners=False``, like ``F.interpolate``) of a small map to
+    (H, W), produced a strip of rows at a time: the width is interpolated once (C x h x W), the
+    rows on demand, so no full-resolution float map is ever held."""
+
+    def __init__(self, small: torch.Tensor, size: Tuple[int, int]):
+        self.h = small.shape[-2]
+        self.H = size[0]
+        self.wide = F.interpolate(small.float(), size=(self.h, size[1]), mode="bilinear", align_corners=False)
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        """Rows y0..y1-1 of the upsampled map (Tensor[B, C, y1 - y0, W])."""
+        y = torch.arange(y0, y1, device=self.wide.device, dtype=torch.float32)
+        src = ((y + 0.5) * (self.h / self.H) - 0.5).clamp_min(0)
+        i0 = src.floor().long().clamp_max(self.h - 1)
+        i1 = (i0 + 1).clamp_max(self.h - 1)
+        lam = (src - i0).view(1, 1, -1, 1)
+        return torch.lerp(self.wide.index_select(2, i0), self.wide.index_select(2, i1), lam)
+
+
+def _model_inputs(model, image: np.ndarray, mask: np.ndarray, dev) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Image (Tensor[1, 3, S, S]) and mask (Tensor[1, 1, S, S]) at the model's input size: torch's
+    antialiased resize as in :mod:`regharm_ext.inference`, or Pillow's on 8-bit data for images
+    above LEAN_PIXELS (no full-resolution float copy)."""
+    h, w = mask.shape
+    size = getattr(model, "input_size", (h, w))
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if h * w > LEAN_PIXELS and (h, w) != size:
+        x = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+        m = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.BILINEAR))
+        return (torch.from_numpy(x.copy()).permute(2, 0, 1)[None].to(dev, torch.float32) / 255.0,
+                torch.from_numpy(m.copy())[None, None].to(dev, torch.float32) / 255.0)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(dev, torch.float32).div_(255.0)
+    m = torch.from_numpy(mask)[None, None].to(dev, torch.float32).div_(255.0)
+    return resize(x, size), resize(m, size).clamp(0, 1)
 
 
 def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
     """Harmonized image (uint8 [H, W, 3]) of ``image`` (uint8 [H, W, 3]) with ``mask`` (uint8
     [H, W]); identical to ``image`` wherever ``mask`` is 0."""
     dev = torch.device(device)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(dev, torch.float32) / 255.0
-    m = torch.from_numpy(mask)[None, None].to(dev, torch.float32) / 255.0
+    out = np.empty_like(image)
     with torch.no_grad():
-        raw = predict_raw_at(model, x, m)
-        out = model.compose(x, raw, m)
-    out = (out.clamp(0, 1) * 255.0).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
-    return np.where(mask[..., None] > 0, out, image)
+        up = _Upsampler(model.predict_raw(*_model_inputs(model, image, mask, dev)), mask.shape)
+        for y0, y1 in _strips(*mask.shape):
+            x = torch.from_numpy(image[y0:y1]).permute(2, 0, 1)[None].to(dev, torch.float32) / 255.0
+            m = torch.from_numpy(mask[y0:y1])[None, None].to(dev, torch.float32) / 255.0
+            o = model.compose(x, up.rows(y0, y1), m)
+            o = (o.clamp(0, 1) * 255.0).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+            out[y0:y1] = np.where(mask[y0:y1, :, None] > 0, o, image[y0:y1])
+    return out
 
 
 def contribution_map(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
-    """PTL contribution (float [H, W], sums to 1 over the image) at the image's resolution."""
+    """PTL contribution (float32 [H, W], sums to 1 over the image) at the image's resolution."""
     dev = torch.device(device)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(dev, torch.float32) / 255.0
-    m = torch.from_numpy(mask)[None, None].to(dev, torch.float32) / 255.0
-    size = getattr(model, "input_size", tuple(x.shape[-2:]))
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    out = np.empty(mask.shape, np.float32)
     with torch.no_grad():
-        c = model.ptl_contribution(resize(x, size), resize(m, size).clamp(0, 1))
-        c = F.interpolate(c[:, None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    c = c.clamp_min(0).cpu().numpy()
-    return c / max(float(c.sum()), 1e-12)
+        c = model.ptl_contribution(*_model_inputs(model, image, mask, dev))
+        up = _Upsampler(c[:, None], mask.shape)
+        for y0, y1 in _strips(*mask.shape):
+            out[y0:y1] = up.rows(y0, y1)[0, 0].clamp_min(0).cpu().numpy()
+    out /= max(float(out.sum(dtype=np.float64)), 1e-12)
+    return out
 
 
 def heatmap_overlay(image: np.ndarray, value: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -111,14 +185,18 @@ def heatmap_overlay(image: np.ndarray, value: np.ndarray, mask: np.ndarray) -> n
     almost evenly would otherwise show as one flat colour."""
     bg = value[mask <= 127]
     lo, hi = (np.percentile(bg, [2, 99.5]) if bg.size else (0.0, float(value.max())))
-    v = np.clip((value - lo) / max(hi - lo, 1e-12), 0, 1)
-    heat = np.stack([np.interp(v, _CMAP_X, _CMAP_RGB[:, c]) for c in range(3)], -1)
-    grey = (image.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))[..., None] * 0.6
-    alpha = (0.25 + 0.65 * np.sqrt(v))[..., None]
-    out = (1 - alpha) * grey + alpha * heat
-    edge = np.asarray(Image.fromarray(((mask > 127) * 255).astype(np.uint8)).filter(ImageFilter.FIND_EDGES)) > 0
-    out[edge] = 255
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    del bg
+    edge = np.asarray(Image.fromarray((mask > 127).astype(np.uint8) * np.uint8(255)).filter(ImageFilter.FIND_EDGES)) > 0
+    out = np.empty(image.shape, np.uint8)
+    for y0, y1 in _strips(*mask.shape):
+        v = np.clip((value[y0:y1].astype(np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
+        heat = np.stack([np.interp(v, _CMAP_X, _CMAP_RGB[:, c]) for c in range(3)], -1)
+        grey = (image[y0:y1].astype(np.float64) @ np.array([0.299, 0.587, 0.114]))[..., None] * 0.6
+        alpha = (0.25 + 0.65 * np.sqrt(v))[..., None]
+        strip = (1 - alpha) * grey + alpha * heat
+        strip[edge[y0:y1]] = 255
+        out[y0:y1] = np.clip(np.round(strip), 0, 255).astype(np.uint8)
+    return out
 
 
 def save_image(array: np.ndarray, path) -> None:
@@ -151,9 +229,10 @@ def _check_explainable(model) -> None:
         raise InputError(f"--explain needs a model with PTL (this one is {variant!r})")
 
 
-def process(model, image_path, mask_path, out_path, explain_path=None, device="cpu") -> None:
+def process(model, image_path, mask_path, out_path, explain_path=None, device="cpu",
+            max_pixels: Optional[int] = None) -> None:
     """One composite: checks, harmonization, optional explanation; writes only on success."""
-    img, mask = load_pair(image_path, mask_path)
+    img, mask = load_pair(image_path, mask_path, max_pixels, explain_path is not None)
     process_arrays(model, img, mask, out_path, explain_path, device)
 
 
@@ -191,7 +270,10 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, help="folder for <name>.png results (folder mode)")
     p.add_argument("--explain-dir", type=Path, default=None, help="folder for contribution maps (folder mode)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-pixels", type=float, default=None,
+                   help="refuse larger images (default: about 179e6, Pillow's decompression-bomb limit)")
     a = p.parse_args(argv)
+    max_pixels = None if a.max_pixels is None else int(a.max_pixels)
     single = a.image is not None or a.mask is not None or a.out is not None
     folder = a.input_dir is not None or a.out_dir is not None
     if single == folder:
@@ -205,7 +287,8 @@ def main(argv=None) -> int:
     try:
         device = _device(a.device)
         if single:
-            img, mask = load_pair(a.image, a.mask)  # bad inputs fail before a model is loaded
+            # bad inputs fail before a model is loaded
+            img, mask = load_pair(a.image, a.mask, max_pixels, a.explain is not None)
             model = _load_model(a.checkpoint, device)
             if a.explain is not None:
                 _check_explainable(model)
@@ -222,7 +305,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one line for the user, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     failed = 0
     for name, img_path, mask_path in pairs:
@@ -230,13 +313,13 @@ def main(argv=None) -> int:
             if mask_path is None:
                 raise InputError(f"no mask for {img_path} (expected {a.input_dir / (name + '_mask.png')})")
             explain = a.explain_dir / f"{name}.png" if a.explain_dir is not None else None
-            process(model, img_path, mask_path, a.out_dir / f"{name}.png", explain, device)
+            process(model, img_path, mask_path, a.out_dir / f"{name}.png", explain, device, max_pixels)
             print(f"{a.out_dir / (name + '.png')}")
         except KeyboardInterrupt:
             return 130
         except Exception as e:
             failed += 1
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
     return 1 if failed else 0
 
 

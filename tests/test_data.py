@@ -120,14 +120,16 @@ def test_loader_subsets_present_and_missing(tmp_path):
 def test_loader_errors_name_the_file_and_the_list(tmp_path):
     root = export_tree(tmp_path, subsets=("HCOCO",), n=2, n_train=0, size=32)
     (root / "HCOCO" / "real_images" / "v00001.jpg").unlink()
-    ds = IHarmony4(root, "test")
+    with pytest.raises(DataError, match=r"1 listed file\(s\) missing: .*v00001\.jpg .*HCOCO_test\.txt:2"):
+        IHarmony4(root, "test")           # checked before any item is read
+    ds = IHarmony4(root, "test", check_files=False)
     ds[0]
     with pytest.raises(DataError) as e:
         ds[1]
     msg = str(e.value)
     assert "v00001.jpg" in msg and "real_images" in msg and "HCOCO_test.txt:2" in msg
     (root / "HCOCO" / "masks" / "v00000_1.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"unreadable mask .*v00000_1\.png"):
+    with pytest.raises(DataError, match=r"cannot read mask .*v00000_1\.png"):
         ds[0]
     Image.new("L", (31, 32)).save(root / "HCOCO" / "masks" / "v00000_1.png")
     with pytest.raises(DataError, match="size mismatch"):

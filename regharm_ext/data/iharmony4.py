@@ -26,8 +26,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from .image_file import DEFAULT_MAX_PIXELS, ImageFileError, read_mask, read_rgb
 
 SUBSETS = ("HCOCO", "HAdobe5k", "HFlickr", "Hday2night")
 _DIRS = ("composite_images", "masks", "real_images")
@@ -57,20 +58,18 @@ def _parse(name: str) -> Tuple[str, str]:
     return f"{parts[0]}_{parts[1]}.png", f"{parts[0]}.jpg"
 
 
-def _read(path: Path, mode: str, what: str, origin: str) -> Image.Image:
+def _read(path: Path, what: str, origin: str, max_pixels: int) -> np.ndarray:
+    """uint8 [H, W, 3] (images) or [H, W] (masks), converted as :mod:`.image_file` documents."""
+    if not path.is_file():
+        raise DataError(f"missing {what} {path} (listed in {origin})")
     try:
-        with Image.open(path) as f:
-            img = f.convert(mode)
-            img.load()
-        return img
-    except FileNotFoundError:
-        raise DataError(f"missing {what} {path} (listed in {origin})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"unreadable {what} {path} (listed in {origin}): {e}") from None
+        return (read_mask if what == "mask" else read_rgb)(path, what, max_pixels)
+    except ImageFileError as e:
+        raise DataError(f"{e} (listed in {origin})") from None
 
 
-def _tensor(img: Image.Image) -> torch.Tensor:
-    a = np.asarray(img, dtype=np.float32) / 255.0
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    a = a.astype(np.float32) / 255.0
     return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
 
 
@@ -85,6 +84,14 @@ class IHarmony4(Dataset):
             ``self.skipped``.
         size: output side S.
         augment: random resized crop + horizontal flip (training); otherwise the evaluation resize.
+        check_files: verify at construction that every listed composite, mask and real image
+            exists (a missing one is reported before training or evaluation starts).
+        max_pixels: larger images are refused before they are decoded.
+
+    Files are read as :mod:`.image_file` documents (EXIF orientation applied; grayscale, RGBA,
+    16-bit, CMYK images converted to 8-bit RGB; soft masks kept as weights, 0/1 label masks read
+    as 0/255). Empty and full masks are valid items (the loss floors the area at A_min; fMSE of an
+    empty mask is 0).
 
     Item: ``{"comp": Tensor[3, S, S], "mask": Tensor[1, S, S] (soft after resizing), "real":
     Tensor[3, S, S], "name": "<Subset>/<composite name>", "subset": str}``; floats in [0, 1].
@@ -93,10 +100,12 @@ class IHarmony4(Dataset):
     """
 
     def __init__(self, root, split: str = "test", subsets: Optional[Sequence[str]] = None,
-                 size: int = 256, augment: bool = False, skip_missing: bool = False):
+                 size: int = 256, augment: bool = False, skip_missing: bool = False,
+                 check_files: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.root, self.split, self.size, self.augment = Path(root), split, int(size), bool(augment)
+        self.max_pixels = int(max_pixels)
         if not self.root.is_dir():
             raise DataError(f"dataset root {self.root} does not exist or is not a folder")
         present = find_subsets(self.root)
@@ -120,16 +129,32 @@ class IHarmony4(Dataset):
         self.items: List[Tuple[str, str, str]] = []
         for s in wanted:
             self.items += self._list(s)
+        if check_files:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        missing = []
+        for i, (_, _, origin) in enumerate(self.items):
+            for p in self.paths(i):
+                if not p.is_file():
+                    missing.append(f"{p} (listed in {origin})")
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(f"{len(missing)} listed file(s) missing: {missing[0]}{more}")
 
     def _list(self, subset: str) -> List[Tuple[str, str, str]]:
         own = self.root / subset / f"{subset}_{self.split}.txt"
         ihd = self.root / f"IHD_{self.split}.txt"
         if own.is_file():
-            lines, src, keep = own.read_text().splitlines(), own, None
+            src, keep = own, None
         elif ihd.is_file():
-            lines, src, keep = ihd.read_text().splitlines(), ihd, f"{subset}/"
+            src, keep = ihd, f"{subset}/"
         else:
             raise DataError(f"missing list {own} (and no {ihd} to fall back on)")
+        try:
+            lines = src.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read list {src}: {e}") from None
         out = []
         for no, line in enumerate(lines, 1):
             line = line.strip()
@@ -166,15 +191,16 @@ class IHarmony4(Dataset):
     def __getitem__(self, index: int):
         subset, name, origin = self.items[index]
         cp, mp, rp = self.paths(index)
-        comp = _read(cp, "RGB", "composite image", origin)
-        mask = _read(mp, "L", "mask", origin)
-        real = _read(rp, "RGB", "real image", origin)
-        if not comp.size == mask.size == real.size:
-            raise DataError(f"size mismatch (listed in {origin}): composite {cp} {comp.size}, "
-                            f"mask {mp} {mask.size}, real {rp} {real.size}")
+        comp = _read(cp, "composite image", origin, self.max_pixels)
+        mask = _read(mp, "mask", origin, self.max_pixels)
+        real = _read(rp, "real image", origin, self.max_pixels)
+        if not comp.shape[:2] == mask.shape == real.shape[:2]:
+            wh = lambda a: f"{a.shape[1]}x{a.shape[0]}"  # noqa: E731
+            raise DataError(f"size mismatch (listed in {origin}): composite {cp} {wh(comp)}, "
+                            f"mask {mp} {wh(mask)}, real {rp} {wh(real)}")
         c, m, r = _tensor(comp), _tensor(mask), _tensor(real)
         if self.augment:
-            x0, y0, x1, y1 = self._crop_box(*comp.size)
+            x0, y0, x1, y1 = self._crop_box(comp.shape[1], comp.shape[0])
             c, m, r = (t[:, y0:y1, x0:x1] for t in (c, m, r))
             if bool(torch.rand(()) < 0.5):
                 c, m, r = (t.flip(-1) for t in (c, m, r))
