@@ -123,6 +123,16 @@ def capture_launches():
                 qm = torch.ones(2, 300, dtype=torch.bool) if masked else None
                 out, lse = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
                 ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, 0.125)
+    # float32 with TF32 allowed (PyTorch's flag) takes the tensor-core path
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        q, k, v = torch.zeros(2, 300, 64), torch.zeros(2, 200, 64), torch.zeros(2, 200, 128)
+        kb, qm = torch.zeros(2, 200), torch.ones(2, 300, dtype=torch.bool)
+        out, lse = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
+        ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, 0.125)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
     return log
 
 
@@ -130,12 +140,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90", help="sm_XX target (90 = H100/H200)")
     ap.add_argument("--json", help="write the per-launch report here")
+    ap.add_argument("--kernels", default="", help="only kernels whose name contains this")
+    ap.add_argument("--dtypes", default="", help="only launches with these pointer types, e.g. fp16,bf16")
     args = ap.parse_args(argv)
     cc = int(args.arch.split("_")[1].rstrip("a"))
     target = GPUTarget("cuda", cc, 32)
     seen, report, failures = set(), [], 0
     for kernel, grid, a, kw in capture_launches():
+        if args.kernels and args.kernels not in kernel.__name__:
+            continue
         sig, constexprs, options = _signature(kernel, a, kw)
+        if args.dtypes and not any(f"*{t}" in sig.values() for t in args.dtypes.split(",")):
+            continue
         key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
                tuple(sorted(options.items())))
         if key in seen:

@@ -96,6 +96,17 @@ def test_masked_attention_no_mask_cuda():
         assert_close(a, e, torch.float32, grad=True)
 
 
+def test_float32_follows_torch_tf32_flag(monkeypatch):
+    """TF32 tensor cores for float32 only when PyTorch's matmul flag allows them."""
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=300, N=200, D=64, E=128, device="cuda")
+    exact = masked_attention(q, k, v, kb, qm, backend="triton")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    fast = masked_attention(q, k, v, kb, qm, backend="triton")
+    want = masked_attention(q, k, v, kb, qm, backend="reference")
+    torch.testing.assert_close(fast, want, atol=1e-2, rtol=1e-2)
+    assert_close(exact, want, torch.float32)
+
+
 def test_gradcheck_float64_cuda():
     x, bg, w, b = make_patch_inputs(1, 2, 9, 8, (3, 4), (2, 3), torch.float64, device="cuda")
     fn = lambda x, w, b: patch_stats(x, bg, w, b, (3, 4), (2, 3), backend="triton")[:3]

@@ -15,7 +15,8 @@ Layout of the work:
   queries only) and one over query tiles for ``dQ``: each output has a single writer, no atomics.
 
 Accumulation is float32 (float64 for float64 inputs, where products are broadcast-and-sum instead
-of ``tl.dot``: fp64 ``tl.dot`` is not supported on every GPU target). ``D`` and ``E`` are padded
+of ``tl.dot``: fp64 ``tl.dot`` is not supported on every GPU target). float32 products use
+``tf32x3`` (see ``_flags``). ``D`` and ``E`` are padded
 to powers of two (at least 16, the smallest ``tl.dot`` tile) and masked.
 
 Registered as ``torch.ops.regharm_triton.masked_attention`` (returns ``out, lse``) and
@@ -37,10 +38,10 @@ from ._triton_util import acc_dtype, interpreting, launcher
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr):
+def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     """a (M, K) @ b (K, N) -> (M, N) in the accumulation dtype."""
     if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision=PREC)
     else:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
@@ -62,8 +63,8 @@ def _rows(IDX, CNT, b, start, L, HAS_MASK: tl.constexpr, BM: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
-              HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BD: tl.constexpr, BE: tl.constexpr):
+              HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = LSE.dtype.element_ty
@@ -83,7 +84,7 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
         if tl.max(kb, 0) > float("-inf"):  # skip tiles whose keys are all removed
             kt = tl.load(K + b * N * D + cols[None, :] * D + offs_d[:, None],
                          mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
-            s = _mm(q, kt, USE_DOT).to(acc_t) * scale + kb[None, :]
+            s = _mm(q, kt, USE_DOT, PREC).to(acc_t) * scale + kb[None, :]
             # some key of the tile is live, so the row max is finite and exp never sees inf - inf
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -91,7 +92,7 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * N * E + cols[:, None] * E + offs_e[None, :],
                         mask=(cols[:, None] < N) & (offs_e[None, :] < E), other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT).to(acc_t)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT, PREC).to(acc_t)
             m_i = m_new
     live = l_i > 0
     l_safe = tl.where(live, l_i, 1.0)
@@ -118,8 +119,8 @@ def _attn_bwd_delta(O, DO, DELTA, L, E, BM: tl.constexpr, BE: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, scale,
-                   HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+                   HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
@@ -150,12 +151,12 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
         # a dead row (lse = -inf) must give P = 0: +inf makes exp(s - lse) = 0 for every s
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(DELTA + b * L + rows, mask=row_ok, other=0.0)
-        st = _mm(k, qt, USE_DOT).to(acc_t) * scale + kb[:, None]          # (BN, BM)
+        st = _mm(k, qt, USE_DOT, PREC).to(acc_t) * scale + kb[:, None]   # (BN, BM)
         pt = tl.exp(st - lse[None, :])
-        dv += _mm(pt.to(dot_.dtype), tl.trans(dot_), USE_DOT).to(acc_t)
-        dpt = _mm(v, dot_, USE_DOT).to(acc_t)                               # (BN, BM)
+        dv += _mm(pt.to(dot_.dtype), tl.trans(dot_), USE_DOT, PREC).to(acc_t)
+        dpt = _mm(v, dot_, USE_DOT, PREC).to(acc_t)                        # (BN, BM)
         dst = pt * (dpt - delta[None, :])
-        dk += _mm(dst.to(qt.dtype), tl.trans(qt), USE_DOT).to(acc_t)
+        dk += _mm(dst.to(qt.dtype), tl.trans(qt), USE_DOT, PREC).to(acc_t)
     tl.store(DK + b * N * D + cols[:, None] * D + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * N * E + cols[:, None] * E + offs_e[None, :], dv.to(DV.dtype.element_ty),
@@ -164,8 +165,8 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
-                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
@@ -190,11 +191,11 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
                          mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
             vt = tl.load(V + b * N * E + cols[None, :] * E + offs_e[:, None],
                          mask=(cols[None, :] < N) & (offs_e[:, None] < E), other=0.0)
-            s = _mm(q, kt, USE_DOT).to(acc_t) * scale + kb[None, :]
+            s = _mm(q, kt, USE_DOT, PREC).to(acc_t) * scale + kb[None, :]
             p = tl.exp(s - lse[:, None])
-            dp = _mm(do, vt, USE_DOT).to(acc_t)
+            dp = _mm(do, vt, USE_DOT, PREC).to(acc_t)
             ds = p * (dp - delta[:, None])
-            dq += _mm(ds.to(kt.dtype), tl.trans(kt), USE_DOT).to(acc_t)
+            dq += _mm(ds.to(kt.dtype), tl.trans(kt), USE_DOT, PREC).to(acc_t)
     tl.store(DQ + b * L * D + rows[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
@@ -215,18 +216,22 @@ def _fit(budget: int, per_row: int, hi: int = 64) -> int:
 
 
 def _blocks(BD: int, BE: int, dtype: torch.dtype):
-    """(query tile, key tile) per kernel: ``fwd`` and ``dq`` keep a query tile's accumulators in
-    registers and stream key tiles through shared memory; ``dkdv`` the other way round. Budgets:
-    ~12 K fp32 accumulator values per program, ~48 KB per streamed tile."""
+    """(query tile BM, key tile BN, num_warps) per kernel. ``fwd`` and ``dq`` keep a query
+    tile's accumulators in registers and stream key tiles; ``dkdv`` keeps a key tile and streams
+    query tiles. Budgets: accumulator values per program (halved for float32, whose dot operands
+    are split in two for tf32x3) and ~48 KB per streamed tile. Chosen so that the sm_90 builds
+    spill nothing (16-bit) or little (float32) at D=64, E=128 (benchmarks/triton_aot_check.py)."""
     if dtype == torch.float64:
-        return dict(fwd=(16, 16), dq=(16, 16), dkdv=(16, 16))
+        return dict(fwd=(16, 16, 4), dq=(16, 16, 4), dkdv=(16, 16, 4))
     if interpreting():  # numpy: bigger tiles are just fewer Python-level iterations
-        return dict(fwd=(64, 64), dq=(64, 64), dkdv=(64, 64))
-    elt = torch.finfo(dtype).bits // 8
-    rows_acc = _fit(12288, BD + BE)            # accumulator rows that fit in registers
-    rows_stream = _fit(48 * 1024, (BD + BE) * elt)  # streamed rows that fit a smem buffer
-    return dict(fwd=(rows_acc, rows_stream), dq=(_fit(12288, 2 * BD + BE), rows_stream),
-                dkdv=(rows_stream, rows_acc))
+        return dict(fwd=(64, 64, 4), dq=(64, 64, 4), dkdv=(64, 64, 4))
+    wide, elt = BD + BE, torch.finfo(dtype).bits // 8
+    fp32 = dtype == torch.float32
+    acc, warps = (6144, 8) if fp32 else (12288, 4)
+    stream = _fit(48 * 1024, wide * elt)
+    return dict(fwd=(_fit(acc, wide), stream, warps),
+                dq=(_fit(acc, 2 * BD + BE), _fit(24 * 1024, wide * elt) if fp32 else stream, 4),
+                dkdv=(stream, _fit(6144, wide), warps))
 
 
 def _compact(query_mask: torch.Tensor):
@@ -240,6 +245,17 @@ def _compact(query_mask: torch.Tensor):
     dest = torch.where(query_mask, pos - 1, count + ar - pos)  # inactive: after the actives
     idx = torch.empty_like(m).scatter_(1, dest.long(), ar)
     return idx, count.reshape(B).contiguous()
+
+
+def _flags(q, query_mask) -> dict:
+    """Kernel switches: the query mask, float64 products without tl.dot, and the float32 dot:
+    ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores; Triton's ``ieee`` float32
+    dot runs on FMA units and spills kilobytes of registers at these tiles), or plain ``tf32``
+    where PyTorch's own matmuls would use it (``torch.backends.cuda.matmul.allow_tf32``)."""
+    fp64 = q.dtype == torch.float64
+    tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return dict(HAS_MASK=query_mask is not None, USE_DOT=not fp64,
+                PREC="tf32" if tf32 else ("tf32x3" if q.dtype == torch.float32 else "ieee"))
 
 
 def _prep(q, k, v, key_bias, query_mask):
@@ -262,13 +278,12 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     acc = acc_dtype(q.dtype)
     out = torch.zeros(B, L, E, device=q.device, dtype=q.dtype)
     lse = torch.full((B, L), float("-inf"), device=q.device, dtype=acc)
-    BD, BE = _pow2(D), _pow2(E)
-    BM, BN = _blocks(BD, BE, q.dtype)["fwd"]
+    BD, BE = _pow2(int(D)), _pow2(int(E))
+    BM, BN, warps = _blocks(BD, BE, q.dtype)["fwd"]
     if B and L and N:
         launcher(_attn_fwd)[(triton.cdiv(L, BM), B)](
-            q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale,
-            HAS_MASK=query_mask is not None, USE_DOT=acc != torch.float64,
-            BM=BM, BN=BN, BD=BD, BE=BE, num_warps=4, num_stages=2)
+            q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale, **_flags(q, query_mask),
+            BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
     return out, lse
 
 
@@ -291,21 +306,20 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if not (B and L and N):
         return dq, dk, dv
     delta = torch.empty(B, L, device=q.device, dtype=acc)
-    BD, BE = _pow2(D), _pow2(E)
+    BD, BE = _pow2(int(D)), _pow2(int(E))
     blocks = _blocks(BD, BE, q.dtype)
     bm = blocks["dq"][0]
     launcher(_attn_bwd_delta)[(triton.cdiv(L, bm), B)](out, do, delta, L, E, BM=bm, BE=BE,
                                                         num_warps=4)
-    flags = dict(HAS_MASK=query_mask is not None, USE_DOT=acc != torch.float64,
-                 BD=BD, BE=BE, num_warps=4, num_stages=2)
-    BM, BN = blocks["dkdv"]
+    flags = dict(_flags(q, query_mask), BD=BD, BE=BE, num_stages=2)
+    BM, BN, warps = blocks["dkdv"]
     launcher(_attn_bwd_dkdv)[(triton.cdiv(N, BN), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, scale,
-        BM=BM, BN=BN, **flags)
-    BM, BN = blocks["dq"]
+        BM=BM, BN=BN, num_warps=warps, **flags)
+    BM, BN, warps = blocks["dq"]
     launcher(_attn_bwd_dq)[(triton.cdiv(L, BM), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, D, E, scale,
-        BM=BM, BN=BN, **flags)
+        BM=BM, BN=BN, num_warps=warps, **flags)
     return dq, dk, dv
 
 

@@ -51,8 +51,8 @@ def _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK: tl.constexpr, BC: tl.constexpr
 
 
 @triton.jit
-def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, ph, pw, sh, sw, eps, min_mass,
-            BK: tl.constexpr, BC: tl.constexpr):
+def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, min_mass,
+            PH: tl.constexpr, PW: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -67,10 +67,11 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, ph, pw, sh, sw,
     s1 = tl.zeros((BK, BC), acc_t)
     s2 = tl.zeros((BK, BC), acc_t)
     wx = tl.zeros((BK, BC), acc_t)
-    for dy in range(0, ph):
-        for dx in range(0, pw):
+    # the inner loop is unrolled: a row's PW loads are in flight together
+    for dy in range(0, PH):
+        for dx in tl.static_range(PW):
             off = top + dy * Wd + dx
-            w = tl.load(W + dy * pw + dx).to(acc_t)
+            w = tl.load(W + dy * PW + dx).to(acc_t)
             g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
             xs = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift
             gx = g[:, None] * xs
@@ -97,17 +98,19 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, ph, pw, sh, sw,
 
 
 @triton.jit
-def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ALPHA, BETA, GAMMA, GWP,
-                  C, H, Wd, Kw, K, ph, pw, sh, sw, min_mass, BK: tl.constexpr, BC: tl.constexpr):
+def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
+                  C, H, Wd, Kw, K, sh, sw, min_mass, PH: tl.constexpr, PW: tl.constexpr,
+                  BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    acc_t = ALPHA.dtype.element_ty
+    acc_t = ABG.dtype.element_ty
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
     xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
     gb = BG + b * H * Wd
     st = b * K * C + n[:, None] * C + c[None, :]
+    abg = ABG + b * K * 3 * C + n[:, None] * (3 * C) + c[None, :]
     mass = tl.load(MASS + b * K + n, mask=n_ok, other=0.0).to(acc_t)
     valid = (mass >= min_mass)[:, None] & m2
     mu = tl.load(MU + st, mask=m2, other=0.0).to(acc_t)
@@ -118,34 +121,35 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ALPHA, BETA, GAMMA, 
     gamma = tl.where(valid, g_con / sigma, 0.0)
     ws = tl.zeros((BK,), acc_t)
     d = tl.zeros((BK, BC), acc_t)
-    P = ph * pw
-    row = ((b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_k) * P
-    for dy in range(0, ph):
-        for dx in range(0, pw):
+    row = ((b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_k) * (PH * PW)
+    for dy in range(0, PH):
+        for dx in tl.static_range(PW):
             off = top + dy * Wd + dx
-            w = tl.load(W + dy * pw + dx).to(acc_t)
+            w = tl.load(W + dy * PW + dx).to(acc_t)
             g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
             xc = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - mu
             ws += w * g
             d += (w * g)[:, None] * xc
             gw = tl.sum(tl.sum(gamma * g[:, None] * xc, 1), 0)
-            tl.store(GWP + row + dy * pw + dx, gw)
+            tl.store(GWP + row + dy * PW + dx, gw)
     safe = tl.where(valid, mass[:, None], 1.0)
     ms = safe * sigma
     beta = tl.where(valid, g_sig / ms - g_con * d / (ms * sigma * sigma), 0.0)
     alpha = tl.where(valid, g_mu / safe - g_con * ws[:, None] / ms - beta * mu, 0.0)
-    tl.store(ALPHA + st, alpha, mask=m2)
-    tl.store(BETA + st, beta, mask=m2)
-    tl.store(GAMMA + st, gamma, mask=m2)
+    tl.store(abg, alpha, mask=m2)
+    tl.store(abg + C, beta, mask=m2)
+    tl.store(abg + 2 * C, gamma, mask=m2)
 
 
 @triton.jit
-def _ps_bwd_pixel(X, BG, W, ALPHA, BETA, GAMMA, GX, C, H, Wd, Kh, Kw, K, ph, pw, sh, sw, NI, NJ,
+def _ps_bwd_pixel(X, BG, W, ABG, GX, C, H, Wd, Kh, Kw, K, sh, sw,
+                  PH: tl.constexpr, PW: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
                   BP: tl.constexpr, BC: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    acc_t = ALPHA.dtype.element_ty
+    acc_t = ABG.dtype.element_ty
+    abg = ABG + b * K * 3 * C
     p = pid_p * BP + tl.arange(0, BP)
     c = pid_c * BC + tl.arange(0, BC)
     p_ok = p < H * Wd
@@ -157,21 +161,22 @@ def _ps_bwd_pixel(X, BG, W, ALPHA, BETA, GAMMA, GX, C, H, Wd, Kh, Kw, K, ph, pw,
     xv = tl.load(X + xoff, mask=m2, other=0.0).to(acc_t)
     g = tl.load(BG + b * H * Wd + p, mask=p_ok, other=0.0).to(acc_t)
     acc = tl.zeros((BP, BC), acc_t)
-    # patch rows covering y: i = y//sh - di for di < ceil(ph/sh) while 0 <= i < Kh, y - i*sh < ph
+    # patch rows covering y: i = y//sh - di for di < ceil(PH/sh) while 0 <= i < Kh, y - i*sh < PH
     for di in range(0, NI):
         i = y // sh - di
         ry = y - i * sh
-        ok_i = p_ok & (i >= 0) & (i < Kh) & (ry < ph)
+        ok_i = p_ok & (i >= 0) & (i < Kh) & (ry < PH)
         for dj in range(0, NJ):
             j = xx // sw - dj
             rx = xx - j * sw
-            ok = ok_i & (j >= 0) & (j < Kw) & (rx < pw)
-            w = tl.load(W + ry * pw + rx, mask=ok, other=0.0).to(acc_t)
-            src = b * K * C + (i * Kw + j)[:, None] * C + c[None, :]
+            ok = ok_i & (j >= 0) & (j < Kw) & (rx < PW)
+            w = tl.load(W + ry * PW + rx, mask=ok, other=0.0).to(acc_t)
+            # alpha, beta, gamma of a patch sit C apart: one address, three loads
+            src = abg + (i * Kw + j)[:, None] * (3 * C) + c[None, :]
             mk = ok[:, None] & c_ok[None, :]
-            al = tl.load(ALPHA + src, mask=mk, other=0.0)
-            be = tl.load(BETA + src, mask=mk, other=0.0)
-            ga = tl.load(GAMMA + src, mask=mk, other=0.0)
+            al = tl.load(src, mask=mk, other=0.0)
+            be = tl.load(src + C, mask=mk, other=0.0)
+            ga = tl.load(src + 2 * C, mask=mk, other=0.0)
             acc += al + be * xv + ga * w[:, None]
     tl.store(GX + xoff, (g[:, None] * acc).to(GX.dtype.element_ty), mask=m2)
 
@@ -180,12 +185,12 @@ def _ps_bwd_pixel(X, BG, W, ALPHA, BETA, GAMMA, GX, C, H, Wd, Kh, Kw, K, ph, pw,
 
 
 def _blocks(C: int):
-    """(patch tile, channel tile, pixel tile, pixel-kernel channel tile). Small patch tiles keep
-    >= 4 programs per SM at the paper's size (K = 841, C = 64, B = 4 -> 432 programs)."""
-    bc = min(16, triton.next_power_of_2(C))
+    """(patch tile, channel tile, pixel tile, pixel-kernel channel tile). Small patch tiles give
+    the 132 SMs of an H100 ~3 programs each at the paper's size (K = 841, C = 64, B = 4 -> 432)."""
+    c2 = triton.next_power_of_2(int(C))
     if interpreting():  # numpy: fewer, larger programs
-        return 256, triton.next_power_of_2(C), 1024, triton.next_power_of_2(C)
-    return 32, bc, 128, bc
+        return 256, c2, 1024, c2
+    return 32, min(16, c2), 64, min(16, c2)
 
 
 def _grid_sizes(H, W, ph, pw, sh, sw):
@@ -209,8 +214,8 @@ def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bia
     BK, BC, _, _ = _blocks(C)
     if B and C:
         launcher(_ps_fwd)[(triton.cdiv(K, BK), triton.cdiv(C, BC), B)](
-            x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, ph, pw, sh, sw,
-            eps, min_mass, BK=BK, BC=BC, num_warps=4)
+            x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, sh, sw, eps, min_mass,
+            PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
     return mu, sigma, content, mass
 
 
@@ -225,20 +230,18 @@ def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_conten
     Kh, Kw, K = _grid_sizes(H, W, ph, pw, sh, sw)
     acc = acc_dtype(x.dtype)
     grads = [g.to(acc).contiguous() for g in (grad_mu, grad_sigma, grad_content)]
-    alpha = torch.empty(B, K, C, device=x.device, dtype=acc)
-    beta = torch.empty_like(alpha)
-    gamma = torch.empty_like(alpha)
+    abg = torch.empty(B, K, 3, C, device=x.device, dtype=acc)   # alpha, beta, gamma
     grad_x = torch.empty_like(x)
     BK, BC, BP, BCP = _blocks(C)
     tiles = (triton.cdiv(K, BK), triton.cdiv(C, BC), B)
     partial = torch.empty(tiles[0] * tiles[1] * B, ph * pw, device=x.device, dtype=acc)
     if B and C:
         launcher(_ps_bwd_patch)[tiles](
-            x, bg, weight, mu, sigma, mass, *grads, alpha, beta, gamma, partial,
-            C, H, W, Kw, K, ph, pw, sh, sw, min_mass, BK=BK, BC=BC, num_warps=4)
+            x, bg, weight, mu, sigma, mass, *grads, abg, partial,
+            C, H, W, Kw, K, sh, sw, min_mass, PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
         launcher(_ps_bwd_pixel)[(triton.cdiv(H * W, BP), triton.cdiv(C, BCP), B)](
-            x, bg, weight, alpha, beta, gamma, grad_x, C, H, W, Kh, Kw, K, ph, pw, sh, sw,
-            triton.cdiv(ph, sh), triton.cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
+            x, bg, weight, abg, grad_x, C, H, W, Kh, Kw, K, sh, sw, PH=ph, PW=pw,
+            NI=triton.cdiv(ph, sh), NJ=triton.cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
     else:
         grad_x.zero_()
     grad_weight = partial.sum(0).to(weight.dtype)
