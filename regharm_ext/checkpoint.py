@@ -290,6 +290,12 @@ def _build(meta: Dict, source: Path):
         raise CheckpointError(f"{source}: invalid model config {config}: {exc}") from None
 
 
+def load_weights(model: torch.nn.Module, weights: Path) -> None:
+    """Load a ``.safetensors`` file into ``model``; missing, unexpected or misshapen tensors are a
+    :class:`CheckpointError` naming them."""
+    _load_state(model, Path(weights))
+
+
 def _load_state(model: torch.nn.Module, weights: Path) -> None:
     try:
         tensors = load_file(str(weights))
@@ -383,10 +389,15 @@ def package_weights(run_dir: PathLike, out: PathLike = DEFAULT_WEIGHTS, notes: O
     trained = dict(config.get("trained") or {})
     if (run_dir / "config.json").is_file():
         trained["config"] = _read_json(run_dir / "config.json", "run config")
+    chosen = Path(config["checkpoint"]).parent.name
     if (run_dir / "val.json").is_file():
         val = _read_json(run_dir / "val.json", "validation table")
-        trained["validation"] = {r["method"]: r["subsets"]["All"] for r in val.get("results", [])}
-    trained["source"] = {"run": run_dir.name, "checkpoint": Path(config["checkpoint"]).parent.name,
+        if val.get("checkpoint") in (None, "", chosen):
+            trained["validation"] = {r["method"]: r["subsets"]["All"] for r in val.get("results", [])}
+        else:   # the table was made for another checkpoint: do not attach figures that are not these
+            print(f"note: {run_dir / 'val.json'} scores {val['checkpoint']}, not {chosen}; no validation "
+                  f"figures attached (python -m regharm_ext.train --out {run_dir} --resume recomputes them)")
+    trained["source"] = {"run": run_dir.name, "checkpoint": chosen,
                          "step": config.get("step"), "epoch": config.get("epoch")}
     trained.update(notes or {})
     return save_weights(out, model, {"trained": trained})

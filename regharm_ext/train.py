@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .checkpoint import load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint, write_json
 from .losses import fmse_loss
 from .model import Harmonizer
 
@@ -229,7 +229,8 @@ def _trained_info(cfg: TrainConfig, state: Dict) -> Dict:
             "train_seconds": round(state["elapsed"], 1)}
 
 
-def final_validation(model, val, cfg: TrainConfig, device: torch.device, run_dir: Path) -> Dict:
+def final_validation(model, val, cfg: TrainConfig, device: torch.device, run_dir: Path,
+                     checkpoint: str = "") -> Dict:
     """Model vs composite vs Reinhard on the validation split; prints the table, writes val.json."""
     from .evaluate import evaluate, format_table
 
@@ -239,7 +240,7 @@ def final_validation(model, val, cfg: TrainConfig, device: torch.device, run_dir
         results.append(evaluate(baseline, val, device=str(device), batch_size=cfg.eval_batch_size))
     print(format_table(results), flush=True)
     fm = [r["subsets"]["All"]["fmse"] for r in results]
-    out = {"results": results, "fmse_vs_composite": fm[0] / fm[1] if fm[1] else None,
+    out = {"checkpoint": checkpoint, "results": results, "fmse_vs_composite": fm[0] / fm[1] if fm[1] else None,
            "fmse_vs_reinhard": fm[0] / fm[2] if fm[2] else None}
     write_json(run_dir / "val.json", out)
     return out
@@ -391,7 +392,10 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
 
     val = None
     if stopped in ("done", "time") and cfg.validate:
-        val = final_validation(model, val_ds, cfg, device, run_dir)
+        # the table describes what --checkpoint RUN_DIR loads: the best checkpoint when there is one
+        weights = resolve_checkpoint(run_dir)
+        load_weights(model, weights)
+        val = final_validation(model, val_ds, cfg, device, run_dir, weights.parent.name)
     return {"run_dir": str(run_dir), "state": state, "step_losses": step_losses, "val": val, "stopped": stopped}
 
 

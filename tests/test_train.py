@@ -192,13 +192,16 @@ def test_resume_continues_with_the_same_next_loss(tmp_path):
 def test_cli_overrides_table_and_resume_rules(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--preset", "smoke", "--out", str(out), "--epochs", "1", "--variant", "rbase+sa",
-                 "--ltl-levels", "16,32", "--lr", "0.002"]) == 0
+                 "--ltl-levels", "16,32", "--lr", "0.002", "--val-every", "1", "--val-subset", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| model | composite | reinhard |" in printed and "fMSE" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["variant"] == "rbase+sa" and config["ltl_levels"] == [16, 32] and config["lr"] == 0.002
     val = json.loads((out / "val.json").read_text())
     assert [r["method"] for r in val["results"]] == ["model", "composite", "reinhard"]
+    # the table scores what --checkpoint RUN_DIR loads: the best checkpoint
+    assert val["checkpoint"] == json.loads((out / "best.json").read_text())["checkpoint"].split("/")[-1]
+    assert "val_fmse" in json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert load_model(out)[1]["trained"]["preset"] == "smoke"
 
     from regharm_ext.checkpoint import main as package_main
