@@ -83,9 +83,19 @@ def pytest_report_header(config):
             f"backends: {benchlib.regharm_ext.backends(dev)}"]
 
 
+_LOAD_START = []
+
+
+def pytest_sessionstart(session):
+    if hasattr(os, "getloadavg"):
+        _LOAD_START.append(os.getloadavg()[0])
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     dev = _device(config)
     facts = benchlib.machine_facts(dev)
+    if _LOAD_START:   # other jobs on the machine make times noisy: say how busy it was
+        facts.update(load_start=_LOAD_START[0], load_end=os.getloadavg()[0], cpus=os.cpu_count())
     channels, source = benchlib.paper_channels()
     facts["paper_channels"] = {str(k): v for k, v in channels.items()}
     facts["paper_channels_source"] = source
