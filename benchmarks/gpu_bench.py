@@ -74,7 +74,7 @@ class Timer:
         self.cuda = device.type == "cuda"
         self.warmup = 1 if quick else 3
         self.max_reps = 3 if quick else 20
-        self.budget_s = 0.2 if quick else 1.5
+        self.budget_s = 0.2 if quick else 1.0
 
     def _sync(self):
         if self.cuda:

@@ -15,9 +15,9 @@ Layout of the work:
   queries only) and one over query tiles for ``dQ``: each output has a single writer, no atomics.
 
 Accumulation is float32 (float64 for float64 inputs, where products are broadcast-and-sum instead
-of ``tl.dot``: fp64 ``tl.dot`` is not supported on every GPU target). float32 products use
-``tf32x3`` (see ``_flags``). ``D`` and ``E`` are padded
-to powers of two (at least 16, the smallest ``tl.dot`` tile) and masked.
+of ``tl.dot``: fp64 ``tl.dot`` is not supported on every GPU target); float32 products use
+``tf32x3`` (see ``_flags``). ``D`` and ``E`` are padded to powers of two (at least 16, the
+smallest ``tl.dot`` tile) and masked.
 
 Registered as ``torch.ops.regharm_triton.masked_attention`` (returns ``out, lse``) and
 ``masked_attention_backward`` with ``torch.library.triton_op`` so that ``torch.compile`` sees the
@@ -59,6 +59,21 @@ def _rows(IDX, CNT, b, start, L, HAS_MASK: tl.constexpr, BM: tl.constexpr):
         ok = offs < L
         rows = offs
     return rows, ok, count
+
+
+@triton.jit
+def _abt(A, ra, oka, Bm, rb, okb, E, acc, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+         BE: tl.constexpr, EC: tl.constexpr):
+    """acc + A[ra, :E] @ B[rb, :E]ᵀ (A, B row-major with rows of E), reduced over E in chunks of
+    EC loaded from memory: for wide values (E = 512) register-resident operands spill."""
+    for e0 in tl.static_range(0, BE, EC):
+        offs = e0 + tl.arange(0, EC)
+        a = tl.load(A + ra[:, None] * E + offs[None, :],
+                    mask=oka[:, None] & (offs[None, :] < E), other=0.0)
+        bt = tl.load(Bm + rb[None, :] * E + offs[:, None],
+                     mask=okb[None, :] & (offs[:, None] < E), other=0.0)
+        acc += _mm(a, bt, USE_DOT, PREC).to(acc.dtype)
+    return acc
 
 
 @triton.jit
@@ -120,7 +135,8 @@ def _attn_bwd_delta(O, DO, DELTA, L, E, BM: tl.constexpr, BE: tl.constexpr):
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, scale,
                    HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                   EC: tl.constexpr):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
@@ -132,7 +148,8 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
     kd_mask = col_ok[:, None] & (offs_d[None, :] < D)
     ve_mask = col_ok[:, None] & (offs_e[None, :] < E)
     k = tl.load(K + b * N * D + cols[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + b * N * E + cols[:, None] * E + offs_e[None, :], mask=ve_mask, other=0.0)
+    if BE <= EC:  # narrow values stay in registers; wide ones are streamed by _abt
+        v = tl.load(V + b * N * E + cols[:, None] * E + offs_e[None, :], mask=ve_mask, other=0.0)
     dk = tl.zeros((BN, BD), acc_t)
     dv = tl.zeros((BN, BE), acc_t)
     if HAS_MASK:
@@ -142,19 +159,26 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
     hi = tl.where(tl.max(kb, 0) > float("-inf"), count, 0)  # all keys removed: dK = dV = 0
     for start in range(0, hi, BM):
         rows, row_ok, _ = _rows(IDX, CNT, b, start, L, HAS_MASK, BM)
-        # transposed loads: everything below is (keys, queries), no tl.trans needed
+        # everything below is (keys, queries): q (and narrow dO) are loaded transposed
         qt = tl.load(Q + b * L * D + rows[None, :] * D + offs_d[:, None],
                      mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        dot_ = tl.load(DO + b * L * E + rows[None, :] * E + offs_e[:, None],
-                       mask=row_ok[None, :] & (offs_e[:, None] < E), other=0.0)
         lse = tl.load(LSE + b * L + rows, mask=row_ok, other=float("inf"))
         # a dead row (lse = -inf) must give P = 0: +inf makes exp(s - lse) = 0 for every s
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(DELTA + b * L + rows, mask=row_ok, other=0.0)
         st = _mm(k, qt, USE_DOT, PREC).to(acc_t) * scale + kb[:, None]   # (BN, BM)
         pt = tl.exp(st - lse[None, :])
-        dv += _mm(pt.to(dot_.dtype), tl.trans(dot_), USE_DOT, PREC).to(acc_t)
-        dpt = _mm(v, dot_, USE_DOT, PREC).to(acc_t)                        # (BN, BM)
+        if BE <= EC:
+            dot_ = tl.load(DO + b * L * E + rows[None, :] * E + offs_e[:, None],
+                           mask=row_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+            dv += _mm(pt.to(dot_.dtype), tl.trans(dot_), USE_DOT, PREC).to(acc_t)
+            dpt = _mm(v, dot_, USE_DOT, PREC).to(acc_t)                    # (BN, BM)
+        else:
+            do = tl.load(DO + b * L * E + rows[:, None] * E + offs_e[None, :],
+                         mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+            dv += _mm(pt.to(do.dtype), do, USE_DOT, PREC).to(acc_t)
+            dpt = _abt(V + b * N * E, cols, col_ok, DO + b * L * E, rows, row_ok, E,
+                       tl.zeros((BN, BM), acc_t), USE_DOT, PREC, BE, EC)
         dst = pt * (dpt - delta[None, :])
         dk += _mm(dst.to(qt.dtype), tl.trans(qt), USE_DOT, PREC).to(acc_t)
     tl.store(DK + b * N * D + cols[:, None] * D + offs_d[None, :],
@@ -166,7 +190,8 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
 @triton.jit
 def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
                  HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                 EC: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
@@ -176,8 +201,9 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
     offs_e = tl.arange(0, BE)
     qd_mask = row_ok[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * L * D + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * L * E + rows[:, None] * E + offs_e[None, :],
-                 mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    if BE <= EC:
+        do = tl.load(DO + b * L * E + rows[:, None] * E + offs_e[None, :],
+                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
     lse = tl.load(LSE + b * L + rows, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + b * L + rows, mask=row_ok, other=0.0)
@@ -189,11 +215,15 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
         if tl.max(kb, 0) > float("-inf"):
             kt = tl.load(K + b * N * D + cols[None, :] * D + offs_d[:, None],
                          mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
-            vt = tl.load(V + b * N * E + cols[None, :] * E + offs_e[:, None],
-                         mask=(cols[None, :] < N) & (offs_e[:, None] < E), other=0.0)
             s = _mm(q, kt, USE_DOT, PREC).to(acc_t) * scale + kb[None, :]
             p = tl.exp(s - lse[:, None])
-            dp = _mm(do, vt, USE_DOT, PREC).to(acc_t)
+            if BE <= EC:
+                vt = tl.load(V + b * N * E + cols[None, :] * E + offs_e[:, None],
+                             mask=(cols[None, :] < N) & (offs_e[:, None] < E), other=0.0)
+                dp = _mm(do, vt, USE_DOT, PREC).to(acc_t)
+            else:
+                dp = _abt(DO + b * L * E, rows, row_ok, V + b * N * E, cols, cols < N, E,
+                          tl.zeros((BM, BN), acc_t), USE_DOT, PREC, BE, EC)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt), USE_DOT, PREC).to(acc_t)
     tl.store(DQ + b * L * D + rows[:, None] * D + offs_d[None, :],
@@ -300,18 +330,21 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     do = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    dq = torch.zeros_like(q)             # inactive queries are never written
     if not (B and L and N):
-        return dq, dk, dv
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)   # every key row is written
     delta = torch.empty(B, L, device=q.device, dtype=acc)
     BD, BE = _pow2(int(D)), _pow2(int(E))
     blocks = _blocks(BD, BE, q.dtype)
     bm = blocks["dq"][0]
     launcher(_attn_bwd_delta)[(triton.cdiv(L, bm), B)](out, do, delta, L, E, BM=bm, BE=BE,
                                                         num_warps=4)
-    flags = dict(_flags(q, query_mask), BD=BD, BE=BE, num_stages=2)
+    # float32 values wider than 128 are streamed in chunks of 128 for dP = dO·Vᵀ (see _abt):
+    # at E = 512 that cuts sm_90 spills from ~7 KB to <= 1.3 KB per thread; 16-bit values
+    # spill less kept in registers
+    ec = min(BE, 128) if q.dtype == torch.float32 else BE
+    flags = dict(_flags(q, query_mask), BD=BD, BE=BE, EC=ec, num_stages=2)
     BM, BN, warps = blocks["dkdv"]
     launcher(_attn_bwd_dkdv)[(triton.cdiv(N, BN), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, scale,
