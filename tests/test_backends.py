@@ -165,3 +165,12 @@ def test_masked_attention_rejects_bad_arguments(bad, exc, match):
     args.update(bad)
     with pytest.raises(exc, match=match):
         masked_attention(**args)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_key_bias_dtype_may_differ_from_q(backend):
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=9, N=7, D=4, E=3, dtype=torch.float16)
+    want = masked_attention(q.float(), k.float(), v.float(), kb.float(), qm, backend="reference")
+    got = masked_attention(q, k, v, kb.double(), qm, backend=backend)
+    assert got.dtype == torch.float16
+    assert_close(got, want, torch.float16, msg=backend)

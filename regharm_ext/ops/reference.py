@@ -64,7 +64,8 @@ def masked_attention(
     scale: float,
 ) -> torch.Tensor:
     """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked."""
-    qa, ka, va, kb = _acc(q), _acc(k), _acc(v), _acc(key_bias)
+    qa, ka, va = _acc(q), _acc(k), _acc(v)
+    kb = key_bias.to(qa.dtype)  # the bias may come in another float dtype than q
     scores = scale * qa @ ka.transpose(1, 2) + kb[:, None, :]        # (B, L, N)
     # the max is only a shift: detaching it leaves the softmax and its gradient unchanged, and a
     # row with every key removed (max = -inf) is shifted by 0 instead of producing inf - inf
