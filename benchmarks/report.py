@@ -485,7 +485,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not paths:
         print("no benchmark JSON found; run `pytest benchmarks/ --benchmark-only` first", file=sys.stderr)
         return 1
-    datasets = [load(p) for p in paths]
+    datasets = []
+    for p in paths:
+        data = load(p)
+        if "benchmarks" in data and "regharm" in data:
+            datasets.append(data)
+        elif args.json:
+            print(f"{p}: not a JSON of this suite (no 'benchmarks'/'regharm' block)", file=sys.stderr)
+            return 1
+        # other tools' JSON in results/ (gpu_bench_*.json) are not this report's input
+    if not datasets:
+        print("no JSON of this suite found; run `pytest benchmarks/ --benchmark-only` first", file=sys.stderr)
+        return 1
     os.makedirs(args.out, exist_ok=True)
     for data in datasets:
         f = data.get("regharm", {})

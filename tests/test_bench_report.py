@@ -115,6 +115,9 @@ def test_report_plot_writes_png(tmp_path, pillow):
 def test_report_cli_writes_files(tmp_path):
     src = tmp_path / "cpu.json"
     src.write_text(json.dumps(_fabricated()))
+    other = tmp_path / "gpu_bench_x.json"          # another tool's JSON is refused by name
+    other.write_text(json.dumps({"results": []}))
+    assert report.main([str(other), "--out", str(tmp_path / "o2")]) == 1
     readme = tmp_path / "README.md"
     readme.write_text("# R\n")
     assert report.main([str(src), "--out", str(tmp_path / "out"), "--readme", str(readme), "--pillow"]) == 0
