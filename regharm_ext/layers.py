@@ -193,7 +193,9 @@ class SelfAttention(nn.Module):
         B, C, H, W = x.shape
 
         def split(t):  # (B, C, H, W) -> (B, heads, HW, C/heads)
-            return t.view(B, self.heads, C // self.heads, H * W).transpose(2, 3)
+            # contiguous: SDPA's CPU flash path needs it; strided views fall back to the
+            # math path, which holds the full HW x HW score matrix
+            return t.view(B, self.heads, C // self.heads, H * W).transpose(2, 3).contiguous()
 
         y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
         return self.out(y.transpose(2, 3).reshape(B, C, H, W))
