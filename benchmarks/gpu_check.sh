@@ -53,5 +53,12 @@ mapfile -t cuda_tests < <(ls tests/*cuda*.py 2>/dev/null | grep -v test_triton_c
 step tests 150 python -m pytest "${cuda_tests[@]}" tests/test_backends.py -q -rs -m "not slow" \
   --durations=15
 
+# the full pytest-benchmark suite (sweeps, Tables 3/4 memory, end to end): a second call, since
+# one device call is capped at 600 s: RUN_SUITE=1 SKIP_BUILD=1 bash benchmarks/gpu_check.sh
+if [ "${RUN_SUITE:-0}" = 1 ]; then
+step suite 420 python -m pytest benchmarks/ --benchmark-only --bench-device cuda --bench-target 0.1 \
+  -q -p no:cacheprovider --benchmark-json "$OUT_DIR/cuda-bench.json"
+fi
+
 echo "== done; results in $OUT_DIR"
 cat "$OUT_DIR/steps.log"
