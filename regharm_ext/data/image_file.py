@@ -64,7 +64,7 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageFileError(f"cannot read {what} {path}: not an image file that Pillow can read") from None
     except OSError as exc:
-        raise ImageFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise ImageFileError(f"cannot read {what} {path}: {_reason(exc)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
     w, h = img.size
@@ -76,6 +76,13 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
         img.close()
         raise ImageFileError(f"{what} {path} has no pixels ({w}x{h})")
     return img
+
+
+def _reason(exc: BaseException) -> str:
+    """Pillow's message on one line; truncation (worded variously by the plugins) said plainly."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return f"the file is truncated ({reason})" if "truncated" in reason.lower() else reason
 
 
 def _orientation_swaps(img: Image.Image) -> bool:
@@ -106,10 +113,7 @@ def _decode(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
                              f"({img.size[0]}x{img.size[1]})") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
         img.close()
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "truncated" in reason.lower():
-            reason = f"the file is truncated ({reason})"
-        raise ImageFileError(f"cannot read {what} {path}: {reason}") from None
+        raise ImageFileError(f"cannot read {what} {path}: {_reason(exc)}") from None
     if out is not img:   # exif_transpose made a rotated copy
         img.close()
     return out
