@@ -196,7 +196,8 @@ def _set_threads(cfg: TrainConfig, device: torch.device) -> int:
             busy = os.getloadavg()[0]
         except OSError:
             busy = 0.0
-        n = max(1, min(cores, int(cores - busy + 0.5)))
+        # the 1-minute load lags and includes short jobs: count a core busy from 0.75 on
+        n = max(1, min(cores, int(cores - busy + 0.75)))
     else:
         return torch.get_num_threads()
     torch.set_num_threads(n)
