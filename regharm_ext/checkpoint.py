@@ -35,6 +35,10 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "default.safetensors"
 PathLike = Union[str, os.PathLike]
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
+_META_KEYS = {"format", "model", "trained", "step", "epoch"}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model it describes."""
 
@@ -46,19 +50,46 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk, so that a rename that follows
+    cannot reach the disk before the data it names (a power cut then leaves the old file, not an
+    empty new one). Folders cannot be opened on some systems: skipped there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
+    """``write(tmp_path)``, flush it to disk, then rename over ``path``: readers (and a process
+    resuming after a crash at any moment) see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the usual permissions
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Text written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(Path(path), write)
 
 
 def write_json(path: PathLike, obj: Any) -> None:
@@ -214,6 +245,7 @@ def save_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
         _atomic_write(tmp / "train_state.safetensors", lambda t: save_file(tensors, t))
         write_json(tmp / "train_state.json", tree)
         os.replace(tmp, ckdir / name)
+        _fsync(ckdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -223,6 +255,44 @@ def save_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
         write_json(run_dir / "best.json", pointer)
     _prune(run_dir, keep)
     return ckdir / name
+
+
+_CHECKPOINT_FILES = ("model.safetensors", "model.json", "train_state.safetensors", "train_state.json")
+
+
+def clean_partial(run_dir: PathLike) -> list:
+    """Delete what a crash in the middle of a save left behind: hidden temporary checkpoint
+    folders (``checkpoints/.step-*``) and temporary files (``.*.tmp``). Never touches a complete
+    checkpoint. Returns the removed paths."""
+    run_dir = Path(run_dir)
+    removed = []
+    for d in (run_dir, run_dir / "checkpoints"):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".step-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _complete_checkpoints(run_dir: Path) -> list:
+    """Checkpoint folders holding all their files, newest (highest step) first."""
+    ckdir = run_dir / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    done = [d for d in ckdir.iterdir() if d.is_dir() and d.name.startswith("step-")
+            and all((d / f).is_file() for f in _CHECKPOINT_FILES)]
+    return sorted(done, key=lambda d: (int(d.name[5:].split(".")[0]), d.stat().st_mtime), reverse=True)
+
+
+def has_checkpoint(run_dir: PathLike) -> bool:
+    """Whether ``--resume`` finds a checkpoint in ``run_dir``."""
+    run_dir = Path(run_dir)
+    return (run_dir / "latest.json").is_file() or bool(_complete_checkpoints(run_dir))
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -254,6 +324,9 @@ def resolve_checkpoint(checkpoint: Optional[PathLike], prefer: str = "best") -> 
         return DEFAULT_WEIGHTS
     path = Path(checkpoint)
     if path.is_file():
+        if path.suffix.lower() in _PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path}: pickle-based weights ({path.suffix}) are never loaded, since "
+                                  f"unpickling can run code; give a .safetensors file with its .json")
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path} is not a .safetensors weights file or a run directory")
         return path
@@ -268,6 +341,9 @@ def resolve_checkpoint(checkpoint: Optional[PathLike], prefer: str = "best") -> 
                 return weights
         if (path / "model.safetensors").is_file():
             return path / "model.safetensors"
+        complete = _complete_checkpoints(path)
+        if complete:   # a crash between the first checkpoint's rename and its latest.json
+            return complete[0] / "model.safetensors"
         raise CheckpointError(f"{path} holds no checkpoint: expected latest.json (a run directory) "
                               f"or model.safetensors (a checkpoint folder)")
     raise CheckpointError(f"checkpoint not found: {path}")
@@ -276,6 +352,14 @@ def resolve_checkpoint(checkpoint: Optional[PathLike], prefer: str = "best") -> 
 def _build(meta: Dict, source: Path):
     from .model import Harmonizer
 
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source} is not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r} "
+                              f"(not a regharm_ext weights description)")
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {unknown}; known: {sorted(_META_KEYS)}")
     config = meta.get("model")
     if not isinstance(config, dict):
         raise CheckpointError(f"{source} has no 'model' section (the Harmonizer config)")
@@ -365,15 +449,24 @@ def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
     st = ck / "train_state.safetensors"
     if not st.is_file():
         raise CheckpointError(f"missing training state tensors: {st}")
-    full = _decode(tree, load_file(str(st)))
-    if optimizer is not None:
-        if "optimizer" not in full:
-            raise CheckpointError(f"{ck} holds no optimizer state")
-        optimizer.load_state_dict(full["optimizer"])
-    if scheduler is not None:
-        if "scheduler" not in full:
-            raise CheckpointError(f"{ck} holds no scheduler state")
-        scheduler.load_state_dict(full["scheduler"])
+    try:
+        full = _decode(tree, load_file(str(st)))
+    except CheckpointError:
+        raise
+    except Exception as exc:   # safetensors' own errors, or references to missing tensors
+        raise CheckpointError(f"cannot read the training state in {ck}: {type(exc).__name__}: {exc}") from None
+    unknown = sorted(set(full) - {"state", "rng", "optimizer", "scheduler"}) if isinstance(full, dict) else ["?"]
+    if unknown or "state" not in full or "rng" not in full:
+        raise CheckpointError(f"{ck / 'train_state.json'}: unknown or missing sections (unknown {unknown})")
+    for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None:
+            continue
+        if what not in full:
+            raise CheckpointError(f"{ck} holds no {what} state")
+        try:
+            obj.load_state_dict(full[what])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{ck}: the {what} state does not fit this run: {exc}") from None
     if restore_rng:
         set_rng_state(full["rng"])
     return full["state"]

@@ -16,10 +16,25 @@ epoch), ``checkpoints/`` + ``latest.json`` (a checkpoint every epoch, see
 ``tensorboard/`` when TensorBoard is installed. ``--resume`` continues from the latest checkpoint at
 the same step, with the same data order and RNG states, so its next loss is the one the
 uninterrupted run would have had.
+
+Reliability and scale-out (docs/reliability.md):
+
+- ``torchrun --nproc_per_node=N -m regharm_ext.train ...`` (and multi-node with torchrun's
+  rendezvous) trains data-parallel (:mod:`regharm_ext.distributed`): ``batch_size`` is the global
+  batch, split across the processes; results equal one process's up to float rounding.
+- ``--amp bf16|fp16``: autocast (fp16 with a gradient scaler, checkpointed).
+- Checkpoints are atomic (a SIGKILL at any moment leaves the last complete one for ``--resume``);
+  ``--deterministic`` makes the resumed losses equal the uninterrupted ones (exactly on CPU).
+- A NaN/Inf loss stops the run before it reaches the weights, without saving (the last good
+  checkpoint stays ``latest.json``).
+
+Exit status: 0 done, 1 stopped early (interrupted, ``--max-steps``), 2 bad input or configuration
+(a one-line ``error: ...``), 3 stopped on a non-finite loss.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +48,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint, write_json
+from . import distributed
+from .checkpoint import (CheckpointError, clean_partial, has_checkpoint, load_checkpoint, load_weights,
+                         resolve_checkpoint, save_checkpoint, write_json, write_text)
+from .errors import one_line
 from .losses import fmse_loss
 from .model import Harmonizer
 
@@ -79,12 +97,18 @@ class TrainConfig:
     val_subset: int = 0                      # images for those scores (0 = the whole split)
     keep_checkpoints: int = 2
     progress: bool = True                    # tqdm bar
+    amp: str = "none"                        # mixed precision: "bf16", "fp16" or "none"
+    deterministic: bool = False              # deterministic algorithms and thread count: exact resumption
+    inject_nan_step: int = 0                 # tests: the loss of this global step becomes NaN
 
 
 EVAL_SIZE = 256   # the iDIH protocol's resolution for every score (SPEC §6)
 RUN_CONTROL = {"device", "threads", "num_workers", "eval_batch_size", "max_steps", "max_minutes",
                "validate", "progress", "data_root", "epochs", "backend", "val_every", "val_subset",
-               "keep_checkpoints"}
+               "keep_checkpoints", "amp", "deterministic", "inject_nan_step"}
+# run control that a resumed run keeps unless given again (the others return to the preset's value)
+INHERITED = {"epochs", "data_root", "backend", "amp", "deterministic"}
+AMP_MODES = ("none", "bf16", "fp16")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {},
@@ -116,6 +140,8 @@ def _make(values: Dict[str, Any]) -> TrainConfig:
         v = getattr(cfg, f)
         if v is not None:
             setattr(cfg, f, tuple(v))
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
     return cfg
 
 
@@ -175,16 +201,12 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- loop helpers
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def _set_threads(cfg: TrainConfig, device: torch.device) -> int:
-    """CPU: the cores that other processes leave idle (at least 1). On a shared machine more
-    threads than free cores is far slower than fewer: OpenMP workers spin waiting for each other
-    (measured: 2 threads 4x slower than 1 at load 7 on 2 cores)."""
+def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1) -> int:
+    """CPU: the cores that other processes leave idle (at least 1), shared by the ``per_node``
+    training processes of this machine. On a shared machine more threads than free cores is far
+    slower than fewer: OpenMP workers spin waiting for each other (measured: 2 threads 4x slower
+    than 1 at load 7 on 2 cores). With ``deterministic`` the load is ignored (a thread count
+    that changes between runs changes float reductions): all cores."""
     if cfg.threads > 0:
         n = cfg.threads
     elif device.type == "cpu":
@@ -193,15 +215,78 @@ def _set_threads(cfg: TrainConfig, device: torch.device) -> int:
         except AttributeError:
             cores = os.cpu_count() or 1
         try:
-            busy = os.getloadavg()[0]
+            busy = 0.0 if cfg.deterministic else os.getloadavg()[0]
         except OSError:
             busy = 0.0
         # the 1-minute load lags and includes short jobs: count a core busy from 0.75 on
-        n = max(1, min(cores, int(cores - busy + 0.75)))
+        n = max(1, min(cores, int(cores - busy + 0.75)) // max(1, per_node))
     else:
         return torch.get_num_threads()
     torch.set_num_threads(n)
     return n
+
+
+class _Deterministic:
+    """Context: deterministic algorithms (errors on CPU, warnings on CUDA where bilinear
+    upsampling's backward has no deterministic kernel), fixed cuDNN algorithms and cuBLAS
+    workspace; the previous global settings come back on exit."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.saved = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled(),
+                      torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            on, warn_only, bench, det = self.saved
+            torch.use_deterministic_algorithms(on, warn_only=warn_only)
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, det
+        return False
+
+
+def _amp(cfg: TrainConfig, device: torch.device):
+    """(autocast dtype or None, GradScaler or None) for ``cfg.amp``."""
+    if cfg.amp == "none":
+        return None, None
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return dtype, scaler
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or the weights) stopped being finite; the run stops without saving."""
+
+
+def _finite_weights(model) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def _trim_log(run_dir: Path, step: int) -> None:
+    """Drop epoch records past ``step`` (written before a crash that came before their checkpoint),
+    so that the resumed run's records follow on without duplicates."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass   # a line cut short by the crash
+    if len(keep) != len(lines):
+        write_text(path, "".join(f"{line}\n" for line in keep))
 
 
 def build_model(cfg: TrainConfig) -> Harmonizer:
@@ -273,70 +358,125 @@ def _quick_val(model, val, cfg: TrainConfig, device: torch.device) -> float:
 
 # --------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
-    """Run (or resume) training in ``run_dir``.
+    """Run (or resume) training in ``run_dir``; under torchrun, one rank of a data-parallel job
+    (:mod:`regharm_ext.distributed`: only rank 0 prints, logs, checkpoints and validates).
 
-    Returns ``{"run_dir", "state", "step_losses": [(step, loss), ...] of this process,
-    "val": the final table or None, "stopped": "done" | "max_steps" | "time" | "interrupted"}``.
+    Returns ``{"run_dir", "state", "step_losses": [(step, loss of the global batch), ...] of this
+    process, "val": the final table or None, "stopped": "done" | "max_steps" | "time" |
+    "interrupted" | "nan", "error": the message when stopped on a non-finite loss}``.
     """
     run_dir = Path(run_dir)
-    device = _device(cfg)
-    threads = _set_threads(cfg, device)
+    d, device = distributed.setup(cfg.device)
+    try:
+        with _Deterministic(cfg.deterministic, device):
+            return _train(cfg, run_dir, resume, d, device)
+    finally:
+        distributed.cleanup()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist", device: torch.device):
+    if cfg.batch_size % d.world:
+        raise SystemExit(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+                         f"{d.world} processes; use a multiple of {d.world}")
+    main = d.is_main
+    threads = _set_threads(cfg, device, d.local_world)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    amp_dtype, scaler = _amp(cfg, device)
     train_ds, val_ds = _datasets(cfg)
 
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0}
     if resume:
-        state = load_checkpoint(run_dir, model, opt)
-        if state.get("finished"):
+        if main:
+            removed = clean_partial(run_dir)
+            if removed:
+                print(f"removed {len(removed)} incomplete checkpoint file(s) left by a crash", flush=True)
+        distributed.barrier(d)
+        if has_checkpoint(run_dir):
+            state = load_checkpoint(run_dir, model, opt)
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+        elif main:
+            print(f"{run_dir} has no checkpoint yet: starting from the beginning", flush=True)
+        if main:
+            _trim_log(run_dir, state["step"])
+        if state.get("finished") and main:
             print(f"{run_dir} already finished ({state['epoch']} epochs); nothing to resume", flush=True)
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    print(f"run {run_dir}: {cfg.variant}, {model.count_parameters() / 1e6:.2f} M parameters, "
-          f"{cfg.input_size}², {device}, {threads} threads", flush=True)
+    if main:
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+        job = f", {d.world} processes ({d.backend})" if d.enabled else ""
+        print(f"run {run_dir}: {cfg.variant}, {model.count_parameters() / 1e6:.2f} M parameters, "
+              f"{cfg.input_size}², {device}, {threads} threads{job}"
+              f"{', amp ' + cfg.amp if amp_dtype else ''}{', deterministic' if cfg.deterministic else ''}",
+              flush=True)
+    net = distributed.wrap(model, d, device)   # after loading: DDP starts from rank 0's weights
 
     workers = cfg.num_workers
     if workers < 0:   # on CPU the loader would compete with the training threads for the cores
-        workers = 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1))
+        workers = 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) // d.local_world - 1))
     n_batches = len(_epoch_batches(cfg, len(train_ds), 0))
     if n_batches == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than an epoch "
                          f"({cfg.images_per_epoch or len(train_ds)} images)")
     total = cfg.epochs * n_batches
-    writer = _tensorboard(run_dir)
-    bar = _progress(total, state["step"], cfg.progress and not state.get("finished"))
+    writer = _tensorboard(run_dir) if main else None
+    bar = _progress(total, state["step"], main and cfg.progress and not state.get("finished"))
     step_losses: List[Tuple[int, float]] = []
-    stopped = "done"
+    stopped, error = "done", None
     start = time.time() - state["elapsed"]
     running = None
 
+    def elapsed() -> float:
+        # time decides the lr schedule and the budget: every rank must decide alike, so rank 0's clock
+        e = time.time() - start
+        return distributed.from_main([e], d, device)[0] if d.enabled and cfg.max_minutes else e
+
     def checkpoint(best=False):
+        if not _finite_weights(model):
+            raise NonFiniteLoss(f"the weights stopped being finite after step {state['step']}")
+        if not main:
+            return
         state["elapsed"] = time.time() - start
         state["trained"] = _trained_info(cfg, state)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         save_checkpoint(run_dir, model, opt, None, state, keep=cfg.keep_checkpoints, best=best)
 
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     try:
         while state["epoch"] < cfg.epochs and not state.get("finished"):
             epoch = state["epoch"]
             if cfg.data == "synth" and cfg.fresh_data:
                 train_ds.set_epoch(epoch)
             batches = _epoch_batches(cfg, len(train_ds), epoch)[state["batch"]:]
-            loader = DataLoader(_SeededSamples(train_ds, cfg.seed, epoch), batch_sampler=batches,
+            loader = DataLoader(_SeededSamples(train_ds, cfg.seed, epoch),
+                                batch_sampler=distributed.shard_batches(batches, d),
                                 num_workers=workers, pin_memory=device.type == "cuda")
-            model.train()
+            net.train()
             for batch in loader:
-                _set_lr(opt, cfg, state, time.time() - start)
+                now = elapsed()
+                _set_lr(opt, cfg, state, now)
                 comp, mask, real = (batch[k].to(device, non_blocking=True) for k in ("comp", "mask", "real"))
-                loss = fmse_loss(model(comp, mask), real, mask, cfg.a_min)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = float(loss.detach())
+                with autocast():
+                    out = net(comp, mask)
+                loss = fmse_loss(out.float(), real, mask, cfg.a_min)
+                if cfg.inject_nan_step and state["step"] + 1 == cfg.inject_nan_step:
+                    loss = loss * float("nan")
+                # the global batch's loss (mean of the equal slices), checked before it can reach the weights
+                value = distributed.mean_across([float(loss.detach())], d, device)[0]
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"loss became {value} at step {state['step'] + 1}; "
-                                             f"try a lower --lr")
+                    raise NonFiniteLoss(f"the loss became {value} at step {state['step'] + 1} (epoch {epoch + 1})")
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 state["step"] += 1
                 state["batch"] += 1
                 state["loss_sum"] += value
@@ -348,7 +488,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     stopped = "max_steps"
                     break
-                if cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes:
+                if cfg.max_minutes and now > 60 * cfg.max_minutes:
                     stopped = "time"
                     break
             if stopped == "max_steps":
@@ -366,7 +506,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
             elif state["epoch"] >= cfg.epochs:
                 state["finished"] = True
             best = False
-            if cfg.val_every and (record["epoch"] % cfg.val_every == 0 or state.get("finished")):
+            if main and cfg.val_every and (record["epoch"] % cfg.val_every == 0 or state.get("finished")):
                 record["val_fmse"] = _quick_val(model, val_ds, cfg, device)
                 best = record["val_fmse"] < state.get("best_fmse", float("inf"))
                 if best:
@@ -376,28 +516,46 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
                 writer.add_scalar("lr", record["lr"], state["step"])
                 if "val_fmse" in record:
                     writer.add_scalar("fmse/val", record["val_fmse"], state["step"])
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:   # the record goes first: a crash before the checkpoint is undone by _trim_log
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             checkpoint(best)
-            bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
-                      f"{record['seconds']:.0f} s")
+            if main:
+                bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
+                          f"{record['seconds']:.0f} s")
+    except NonFiniteLoss as exc:
+        stopped = "nan"
+        last = _last_checkpoint(run_dir)
+        error = (f"{exc}; stopped without saving. "
+                 + (f"The last good checkpoint is {last}: fix the cause (e.g. a lower --lr, --amp bf16 "
+                    f"instead of fp16) and continue with --resume" if last else "No checkpoint had been written."))
     except KeyboardInterrupt:
         stopped = "interrupted"
         checkpoint()
-        print(f"\ninterrupted at step {state['step']}; continue with: python -m regharm_ext.train "
-              f"--out {run_dir} --resume", file=sys.stderr, flush=True)
+        if main:
+            print(f"\ninterrupted at step {state['step']}; continue with: python -m regharm_ext.train "
+                  f"--out {run_dir} --resume", file=sys.stderr, flush=True)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
 
     val = None
-    if stopped in ("done", "time") and cfg.validate:
+    if stopped in ("done", "time") and cfg.validate and main:
         # the table describes what --checkpoint RUN_DIR loads: the best checkpoint when there is one
         weights = resolve_checkpoint(run_dir)
         load_weights(model, weights)
         val = final_validation(model, val_ds, cfg, device, run_dir, weights.parent.name)
-    return {"run_dir": str(run_dir), "state": state, "step_losses": step_losses, "val": val, "stopped": stopped}
+    return {"run_dir": str(run_dir), "state": state, "step_losses": step_losses, "val": val,
+            "stopped": stopped, "error": error}
+
+
+def _last_checkpoint(run_dir: Path) -> Optional[str]:
+    try:
+        pointer = json.loads((run_dir / "latest.json").read_text())
+        return f"{run_dir / pointer['checkpoint']} (step {pointer['step']})"
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -420,8 +578,8 @@ def _field_parser(f: dataclasses.Field):
         return dict(type=ints, metavar="N,N")
     if "Tuple[str" in ann:
         return dict(type=lambda t: None if t.lower() in ("", "none", "all") else tuple(t.split(",")), metavar="A,B")
-    if ann == "bool":
-        return dict(type=_parse_bool, metavar="BOOL")
+    if ann == "bool":   # "--deterministic" alone means true
+        return dict(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
     if ann == "int":
         return dict(type=int)
     if ann == "float":
@@ -451,6 +609,11 @@ HELP = {
     "max_minutes": "training time budget, then validate (0 = none); lr milestones also pass by time",
     "validate": "print and save the final table",
     "val_every": "score val_subset images every N epochs and keep the best checkpoint (0 = never)",
+    "amp": "mixed precision: bf16, fp16 (with a gradient scaler) or none",
+    "deterministic": "deterministic algorithms and thread count: a resumed run's losses equal an "
+                     "uninterrupted run's (exactly on CPU)",
+    "inject_nan_step": "for tests: make the loss of this global step NaN (0 = never)",
+    "device": "auto, cpu, cuda (under torchrun each process takes cuda:LOCAL_RANK)",
 }
 
 
@@ -490,12 +653,17 @@ def _resume_config(run_dir: Path, preset: Optional[str], overrides: Dict[str, An
     path = run_dir / "config.json"
     if not path.is_file():
         raise SystemExit(f"--resume: {path} not found (is {run_dir} a run directory?)")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--resume: cannot read {path}: {exc}") from None
+    if not isinstance(saved, dict) or saved.get("preset") not in PRESETS:
+        raise SystemExit(f"--resume: {path} is not a run configuration (no known 'preset')")
     if preset is not None and preset != saved.get("preset"):
         raise SystemExit(f"--resume: {run_dir} is a {saved.get('preset')!r} run, not {preset!r}")
     base = preset_config(saved["preset"])
     values = dict(saved)
-    for name in RUN_CONTROL - {"epochs", "data_root", "backend"}:
+    for name in RUN_CONTROL - INHERITED:
         values[name] = getattr(base, name)      # run control is not inherited, e.g. max_steps
     cfg = _make(values)
     for name, v in overrides.items():
@@ -507,24 +675,38 @@ def _resume_config(run_dir: Path, preset: Optional[str], overrides: Dict[str, An
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 1 stopped early (interrupted, --max-steps), 2 bad input or
+    configuration (one-line message), 3 stopped on a non-finite loss."""
+    from .data.image_file import ImageFileError
+    from .data.iharmony4 import DataError
+
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "out", "resume")}
-    if args.resume:
-        run_dir = Path(args.out) if args.out else _newest_run(args.preset or "demo")
-        cfg = _resume_config(run_dir, args.preset, overrides)
-    else:
-        preset = args.preset or "demo"
-        try:
+    try:
+        if args.resume:
+            run_dir = Path(args.out) if args.out else _newest_run(args.preset or "demo")
+            cfg = _resume_config(run_dir, args.preset, overrides)
+        else:
+            preset = args.preset or "demo"
             cfg = preset_config(preset, **overrides)
-        except (TypeError, ValueError) as exc:
-            raise SystemExit(f"bad configuration: {exc}")
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (run_dir / "latest.json").exists():
-            raise SystemExit(f"{run_dir} already holds a run; use --resume to continue it or another --out")
+            run_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if (run_dir / "latest.json").exists():
+                raise SystemExit(f"{run_dir} already holds a run; use --resume to continue it or another --out")
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"bad configuration: {exc}")
     t0 = time.time()
-    result = train(cfg, run_dir, resume=args.resume)
-    print(f"{result['stopped']}: step {result['state']['step']}, {time.time() - t0:.0f} s in this process; "
-          f"run directory {run_dir}", flush=True)
+    try:
+        result = train(cfg, run_dir, resume=args.resume)
+    except (DataError, ImageFileError, CheckpointError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+    if result["stopped"] == "nan":
+        if distributed.from_env().is_main:
+            print(f"error: {result['error']}", file=sys.stderr, flush=True)
+        return 3
+    if distributed.from_env().is_main:
+        print(f"{result['stopped']}: step {result['state']['step']}, {time.time() - t0:.0f} s in this process; "
+              f"run directory {run_dir}", flush=True)
     return 0 if result["stopped"] in ("done", "time") else 1
 
 

@@ -1,0 +1,142 @@
+"""The failure-mode table of docs/reliability.md, generated from the tests that back each row.
+
+    python tests/failure_modes.py                          # print the table
+    python tests/failure_modes.py --update docs/reliability.md README.md   # rewrite between the markers
+
+Bad-input rows come from the case lists of tests/test_bad_input.py; the others are listed here
+with the test that shows them (tests/test_reliability_docs.py checks that every named test
+exists and that the docs hold the current table).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+BEGIN, END = "<!-- failure-modes:begin -->", "<!-- failure-modes:end -->"
+
+# (area, situation, what the program does, "test_file.py::test_name")
+TRAINING: List[Tuple[str, str, str, str]] = [
+    ("training", "process killed (SIGKILL, power cut of the process) mid-run",
+     "`--resume` continues from the last complete checkpoint and finishes; with `--deterministic` "
+     "its losses equal an uninterrupted run's",
+     "test_crash_safety.py::test_sigkill_then_resume_finishes_like_an_uninterrupted_run"),
+    ("training", "killed while a checkpoint is being written",
+     "the checkpoint is written to a hidden temporary folder, synced, renamed into place, then "
+     "`latest.json` is replaced atomically: the previous checkpoint stays the one loaded; leftovers "
+     "are removed on resume",
+     "test_crash_safety.py::test_kill_at_any_point_of_a_save_keeps_the_previous_checkpoint"),
+    ("training", "killed before the first checkpoint",
+     "`--resume` starts the run from the beginning (its `config.json` is kept)",
+     "test_crash_safety.py::test_resume_before_the_first_checkpoint_starts_over"),
+    ("training", "`--resume` after an interruption at any step, `--deterministic`",
+     "same data order, RNG states, gradient-scaler state and thread count: every later loss equals "
+     "the uninterrupted run's exactly (CPU; fp32, bf16 and fp16 autocast)",
+     "test_crash_safety.py::test_deterministic_resume_equals_the_uninterrupted_run"),
+    ("training", "loss becomes NaN or Inf",
+     "stops before the optimizer step with `error: the loss became nan at step N ...`, exit status 3; "
+     "nothing is saved, `latest.json` still names the last good checkpoint",
+     "test_crash_safety.py::test_nan_loss_stops_and_keeps_the_last_good_checkpoint"),
+    ("training", "learning rate so large that the weights blow up (`--lr 1e30`)",
+     "stopped the same way at the first non-finite loss",
+     "test_crash_safety.py::test_exploding_lr_stops_with_a_clear_message"),
+    ("training", "bad image in the training data",
+     "`error: cannot read ... (listed in LIST:LINE)`, exit status 2; the checkpoints so far stay "
+     "usable for `--resume`",
+     "test_crash_safety.py::test_train_cli_reports_bad_data_in_one_line"),
+    ("training", "`--batch-size` not divisible by the number of processes",
+     "refused before training starts (the batch size is the global one)",
+     "test_distributed.py::test_shards_of_a_global_batch_are_that_batch"),
+    ("loading", "weights in a pickle file (`.pt`, `.pth`, `.ckpt`, `.bin`)",
+     "refused: only safetensors + JSON are read; no code path calls `torch.load` or `pickle`",
+     "test_crash_safety.py::test_pickle_is_never_loaded"),
+    ("loading", "unknown key in the model JSON",
+     "refused, naming the keys and the known ones",
+     "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
+    ("loading", "tensor shapes that do not fit the model the JSON describes",
+     "refused, naming each tensor with both shapes",
+     "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
+    ("loading", "missing or unexpected tensors, corrupt safetensors file, wrong `format`",
+     "refused with a message naming them",
+     "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
+    ("loading", "unknown field in a run's `config.json` or training state (`--resume`)",
+     "refused, naming the fields",
+     "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
+]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip()
+
+
+def rows() -> List[Tuple[str, str, str, str]]:
+    """Every row: (area, situation, what happens, backing test id)."""
+    import test_bad_input as b
+
+    out = list(TRAINING)
+    for c in b.REFUSALS:
+        out.append(("harmonize", c.situation, f"refused: `error: …{c.expect}…`, exit status 2, no output file",
+                    f"test_bad_input.py::test_harmonize_refuses_in_one_line[{c.id}]"))
+    for c in b.CONVERSIONS:
+        out.append(("harmonize, datasets", c.situation, f"accepted: {c.outcome}",
+                    f"test_bad_input.py::test_harmonize_converts_as_documented[{c.id}]"))
+    for c in b.DATASET_REFUSALS:
+        out.append(("datasets, evaluate", c.situation,
+                    f"`DataError` naming the file and the list line (`…{c.expect}…`); the CLIs print it "
+                    f"on one line, exit status 2",
+                    f"test_bad_input.py::test_dataset_refuses_naming_file_and_list[{c.id}]"))
+    out += [
+        ("harmonize", "image too large for memory", "refused from the headers before decoding "
+         "(`error: … needs about N GiB of memory but only M GiB is available`)",
+         "test_bad_input.py::test_not_enough_memory_is_refused_before_decoding"),
+        ("harmonize", "very large image that fits", "processed in strips of rows (memory about 25-40 "
+         "bytes per pixel); above 16 megapixels Pillow shrinks it for the network on 8-bit data",
+         "test_bad_input.py::test_memory_estimate_covers_a_real_run"),
+        ("datasets", "empty or full mask", "accepted: the loss floors the area at A_min, fMSE of an "
+         "empty mask is 0; loss, gradients and metrics stay finite",
+         "test_bad_input.py::test_empty_and_full_masks_keep_loss_and_metrics_finite"),
+        ("evaluate", "unreadable file found by a DataLoader worker (`--workers N`)",
+         "the worker's error is reported on one line, without its traceback",
+         "test_bad_input.py::test_evaluate_cli_reports_a_bad_file_in_one_line"),
+    ]
+    return out
+
+
+def markdown_table() -> str:
+    lines = ["| Where | Situation | What the program does | Test |", "|---|---|---|---|"]
+    for area, situation, outcome, test in rows():
+        lines.append(f"| {_cell(area)} | {_cell(situation)} | {_cell(outcome)} | `{_cell(test)}` |")
+    return "\n".join(lines)
+
+
+def update(text: str) -> str:
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no {BEGIN} ... {END} block found")
+    return pattern.sub(lambda _: f"{BEGIN}\n{markdown_table()}\n{END}", text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--update", type=Path, nargs="*", default=None, help="Markdown files to rewrite in place")
+    a = p.parse_args(argv)
+    if a.update is None:
+        print(markdown_table())
+        return 0
+    for path in a.update:
+        text = path.read_text(encoding="utf-8")
+        new = update(text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
