@@ -1,14 +1,27 @@
-"""Crash safety of checkpoints: a process killed (os._exit, as SIGKILL leaves it: no cleanup runs)
-at any file operation of save_checkpoint leaves the previous checkpoint as the one a resume loads."""
+"""Crash safety and safe loading: a process killed (os._exit, as SIGKILL leaves it: no cleanup
+runs) at any file operation of save_checkpoint leaves the previous checkpoint as the one a resume
+loads; a training run killed with SIGKILL resumes and finishes; --deterministic resumption is
+exact; a non-finite loss stops the run keeping the last good checkpoint; pickle files, unknown
+JSON keys and misshapen tensors are refused; bad data ends the train CLI with one line."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from regharm_ext import checkpoint as ck
 from regharm_ext.model import Harmonizer
+from regharm_ext.train import build_model, preset_config, train
+from regharm_ext.train import main as _train_main
 
 
 def _model(seed):
@@ -74,16 +87,6 @@ def test_leftovers_of_a_killed_save_are_removed_and_a_lone_checkpoint_is_found(t
 
 
 # --------------------------------------------------------------------------- training runs
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from regharm_ext.train import main as _train_main  # noqa: E402
-from regharm_ext.train import preset_config, train  # noqa: E402
-
-
 def train_main(argv):
     return _train_main([str(a) for a in argv])
 
@@ -153,7 +156,6 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, capsys):
     first = _log(out)
     for p in [out / "latest.json", out / "log.jsonl"]:
         p.unlink()
-    import shutil
     shutil.rmtree(out / "checkpoints")
     assert train_main(["--out", out, "--resume"]) == 0
     assert "no checkpoint yet: starting from the beginning" in capsys.readouterr().out
@@ -177,7 +179,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
 
 
 def _smoke_model():
-    from regharm_ext.train import build_model
     return build_model(preset_config("smoke"))
 
 
@@ -214,7 +215,6 @@ def test_pickle_is_never_loaded(tmp_path):
     ck.save_weights(tmp_path / "ok.safetensors", model)
     assert ck.load_model(tmp_path / "ok.safetensors")[0] is not None
     # no code path unpickles: torch.load and pickle appear nowhere in the package
-    import re
     for src in (REPO / "regharm_ext").rglob("*.py"):
         text = src.read_text(encoding="utf-8")
         assert not re.search(r"torch\.load\(|\bimport pickle\b|pickle\.loads?\(|weights_only\s*=\s*False", text), src
@@ -262,3 +262,20 @@ def test_unsafe_or_mismatched_checkpoints_are_refused(tmp_path, capsys):
     capsys.readouterr()
     assert train_main(["--out", out, "--resume", "--epochs", "2"]) == 2
     assert "unknown or missing sections (unknown ['hook'])" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_training_and_deterministic_resume(amp, tmp_path):
+    """On a GPU: autocast through the ops of the chosen backend lowers the loss, and a resumed
+    --deterministic run follows the uninterrupted one (to float tolerance: bilinear upsampling's
+    CUDA backward is not deterministic)."""
+    cfg = dict(validate=False, epochs=4, deterministic=True, amp=amp, device="cuda")
+    full = train(preset_config("smoke", **cfg), tmp_path / "full")
+    losses = [v for _, v in full["step_losses"]]
+    assert full["stopped"] == "done" and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    train(preset_config("smoke", max_steps=3, **cfg), tmp_path / "cut")
+    rest = train(preset_config("smoke", **cfg), tmp_path / "cut", resume=True)
+    ref = dict(full["step_losses"])
+    for step, value in rest["step_losses"]:
+        assert value == pytest.approx(ref[step], rel=1e-2), step

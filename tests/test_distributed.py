@@ -197,3 +197,27 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     print(f"final weights: |2-process - 1-process| / |training update| = {diff / moved:.1e}, "
           f"largest difference {worst:.1e}")
     assert set(got) == set(want) and diff < 1e-3 * moved
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_torchrun_two_gpus_nccl_match_one_gpu(tmp_path):
+    """On 2 GPUs: the NCCL job (SyncBatchNorm, DDP) logs the losses of a one-GPU run."""
+    import json
+    import subprocess
+    import sys
+
+    from regharm_ext.train import preset_config, train
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "regharm_ext.train", "--preset", "smoke", "--out", str(tmp_path / "ddp"), "--epochs", "3",
+         "--variant", "rbase", "--validate", "false", "--device", "cuda"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("2 processes (nccl)") == 1
+    train(preset_config("smoke", epochs=3, validate=False, variant="rbase", device="cuda"), tmp_path / "one")
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("ddp", "one")]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-3)
