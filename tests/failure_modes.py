@@ -23,7 +23,7 @@ BEGIN, END = "<!-- failure-modes:begin -->", "<!-- failure-modes:end -->"
 
 # (area, situation, what the program does, "test_file.py::test_name")
 TRAINING: List[Tuple[str, str, str, str]] = [
-    ("training", "process killed (SIGKILL, power cut of the process) mid-run",
+    ("training", "process killed (SIGKILL) mid-run",
      "`--resume` continues from the last complete checkpoint and finishes; with `--deterministic` "
      "its losses equal an uninterrupted run's",
      "test_crash_safety.py::test_sigkill_then_resume_finishes_like_an_uninterrupted_run"),
