@@ -106,7 +106,7 @@ def _cli(*args):
 def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL some time after its first checkpoint resumes from its last
     complete checkpoint, finishes, and (with --deterministic) logs the uninterrupted run's losses."""
-    epochs = 24
+    epochs = 30
     opts = ["--preset", "smoke", "--epochs", epochs, "--deterministic", "--validate", "false"]
     proc = _cli(*opts, "--out", tmp_path / "cut")
     deadline = time.time() + 120
@@ -114,7 +114,7 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no checkpoint within 2 minutes"
         time.sleep(0.02)
-    time.sleep(0.4)                       # somewhere in the run, maybe in the middle of a save
+    time.sleep(0.1)                       # somewhere in the run, maybe in the middle of a save
     proc.kill()
     proc.communicate()
     assert proc.returncode == -9, "the run ended before it could be killed: raise epochs"
