@@ -17,7 +17,7 @@ epoch), ``checkpoints/`` + ``latest.json`` (a checkpoint every epoch, see
 the same step, with the same data order and RNG states, so its next loss is the one the
 uninterrupted run would have had.
 
-Reliability and scale-out (docs/reliability.md):
+Reliability and scale-out (README, "Training on several GPUs and nodes"):
 
 - ``torchrun --nproc_per_node=N -m regharm_ext.train ...`` (and multi-node with torchrun's
   rendezvous) trains data-parallel (:mod:`regharm_ext.distributed`): ``batch_size`` is the global

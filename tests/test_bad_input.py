@@ -2,7 +2,7 @@
 refused with one line naming the file (non-zero exit, no output written, nothing decoded when
 the headers already tell) or converted as documented in regharm_ext/data/image_file.py.
 
-The case lists below also generate the failure-mode table of docs/reliability.md
+The case lists below also generate the failure-mode table of README.md
 (tests/failure_modes.py)."""
 from __future__ import annotations
 
