@@ -13,6 +13,7 @@ Where no GPU is visible (FORCE_CUDA=1), set TORCH_CUDA_ARCH_LIST: torch cannot g
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -21,6 +22,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _set_cuda_home() -> None:
+    """torch takes CUDA_HOME, when unset, as the folder above `which nvcc`; where nvcc is a
+    wrapper script (/usr/local/bin/nvcc) that folder has no CUDA headers and the build fails
+    late, in the glue. Name the toolkit that has them instead (run before cpp_extension loads)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    roots = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for root in roots:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = root
+            return
 
 
 def cuda_wanted() -> bool:
@@ -35,6 +50,7 @@ def cuda_wanted() -> bool:
 def extensions():
     if os.environ.get("REGHARM_NO_EXT", "0") == "1":
         return [], {}
+    _set_cuda_home()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")

@@ -58,7 +58,11 @@ def device_kind(device: torch.device) -> str:
     """File-name tag of a device: ``cpu`` or ``cuda-<gpu name slug>``."""
     if device.type != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name(device)
+    return gpu_kind(torch.cuda.get_device_name(device))
+
+
+def gpu_kind(name: str) -> str:
+    """``cuda-<slug>`` of a GPU's name: "NVIDIA H100 80GB HBM3" -> cuda-nvidia-h100-80gb-hbm3."""
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -77,6 +81,20 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)".strip()
 
 
+def git_commit() -> Tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the checkout; where the tree travelled without .git (a device copy),
+    the commit named by ``REGHARM_COMMIT`` (dirty unknown: None)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = None if commit is None else bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+            capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return (commit, dirty) if commit else (os.environ.get("REGHARM_COMMIT") or None, None)
+
+
 def machine_facts(device: torch.device) -> Dict:
     """What a reader needs to place the numbers: device, versions, commit, methods."""
     try:
@@ -84,13 +102,7 @@ def machine_facts(device: torch.device) -> Dict:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - any import failure means "no triton"
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = git_commit()
     return {
         "device": device.type,
         "device_kind": device_kind(device),

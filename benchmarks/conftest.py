@@ -91,6 +91,29 @@ def pytest_sessionstart(session):
         _LOAD_START.append(os.getloadavg()[0])
 
 
+_INTERRUPTED = []
+
+
+def _rounds(bench) -> int:
+    stats = getattr(bench, "stats", None)
+    stats = getattr(stats, "stats", stats)  # Metadata.stats in older pytest-benchmark
+    return len(getattr(stats, "data", None) or ())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """An interrupted run (SIGINT at a device call's deadline, Ctrl-C) still saves what it
+    measured: the benchmark cut off mid-run has no rounds and would break pytest-benchmark's
+    saving (runs before its own hook)."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None:
+        kept = [b for b in bs.benchmarks if _rounds(b)]
+        if len(kept) != len(bs.benchmarks) or exitstatus == pytest.ExitCode.INTERRUPTED:
+            _INTERRUPTED.append(len(bs.benchmarks) - len(kept))
+        bs.benchmarks[:] = kept
+    yield
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     dev = _device(config)
     facts = benchlib.machine_facts(dev)
@@ -99,6 +122,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     channels, source = benchlib.paper_channels()
     facts["paper_channels"] = {str(k): v for k, v in channels.items()}
     facts["paper_channels_source"] = source
+    if _INTERRUPTED:   # the report says so beside the numbers
+        facts["interrupted"] = dict(dropped_unfinished=_INTERRUPTED[0])
     output_json["regharm"] = facts
     for bench in output_json.get("benchmarks", []):   # per-round arrays: the stats suffice
         bench.get("stats", {}).pop("data", None)

@@ -10,10 +10,11 @@ exists and that the docs hold the current table).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import List, Tuple
+
+from regharm_ext.markdown_blocks import cell, replace_block, rewrite_files
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -71,10 +72,6 @@ TRAINING: List[Tuple[str, str, str, str]] = [
 ]
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ").strip()
-
-
 def rows() -> List[Tuple[str, str, str, str]]:
     """Every row: (area, situation, what happens, backing test id)."""
     import test_bad_input as b
@@ -111,15 +108,12 @@ def rows() -> List[Tuple[str, str, str, str]]:
 def markdown_table() -> str:
     lines = ["| Where | Situation | What the program does | Test |", "|---|---|---|---|"]
     for area, situation, outcome, test in rows():
-        lines.append(f"| {_cell(area)} | {_cell(situation)} | {_cell(outcome)} | `{_cell(test)}` |")
+        lines.append(f"| {cell(area)} | {cell(situation)} | {cell(outcome)} | `{cell(test)}` |")
     return "\n".join(lines)
 
 
 def update(text: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"no {BEGIN} ... {END} block found")
-    return pattern.sub(lambda _: f"{BEGIN}\n{markdown_table()}\n{END}", text)
+    return replace_block(text, BEGIN, END, markdown_table())
 
 
 def main(argv=None) -> int:
@@ -129,13 +123,7 @@ def main(argv=None) -> int:
     if a.update is None:
         print(markdown_table())
         return 0
-    for path in a.update:
-        text = path.read_text(encoding="utf-8")
-        new = update(text)
-        if new != text:
-            path.write_text(new, encoding="utf-8")
-            print(f"updated {path}")
-    return 0
+    return rewrite_files(a.update, update)
 
 
 if __name__ == "__main__":

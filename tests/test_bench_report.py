@@ -161,3 +161,28 @@ def test_memory_tracker_releases_freed_storage_and_counts_autograd():
     peak = benchlib.peak_memory(train_like, cpu)
     assert 3 * MiB <= peak < 6 * MiB
     x.grad = None
+
+
+def test_interrupted_suite_saves_the_benchmarks_that_finished():
+    """SIGINT at a device call's deadline: the benchmark cut off mid-run (no rounds) and those
+    never started are dropped before pytest-benchmark saves, and the JSON says it was cut."""
+    from types import SimpleNamespace
+    conftest = _load("conftest")
+
+    def bench(rounds):
+        return SimpleNamespace(stats=None if rounds is None else SimpleNamespace(data=rounds))
+
+    done, cut, never = bench([0.1, 0.2]), bench([]), bench(None)
+    bs = SimpleNamespace(benchmarks=[done, cut, never])
+    config = SimpleNamespace(_benchmarksession=bs, getoption=lambda name: "cpu")
+    wrapper = conftest.pytest_sessionfinish(SimpleNamespace(config=config), pytest.ExitCode.INTERRUPTED)
+    next(wrapper)   # the part that runs before pytest-benchmark's own saving
+    assert bs.benchmarks == [done]
+    out = {"benchmarks": []}
+    conftest.pytest_benchmark_update_json(config, [], out)
+    assert out["regharm"]["interrupted"] == {"dropped_unfinished": 2}
+    assert out["regharm"]["device"] == "cpu"
+    data = _fabricated()
+    data["regharm"]["interrupted"] = out["regharm"]["interrupted"]
+    assert "interrupted" in report.header_section(data)
+    assert "interrupted" not in report.header_section(_fabricated())

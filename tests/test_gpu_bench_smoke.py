@@ -18,8 +18,8 @@ def _load():
 
 def test_gpu_bench_quick_on_cpu(tmp_path):
     bench = _load()
-    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--no-copy",
-                       "--backends", "reference,torch,triton"]) == 0
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path),
+                       "--backends", "reference,torch,sdpa,triton"]) == 0
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     env = report["environment"]
     for key in ("device_name", "torch", "triton", "git_commit", "backends"):
@@ -37,6 +37,45 @@ def test_gpu_bench_quick_on_cpu(tmp_path):
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_peak_mb"] is None
     # the interpreter is never timed on CPU, and says so
     assert any(s["backend"] == "triton" for s in report["skipped"])
+
+
+def test_collect_files_a_run_and_the_readme_shows_it(tmp_path):
+    """benchmarks/collect_gpu.py on a real (CPU, tiny) gpu_bench run: the JSON and the step logs
+    are filed, and the README block shows the device, the table and the criteria."""
+    import shutil
+    import sys
+    run, results = tmp_path / "run", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    assert _load().main(["--device", "cpu", "--quick", "--out", str(run)]) == 0
+    (run / "steps.log").write_text("bench rc=0 4s\n")
+    shutil.copyfile(os.path.join(ROOT, "benchmarks", "results", "cpu.json"), results / "cpu.json")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\n## After\n")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    spec = importlib.util.spec_from_file_location("collect_gpu", os.path.join(ROOT, "benchmarks", "collect_gpu.py"))
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    assert collect.main([str(run), "--results", str(results), "--readme", str(readme)]) == 0
+    assert (results / "gpu_bench-cpu-gpu-bench.json").exists()
+    assert (results / "logs-cpu-gpu-bench" / "steps.log").read_text() == "bench rc=0 4s\n"
+    text = readme.read_text()
+    report = json.loads((run / "gpu_bench.json").read_text())
+    assert f"### Acceptance settings on {report['environment']['device_name']}" in text
+    assert "| `ptl` |" in text and "| criterion | measured / baseline | bound | holds |" in text
+    assert "No GPU result yet" in text          # a CPU run is not a GPU result
+    assert "\nold\n" not in text and text.endswith("## After\n")
+
+
+def test_isolated_backends_merge_into_one_report(tmp_path):
+    """--isolate (what gpu_check.sh runs): one process per backend, one JSON in bench order."""
+    assert _load().main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--isolate",
+                         "--backends", "reference,native", "--only", "patch_stats,ptl"]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [(r["bench"], r["backend"]) for r in report["results"]] == [
+        ("patch_stats", "reference"), ("patch_stats", "native"), ("ptl", "reference"), ("ptl", "native")]
+    assert not any("error" in r for r in report["results"])
+    assert "native PTL fwd+bwd >= 10x faster than reference" in report["acceptance"]
 
 
 def test_blob_mask_covers_the_requested_fraction():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import pytest
+
 import failure_modes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +31,16 @@ def test_docs_hold_the_current_table():
                 f"{doc}: run python tests/failure_modes.py --update {doc.relative_to(REPO)}"
             checked += 1
     assert checked >= 1
+
+
+def test_generated_blocks_are_replaced_whole_and_missing_markers_named():
+    from regharm_ext.markdown_blocks import cell, replace_block
+    text = "intro\n<!-- x:begin -->\nold\nrows\n<!-- x:end -->\nafter\n"
+    new = replace_block(text, "<!-- x:begin -->", "<!-- x:end -->", "| a | b |")
+    assert new == "intro\n<!-- x:begin -->\n| a | b |\n<!-- x:end -->\nafter\n"
+    assert replace_block(new, "<!-- x:begin -->", "<!-- x:end -->", "| a | b |") == new
+    with pytest.raises(ValueError, match="no <!-- y:begin --> ... <!-- y:end --> block"):
+        replace_block(text, "<!-- y:begin -->", "<!-- y:end -->", "t")
+    appended = replace_block("intro\n", "<!-- y:begin -->", "<!-- y:end -->", "t", append=True)
+    assert appended == "intro\n\n<!-- y:begin -->\nt\n<!-- y:end -->\n"
+    assert cell(" a|b\nc ") == "a\\|b c"

@@ -32,6 +32,13 @@ def test_cpu_without_interpreter_says_how_to_enable_it():
     assert out["listing"] == out["cpu"]
 
 
+def test_cpu_with_interpreter_is_available():
+    """Where this suite runs (CI included) the interpreter must work: test_triton.py skips when it
+    does not, and this test keeps such an environment from passing quietly."""
+    out = _probe(interpret="1")
+    assert out["cpu"] is None and out["listing"] == "available", out["cpu"]
+
+
 def test_import_without_triton_does_not_fail():
     out = _probe(prelude="sys.modules['triton'] = None  # as if triton were not installed")
     assert "triton is not installed" in out["cpu"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import sys
 from pathlib import Path
 from typing import Dict, List
 
+from ..markdown_blocks import cell, replace_block, rewrite_files
 from .photo_set import CREDITS, split_photos
 
 BEGIN, END = "<!-- credits:begin -->", "<!-- credits:end -->"
@@ -30,10 +30,6 @@ def read_credits() -> List[Dict[str, str]]:
     return rows
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").strip()
-
-
 def markdown_table() -> str:
     """One row per photo: file, split (train/val), author, licence, linked source."""
     val = set(split_photos("val"))
@@ -42,17 +38,14 @@ def markdown_table() -> str:
         split = "val" if r["file"] in val else "train"
         src = r["source"].strip()
         host = src.split("/")[2] if src.count("/") >= 2 else src
-        lines.append(f"| {_cell(r['file'])} | {split} | {_cell(r['author'])} | {_cell(r['licence'])} | "
-                     f"[{_cell(host)}]({src}) |")
+        lines.append(f"| {cell(r['file'])} | {split} | {cell(r['author'])} | {cell(r['licence'])} | "
+                     f"[{cell(host)}]({src}) |")
     return "\n".join(lines)
 
 
 def update(text: str) -> str:
     """``text`` with the table between the markers replaced by the current one."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"no {BEGIN} ... {END} block found")
-    return pattern.sub(lambda _: f"{BEGIN}\n{markdown_table()}\n{END}", text)
+    return replace_block(text, BEGIN, END, markdown_table())
 
 
 def main(argv=None) -> int:
@@ -62,13 +55,7 @@ def main(argv=None) -> int:
     if a.update is None:
         print(markdown_table())
         return 0
-    for path in a.update:
-        try:
-            path.write_text(update(path.read_text(encoding="utf-8")), encoding="utf-8")
-        except (OSError, ValueError) as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
-            return 2
-    return 0
+    return rewrite_files(a.update, update)
 
 
 if __name__ == "__main__":

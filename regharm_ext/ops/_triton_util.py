@@ -2,8 +2,11 @@
 kernel launcher that makes a launch visible to ``torch.compile``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 try:  # torch >= 2.6
@@ -35,6 +38,37 @@ _INTERPRETING = is_interpreted(_probe)
 def interpreting() -> bool:
     """True when this process's kernels are interpreted (CPU tensors only)."""
     return _INTERPRETING
+
+
+@triton.jit
+def _loop_probe(X, N):
+    acc = 0.0
+    for _ in range(0, N):
+        acc += 1.0
+    tl.store(X, acc)
+
+
+def _interpreter_problem() -> Optional[str]:
+    """Why the interpreter cannot run our kernels in this environment, or None. Seen: Triton
+    3.6's interpreter turns a runtime loop bound into a 1-element array, which NumPy >= 2.4
+    refuses to convert to an int; a loop with a runtime bound is the smallest such kernel."""
+    if not _INTERPRETING:
+        return None
+    x = torch.zeros(1)
+    try:
+        _loop_probe[(1,)](x, 3)
+    except Exception as exc:  # noqa: BLE001 - any failure means the kernels cannot run either
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} "
+                f"here ({type(exc).__name__}: {str(exc)[:120]}); install 'numpy<2.4' beside this "
+                f"Triton, or a newer Triton")
+    if float(x) != 3.0:
+        return f"Triton {triton.__version__}'s interpreter miscounts a loop (3 iterations gave {float(x)})"
+    return None
+
+
+# run once at import: a plain value again, for torch.compile
+INTERPRETER_PROBLEM = _interpreter_problem()
 
 
 def launcher(kernel):

@@ -33,6 +33,9 @@ def _reason(device_type: str) -> Optional[str]:
         return f"native runs CPU and CUDA tensors only, got {device_type} tensors"
     missing = [op for op in _OPS
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regharm::{op}", key)]
+    if key == "CUDA" and not missing and not torch.cuda.is_available():
+        return ("the CUDA kernels are built, but CUDA tensors need a GPU and torch sees none "
+                "(torch.cuda.is_available() is False)")
     if not missing:
         return None
     if key == "CUDA":

@@ -15,7 +15,7 @@ import torch
 try:
     from . import triton_attention as _attention
     from . import triton_patch_stats as _patch_stats
-    from ._triton_util import interpreting
+    from ._triton_util import INTERPRETER_PROBLEM, interpreting
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton missing (or too old for the APIs used)
     _IMPORT_ERROR = f"triton is not installed or unusable ({exc}); pip install 'triton>=3.2'"
@@ -29,7 +29,7 @@ def unavailable(device: torch.device) -> Optional[str]:
         if not interpreting():
             return ("the Triton kernels run on CPU tensors only in the interpreter: set "
                     "TRITON_INTERPRET=1 before importing triton to run on CPU (slow)")
-        return None
+        return INTERPRETER_PROBLEM
     if device.type == "cuda":
         if interpreting():
             return ("TRITON_INTERPRET=1 was set when the kernels were defined: they only run on "

@@ -29,6 +29,9 @@ CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
          "-x", "c++", "-DREGHARM_CUDA_EMULATION", "-include", str(HERE / "emu_runtime.h"),
          f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc'}"]
+# -Bsymbolic: the emulator's cuda* functions must win over the real libcudart that a CUDA build
+# of torch has already loaded into the process (else the kernels' launches reach the driver)
+LINK_FLAGS = ["-Wl,-Bsymbolic"]
 
 DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 GUARD = 64  # elements
@@ -48,7 +51,7 @@ def build() -> Path:
     digest = hashlib.sha256()
     for p in SOURCES + HEADERS:
         digest.update(p.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(FLAGS + LINK_FLAGS).encode())
     out_dir = Path(tempfile.gettempdir()) / f"regharm_cuda_emu_{digest.hexdigest()[:16]}"
     lib = out_dir / "emu.so"
     if lib.exists():
@@ -66,7 +69,7 @@ def build() -> Path:
     with ThreadPoolExecutor(len(SOURCES)) as pool:
         list(pool.map(compile_one, zip(SOURCES, objs)))
     tmp = out_dir / f"emu.{os.getpid()}.so"
-    subprocess.run(["g++", "-shared", "-o", str(tmp), *map(str, objs)], check=True)
+    subprocess.run(["g++", "-shared", *LINK_FLAGS, "-o", str(tmp), *map(str, objs)], check=True)
     tmp.replace(lib)
     return lib
 

@@ -1,0 +1,84 @@
+"""Files the output of a GPU run of ``benchmarks/gpu_check.sh`` into the repository and
+regenerates the README's benchmark tables.
+
+    python benchmarks/collect_gpu.py RUN_DIR      # the folder the script wrote ($OUT on the device)
+
+- ``gpu_bench.json`` -> ``benchmarks/results/gpu_bench-<kind>.json``
+- ``cuda.json`` (the pytest-benchmark suite) -> ``benchmarks/results/<kind>.json``
+- the step logs (steps, env, build, tests, bench, suite) -> ``benchmarks/results/logs-<kind>/``,
+  the evidence of what ran there (the CUDA tests' pass/fail lines among them)
+
+``<kind>`` is ``cuda-<GPU name>`` as the JSON record it (``cuda-nvidia-h100-80gb-hbm3``). Then
+``report.py --readme`` runs over everything in ``benchmarks/results/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import report  # noqa: E402
+from benchlib import gpu_kind  # noqa: E402
+
+LOGS = ("steps.log", "env.log", "build.log", "tests.log", "bench.log", "suite.log")
+
+
+def _json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {path}: not readable JSON ({exc}); was the run cut off?")
+
+
+def collect(run_dir: str, results: str) -> list:
+    """Copies what ``run_dir`` holds into ``results``; returns the paths written."""
+    written = []
+    gb = _json(os.path.join(run_dir, "gpu_bench.json"))
+    suite = _json(os.path.join(run_dir, "cuda.json"))
+    if gb is None and suite is None:
+        raise SystemExit(f"error: {run_dir} holds neither gpu_bench.json nor cuda.json")
+    name = (gb or {}).get("environment", {}).get("device_name") or \
+        (suite or {}).get("regharm", {}).get("device_name")
+    if not name:
+        raise SystemExit(f"error: {run_dir}: the JSON names no device (environment.device_name)")
+    on_gpu = str((gb or {}).get("environment", {}).get("device", "cuda")).startswith("cuda")
+    kind = gpu_kind(name) if on_gpu else "cpu-gpu-bench"
+    os.makedirs(results, exist_ok=True)
+    if gb is not None:
+        written.append(os.path.join(results, f"gpu_bench-{kind}.json"))
+        shutil.copyfile(os.path.join(run_dir, "gpu_bench.json"), written[-1])
+    if suite is not None and suite.get("benchmarks"):
+        written.append(os.path.join(results, f"{suite['regharm'].get('device_kind', kind)}.json"))
+        shutil.copyfile(os.path.join(run_dir, "cuda.json"), written[-1])
+    logs = [f for f in LOGS if os.path.exists(os.path.join(run_dir, f))]
+    if logs:
+        log_dir = os.path.join(results, f"logs-{kind}")
+        os.makedirs(log_dir, exist_ok=True)
+        for f in logs:
+            written.append(os.path.join(log_dir, f))
+            shutil.copyfile(os.path.join(run_dir, f), written[-1])
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="the folder gpu_check.sh wrote")
+    ap.add_argument("--results", default=report.RESULTS, help="default: benchmarks/results")
+    ap.add_argument("--readme", default=report.README, help="README to regenerate ('' for none)")
+    args = ap.parse_args(argv)
+    for path in collect(args.run_dir, args.results):
+        print(f"wrote {path}")
+    inputs = report.default_inputs(args.results)
+    return report.main(inputs + ["--out", args.results] + (["--readme", args.readme] if args.readme else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
