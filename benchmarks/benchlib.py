@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import regharm_ext
-from regharm_ext.backends import NAMES as BACKENDS
+from regharm_ext.backends import NAMES as BACKENDS  # noqa: F401  (the suites parametrize over it)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")

@@ -66,7 +66,9 @@ step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.
   tests/test_crash_safety.py -k "cuda" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
 
 if [ "${SUITE:-1}" = 1 ]; then
-step suite 400 "$PY" -m pytest benchmarks/ --benchmark-only --bench-device cuda --bench-target 0.05 \
+# ops first (the floor and paper-point rows), then layers (Tables 3/4, sweeps), then end to end
+step suite 400 "$PY" -m pytest benchmarks/test_bench_ops.py benchmarks/test_bench_layers.py \
+  benchmarks/test_bench_e2e.py --benchmark-only --bench-device cuda --bench-target 0.05 \
   -q -p no:cacheprovider --benchmark-json "$OUT_DIR/cuda.json"
 fi
 

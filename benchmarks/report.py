@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from regharm_ext.markdown_blocks import replace_block
 

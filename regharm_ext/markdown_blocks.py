@@ -3,9 +3,10 @@ the text between an HTML-comment begin/end marker pair belongs to a generator, s
 never typed by hand and a test can check that the file holds the current one."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, List, Optional
 
 
 def cell(text: str) -> str:
@@ -42,3 +43,16 @@ def rewrite_files(paths: Iterable[Path], update: Callable[[str], str]) -> int:
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+def block_cli(argv: Optional[List[str]], render: Callable[[], str], begin: str, end: str,
+              prog: Optional[str] = None, description: str = "") -> int:
+    """The command line of a generator: print the block, or ``--update FILE...`` rewrites the
+    block between ``begin`` and ``end`` in each file."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--update", type=Path, nargs="*", default=None, help="Markdown files to rewrite in place")
+    a = p.parse_args(argv)
+    if a.update is None:
+        print(render())
+        return 0
+    return rewrite_files(a.update, lambda text: replace_block(text, begin, end, render()))

@@ -9,12 +9,11 @@ exists and that the docs hold the current table).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Tuple
 
-from regharm_ext.markdown_blocks import cell, replace_block, rewrite_files
+from regharm_ext.markdown_blocks import block_cli, cell, replace_block
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -117,13 +116,7 @@ def update(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--update", type=Path, nargs="*", default=None, help="Markdown files to rewrite in place")
-    a = p.parse_args(argv)
-    if a.update is None:
-        print(markdown_table())
-        return 0
-    return rewrite_files(a.update, update)
+    return block_cli(argv, markdown_table, BEGIN, END, prog=None, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -66,3 +66,43 @@ def make_attention_inputs(B=2, L=37, N=23, D=8, E=6, dtype=torch.float32, active
     query_mask = torch.rand(B, L, generator=g) < active
     cast = lambda t: t.to(device=device, dtype=dtype)
     return cast(q), cast(k), cast(v), key_bias.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype), query_mask.to(device)
+
+
+class PtlThenLtl(torch.nn.Module):
+    """PTL then LTL on one backend: the small module the torch.compile tests compile."""
+
+    def __init__(self, channels, backend):
+        super().__init__()
+        from regharm_ext import LTL, PTL
+        self.ptl = PTL(channels, patch=4, stride=2, backend=backend)
+        self.ltl = LTL(channels, backend=backend)
+
+    def forward(self, x, mask):
+        return self.ltl(self.ptl(x, mask), mask)
+
+
+def two_masks(H, device):
+    """Masks (Tensor[2, 1, H, H]) of a hard rectangle and a soft (0.6) corner, H >= 16."""
+    mask = torch.zeros(2, 1, H, H, device=device)
+    mask[0, :, 5:15, 3:13] = 1
+    mask[1, :, 12:, :10] = 0.6
+    return mask
+
+
+def check_compiled_matches_eager(backend, device, compile_backend="inductor", C=16, H=24, mask_size=None):
+    """torch.compile(fullgraph=True, backend=compile_backend) of PtlThenLtl on ``backend`` gives
+    eager's output and the gradients of the input and every parameter. ``mask_size`` other than H
+    makes the layers resize the mask too."""
+    torch.manual_seed(0)
+    mod = PtlThenLtl(C, backend).to(device)
+    x = torch.randn(2, C, H, H, device=device)
+    mask = two_masks(mask_size or H, device)
+    outs = {}
+    for name, fn in (("eager", mod), ("compiled", torch.compile(mod, fullgraph=True, backend=compile_backend))):
+        xi = x.clone().requires_grad_()
+        out = fn(xi, mask)
+        grads = torch.autograd.grad((out * out).sum(), [xi] + list(mod.parameters()))
+        outs[name] = (out, grads)
+    torch.testing.assert_close(outs["compiled"][0], outs["eager"][0], atol=1e-4, rtol=1e-4)
+    for a, e in zip(outs["compiled"][1], outs["eager"][1]):
+        torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-3)

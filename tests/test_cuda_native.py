@@ -7,10 +7,9 @@ tests/test_cuda_emulated.py runs the same kernels on a CPU.
 """
 import pytest
 import torch
-import torch.nn as nn
 
-from helpers import assert_close, make_attention_inputs, make_patch_inputs
-from regharm_ext import LTL, PTL
+from helpers import (PtlThenLtl, assert_close, check_compiled_matches_eager, make_attention_inputs,
+                     make_patch_inputs, two_masks)
 from regharm_ext.backends import unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
 
@@ -266,39 +265,9 @@ def test_cuda_native_argument_errors_name_the_argument():
 
 # ---- layers -----------------------------------------------------------------------------------
 
-class _Small(nn.Module):
-    def __init__(self, channels, backend):
-        super().__init__()
-        self.ptl = PTL(channels, patch=4, stride=2, backend=backend)
-        self.ltl = LTL(channels, backend=backend)
-
-    def forward(self, x, mask):
-        return self.ltl(self.ptl(x, mask), mask)
-
-
-def _mask(B, H, device):
-    mask = torch.zeros(B, 1, H, H, device=device)
-    mask[0, :, 5:15, 3:13] = 1
-    mask[1, :, 12:, :10] = 0.6
-    return mask
-
-
 @needs_native_cuda
 def test_cuda_native_compiled_module_matches_eager():
-    torch.manual_seed(0)
-    C, H = 16, 24
-    mod = _Small(C, "native").cuda()
-    x = torch.randn(2, C, H, H, device="cuda")
-    mask = _mask(2, H, "cuda")
-    outs = {}
-    for name, fn in (("eager", mod), ("compiled", torch.compile(mod, fullgraph=True))):
-        xi = x.clone().requires_grad_()
-        out = fn(xi, mask)
-        grads = torch.autograd.grad((out * out).sum(), [xi] + list(mod.parameters()))
-        outs[name] = (out, grads)
-    torch.testing.assert_close(outs["compiled"][0], outs["eager"][0], atol=1e-4, rtol=1e-4)
-    for a, e in zip(outs["compiled"][1], outs["eager"][1]):
-        torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-3)
+    check_compiled_matches_eager("native", "cuda")
 
 
 @needs_native_cuda
@@ -306,11 +275,11 @@ def test_cuda_native_layers_match_torch_backend():
     torch.manual_seed(1)
     C, H = 32, 32
     x = torch.randn(2, C, H, H, device="cuda")
-    mask = _mask(2, H, "cuda")
+    mask = two_masks(H, "cuda")
     results = {}
     for backend in ("native", "torch"):
         torch.manual_seed(2)
-        mod = _Small(C, backend).cuda()
+        mod = PtlThenLtl(C, backend).cuda()
         xi = x.clone().requires_grad_()
         out = mod(xi, mask)
         results[backend] = (out, *torch.autograd.grad(out.square().sum(), [xi, mod.ptl.weight]))

@@ -4,10 +4,8 @@ that does not grow with the number of patches, and torch.compile(fullgraph=True)
 PTL + LTL module. Skipped without a GPU (the interpreter tests are tests/test_triton.py)."""
 import pytest
 import torch
-import torch.nn as nn
 
-from helpers import assert_close, make_attention_inputs, make_patch_inputs
-from regharm_ext import LTL, PTL
+from helpers import assert_close, check_compiled_matches_eager, make_attention_inputs, make_patch_inputs
 from regharm_ext.backends import unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
 
@@ -134,30 +132,5 @@ def test_patch_stats_memory_does_not_grow_with_patches():
     assert extra < 12 * B * K * C * 4 + 4 * x.numel() * 4, extra / 2**20
 
 
-class _Small(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.ptl = PTL(channels, patch=4, stride=2, backend="triton")
-        self.ltl = LTL(channels, backend="triton")
-
-    def forward(self, x, mask):
-        return self.ltl(self.ptl(x, mask), mask)
-
-
 def test_compiled_module_matches_eager():
-    torch.manual_seed(0)
-    C, H = 16, 24
-    mod = _Small(C).cuda()
-    x = torch.randn(2, C, H, H, device="cuda")
-    mask = torch.zeros(2, 1, H, H, device="cuda")
-    mask[0, :, 5:15, 3:13] = 1
-    mask[1, :, 12:, :10] = 0.6
-    outs = {}
-    for name, fn in (("eager", mod), ("compiled", torch.compile(mod, fullgraph=True))):
-        xi = x.clone().requires_grad_()
-        out = fn(xi, mask)
-        grads = torch.autograd.grad((out * out).sum(), [xi] + list(mod.parameters()))
-        outs[name] = (out, grads)
-    torch.testing.assert_close(outs["compiled"][0], outs["eager"][0], atol=1e-4, rtol=1e-4)
-    for a, e in zip(outs["compiled"][1], outs["eager"][1]):
-        torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-3)
+    check_compiled_matches_eager("triton", "cuda")

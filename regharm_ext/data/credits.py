@@ -7,13 +7,11 @@ The markers are ``<!-- credits:begin -->`` and ``<!-- credits:end -->``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
-from pathlib import Path
 from typing import Dict, List
 
-from ..markdown_blocks import cell, replace_block, rewrite_files
+from ..markdown_blocks import block_cli, cell, replace_block
 from .photo_set import CREDITS, split_photos
 
 BEGIN, END = "<!-- credits:begin -->", "<!-- credits:end -->"
@@ -49,13 +47,7 @@ def update(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m regharm_ext.data.credits", description=__doc__.split("\n")[0])
-    p.add_argument("--update", type=Path, nargs="*", default=None, help="Markdown files to rewrite in place")
-    a = p.parse_args(argv)
-    if a.update is None:
-        print(markdown_table())
-        return 0
-    return rewrite_files(a.update, update)
+    return block_cli(argv, markdown_table, BEGIN, END, prog="python -m regharm_ext.data.credits", description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
