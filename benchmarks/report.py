@@ -297,7 +297,8 @@ def acceptance_section(gb: Dict) -> str:
              f"peak = extra memory of one call above what was allocated before it.", ""]
     rows = []
     for r in gb.get("results", []):
-        size = ", ".join(f"{k}={v}" for k, v in gb.get("settings", {}).get(r["bench"], {}).items() if k != "dtype")
+        sizes = gb.get("settings", {}).get(r["bench"], {})
+        size = ", ".join(f"{k}={v}" for k, v in sizes.items() if k not in ("dtype", "layer"))
         if "error" in r:
             rows.append([f"`{r['bench']}`", size, f"`{r['backend']}`", r.get("dtype", "").replace("torch.", ""),
                          "error: " + r["error"].splitlines()[0][:80].replace("|", "\\|"), "", ""])
