@@ -5,11 +5,14 @@
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
 # 5. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
-# The whole script ends by DEADLINE_S (default 540 s) so that a device call of 600 s returns its
+# The whole script ends by DEADLINE_S (default 570 s) so that a device call of 600 s returns its
 # files; every step has its own limit within that and is interrupted with SIGINT (pytest and
 # gpu_bench still write what they have). A failing step does not stop the next ones. Each step
 # logs to OUT_DIR/<step>.log; OUT_DIR/steps.log sums up rc and seconds. At most 8 files.
 # REGHARM_COMMIT names the commit where the tree travelled without .git.
+# From a session with the device tool (commit first): run with timeout_s=600 and the command
+#     REGHARM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh "$OUT"
+# then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
 set -u
 
@@ -21,7 +24,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # importable even if the install fails
 unset TRITON_INTERPRET                                  # the kernels must be compiled here
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-DEADLINE_S="${DEADLINE_S:-540}"
+DEADLINE_S="${DEADLINE_S:-570}"
 T0=$(date +%s)
 
 step() {  # step NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S, and never past the deadline
