@@ -155,6 +155,33 @@ def patch_case(s, device, dtype):
     return make, run_with
 
 
+def kernel_profile(fn, device, top=8):
+    """Where one call's time goes: on a GPU the CUDA kernels (torch.profiler), on CPU the ops'
+    self time; [(name, calls, total µs)], largest first. For the next optimisation step, read
+    from the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    totals = {}
+    if cuda:
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                calls, us = totals.get(e.name, (0, 0.0))
+                totals[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+    else:
+        for e in prof.key_averages():
+            totals[e.key] = (e.count, e.self_cpu_time_total)
+    rows = sorted(((n[:100], c, round(us, 1)) for n, (c, us) in totals.items()), key=lambda r: -r[2])
+    return rows[:top]
+
+
+PROFILED = {"patch_stats", "masked_attention", "ptl", "ltl128"}
+
+
 def sdpa_baseline(q, k, v, kb, qm):
     """Dense masked attention with F.scaled_dot_product_attention: every query, the bias as an
     additive mask, in 4-d (B, 1, L, D) so that its fused memory-efficient kernel can take it
@@ -390,13 +417,19 @@ def main(argv=None):
                 fwd, fwd_bwd = _fwd_bwd(make, run_with(backend))
                 entry["fwd_ms"], entry["fwd_peak_mb"], entry["fwd_reps"] = timer.measure(fwd)
                 entry["fwd_bwd_ms"], entry["fwd_bwd_peak_mb"], entry["fwd_bwd_reps"] = timer.measure(fwd_bwd)
+                if name in PROFILED and backend in ("native", "triton"):
+                    try:   # extra information: a profiler failure must not cost the timings
+                        entry["fwd_bwd_profile"] = kernel_profile(fwd_bwd, device)
+                    except Exception as exc:  # noqa: BLE001
+                        entry["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
             except Exception as exc:  # keep going: one backend failing must not lose the rest
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 entry["traceback"] = traceback.format_exc()[-4000:]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             report["results"].append(entry)
-            print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
+            print(json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "fwd_bwd_profile")}),
+                  flush=True)
             save()
     save()   # the skips and settings of benchmarks that timed nothing
     print(json.dumps(report["acceptance"]), flush=True)

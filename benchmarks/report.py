@@ -285,6 +285,12 @@ def e2e_section(recs: List[Dict]) -> str:
             + table(["backend", "train images/s", "train MiB", "latency 256²", "latency 1024²", "1024² MiB"], rows))
 
 
+def _short(kernel: str) -> str:
+    """A kernel's name without its template arguments and signature."""
+    name = kernel.split("(")[0].split("<")[0].strip()
+    return (name.split("::")[-1] or kernel)[:60]
+
+
 def acceptance_section(gb: Dict) -> str:
     """One ``benchmarks/gpu_bench.py`` JSON: the issues' settings per backend and the criteria."""
     env = gb.get("environment", {})
@@ -314,6 +320,15 @@ def acceptance_section(gb: Dict) -> str:
         lines += ["", table(["criterion", "measured / baseline", "bound", "holds"],
                             [[label, f"{a['ratio']:.3g}", f"{a['bound']:.3g}", "yes" if a["holds"] else "**no**"]
                              for label, a in crit.items()])]
+    shares = []
+    for r in gb.get("results", []):
+        prof = r.get("fwd_bwd_profile")
+        total = sum(us for _, _, us in prof or ())
+        if prof and total > 0:
+            top = ", ".join(f"`{_short(n)}` {100 * us / total:.0f} %" for n, _, us in prof[:3])
+            shares.append(f"- `{r['bench']}` on `{r['backend']}`: {top}")
+    if shares:
+        lines += ["", "Where the fwd+bwd time goes (the 3 largest kernels, as shares of the 8 largest):", *shares]
     if gb.get("skipped"):
         lines += ["", "Not run: " + "; ".join(f"`{s['bench']}`/`{s['backend']}` ({s['reason']})"
                                               for s in gb["skipped"][:6])

@@ -63,6 +63,7 @@ def test_collect_files_a_run_and_the_readme_shows_it(tmp_path):
     report = json.loads((run / "gpu_bench.json").read_text())
     assert f"### Acceptance settings on {report['environment']['device_name']}" in text
     assert "| `ptl` |" in text and "| criterion | measured / baseline | bound | holds |" in text
+    assert "- `ptl` on `native`: `" in text   # where the time goes
     assert "No GPU result yet" in text          # a CPU run is not a GPU result
     assert "\nold\n" not in text and text.endswith("## After\n")
 
@@ -76,6 +77,8 @@ def test_isolated_backends_merge_into_one_report(tmp_path):
         ("patch_stats", "reference"), ("patch_stats", "native"), ("ptl", "reference"), ("ptl", "native")]
     assert not any("error" in r for r in report["results"])
     assert "native PTL fwd+bwd >= 10x faster than reference" in report["acceptance"]
+    for r in report["results"]:   # the profile the next optimisation step starts from
+        assert bool(r.get("fwd_bwd_profile")) == (r["backend"] == "native"), r
 
 
 def test_blob_mask_covers_the_requested_fraction():
