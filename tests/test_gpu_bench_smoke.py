@@ -76,7 +76,7 @@ def test_isolated_backends_merge_into_one_report(tmp_path):
     assert [(r["bench"], r["backend"]) for r in report["results"]] == [
         ("patch_stats", "reference"), ("patch_stats", "native"), ("ptl", "reference"), ("ptl", "native")]
     assert not any("error" in r for r in report["results"])
-    assert "native PTL fwd+bwd >= 10x faster than reference" in report["acceptance"]
+    assert "native PTL fwd+bwd >= 10x faster than reference (fp32)" in report["acceptance"]
     for r in report["results"]:   # the profile the next optimisation step starts from
         assert bool(r.get("fwd_bwd_profile")) == (r["backend"] == "native"), r
 
