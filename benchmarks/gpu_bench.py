@@ -118,9 +118,8 @@ class Timer:
 # ------------------------------------------------------------------------------- benchmarks
 
 
-def _fwd_bwd(make_inputs, run):
-    """(forward-only fn, forward+backward fn) over freshly made leaf inputs."""
-    inputs = make_inputs()
+def _fwd_bwd(inputs, run):
+    """(forward-only fn, forward+backward fn) over the leaf ``inputs``."""
 
     def fwd():
         with torch.no_grad():
@@ -182,25 +181,25 @@ def kernel_profile(fn, device, top=8):
 PROFILED = {"patch_stats", "masked_attention", "ptl", "ptl_bf16", "ltl128"}
 
 
+def _sdpa_args(q, k, v, kb):
+    """q, k, v and the additive mask in 4-d (B, 1, L, D): the layout SDPA's fused
+    memory-efficient kernel takes with a bias (3-d inputs fall back to the slower math path)."""
+    return q[:, None], k[:, None], v[:, None], kb.to(q.dtype)[:, None, None, :]
+
+
 def sdpa_baseline(q, k, v, kb, qm):
     """Dense masked attention with F.scaled_dot_product_attention: every query, the bias as an
-    additive mask, in 4-d (B, 1, L, D) so that its fused memory-efficient kernel can take it
-    (3-d inputs or a kernel refusal would fall back to the slower math path; see
-    :func:`sdpa_kernel_used`)."""
-    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
-                                         attn_mask=kb.to(q.dtype)[:, None, None, :])[:, 0]
-    return out * qm[..., None]
+    additive mask (see :func:`sdpa_kernel_used` for the kernel it gets)."""
+    q4, k4, v4, mask = _sdpa_args(q, k, v, kb)
+    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask)[:, 0] * qm[..., None]
 
 
 def sdpa_kernel_used(inputs) -> str:
     """The SDPA kernel torch's dispatcher picks for the baseline's inputs (FLASH_ATTENTION,
     EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH), so the comparison says what it beat."""
-    q, k, v, kb, _ = inputs
     try:
         from torch.nn.attention import SDPBackend
-        choice = torch._fused_sdp_choice(q[:, None], k[:, None], v[:, None],
-                                         kb.to(q.dtype)[:, None, None, :], 0.0, False)
-        return SDPBackend(choice).name
+        return SDPBackend(torch._fused_sdp_choice(*_sdpa_args(*inputs[:4]), 0.0, False)).name
     except Exception as exc:  # noqa: BLE001 - a private API: report, do not fail the benchmark
         return f"unknown ({type(exc).__name__})"
 
@@ -329,6 +328,14 @@ def acceptance(results):
     return out
 
 
+def write_report(report, path) -> None:
+    """``report`` with its acceptance block, to ``path`` atomically (a crash keeps the last one)."""
+    report["acceptance"] = acceptance(report["results"])
+    with open(path + ".tmp", "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
 def isolated(args) -> int:
     """``main`` once per backend in a child process; their JSON merged into ``args.out``."""
     import tempfile
@@ -360,10 +367,7 @@ def isolated(args) -> int:
             order = list(report["settings"]) + ["*"]
             report["results"].sort(key=lambda r: (order.index(r["bench"]) if r["bench"] in order else len(order),
                                                   BACKENDS.index(r["backend"]) if r["backend"] in BACKENDS else 99))
-            report["acceptance"] = acceptance(report["results"])
-            with open(path + ".tmp", "w") as fh:
-                json.dump(report, fh, indent=1, default=str)
-            os.replace(path + ".tmp", path)
+            write_report(report, path)
             if interrupted:
                 break
     print(json.dumps(report["acceptance"]), flush=True)
@@ -392,14 +396,7 @@ def main(argv=None):
     report = dict(environment=environment(device), settings={}, results=[], skipped=[])
     wanted = [b for b in args.backends.split(",") if b]
 
-    def save():
-        report["acceptance"] = acceptance(report["results"])
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        os.replace(tmp, path)
-
-    save()
+    write_report(report, path)
     only = {n for n in args.only.split(",") if n}
     for name, (builder, sizes, dtype) in settings(args.quick, device).items():
         if only and name not in only:
@@ -417,9 +414,10 @@ def main(argv=None):
                     continue
             entry = dict(bench=name, backend=backend, dtype=str(dtype))
             try:
+                inputs = make()
                 if backend == "sdpa":
-                    entry["sdpa_kernel"] = sdpa_kernel_used(make())
-                fwd, fwd_bwd = _fwd_bwd(make, run_with(backend))
+                    entry["sdpa_kernel"] = sdpa_kernel_used(inputs)
+                fwd, fwd_bwd = _fwd_bwd(inputs, run_with(backend))
                 entry["fwd_ms"], entry["fwd_peak_mb"], entry["fwd_reps"] = timer.measure(fwd)
                 entry["fwd_bwd_ms"], entry["fwd_bwd_peak_mb"], entry["fwd_bwd_reps"] = timer.measure(fwd_bwd)
                 if name in PROFILED and backend in ("native", "triton"):
@@ -435,8 +433,8 @@ def main(argv=None):
             report["results"].append(entry)
             print(json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "fwd_bwd_profile")}),
                   flush=True)
-            save()
-    save()   # the skips and settings of benchmarks that timed nothing
+            write_report(report, path)
+    write_report(report, path)   # the skips and settings of benchmarks that timed nothing
     print(json.dumps(report["acceptance"]), flush=True)
     return 0
 

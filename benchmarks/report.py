@@ -18,9 +18,10 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from regharm_ext.markdown_blocks import replace_block
+from regharm_ext.markdown_blocks import cell, replace_block, rewrite_files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -307,7 +308,7 @@ def acceptance_section(gb: Dict) -> str:
         size = ", ".join(f"{k}={v}" for k, v in sizes.items() if k not in ("dtype", "layer"))
         if "error" in r:
             rows.append([f"`{r['bench']}`", size, f"`{r['backend']}`", r.get("dtype", "").replace("torch.", ""),
-                         "error: " + r["error"].splitlines()[0][:80].replace("|", "\\|"), "", ""])
+                         "error: " + cell(r["error"].splitlines()[0][:80]), "", ""])
             continue
         mb = r.get("fwd_bwd_peak_mb")
         kernel = f" ({r['sdpa_kernel']})" if r.get("sdpa_kernel") else ""
@@ -573,12 +574,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"wrote {md_path}")
     if args.readme:
         rel = os.path.relpath(args.out, os.path.dirname(os.path.abspath(args.readme)))
-        with open(args.readme) as fh:
-            text = fh.read()
-        with open(args.readme, "w") as fh:
-            fh.write(splice(text, markdown(datasets, image_prefix=rel.replace(os.sep, "/") + "/", heading=True,
-                                           sweeps=False, acceptance=acceptance)))
-        print(f"updated {args.readme}")
+        block = markdown(datasets, image_prefix=rel.replace(os.sep, "/") + "/", heading=True, sweeps=False,
+                         acceptance=acceptance)
+        return rewrite_files([Path(args.readme)], lambda text: splice(text, block))
     return 0
 
 

@@ -49,7 +49,7 @@ from PIL import Image, ImageFilter
 
 from .data.image_file import ImageFileError, check_memory, image_size, read_mask, read_rgb
 from .errors import one_line
-from .inference import resize
+from .inference import model_size, resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # piecewise-linear "inferno"-like colormap: value -> RGB
@@ -131,21 +131,24 @@ class _Upsampler:
         return torch.lerp(self.wide.index_select(2, i0), self.wide.index_select(2, i1), lam)
 
 
+def _batch(a: np.ndarray, dev) -> torch.Tensor:
+    """uint8 image [H, W, 3] or mask [H, W] -> float Tensor[1, 3 or 1, H, W] in [0, 1] on ``dev``."""
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())   # torch warns on read-only arrays
+    t = t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None]
+    return t.to(dev, torch.float32) / 255.0
+
+
 def _model_inputs(model, image: np.ndarray, mask: np.ndarray, dev) -> Tuple[torch.Tensor, torch.Tensor]:
     """Image (Tensor[1, 3, S, S]) and mask (Tensor[1, 1, S, S]) at the model's input size: torch's
     antialiased resize as in :mod:`regharm_ext.inference`, or Pillow's on 8-bit data for images
     above LEAN_PIXELS (no full-resolution float copy)."""
     h, w = mask.shape
-    size = getattr(model, "input_size", (h, w))
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = model_size(model) or (h, w)
     if h * w > LEAN_PIXELS and (h, w) != size:
         x = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
         m = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.BILINEAR))
-        return (torch.from_numpy(x.copy()).permute(2, 0, 1)[None].to(dev, torch.float32) / 255.0,
-                torch.from_numpy(m.copy())[None, None].to(dev, torch.float32) / 255.0)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(dev, torch.float32).div_(255.0)
-    m = torch.from_numpy(mask)[None, None].to(dev, torch.float32).div_(255.0)
-    return resize(x, size), resize(m, size).clamp(0, 1)
+        return _batch(x, dev), _batch(m, dev)
+    return resize(_batch(image, dev), size), resize(_batch(mask, dev), size).clamp(0, 1)
 
 
 def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
@@ -156,9 +159,7 @@ def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") ->
     with torch.no_grad():
         up = _Upsampler(model.predict_raw(*_model_inputs(model, image, mask, dev)), mask.shape)
         for y0, y1 in _strips(*mask.shape):
-            x = torch.from_numpy(image[y0:y1]).permute(2, 0, 1)[None].to(dev, torch.float32) / 255.0
-            m = torch.from_numpy(mask[y0:y1])[None, None].to(dev, torch.float32) / 255.0
-            o = model.compose(x, up.rows(y0, y1), m)
+            o = model.compose(_batch(image[y0:y1], dev), up.rows(y0, y1), _batch(mask[y0:y1], dev))
             o = (o.clamp(0, 1) * 255.0).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
             out[y0:y1] = np.where(mask[y0:y1, :, None] > 0, o, image[y0:y1])
     return out

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _size(model) -> Optional[Tuple[int, int]]:
+def model_size(model) -> Optional[Tuple[int, int]]:
+    """The (H, W) a model runs at (``input_size``), or None for a model without one."""
     s = getattr(model, "input_size", None)
     if s is None:
         return None
@@ -34,7 +35,7 @@ def predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     """Î at the image's resolution: computed at ``model.input_size`` and upsampled.
 
     image (Tensor[B, 3, H, W]) in [0, 1], mask (Tensor[B, 1, H, W]) -> Tensor[B, 3, H, W]."""
-    size = _size(model)
+    size = model_size(model)
     if size is None or tuple(image.shape[-2:]) == size:
         return model.predict_raw(image, mask)
     raw = model.predict_raw(resize(image, size), resize(mask, size).clamp(0, 1))

@@ -525,7 +525,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                           f"{record['seconds']:.0f} s")
     except NonFiniteLoss as exc:
         stopped = "nan"
-        last = _last_checkpoint(run_dir)
+        try:   # what --resume continues from
+            last = resolve_checkpoint(run_dir, prefer="latest").parent
+        except CheckpointError:
+            last = None
         error = (f"{exc}; stopped without saving. "
                  + (f"The last good checkpoint is {last}: fix the cause (e.g. a lower --lr, --amp bf16 "
                     f"instead of fp16) and continue with --resume" if last else "No checkpoint had been written."))
@@ -548,14 +551,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
         val = final_validation(model, val_ds, cfg, device, run_dir, weights.parent.name)
     return {"run_dir": str(run_dir), "state": state, "step_losses": step_losses, "val": val,
             "stopped": stopped, "error": error}
-
-
-def _last_checkpoint(run_dir: Path) -> Optional[str]:
-    try:
-        pointer = json.loads((run_dir / "latest.json").read_text())
-        return f"{run_dir / pointer['checkpoint']} (step {pointer['step']})"
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 # --------------------------------------------------------------------------- CLI

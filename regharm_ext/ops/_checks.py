@@ -13,6 +13,13 @@ IntPair = Union[int, Sequence[int]]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def no_gpu_reason() -> Optional[str]:
+    """Why no backend can run CUDA tensors in this process (None when a GPU is usable)."""
+    if torch.cuda.is_available():
+        return None
+    return "CUDA tensors need a GPU, and torch sees none (torch.cuda.is_available() is False)"
+
+
 def pair(value: IntPair, name: str) -> Tuple[int, int]:
     """``3 -> (3, 3)``; ``(3, 2) -> (3, 2)``; anything else is a clear error."""
     if isinstance(value, bool):

@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._checks import no_gpu_reason
+
 try:
     from regharm_ext import _C  # noqa: F401  (loading it registers the ops and their kernels)
 
@@ -33,17 +35,14 @@ def _reason(device_type: str) -> Optional[str]:
         return f"native runs CPU and CUDA tensors only, got {device_type} tensors"
     missing = [op for op in _OPS
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regharm::{op}", key)]
-    if key == "CUDA" and not missing and not torch.cuda.is_available():
-        return ("the CUDA kernels are built, but CUDA tensors need a GPU and torch sees none "
-                "(torch.cuda.is_available() is False)")
-    if not missing:
-        return None
-    if key == "CUDA":
+    if missing and key == "CUDA":
         return ("regharm_ext._C was built without CUDA kernels; rebuild it where nvcc and a GPU "
                 "are visible (or with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0): "
                 "`pip install --no-build-isolation .`")
-    return (f"regharm_ext._C has no {key} kernel for {', '.join(missing)}; rebuild it with "
-            f"`pip install --no-build-isolation .`")
+    if missing:
+        return (f"regharm_ext._C has no {key} kernel for {', '.join(missing)}; rebuild it with "
+                f"`pip install --no-build-isolation .`")
+    return no_gpu_reason() if key == "CUDA" else None
 
 
 def unavailable(device: torch.device) -> Optional[str]:

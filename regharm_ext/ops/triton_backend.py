@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import no_gpu_reason
+
 try:
     from . import triton_attention as _attention
     from . import triton_patch_stats as _patch_stats
@@ -34,9 +36,7 @@ def unavailable(device: torch.device) -> Optional[str]:
         if interpreting():
             return ("TRITON_INTERPRET=1 was set when the kernels were defined: they only run on "
                     "CPU tensors in this process; unset it to use the GPU")
-        if not torch.cuda.is_available():
-            return "CUDA tensors need a GPU, and torch sees none (torch.cuda.is_available() is False)"
-        return None
+        return no_gpu_reason()
     return f"Triton kernels do not run on {device.type} tensors (CUDA, or CPU with TRITON_INTERPRET=1)"
 
 
