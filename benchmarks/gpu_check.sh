@@ -60,7 +60,7 @@ fi
 
 # the acceptance numbers first: they are what a GPU session is for
 # shellcheck disable=SC2086
-step bench 180 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}
+step bench 200 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
 xdist=()

@@ -40,8 +40,8 @@ def emu():
 
 @pytest.fixture
 def configured(emu):
-    def configure(smem=H100, sms=4, order="forward"):
-        emu.configure(smem, sms, ORDERS[order], seed=7)
+    def configure(smem=H100, sms=4, order="forward", tf32x3=False):
+        emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3)
         return emu
     configure()
     return configure
@@ -203,24 +203,27 @@ def test_cuda_emulated_attention_without_mask_and_custom_scale(configured):
     _check_attention(configured(), inputs, scale=1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,tf32x3", [(torch.float32, False), (torch.float32, True),
+                                          (torch.bfloat16, False)], ids=["fp32", "tf32x3", "bf16"])
 @pytest.mark.parametrize("smem", [H100, A100], ids=["sm90", "sm80"])
-def test_cuda_emulated_attention_largest_dims(configured, smem, dtype):
+def test_cuda_emulated_attention_largest_dims(configured, smem, dtype, tf32x3):
     """D = 256, E = 512 (E = 2C at C = 256): chunked value columns, smaller tiles, within the
     shared memory of an A100 or H100."""
-    emu = configured(smem=smem)
+    emu = configured(smem=smem, tf32x3=tf32x3)
     ok, need = emu.attention_fits(dtype, (1, 20, 18, 256, 512))
     assert ok, need
     inputs = make_attention_inputs(B=1, L=20, N=18, D=256, E=512, dtype=dtype, dead_batch=False)
     _check_attention(emu, inputs)
 
 
-@pytest.mark.parametrize("dtype,D,E", [(torch.bfloat16, 256, 384), (torch.float32, 128, 256)],
-                         ids=["bf16", "fp32"])
-def test_cuda_emulated_attention_on_99kb_gpus(configured, dtype, D, E):
+@pytest.mark.parametrize("dtype,D,E,tf32x3", [(torch.bfloat16, 256, 384, False),
+                                              (torch.float32, 128, 256, False),
+                                              (torch.float32, 128, 256, True)],
+                         ids=["bf16", "fp32", "tf32x3"])
+def test_cuda_emulated_attention_on_99kb_gpus(configured, dtype, D, E, tf32x3):
     """sm_86/sm_89 offer 99 KB per block: the backward's key-tile kernel then holds 16 keys with
     their full dV rows, which limits E (bf16 at D = 256: E = 512 needs ~104 KB)."""
-    emu = configured(smem=RTX)
+    emu = configured(smem=RTX, tf32x3=tf32x3)
     ok, need = emu.attention_fits(dtype, (1, 20, 18, D, E))
     assert ok, need
     inputs = make_attention_inputs(B=1, L=20, N=18, D=D, E=E, dtype=dtype, dead_batch=False)
@@ -244,3 +247,52 @@ def test_cuda_emulated_float64_gradients_are_exact(configured):
     _, _, want = _attn_reference(inputs, 0.3, cot)
     for a, e in zip(grads, want):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+# ---- float32 on tensor cores (3xTF32, REGHARM_CUDA_FP32_MATH=tf32x3) ----------------------------
+
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to tf32 (10 mantissa bits), nearest, ties away from zero."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_cuda_emulated_attention_tf32x3(configured, case):
+    emu = configured(tf32x3=True)
+    _check_attention(emu, make_attention_inputs(**ATTN_CASES[case], dtype=torch.float32))
+    runs = emu.take_tf32_mma_count()
+    assert runs > 0 or case == "none_active", "the float32 products did not take the tensor-core path"
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("layout", [None, "pad", "transposed"])
+def test_cuda_emulated_attention_tf32x3_layouts_and_schedules(configured, layout, order):
+    # contiguous rows of 24 / 40 floats take 16-byte loads in this mode; "pad" rows cannot
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=torch.float32)
+    _check_attention(configured(order=order, tf32x3=True), inputs, layout=layout)
+
+
+def test_cuda_emulated_float32_stays_on_cuda_cores_by_default(configured):
+    emu = configured()
+    _check_attention(emu, make_attention_inputs(**ATTN_CASES["ptl_like"], dtype=torch.float32))
+    assert emu.take_tf32_mma_count() == 0
+
+
+def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):
+    """3xTF32 is as close to the float64 result as CUDA-core float32; one tf32 product would
+    not be (the control below shows this bound tells them apart)."""
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl_like"], dtype=torch.float32)
+    scale = q.shape[-1] ** -0.5
+
+    def exact(q_, k_, v_):
+        return reference.masked_attention(q_.double(), k_.double(), v_.double(), kb.double(), qm,
+                                          scale)
+
+    want = exact(q, k, v)
+    bound = dict(atol=2e-5, rtol=2e-5)
+    for tf32x3 in (False, True):
+        out, _ = configured(tf32x3=tf32x3).attention(q, k, v, kb, qm, scale)
+        torch.testing.assert_close(out.double(), want, **bound, msg=f"tf32x3={tf32x3}")
+    one_tf32 = exact(_tf32(q), _tf32(k), _tf32(v))  # what a single tf32 product would compute
+    assert not torch.allclose(one_tf32, want, **bound)

@@ -1,8 +1,9 @@
 """The `native` backend's CUDA kernels (csrc/cuda) on a GPU against `reference`: odd shapes,
 soft masks, patches without background, +100 offsets, clustered foregrounds (whole query tiles
-skipped), the D = 256 / E = 512 extremes and the dense path beyond them, float32, float16 and
-bfloat16, non-contiguous inputs, float64 gradcheck, opcheck of the four ops, determinism, and
-torch.compile(fullgraph=True) of a small PTL + LTL module. Skipped without a GPU;
+skipped), the D = 256 / E = 512 extremes and the dense path beyond them, float32 (on CUDA cores
+and, with REGHARM_CUDA_FP32_MATH=tf32x3, on tensor cores), float16 and bfloat16, non-contiguous
+inputs, float64 gradcheck, opcheck of the four ops, determinism, and torch.compile(fullgraph=True)
+of a small PTL + LTL module. Skipped without a GPU;
 tests/test_cuda_emulated.py runs the same kernels on a CPU.
 """
 import pytest
@@ -198,6 +199,48 @@ def test_cuda_native_lse_and_dead_rows():
     finite = torch.isfinite(want)
     torch.testing.assert_close(lse[finite].double(), want[finite], atol=1e-5, rtol=1e-5)
     assert (out[-1] == 0).all(), "the image whose keys are all removed gives 0"
+
+
+# ---- float32 on tensor cores: REGHARM_CUDA_FP32_MATH=tf32x3 --------------------------------------
+
+needs_tf32 = pytest.mark.skipif(HAS_GPU and torch.cuda.get_device_capability()[0] < 8,
+                                reason="tf32 tensor cores need sm_80+")
+
+
+@needs_native_cuda
+@needs_tf32
+@pytest.mark.parametrize("case", ["ptl", "ltl", "wide", "c128", "odd", "none_active"])
+def test_cuda_native_attention_tf32x3(case, monkeypatch):
+    monkeypatch.setenv("REGHARM_CUDA_FP32_MATH", "tf32x3")
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES[case], dtype=F32, device="cuda")
+    (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+    _check_attention(got, got_g, want, want_g, F32, qm, kb, f"{case} tf32x3")
+
+
+@needs_native_cuda
+@needs_tf32
+def test_cuda_native_tf32x3_keeps_float32_accuracy(monkeypatch):
+    """As close to the float64 result as CUDA-core float32; a single tf32 product is not (the
+    same bound fails with torch's tf32 matmul, the control)."""
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=F32, device="cuda")
+    want = masked_attention(q.double(), k.double(), v.double(), kb.double(), qm,
+                            backend="reference")
+    bound = dict(atol=2e-5, rtol=2e-5)
+    for mode in ("simt", "tf32x3"):
+        monkeypatch.setenv("REGHARM_CUDA_FP32_MATH", mode)
+        got = masked_attention(q, k, v, kb, qm, backend="native")
+        torch.testing.assert_close(got.double(), want, **bound, msg=mode)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    one_tf32 = masked_attention(q, k, v, kb, qm, backend="reference")
+    assert not torch.allclose(one_tf32.double(), want, **bound)
+
+
+@needs_native_cuda
+def test_cuda_native_fp32_math_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("REGHARM_CUDA_FP32_MATH", "fast")
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
+    with pytest.raises(RuntimeError, match="REGHARM_CUDA_FP32_MATH must be 'simt'"):
+        torch.ops.regharm.masked_attention(q, k, v, kb, qm, 1.0)
 
 
 # ---- float64, opcheck, determinism, errors ----------------------------------------------------

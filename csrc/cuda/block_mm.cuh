@@ -1,7 +1,8 @@
 // Block-wide matrix product of shared-memory tiles, C (+)= A · B, accumulated in the
-// accumulation type: 16-bit inputs on tensor cores (WMMA 16x16x16, float accumulators), float32
-// and float64 on CUDA cores. The attention kernels are written against this one function, so
-// the dtype only changes how a tile product is computed, never the tiling or the masking.
+// accumulation type: 16-bit inputs on tensor cores (WMMA 16x16x16, float accumulators); float32
+// on CUDA cores, or on tensor cores as 3xTF32 when the launcher asks for it (`tc`, sm_80+);
+// float64 on CUDA cores. The attention kernels are written against this one function, so the
+// dtype only changes how a tile product is computed, never the tiling or the masking.
 //
 // Shapes: C is M x N (row-major, pitch ldc), A is M x K, B is K x N; M, N, K are multiples of 16.
 // A_COL / B_COL: the operand is stored transposed (element (i, j) at [j * ld + i]), which is how
@@ -16,15 +17,19 @@
 #if defined(REGHARM_CUDA_EMULATION)
 #define REGHARM_WMMA_HALF 1
 #define REGHARM_WMMA_BF16 1
+#define REGHARM_WMMA_TF32 1
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define REGHARM_WMMA_HALF 1
 #define REGHARM_WMMA_BF16 1
+#define REGHARM_WMMA_TF32 1
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
 #define REGHARM_WMMA_HALF 1
 #define REGHARM_WMMA_BF16 0
+#define REGHARM_WMMA_TF32 0
 #else
 #define REGHARM_WMMA_HALF 0
 #define REGHARM_WMMA_BF16 0
+#define REGHARM_WMMA_TF32 0
 #endif
 
 #if REGHARM_WMMA_HALF && !defined(REGHARM_CUDA_EMULATION)
@@ -106,20 +111,78 @@ __device__ void wmma_mm(float* C, int ldc, const T* Am, int lda, const T* Bm, in
 }
 #endif
 
-// C (+)= A · B over the whole block. No barrier inside: callers synchronize before reading C or
-// overwriting A and B.
+#if REGHARM_WMMA_TF32
+// x = big + small with big = tf32(x) and small = tf32(x - big), in place of x's fragment.
+template <typename Frag>
+__device__ __forceinline__ void split_tf32(Frag& big, Frag& small) {
+#pragma unroll
+  for (int i = 0; i < big.num_elements; ++i) {
+    const float x = big.x[i];
+    const float hi = nvcuda::wmma::__float_to_tf32(x);
+    big.x[i] = hi;
+    small.x[i] = nvcuda::wmma::__float_to_tf32(x - hi);
+  }
+}
+
+// float32 products on tensor cores at float32 accuracy (3xTF32, as CUTLASS's FastF32 and the
+// Triton kernels' tf32x3): a·b = big_a·big_b + big_a·small_b + small_a·big_b, dropping
+// small_a·small_b (~2^-22 relative). The small terms go first so they are not lost against the
+// large one. WMMA m16n16k8, float accumulators.
+template <bool A_COL, bool B_COL, bool ACCUMULATE>
+__device__ void tf32x3_mm(float* C, int ldc, const float* Am, int lda, const float* Bm, int ldb,
+                          int M, int N, int K) {
+  namespace wmma = nvcuda::wmma;
+  using LayoutA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB>;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
+  for (int t = warp; t < tiles; t += nwarps) {
+    const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+    if (ACCUMULATE)
+      wmma::load_matrix_sync(c, C + tm * ldc + tn, ldc, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(c, 0.0f);
+    for (int k = 0; k < K; k += 8) {
+      FragA a, a_small;
+      FragB b, b_small;
+      wmma::load_matrix_sync(a, A_COL ? Am + k * lda + tm : Am + tm * lda + k, lda);
+      wmma::load_matrix_sync(b, B_COL ? Bm + tn * ldb + k : Bm + k * ldb + tn, ldb);
+      split_tf32(a, a_small);
+      split_tf32(b, b_small);
+      wmma::mma_sync(c, a_small, b, c);
+      wmma::mma_sync(c, a, b_small, c);
+      wmma::mma_sync(c, a, b, c);
+    }
+    wmma::store_matrix_sync(C + tm * ldc + tn, c, ldc, wmma::mem_row_major);
+  }
+}
+#endif
+
+// C (+)= A · B over the whole block. `tc`: float32 on tensor cores (3xTF32) where the GPU has
+// them; the caller's tile pitches must then suit WMMA. No barrier inside: callers synchronize
+// before reading C or overwriting A and B.
 template <typename T, typename A, bool A_COL, bool B_COL, bool ACCUMULATE>
 __device__ __forceinline__ void block_mm(A* C, int ldc, const T* Am, int lda, const T* Bm,
-                                         int ldb, int M, int N, int K) {
+                                         int ldb, int M, int N, int K, bool tc) {
 #if REGHARM_WMMA_HALF
   if constexpr (UseWmma<T>::value) {
     wmma_mm<T, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
-  } else {
-    simt_mm<T, A, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
+    return;
   }
-#else
-  simt_mm<T, A, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
 #endif
+#if REGHARM_WMMA_TF32
+  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+    if (tc) {
+      tf32x3_mm<A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
+      return;
+    }
+  }
+#endif
+  (void)tc;
+  simt_mm<T, A, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
 }
 
 }  // namespace cuda

@@ -56,6 +56,9 @@ cudaError_t patch_stats_backward(DType dt, const void* grad_mu, const void* grad
 struct AttnShape {
   int64_t B, L, N;
   int D, E;
+  // float32 only: products on tensor cores as 3xTF32 (sm_80+; float32-grade accuracy) instead
+  // of CUDA cores. It changes the kernels' shared-memory layout, so it travels with the sizes.
+  bool tf32x3 = false;
 };
 
 // A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.

@@ -3,11 +3,14 @@
 // shapes they cannot hold (D > 256, E > 512, or tiles beyond the GPU's shared memory) go to the
 // dense ATen path of dense_attention.h instead of failing.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "cuda_glue.h"
@@ -25,6 +28,22 @@ struct Checked {
   AttnShape shape;
   bool tiled;  // false: the tiled kernels cannot hold these sizes, use the dense path
 };
+
+// REGHARM_CUDA_FP32_MATH picks how float32 tile products run: "simt" (the default: CUDA cores)
+// or "tf32x3" (tensor cores, three tf32 products per float32 one: float32-grade accuracy, as
+// cuBLAS/CUTLASS "fast fp32" and the Triton backend's tf32x3). GPUs before sm_80 have no tf32
+// tensor cores and stay on CUDA cores. Read on every call, so it can be switched at run time.
+bool fp32_on_tensor_cores(const at::Tensor& q, const char* op) {
+  const char* env = std::getenv("REGHARM_CUDA_FP32_MATH");
+  const std::string mode = (env == nullptr || *env == '\0') ? "simt" : env;
+  TORCH_CHECK(mode == "simt" || mode == "tf32x3", op,
+              ": REGHARM_CUDA_FP32_MATH must be 'simt' (CUDA cores) or 'tf32x3' (tensor cores), "
+              "got '", mode, "'");
+  if (q.scalar_type() != at::kFloat || mode != "tf32x3") return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  return major >= 8;
+}
 
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -57,6 +76,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // grid z of the kernels holds B: at most 65535
   if (D > kMaxHeadDim || E > kMaxValueDim || s.B > 65535) return {s, false};
   s.D = int(D), s.E = int(E);
+  s.tf32x3 = fp32_on_tensor_cores(q, op);
   return {s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

@@ -13,8 +13,9 @@
 // has few keys and many queries), each writing its own partial sums, which a last kernel adds in
 // a fixed order. No atomics: results are deterministic.
 //
-// Products of tiles go through block_mm (tensor cores for 16-bit inputs, CUDA cores for float32
-// and float64); everything else (softmax, masking) runs in the accumulation type.
+// Products of tiles go through block_mm (tensor cores for 16-bit inputs; CUDA cores for float32,
+// or tensor cores as 3xTF32 when AttnShape::tf32x3 asks; CUDA cores for float64); everything
+// else (softmax, masking) runs in the accumulation type.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -42,6 +43,7 @@ struct AttnArgs {
   int BM, BN, EC;       // queries and keys per tile; value columns per forward block
   A scale;
   bool vec_q, vec_k, vec_v;
+  bool tc;              // float32 products on tensor cores (3xTF32); shapes the smem pitches
 };
 
 template <typename T, typename A>
@@ -61,12 +63,13 @@ struct BwdArgs {
   T* dv;
 };
 
-// Row padding of shared-memory tiles. 16-bit tiles feed WMMA, whose pitch must be a multiple of
-// 16 bytes: 8 elements. 4- and 8-byte tiles are read by CUDA cores only (simt_mm, softmax):
-// one element makes the pitch odd, so a column walk hits 32 different banks. Accumulator
-// tiles (float for 16-bit inputs) are WMMA operands too: they take 16 bytes as well.
-template <typename T> __host__ __device__ constexpr int pad_of() {
-  return sizeof(T) == 2 ? 8 : 1;
+// Row padding of shared-memory tiles. WMMA operands need pitches that are multiples of 16
+// bytes: 8 elements of 16-bit tiles, 4 of float32 tiles on tensor cores (tc). Tiles read by
+// CUDA cores only (simt_mm, softmax) take one element: the pitch is odd, so a column walk hits
+// 32 different banks. Accumulator tiles (float for 16-bit inputs) are WMMA operands too: they
+// take 16 bytes as well.
+template <typename T> __host__ __device__ constexpr int pad_of(bool tc) {
+  return sizeof(T) == 2 ? 8 : (tc ? int(16 / sizeof(T)) : 1);
 }
 template <typename A> __host__ __device__ constexpr int acc_pad_of() {
   return int(16 / sizeof(A));
@@ -79,10 +82,10 @@ struct FwdSmem {
   int* act;
   int ldq, ldv, lds, ldp, ldo;
   size_t bytes;
-  __host__ __device__ FwdSmem(unsigned char* base, int BM, int BN, int Dp, int EC) {
-    ldq = Dp + pad_of<T>();
-    ldv = EC + pad_of<T>();
-    ldp = BN + pad_of<T>();
+  __host__ __device__ FwdSmem(unsigned char* base, int BM, int BN, int Dp, int EC, bool tc) {
+    ldq = Dp + pad_of<T>(tc);
+    ldv = EC + pad_of<T>(tc);
+    ldp = BN + pad_of<T>(tc);
     lds = BN + acc_pad_of<A>();
     ldo = EC + acc_pad_of<A>();
     SmemCarver c(base);
@@ -108,10 +111,11 @@ struct BwdSmem {
   A *s, *dp, *acc, *acc2, *bias, *lse, *delta;
   int ldq, lde, lds, ldp, ldacc, ldacc2;
   size_t bytes;
-  __host__ __device__ BwdSmem(unsigned char* base, int BM, int BN, int Dp, int Ep, bool dkdv) {
-    ldq = Dp + pad_of<T>();
-    lde = Ep + pad_of<T>();
-    ldp = BN + pad_of<T>();
+  __host__ __device__ BwdSmem(unsigned char* base, int BM, int BN, int Dp, int Ep, bool dkdv,
+                             bool tc) {
+    ldq = Dp + pad_of<T>(tc);
+    lde = Ep + pad_of<T>(tc);
+    ldp = BN + pad_of<T>(tc);
     lds = BN + acc_pad_of<A>();
     ldacc = Dp + acc_pad_of<A>();
     ldacc2 = Ep + acc_pad_of<A>();
@@ -154,7 +158,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_kernel(AttnArgs<T, A> a, T* __restrict__ out, float* __restrict__ lse) {
   REGHARM_DYNAMIC_SMEM(raw);
-  const FwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.EC);
+  const FwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.EC, a.tc);
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * a.BM;
   const int e0 = blockIdx.y * a.EC;
@@ -192,7 +196,8 @@ __global__ void __launch_bounds__(kThreads)
     load_tile(sm.k, sm.ldq, k_b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp, a.vec_k);
     load_tile(sm.v, sm.ldv, v_b + k0 * a.vs.r, a.vs.r, keys, a.BN, ecols, a.EC, a.vec_v);
     __syncthreads();
-    block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp);
+    block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp,
+                                       a.tc);
     __syncthreads();
     // online softmax, one warp per row: P = exp(s - m_new), O and l rescaled by exp(m_old - m_new)
     for (int r = warp; r < a.BM; r += nwarps) {
@@ -226,7 +231,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
-    block_mm<T, A, false, false, true>(sm.o, sm.ldo, sm.p, sm.ldp, sm.v, sm.ldv, a.BM, a.EC, a.BN);
+    block_mm<T, A, false, false, true>(sm.o, sm.ldo, sm.p, sm.ldp, sm.v, sm.ldv, a.BM, a.EC, a.BN,
+                                       a.tc);
     // the next load_bias_tile's barrier protects sm.k, sm.v, sm.p from being overwritten early
   }
   __syncthreads();
@@ -250,7 +256,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     attn_lse_kernel(AttnArgs<T, A> a, A* __restrict__ lse) {
   REGHARM_DYNAMIC_SMEM(raw);
-  const FwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.EC);
+  const FwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.EC, a.tc);
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * a.BM;
   const int rows = int(min(int64_t(a.BM), a.L - q0));
@@ -273,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
                 a.vec_k);
       __syncthreads();
       block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN,
-                                         a.Dp);
+                                         a.Dp, a.tc);
       __syncthreads();
       for (int r = warp; r < a.BM; r += nwarps) {
         const A* srow = sm.s + r * sm.lds;
@@ -348,9 +354,10 @@ __device__ __forceinline__ bool load_query_rows(const AttnArgs<T, A>& a, const B
 // Starts after a barrier that published q, dout, k, v, bias, lse, delta; ends with one.
 template <typename T, typename A, bool WITH_P>
 __device__ __forceinline__ void tile_p_ds(const AttnArgs<T, A>& a, const BwdSmem<T, A>& sm) {
-  block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp);
+  block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp,
+                                     a.tc);
   block_mm<T, A, false, true, false>(sm.dp, sm.lds, sm.dout, sm.lde, sm.v, sm.lde, a.BM, a.BN,
-                                     a.Ep);
+                                     a.Ep, a.tc);
   __syncthreads();
   for (int idx = threadIdx.x; idx < a.BM * a.BN; idx += blockDim.x) {
     const int r = idx / a.BN, c = idx % a.BN;
@@ -370,7 +377,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
   REGHARM_DYNAMIC_SMEM(raw);
-  const BwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.Ep, true);
+  const BwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.Ep, true, a.tc);
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.x) * a.BN;
@@ -400,9 +407,9 @@ __global__ void __launch_bounds__(kThreads)
       tile_p_ds<T, A, true>(a, sm);
       // dV += Pᵀ dO, dK += dSᵀ Q (scale applied once at the end)
       block_mm<T, A, true, false, true>(sm.acc2, sm.ldacc2, sm.p, sm.ldp, sm.dout, sm.lde, a.BN,
-                                        a.Ep, a.BM);
+                                        a.Ep, a.BM, a.tc);
       block_mm<T, A, true, false, true>(sm.acc, sm.ldacc, sm.ds, sm.ldp, sm.q, sm.ldq, a.BN,
-                                        a.Dp, a.BM);
+                                        a.Dp, a.BM, a.tc);
     }
   }
   __syncthreads();
@@ -434,7 +441,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
   REGHARM_DYNAMIC_SMEM(raw);
-  const BwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.Ep, false);
+  const BwdSmem<T, A> sm(raw, a.BM, a.BN, a.Dp, a.Ep, false, a.tc);
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * a.BM;
   const int rows = int(min(int64_t(a.BM), a.L - q0));
@@ -459,7 +466,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       tile_p_ds<T, A, false>(a, sm);
       block_mm<T, A, false, false, true>(sm.acc, sm.ldacc, sm.ds, sm.ldp, sm.k, sm.ldq, a.BM,
-                                         a.Dp, a.BN);
+                                         a.Dp, a.BN, a.tc);
     }
   }
   __syncthreads();
@@ -475,6 +482,10 @@ __global__ void __launch_bounds__(kThreads)
 
 inline int round16(int v) { return std::max(16, (v + 15) / 16 * 16); }
 
+template <typename T> bool uses_tc(const AttnShape& s) {
+  return std::is_same<T, float>::value && s.tf32x3;
+}
+
 struct Tiles {
   int BM = 0, BN = 0, EC = 0;
   size_t smem = 0;  // 0: nothing fits
@@ -486,13 +497,13 @@ constexpr int kTileCandidates[][2] = {{64, 64}, {64, 32}, {32, 32}, {32, 16}, {1
 constexpr size_t kSoftSmem = 100 * 1024;
 
 template <typename T, typename A>
-Tiles choose_fwd(int Dp, int Ep, size_t limit) {
+Tiles choose_fwd(int Dp, int Ep, bool tc, size_t limit) {
   for (const size_t budget : {std::min(kSoftSmem, limit), limit})
     for (const int ec : {128, 64, 32, 16}) {
       const int EC = std::min(ec, Ep);
       if (ec != 128 && EC != ec) continue;  // each chunk width once
       for (const auto& bmn : kTileCandidates) {
-        const size_t bytes = FwdSmem<T, A>(nullptr, bmn[0], bmn[1], Dp, EC).bytes;
+        const size_t bytes = FwdSmem<T, A>(nullptr, bmn[0], bmn[1], Dp, EC, tc).bytes;
         if (bytes <= budget) return Tiles{bmn[0], bmn[1], EC, bytes};
       }
     }
@@ -500,14 +511,14 @@ Tiles choose_fwd(int Dp, int Ep, size_t limit) {
 }
 
 template <typename T, typename A>
-Tiles choose_bwd(int Dp, int Ep, bool dkdv, size_t limit) {
+Tiles choose_bwd(int Dp, int Ep, bool dkdv, bool tc, size_t limit) {
   // the key-tile kernel prefers narrow key tiles: more blocks for the PTL case's few keys
   static constexpr int dkdv_candidates[][2] = {{64, 32}, {32, 32}, {64, 16}, {32, 16}, {16, 16}};
   for (const size_t budget : {std::min(kSoftSmem, limit), limit})
     for (int i = 0; i < 5; ++i) {
       const int BM = dkdv ? dkdv_candidates[i][0] : kTileCandidates[i][0];
       const int BN = dkdv ? dkdv_candidates[i][1] : kTileCandidates[i][1];
-      const size_t bytes = BwdSmem<T, A>(nullptr, BM, BN, Dp, Ep, dkdv).bytes;
+      const size_t bytes = BwdSmem<T, A>(nullptr, BM, BN, Dp, Ep, dkdv, tc).bytes;
       if (bytes <= budget) return Tiles{BM, BN, 0, bytes};
     }
   return Tiles{};
@@ -517,10 +528,12 @@ template <typename T, typename A>
 AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides ks,
                          const void* v, RowStrides vs, const void* key_bias,
                          const bool* query_mask, const AttnShape& s, double scale) {
-  // 16-byte loads land in 16-bit tiles only (the others have odd pitches)
+  // 16-byte loads land in WMMA tiles only (the others have odd pitches)
   constexpr int V = 16 / sizeof(T);
-  auto vec_ok = [](const void* p, RowStrides st, int cols) {
-    return sizeof(T) == 2 && aligned16(p) && cols % V == 0 && st.b % V == 0 && st.r % V == 0;
+  const bool tc = uses_tc<T>(s);
+  auto vec_ok = [tc](const void* p, RowStrides st, int cols) {
+    return (sizeof(T) == 2 || tc) && aligned16(p) && cols % V == 0 && st.b % V == 0 &&
+           st.r % V == 0;
   };
   AttnArgs<T, A> a;
   a.q = static_cast<const T*>(q);
@@ -540,6 +553,7 @@ AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides
   a.vec_q = vec_ok(q, qs, s.D);
   a.vec_k = vec_ok(k, ks, s.D);
   a.vec_v = vec_ok(v, vs, s.E);
+  a.tc = tc;
   return a;
 }
 
@@ -551,7 +565,7 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
   using A = acc_t<T>;
   if (s.B == 0 || s.L == 0) return cudaSuccess;
   auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
-  const Tiles t = choose_fwd<T, A>(a.Dp, a.Ep, size_t(max_dynamic_smem()));
+  const Tiles t = choose_fwd<T, A>(a.Dp, a.Ep, a.tc, size_t(max_dynamic_smem()));
   if (t.smem == 0) return cudaErrorInvalidValue;
   a.BM = t.BM, a.BN = t.BN, a.EC = t.EC;
   auto kern = attn_fwd_kernel<T, A>;
@@ -596,7 +610,8 @@ struct BwdWorkspace {
 template <typename T>
 size_t workspace_impl(const AttnShape& s) {
   using A = acc_t<T>;
-  const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, size_t(max_dynamic_smem()));
+  const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, uses_tc<T>(s),
+                                   size_t(max_dynamic_smem()));
   if (t.smem == 0) return 0;
   return BwdWorkspace<A>(nullptr, s, num_splits(s, t)).bytes;
 }
@@ -611,8 +626,8 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   constexpr int V = 16 / sizeof(T);
   auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
   const size_t limit = size_t(max_dynamic_smem());
-  const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, limit);
-  const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, limit);
+  const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, a.tc, limit);
+  const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (tkv.smem == 0 || tq.smem == 0) return cudaErrorInvalidValue;
   const int nsplit = num_splits(s, tkv);
   const BwdWorkspace<A> ws(workspace, s, nsplit);
@@ -620,7 +635,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   BwdArgs<T, A> g;
   g.dout = static_cast<const T*>(grad_out);
   g.dos = gs;
-  g.vec_do = sizeof(T) == 2 && aligned16(grad_out) && s.E % V == 0 && gs.b % V == 0 &&
+  g.vec_do = (sizeof(T) == 2 || a.tc) && aligned16(grad_out) && s.E % V == 0 && gs.b % V == 0 &&
              gs.r % V == 0;
   g.out = static_cast<const T*>(out);
   g.os = os;
@@ -637,7 +652,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   cudaError_t err;
   if constexpr (std::is_same<A, double>::value) {
     if (s.B * s.L > 0) {
-      const Tiles tf = choose_fwd<T, A>(a.Dp, 16, limit);
+      const Tiles tf = choose_fwd<T, A>(a.Dp, 16, a.tc, limit);
       if (tf.smem == 0) return cudaErrorInvalidValue;
       auto la = a;
       la.BM = tf.BM, la.BN = tf.BN, la.EC = tf.EC;
@@ -689,12 +704,14 @@ size_t largest_smem(const AttnShape& s) {
   using A = acc_t<T>;
   const size_t limit = size_t(max_dynamic_smem());
   const int Dp = round16(s.D), Ep = round16(s.E);
-  const Tiles f = choose_fwd<T, A>(Dp, Ep, limit), kv = choose_bwd<T, A>(Dp, Ep, true, limit),
-              dq = choose_bwd<T, A>(Dp, Ep, false, limit);
+  const bool tc = uses_tc<T>(s);
+  const Tiles f = choose_fwd<T, A>(Dp, Ep, tc, limit),
+              kv = choose_bwd<T, A>(Dp, Ep, true, tc, limit),
+              dq = choose_bwd<T, A>(Dp, Ep, false, tc, limit);
   if (f.smem == 0 || kv.smem == 0 || dq.smem == 0) {  // report what the smallest tiles need
-    return std::max({FwdSmem<T, A>(nullptr, 16, 16, Dp, 16).bytes,
-                     BwdSmem<T, A>(nullptr, 16, 16, Dp, Ep, true).bytes,
-                     BwdSmem<T, A>(nullptr, 16, 16, Dp, Ep, false).bytes});
+    return std::max({FwdSmem<T, A>(nullptr, 16, 16, Dp, 16, tc).bytes,
+                     BwdSmem<T, A>(nullptr, 16, 16, Dp, Ep, true, tc).bytes,
+                     BwdSmem<T, A>(nullptr, 16, 16, Dp, Ep, false, tc).bytes});
   }
   return std::max({f.smem, kv.smem, dq.smem});
 }

@@ -17,6 +17,13 @@ void emu_configure(int smem_optin, int sm_count, int order, unsigned seed) {
   emu::smem_attribute().clear();
 }
 
+// Tensor-core float32 (tf32) warp products run since the last call.
+long long emu_take_tf32_mma_count() {
+  const long long n = emu::tf32_mma_count();
+  emu::tf32_mma_count() = 0;
+  return n;
+}
+
 // Everything the emulator found wrong since the last call (empty: nothing).
 const char* emu_take_errors() {
   static std::string last;
@@ -64,9 +71,10 @@ int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const 
                                   min_mass, workspace, grad_x, grad_wb, nullptr));
 }
 
-static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E
+static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3
   AttnShape a{};
   a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
+  a.tf32x3 = s[5] != 0;
   return a;
 }
 

@@ -358,6 +358,16 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 }
 
 // ---- WMMA ------------------------------------------------------------------------------------
+// Shapes m16n16k16 (16-bit inputs) and m16n16k8 (precision::tf32, float storage). A tf32 product
+// reads only the 19 bits a tf32 keeps (the rest truncated, as the hardware ignores them), so an
+// operand that skipped __float_to_tf32 loses accuracy here too.
+
+namespace emu {
+inline long long& tf32_mma_count() {  // tensor-core float32 products run (tests ask for them)
+  static long long n = 0;
+  return n;
+}
+}  // namespace emu
 
 namespace nvcuda {
 namespace wmma {
@@ -367,13 +377,34 @@ struct col_major {};
 struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
+
+template <typename T> struct storage { using type = T; };
+template <> struct storage<precision::tf32> { using type = float; };
+
+inline float tf32_bits(float v, bool round) {  // round: to nearest, ties away; else truncate
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if (round && (u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;  // not for inf / NaN
+  u &= ~0x1fffu;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+inline float __float_to_tf32(float v) { return tf32_bits(v, true); }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulator models 16x16x16 fragments only");
-  T x[256];
-  static constexpr int num_elements = 256;
+  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the emulator models m16n16k16/k8");
+  static_assert(std::is_same<Use, accumulator>::value ||
+                    (K == 8) == std::is_same<T, precision::tf32>::value,
+                "m16n16k8 is the tf32 shape, m16n16k16 the 16-bit one");
+  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = rows * cols;
+  typename storage<T>::type x[rows * cols];
 };
 
 template <typename T> inline void check_tile(const T* p, unsigned ldm, const char* what) {
@@ -382,17 +413,19 @@ template <typename T> inline void check_tile(const T* p, unsigned ldm, const cha
   if (ldm % unit != 0) ::emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
 }
 
-template <typename Use, typename T, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+template <typename Use, int M, int N, int K, typename T, typename L, typename S>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "accumulators need a layout");
+  static_assert(std::is_same<S, typename storage<T>::type>::value, "pointer of the wrong type");
   check_tile(p, ldm, "wmma::load_matrix_sync");
   constexpr bool row = std::is_same<L, row_major>::value;
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) f.x[i * 16 + j] = row ? p[i * ldm + j] : p[j * ldm + i];
+  constexpr int R = fragment<Use, M, N, K, T, L>::rows, C = fragment<Use, M, N, K, T, L>::cols;
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) f.x[i * C + j] = row ? p[i * ldm + j] : p[j * ldm + i];
 }
 
-template <typename T>
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm,
+template <int K, typename T>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, K, T>& f, const T* p, unsigned ldm,
                              layout_t layout) {
   check_tile(p, ldm, "wmma::load_matrix_sync (accumulator)");
   for (int i = 0; i < 16; ++i)
@@ -400,8 +433,8 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p
       f.x[i * 16 + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
 }
 
-template <typename T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm,
+template <int K, typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, K, T>& f, unsigned ldm,
                               layout_t layout) {
   check_tile(p, ldm, "wmma::store_matrix_sync");
   if ((::emu::cur().linear & 31) != 0) return;
@@ -410,21 +443,27 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& 
       (layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.x[i * 16 + j];
 }
 
-template <typename Use, typename T, typename L, typename V>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, V v) {
-  for (auto& e : f.x) e = T(v);
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v) {
+  for (auto& e : f.x) e = static_cast<typename storage<T>::type>(v);
 }
 
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
+template <int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
+                     const fragment<matrix_a, 16, 16, K, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, K, T, LB>& b,
+                     const fragment<accumulator, 16, 16, K, float>& c) {
+  constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
+  auto in = [](typename storage<T>::type v) {
+    if constexpr (tf32) return tf32_bits(v, false);
+    else return float(v);
+  };
+  if (tf32 && (::emu::cur().linear & 31) == 0) ++::emu::tf32_mma_count();
   float r[256];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
       float s = c.x[i * 16 + j];
-      for (int k = 0; k < 16; ++k) s += float(a.x[i * 16 + k]) * float(b.x[k * 16 + j]);
+      for (int k = 0; k < K; ++k) s += in(a.x[i * K + k]) * in(b.x[k * 16 + j]);
       r[i * 16 + j] = s;
     }
   std::memcpy(d.x, r, sizeof r);

@@ -125,9 +125,22 @@ class Emulator:
         self.lib.emu_take_errors.restype = ctypes.c_char_p
         self.lib.emu_patch_stats_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
+        self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
+        self.tf32x3 = False
 
-    def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1):
+    def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False):
+        """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
+        with REGHARM_CUDA_FP32_MATH=tf32x3."""
         self.lib.emu_configure(smem_optin, sm_count, order, seed)
+        self.tf32x3 = tf32x3
+        self.take_tf32_mma_count()
+
+    def take_tf32_mma_count(self) -> int:
+        """Warp-level tf32 tensor-core products since the last call."""
+        return int(self.lib.emu_take_tf32_mma_count())
+
+    def _attn_shape(self, B, L, N, D, E) -> ctypes.Array:
+        return _i64([B, L, N, D, E, int(self.tf32x3)])
 
     def _done(self, rc: int, what: str) -> None:
         errors = self.lib.emu_take_errors().decode()
@@ -188,14 +201,15 @@ class Emulator:
 
     def attention_fits(self, dtype, shape5) -> tuple[bool, int]:
         need = ctypes.c_int64(0)
-        ok = self.lib.emu_attention_fits(DTYPE_TAG[dtype], _i64(shape5), ctypes.byref(need))
+        ok = self.lib.emu_attention_fits(DTYPE_TAG[dtype], self._attn_shape(*shape5),
+                                         ctypes.byref(need))
         return bool(ok), need.value
 
     def attention(self, q, k, v, key_bias, query_mask, scale):
         B, L, D = q.shape
         N, E = k.shape[1], v.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        shape = _i64([B, L, N, D, E])
+        shape = self._attn_shape(B, L, N, D, E)
         qd, kd, vd = (_strided_guarded(_dense_rows(t)) for t in (q, k, v))
         bias, _ = _guarded(key_bias.to(acc).contiguous())
         mask = query_mask.contiguous() if query_mask is not None else None
@@ -214,7 +228,7 @@ class Emulator:
         B, L, D = q.shape
         N, E = k.shape[1], v.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        shape = _i64([B, L, N, D, E])
+        shape = self._attn_shape(B, L, N, D, E)
         tensors = [_strided_guarded(_dense_rows(t)) for t in (grad_out.to(q.dtype), q, k, v,
                                                               out.to(q.dtype))]
         bias, _ = _guarded(key_bias.to(acc).contiguous())
