@@ -82,35 +82,6 @@ __device__ void simt_mm(A* C, int ldc, const T* Am, int lda, const T* Bm, int ld
   }
 }
 
-#if REGHARM_WMMA_HALF
-template <typename T, bool A_COL, bool B_COL, bool ACCUMULATE>
-__device__ void wmma_mm(float* C, int ldc, const T* Am, int lda, const T* Bm, int ldb, int M,
-                        int N, int K) {
-  namespace wmma = nvcuda::wmma;
-  using LayoutA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
-  using LayoutB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
-  // each warp owns whole 16x16 output tiles: no two warps touch the same C element
-  for (int t = warp; t < tiles; t += nwarps) {
-    const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    if (ACCUMULATE)
-      wmma::load_matrix_sync(c, C + tm * ldc + tn, ldc, wmma::mem_row_major);
-    else
-      wmma::fill_fragment(c, 0.0f);
-    for (int k = 0; k < K; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> b;
-      wmma::load_matrix_sync(a, A_COL ? Am + k * lda + tm : Am + tm * lda + k, lda);
-      wmma::load_matrix_sync(b, B_COL ? Bm + tn * ldb + k : Bm + k * ldb + tn, ldb);
-      wmma::mma_sync(c, a, b, c);
-    }
-    wmma::store_matrix_sync(C + tm * ldc + tn, c, ldc, wmma::mem_row_major);
-  }
-}
-#endif
-
 #if REGHARM_WMMA_TF32
 // x = big + small with big = tf32(x) and small = tf32(x - big), in place of x's fragment.
 template <typename Frag>
@@ -123,37 +94,60 @@ __device__ __forceinline__ void split_tf32(Frag& big, Frag& small) {
     small.x[i] = nvcuda::wmma::__float_to_tf32(x - hi);
   }
 }
+#endif
 
-// float32 products on tensor cores at float32 accuracy (3xTF32, as CUTLASS's FastF32 and the
-// Triton kernels' tf32x3): a·b = big_a·big_b + big_a·small_b + small_a·big_b, dropping
-// small_a·small_b (~2^-22 relative). The small terms go first so they are not lost against the
-// large one. WMMA m16n16k8, float accumulators.
-template <bool A_COL, bool B_COL, bool ACCUMULATE>
-__device__ void tf32x3_mm(float* C, int ldc, const float* Am, int lda, const float* Bm, int ldb,
-                          int M, int N, int K) {
+#if REGHARM_WMMA_HALF
+// WMMA operand type and k-step per input type: 16-bit inputs as they are (m16n16k16); float32
+// as tf32 (m16n16k8), three products per step (below).
+template <typename T> struct WmmaIn {
+  using type = T;
+  static constexpr int k = 16;
+};
+#if REGHARM_WMMA_TF32
+template <> struct WmmaIn<float> {
+  using type = nvcuda::wmma::precision::tf32;
+  static constexpr int k = 8;
+};
+#endif
+
+// float32 inputs (3xTF32, as CUTLASS's FastF32 and the Triton kernels' tf32x3): a·b =
+// big_a·big_b + big_a·small_b + small_a·big_b, dropping small_a·small_b (~2^-22 relative), at
+// float32 accuracy; the small terms go first so they are not lost against the large one.
+template <typename T, bool A_COL, bool B_COL, bool ACCUMULATE>
+__device__ void wmma_mm(float* C, int ldc, const T* Am, int lda, const T* Bm, int ldb, int M,
+                        int N, int K) {
   namespace wmma = nvcuda::wmma;
+  using In = typename WmmaIn<T>::type;
+  constexpr int KS = WmmaIn<T>::k;
   using LayoutA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
   using LayoutB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, In, LayoutA>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, In, LayoutB>;
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
+  // each warp owns whole 16x16 output tiles: no two warps touch the same C element
   for (int t = warp; t < tiles; t += nwarps) {
     const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> c;
     if (ACCUMULATE)
       wmma::load_matrix_sync(c, C + tm * ldc + tn, ldc, wmma::mem_row_major);
     else
       wmma::fill_fragment(c, 0.0f);
-    for (int k = 0; k < K; k += 8) {
-      FragA a, a_small;
-      FragB b, b_small;
+    for (int k = 0; k < K; k += KS) {
+      FragA a;
+      FragB b;
       wmma::load_matrix_sync(a, A_COL ? Am + k * lda + tm : Am + tm * lda + k, lda);
       wmma::load_matrix_sync(b, B_COL ? Bm + tn * ldb + k : Bm + k * ldb + tn, ldb);
-      split_tf32(a, a_small);
-      split_tf32(b, b_small);
-      wmma::mma_sync(c, a_small, b, c);
-      wmma::mma_sync(c, a, b_small, c);
+#if REGHARM_WMMA_TF32
+      if constexpr (std::is_same<T, float>::value) {
+        FragA a_small;
+        FragB b_small;
+        split_tf32(a, a_small);
+        split_tf32(b, b_small);
+        wmma::mma_sync(c, a_small, b, c);
+        wmma::mma_sync(c, a, b_small, c);
+      }
+#endif
       wmma::mma_sync(c, a, b, c);
     }
     wmma::store_matrix_sync(C + tm * ldc + tn, c, ldc, wmma::mem_row_major);
@@ -176,7 +170,7 @@ __device__ __forceinline__ void block_mm(A* C, int ldc, const T* Am, int lda, co
 #if REGHARM_WMMA_TF32
   if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
     if (tc) {
-      tf32x3_mm<A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
+      wmma_mm<float, A_COL, B_COL, ACCUMULATE>(C, ldc, Am, lda, Bm, ldb, M, N, K);
       return;
     }
   }
