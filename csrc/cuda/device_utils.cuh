@@ -93,11 +93,15 @@ template <typename A> __device__ A block_sum(A v, A* scratch) {
 
 // Copies a rows x cols tile into shared memory (row pitch ld), zero outside rows_valid x
 // cols_valid: padding rows and columns must be exact zeros, since they enter matrix products
-// (0 · garbage could be NaN). vec: 16-byte loads, allowed when src, its row stride and
-// cols_valid are multiples of 16 bytes (the launchers check it); cols and ld always are.
+// (0 · garbage could be NaN). Tile row r is source row row_idx[r] when row_idx is given (a
+// gather), else r. vec: 16-byte loads, allowed when src, its row stride and cols_valid are
+// multiples of 16 bytes (the launchers check it); cols and ld always are.
 template <typename T>
 __device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows_valid, int rows,
-                          int cols_valid, int cols, bool vec) {
+                          int cols_valid, int cols, bool vec, const int* row_idx = nullptr) {
+  auto src_row = [&](int r) {
+    return src + (row_idx ? int64_t(row_idx[r]) : int64_t(r)) * src_ld;
+  };
   if (vec) {
     constexpr int V = 16 / sizeof(T);
     const int units = cols / V;
@@ -105,7 +109,7 @@ __device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows
       const int r = idx / units, c = (idx % units) * V;
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
       if (r < rows_valid && c < cols_valid)
-        val = __ldg(reinterpret_cast<const uint4*>(src + r * src_ld + c));
+        val = __ldg(reinterpret_cast<const uint4*>(src_row(r) + c));
       REGHARM_CHECK_ALIGNED(dst + r * ld + c, 16);
       *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
     }
@@ -113,7 +117,7 @@ __device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows
     const T zero = from_acc<T>(0.0f);
     for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
       const int r = idx / cols, c = idx % cols;
-      dst[r * ld + c] = (r < rows_valid && c < cols_valid) ? src[r * src_ld + c] : zero;
+      dst[r * ld + c] = (r < rows_valid && c < cols_valid) ? src_row(r)[c] : zero;
     }
   }
 }

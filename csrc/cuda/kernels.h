@@ -71,17 +71,22 @@ constexpr int kMaxValueDim = 512;
 // q (B, L, D), k (B, N, D), v (B, N, E): dtype dt; key_bias: acc, contiguous (B, N);
 // query_mask: contiguous bool (B, L) or null (every query active). Outputs: out (B, L, E) in
 // dt, lse (B, L) float32 (-inf for inactive queries and rows with every key removed).
+// workspace: masked_attention_forward_workspace(s) bytes, 16-byte aligned (the order of the
+// queries, active ones first, when there is a mask).
 cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
                                      RowStrides ks, const void* v, RowStrides vs,
                                      const void* key_bias, const bool* query_mask,
                                      const AttnShape& s, double scale, void* out, float* lse,
-                                     cudaStream_t stream);
+                                     void* workspace, cudaStream_t stream);
+
+size_t masked_attention_forward_workspace(const AttnShape& s);
 
 // Whether the shared memory of the forward and backward kernels (*need bytes, the largest)
 // fits the current device (*have).
 bool masked_attention_fits(DType dt, const AttnShape& s, size_t* need, size_t* have);
 
-// Scratch bytes masked_attention_backward needs (row sums Δ and split-L partial dK, dV).
+// Scratch bytes masked_attention_backward needs (query order, row sums Δ and split-L partial
+// dK, dV).
 size_t masked_attention_backward_workspace(DType dt, const AttnShape& s);
 
 // grad_out and out (B, L, E) in dt; lse as returned by the forward. Outputs dq, dk, dv in dt,

@@ -105,11 +105,13 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(
   const bool* mp = mask_ptr(query_mask, mask);
   auto out = at::empty({s.B, s.L, s.E}, q.options());
   auto lse = at::empty({s.B, s.L}, q.options().dtype(at::kFloat));
+  auto workspace = at::empty({int64_t(masked_attention_forward_workspace(s))},
+                             q.options().dtype(at::kByte));
   check_launch(masked_attention_forward(dtype_tag(q), qd.data_ptr(), row_strides(qd),
                                         kd.data_ptr(), row_strides(kd), vd.data_ptr(),
                                         row_strides(vd), bias.data_ptr(), mp, s, scale,
                                         out.data_ptr(), lse.data_ptr<float>(),
-                                        c10::cuda::getCurrentCUDAStream()),
+                                        workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                kOp);
   return {out, lse};
 }

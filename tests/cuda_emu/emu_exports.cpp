@@ -81,11 +81,16 @@ static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3
 // strides: 2 per tensor (batch, row), in the order of the tensor arguments
 int emu_attention_forward(int dt, const void* q, const void* k, const void* v,
                           const int64_t* strides, const void* bias, const bool* mask,
-                          const int64_t* shape, double scale, void* out, float* lse) {
+                          const int64_t* shape, double scale, void* out, float* lse,
+                          void* workspace) {
   return int(masked_attention_forward(DType(dt), q, RowStrides{strides[0], strides[1]}, k,
                                       RowStrides{strides[2], strides[3]}, v,
                                       RowStrides{strides[4], strides[5]}, bias, mask,
-                                      attn_shape(shape), scale, out, lse, nullptr));
+                                      attn_shape(shape), scale, out, lse, workspace, nullptr));
+}
+
+int64_t emu_attention_forward_workspace(const int64_t* shape) {
+  return int64_t(masked_attention_forward_workspace(attn_shape(shape)));
 }
 
 int emu_attention_fits(int dt, const int64_t* shape, int64_t* need) {

@@ -125,6 +125,7 @@ class Emulator:
         self.lib.emu_take_errors.restype = ctypes.c_char_p
         self.lib.emu_patch_stats_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
+        self.lib.emu_attention_forward_workspace.restype = ctypes.c_int64
         self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
         self.tf32x3 = False
 
@@ -183,8 +184,8 @@ class Emulator:
         xg = _strided_guarded(x)
         bga = _strided_guarded(bg.to(acc))
         wa, _ = _guarded(weight.to(acc).contiguous())
-        ws_bytes = self.lib.emu_patch_stats_backward_workspace(DTYPE_TAG[x.dtype], shape)
-        workspace = torch.full((ws_bytes // 8 + 1,), float("nan"), dtype=torch.float64)
+        workspace = _workspace(
+            self.lib.emu_patch_stats_backward_workspace(DTYPE_TAG[x.dtype], shape))
         gx, gx_buf = _output((B, C, H, W), x.dtype)
         gwb, gwb_buf = _output((ph * pw + 1,), acc)
         rc = self.lib.emu_patch_stats_backward(
@@ -216,9 +217,10 @@ class Emulator:
         out, out_buf = _output((B, L, E), q.dtype)
         lse, lse_buf = _output((B, L), torch.float32)
         strides = _i64([s for t in (qd, kd, vd) for s in t.stride()[:2]])
+        workspace = _workspace(self.lib.emu_attention_forward_workspace(shape))
         rc = self.lib.emu_attention_forward(
             DTYPE_TAG[q.dtype], _ptr(qd), _ptr(kd), _ptr(vd), strides, _ptr(bias), _ptr(mask),
-            shape, ctypes.c_double(scale), _ptr(out), _ptr(lse))
+            shape, ctypes.c_double(scale), _ptr(out), _ptr(lse), _ptr(workspace))
         self._done(rc, "masked_attention_forward")
         _check_guards(out_buf, "out")
         _check_guards(lse_buf, "lse")
@@ -234,8 +236,8 @@ class Emulator:
         bias, _ = _guarded(key_bias.to(acc).contiguous())
         mask = query_mask.contiguous() if query_mask is not None else None
         lse_g, _ = _guarded(lse.float().contiguous())
-        ws_bytes = self.lib.emu_attention_backward_workspace(DTYPE_TAG[q.dtype], shape)
-        workspace = torch.full((ws_bytes // 8 + 1,), float("nan"), dtype=torch.float64)
+        workspace = _workspace(
+            self.lib.emu_attention_backward_workspace(DTYPE_TAG[q.dtype], shape))
         grads = [_output(s, q.dtype) for s in ((B, L, D), (B, N, D), (B, N, E))]
         strides = _i64([s for t in tensors for s in t.stride()[:2]])
         rc = self.lib.emu_attention_backward(
@@ -246,6 +248,11 @@ class Emulator:
         for (g, buf), name in zip(grads, ("dq", "dk", "dv")):
             _check_guards(buf, name)
         return tuple(g.clone() for g, _ in grads)
+
+
+def _workspace(nbytes: int) -> torch.Tensor:
+    """Scratch of nbytes, filled with NaN bytes (a read before a write shows)."""
+    return torch.full((nbytes // 8 + 1,), float("nan"), dtype=torch.float64)
 
 
 def _dense_rows(t: torch.Tensor) -> torch.Tensor:
