@@ -14,6 +14,8 @@
 #     REGHARM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh "$OUT"
 # then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
+# A focused rerun (build + some acceptance numbers, ~3 min):
+#     TESTS=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
 set -u
 
 OUT_DIR="${1:-${OUT:-benchmarks/results/run}}"
@@ -66,8 +68,10 @@ step bench 200 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
 export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 compilers in each
+if [ "${TESTS:-1}" = 1 ]; then
 step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py \
   tests/test_crash_safety.py -k "cuda" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
+fi
 
 if [ "${SUITE:-1}" = 1 ]; then
 # ops first (the floor and paper-point rows), then layers (Tables 3/4, sweeps), then end to end
