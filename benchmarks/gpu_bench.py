@@ -320,32 +320,33 @@ def environment(device):
     return env
 
 
+def _native_ptl(backend, bench, dtype, with_peak=True):
+    """Issue 5's PTL criteria for one native setting: >= 3x torch, >= 10x reference, peak <= 1/10."""
+    rows = [(f"{backend} PTL fwd+bwd >= 3x faster than torch ({dtype})", bench, backend, "torch",
+             "fwd_bwd_ms", 1 / 3),
+            (f"{backend} PTL fwd+bwd >= 10x faster than reference ({dtype})", bench, backend,
+             "reference", "fwd_bwd_ms", 1 / 10)]
+    if with_peak:
+        rows.append((f"{backend} PTL fwd+bwd peak <= 1/10 of reference ({dtype})", bench, backend,
+                     "reference", "fwd_bwd_peak_mb", 1 / 10))
+    return tuple(rows)
+
+
 # (label, bench, backend, baseline backend, key, bound): measured/baseline must be <= bound
 # (a speed-up of n is a time ratio of 1/n); issues 4 and 5 of the tracker
 CRITERIA = (
     ("triton PTL fwd+bwd >= 2x faster than torch (fp32)", "ptl", "triton", "torch", "fwd_bwd_ms", 1 / 2),
     ("triton LTL 128^2 fwd+bwd peak <= 1/10 of reference", "ltl128", "triton", "reference",
      "fwd_bwd_peak_mb", 1 / 10),
-    ("native PTL fwd+bwd >= 3x faster than torch (fp32)", "ptl", "native", "torch", "fwd_bwd_ms", 1 / 3),
-    ("native PTL fwd+bwd >= 10x faster than reference (fp32)", "ptl", "native", "reference",
-     "fwd_bwd_ms", 1 / 10),
-    ("native PTL fwd+bwd peak <= 1/10 of reference (fp32)", "ptl", "native", "reference",
-     "fwd_bwd_peak_mb", 1 / 10),
+    *_native_ptl("native", "ptl", "fp32"),
     ("native masked_attention fwd+bwd >= 2x faster than SDPA (bf16 on GPU)", "masked_attention", "native",
      "sdpa", "fwd_bwd_ms", 1 / 2),
     # the issues name no dtype for PTL: bf16 too, where fp32 attention runs on CUDA cores (native)
     ("triton PTL fwd+bwd >= 2x faster than torch (bf16)", "ptl_bf16", "triton", "torch", "fwd_bwd_ms", 1 / 2),
-    ("native PTL fwd+bwd >= 3x faster than torch (bf16)", "ptl_bf16", "native", "torch", "fwd_bwd_ms", 1 / 3),
-    ("native PTL fwd+bwd >= 10x faster than reference (bf16)", "ptl_bf16", "native", "reference",
-     "fwd_bwd_ms", 1 / 10),
-    # the same fp32 criteria with float32 attention products on tensor cores (3xTF32), the
-    # setting a GPU run decides on: issue 5 asks for CUDA cores, its speed bound may need these
-    ("native_tf32x3 PTL fwd+bwd >= 3x faster than torch (fp32)", "ptl", "native_tf32x3", "torch",
-     "fwd_bwd_ms", 1 / 3),
-    ("native_tf32x3 PTL fwd+bwd >= 10x faster than reference (fp32)", "ptl", "native_tf32x3",
-     "reference", "fwd_bwd_ms", 1 / 10),
-    ("native_tf32x3 PTL fwd+bwd peak <= 1/10 of reference (fp32)", "ptl", "native_tf32x3",
-     "reference", "fwd_bwd_peak_mb", 1 / 10),
+    *_native_ptl("native", "ptl_bf16", "bf16", with_peak=False),
+    # fp32 with attention products on tensor cores (3xTF32), the setting a GPU run decides on:
+    # issue 5 asks for CUDA cores, its speed bound may need these
+    *_native_ptl("native_tf32x3", "ptl", "fp32"),
 )
 
 
