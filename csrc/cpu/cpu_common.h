@@ -1,4 +1,5 @@
-// Helpers shared by the CPU kernels: argument checks and the accumulation dtype.
+// Helpers shared by the CPU kernels: the ISA dispatch, the device rule of the argument checks
+// (op_args.h) and the conversion to the accumulation dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +10,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+
+#include "op_args.h"
 
 #define REGHARM_INLINE inline __attribute__((always_inline))
 
@@ -49,29 +52,19 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
-// SPEC §1: accumulate in float32 whatever the input dtype; float64 stays float64 (gradcheck).
-inline at::ScalarType acc_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The CPU kernels' device rule for op_args.h's checks: a defined CPU tensor.
+struct OnCpu {
+  const char* op;
+  void operator()(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
+                t.device());
+  }
+};
 
 // The tensor in the accumulation dtype, contiguous (no copy when it already is both).
 inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous();
-}
-
-inline void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
-              t.device());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
-}
-
-inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name,
-                        const char* op, const char* layout) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ", expected,
-              ", got ", t.sizes());
 }
 
 }  // namespace cpu

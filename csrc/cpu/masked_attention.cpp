@@ -27,37 +27,7 @@ constexpr const char* kOpBw = "regharm::masked_attention_backward";
 constexpr int64_t kQB = 32;  // queries per block
 constexpr int64_t kKT = 64;  // keys per tile (row stride of the score tile)
 
-struct Dims {
-  int64_t B, L, N, D, E;
-};
-
-Dims check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
-                const char* op) {
-  check_float_cpu(q, "q", op);
-  check_float_cpu(k, "k", op);
-  check_float_cpu(v, "v", op);
-  check_float_cpu(key_bias, "key_bias", op);
-  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, L, D), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 3, op, ": k must have shape (B, N, D), got ", k.sizes());
-  TORCH_CHECK(v.dim() == 3, op, ": v must have shape (B, N, E), got ", v.sizes());
-  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), v.size(2)};
-  check_shape(k, {d.B, d.N, d.D}, "k", op, "(B, N, D)");
-  check_shape(v, {d.B, d.N, d.E}, "v", op, "(B, N, E)");
-  check_shape(key_bias, {d.B, d.N}, "key_bias", op, "(B, N)");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  if (query_mask.has_value() && query_mask->defined()) {
-    const auto& qm = *query_mask;
-    TORCH_CHECK(qm.device().is_cpu(), op, " (CPU kernel): query_mask must be a CPU tensor, got ",
-                qm.device());
-    TORCH_CHECK(qm.scalar_type() == at::kBool, op, ": query_mask must be bool, got ",
-                qm.scalar_type());
-    check_shape(qm, {d.B, d.L}, "query_mask", op, "(B, L)");
-  }
-  return d;
-}
+using Dims = AttnDims;
 
 inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -276,7 +246,7 @@ const bool* mask_ptr(const std::optional<at::Tensor>& query_mask, at::Tensor& ho
 std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_bias,
     const std::optional<at::Tensor>& query_mask, double scale) {
-  const Dims s = check_args(q, k, v, key_bias, query_mask, kOp);
+  const Dims s = check_attention_args(OnCpu{kOp}, q, k, v, key_bias, query_mask, kOp);
   const auto acc = acc_dtype(q);
   const auto qa = to_acc(q, acc), ka = to_acc(k, acc), va = to_acc(v, acc);
   const auto kb = to_acc(key_bias, acc);
@@ -297,13 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
     const at::Tensor& out, const at::Tensor& lse, double scale) {
-  const Dims s = check_args(q, k, v, key_bias, query_mask, kOpBw);
-  check_float_cpu(grad_out, "grad_out", kOpBw);
-  check_shape(grad_out, {s.B, s.L, s.E}, "grad_out", kOpBw, "(B, L, E)");
-  check_float_cpu(out, "out", kOpBw);
-  check_shape(out, {s.B, s.L, s.E}, "out", kOpBw, "(B, L, E)");
-  check_float_cpu(lse, "lse", kOpBw);
-  check_shape(lse, {s.B, s.L}, "lse", kOpBw, "(B, L)");
+  const Dims s =
+      check_attention_args(OnCpu{kOpBw}, q, k, v, key_bias, query_mask, kOpBw);
+  check_attention_saved(OnCpu{kOpBw}, s, grad_out, out, lse, kOpBw);
   const auto acc = acc_dtype(q);
   const auto qa = to_acc(q, acc), ka = to_acc(k, acc), va = to_acc(v, acc);
   const auto kb = to_acc(key_bias, acc), ga = to_acc(grad_out, acc), oa = to_acc(out, acc);

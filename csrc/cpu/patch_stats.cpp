@@ -26,31 +26,8 @@ struct Geom {
   int64_t B, C, H, W, ph, pw, sh, sw, Kh, Kw, K, P;
 };
 
-Geom check_args(const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight,
-                const at::Tensor& bias, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
-                double eps, double min_mass, const char* op) {
-  check_float_cpu(x, "x", op);
-  check_float_cpu(bg, "bg", op);
-  check_float_cpu(weight, "weight", op);
-  check_float_cpu(bias, "bias", op);
-  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C, H, W), got ", x.sizes());
-  Geom g{};
-  g.B = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
-  check_shape(bg, {g.B, 1, g.H, g.W}, "bg", op, "(B, 1, H, W)");
-  TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size must be >= 1, got (", ph, ", ", pw, ")");
-  TORCH_CHECK(sh >= 1 && sw >= 1, op, ": stride must be >= 1, got (", sh, ", ", sw, ")");
-  TORCH_CHECK(g.H >= ph && g.W >= pw, op, ": patch size (", ph, ", ", pw,
-              ") is larger than the feature map (", g.H, ", ", g.W, ") of x");
-  check_shape(weight, {ph * pw}, "weight", op, "(ph*pw,)");
-  check_shape(bias, {1}, "bias", op, "(1,)");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  TORCH_CHECK(min_mass > 0, op, ": min_mass must be > 0, got ", min_mass);
-  g.ph = ph, g.pw = pw, g.sh = sh, g.sw = sw;
-  g.Kh = (g.H - ph) / sh + 1;
-  g.Kw = (g.W - pw) / sw + 1;
-  g.K = g.Kh * g.Kw;
-  g.P = ph * pw;
-  return g;
+Geom geom_of(const PatchDims& d, int64_t ph, int64_t pw, int64_t sh, int64_t sw) {
+  return Geom{d.B, d.C, d.H, d.W, ph, pw, sh, sw, d.Kh, d.Kw, d.Kh * d.Kw, ph * pw};
 }
 
 namespace isa_base {
@@ -67,7 +44,9 @@ REGHARM_AVX2_END
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(
     const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight, const at::Tensor& bias,
     int64_t ph, int64_t pw, int64_t sh, int64_t sw, double eps, double min_mass) {
-  const Geom g = check_args(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass, kOp);
+  const Geom g = geom_of(
+      check_patch_args(OnCpu{kOp}, x, bg, weight, &bias, ph, pw, sh, sw, eps, min_mass, kOp), ph,
+      pw, sh, sw);
   const auto acc = acc_dtype(x);
   const auto xa = to_acc(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
   const auto ba = to_acc(bias, acc);
@@ -100,18 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cpu(
     const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight, const at::Tensor& mu,
     const at::Tensor& sigma, const at::Tensor& mass, int64_t ph, int64_t pw, int64_t sh,
     int64_t sw, double eps, double min_mass) {
-  const auto bias_like = at::empty({1}, weight.options());
-  const Geom g = check_args(x, bg, weight, bias_like, ph, pw, sh, sw, eps, min_mass, kOpBw);
-  const std::vector<int64_t> bkc{g.B, g.K, g.C};
-  const std::pair<const at::Tensor*, const char*> per_patch[] = {
-      {&grad_mu, "grad_mu"}, {&grad_sigma, "grad_sigma"}, {&grad_content, "grad_content"},
-      {&mu, "mu"}, {&sigma, "sigma"}};
-  for (const auto& [t, name] : per_patch) {
-    check_float_cpu(*t, name, kOpBw);
-    check_shape(*t, bkc, name, kOpBw, "(B, K, C)");
-  }
-  check_float_cpu(mass, "mass", kOpBw);
-  check_shape(mass, {g.B, g.K}, "mass", kOpBw, "(B, K)");
+  const PatchDims d =
+      check_patch_args(OnCpu{kOpBw}, x, bg, weight, nullptr, ph, pw, sh, sw, eps, min_mass, kOpBw);
+  check_patch_saved(OnCpu{kOpBw}, d, grad_mu, grad_sigma, grad_content, mu, sigma, mass, kOpBw);
+  const Geom g = geom_of(d, ph, pw, sh, sw);
 
   const auto acc = acc_dtype(x);
   const auto xa = to_acc(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels.h"
+#include "op_args.h"
 
 namespace regharm {
 namespace cuda {
@@ -20,27 +21,17 @@ inline DType dtype_tag(const at::Tensor& t) {
   }
 }
 
-// SPEC §1: float32 accumulation, float64 stays float64.
-inline at::ScalarType acc_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// A defined floating-point CUDA tensor on `device`.
-inline void check_float_cuda(const at::Tensor& t, const char* name, const char* op,
-                             const at::Device& device) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the first "
-              "input, got ", t.device());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
-}
-
-inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name,
-                        const char* op, const char* layout) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ", expected,
-              ", got ", t.sizes());
-}
+// The CUDA kernels' device rule for op_args.h's checks: a defined tensor on the first input's
+// device.
+struct OnCuda {
+  const char* op;
+  at::Device device;
+  void operator()(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device,
+                " like the first input, got ", t.device());
+  }
+};
 
 // Grid dimensions y and z of the kernels are limited to 65535.
 inline void check_grid_dim(int64_t v, const char* what, const char* op) {

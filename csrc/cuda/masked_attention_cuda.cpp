@@ -25,6 +25,7 @@ constexpr const char* kOp = "regharm::masked_attention (CUDA)";
 constexpr const char* kOpBw = "regharm::masked_attention_backward (CUDA)";
 
 struct Checked {
+  AttnDims dims;
   AttnShape shape;
   bool tiled;  // false: the tiled kernels cannot hold these sizes, use the dense path
 };
@@ -49,35 +50,15 @@ bool fp32_on_tensor_cores(const at::Tensor& q, const char* op) {
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
                    const char* op) {
-  const auto dev = q.device();
-  check_float_cuda(q, "q", op, dev);
-  check_float_cuda(k, "k", op, dev);
-  check_float_cuda(v, "v", op, dev);
-  check_float_cuda(key_bias, "key_bias", op, dev);
-  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, L, D), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 3, op, ": k must have shape (B, N, D), got ", k.sizes());
-  TORCH_CHECK(v.dim() == 3, op, ": v must have shape (B, N, E), got ", v.sizes());
+  const AttnDims d =
+      check_attention_args(OnCuda{op, q.device()}, q, k, v, key_bias, query_mask, op);
   AttnShape s{};
-  s.B = q.size(0), s.L = q.size(1), s.N = k.size(1);
-  const int64_t D = q.size(2), E = v.size(2);
-  check_shape(k, {s.B, s.N, D}, "k", op, "(B, N, D)");
-  check_shape(v, {s.B, s.N, E}, "v", op, "(B, N, E)");
-  check_shape(key_bias, {s.B, s.N}, "key_bias", op, "(B, N)");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  if (query_mask.has_value() && query_mask->defined()) {
-    TORCH_CHECK(query_mask->device() == dev, op, ": query_mask must be on ", dev, ", got ",
-                query_mask->device());
-    TORCH_CHECK(query_mask->scalar_type() == at::kBool, op,
-                ": query_mask must be bool, got ", query_mask->scalar_type());
-    check_shape(*query_mask, {s.B, s.L}, "query_mask", op, "(B, L)");
-  }
+  s.B = d.B, s.L = d.L, s.N = d.N;
   // grid z of the kernels holds B: at most 65535
-  if (D > kMaxHeadDim || E > kMaxValueDim || s.B > 65535) return {s, false};
-  s.D = int(D), s.E = int(E);
+  if (d.D > kMaxHeadDim || d.E > kMaxValueDim || d.B > 65535) return {d, s, false};
+  s.D = int(d.D), s.E = int(d.E);
   s.tf32x3 = fp32_on_tensor_cores(q, op);
-  return {s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
+  return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 
 // The kernels read rows through batch and row strides; only the feature dim must be dense.
@@ -97,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cuda(
     const std::optional<at::Tensor>& query_mask, double scale) {
   TORCH_CHECK(q.defined() && q.is_cuda(), kOp, ": q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto [s, tiled] = check_args(q, k, v, key_bias, query_mask, kOp);
+  const auto [d, s, tiled] = check_args(q, k, v, key_bias, query_mask, kOp);
   if (!tiled) return dense::forward(q, k, v, key_bias, query_mask, scale);
   const auto qd = dense_rows(q), kd = dense_rows(k), vd = dense_rows(v);
   const auto bias = key_bias.to(acc_dtype(q)).contiguous();
@@ -122,14 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, double scale) {
   TORCH_CHECK(q.defined() && q.is_cuda(), kOpBw, ": q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto [s, tiled] = check_args(q, k, v, key_bias, query_mask, kOpBw);
-  check_float_cuda(grad_out, "grad_out", kOpBw, q.device());
-  check_float_cuda(out, "out", kOpBw, q.device());
-  check_float_cuda(lse, "lse", kOpBw, q.device());
-  const int64_t E = v.size(2);
-  check_shape(grad_out, {s.B, s.L, E}, "grad_out", kOpBw, "(B, L, E)");
-  check_shape(out, {s.B, s.L, E}, "out", kOpBw, "(B, L, E)");
-  check_shape(lse, {s.B, s.L}, "lse", kOpBw, "(B, L)");
+  const auto [d, s, tiled] = check_args(q, k, v, key_bias, query_mask, kOpBw);
+  check_attention_saved(OnCuda{kOpBw, q.device()}, d, grad_out, out, lse, kOpBw);
   if (!tiled) return dense::backward(grad_out, q, k, v, key_bias, query_mask, out, lse, scale);
   const auto dt = q.scalar_type();
   const auto qd = dense_rows(q), kd = dense_rows(k), vd = dense_rows(v);

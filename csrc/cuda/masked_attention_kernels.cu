@@ -216,6 +216,43 @@ __device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_
   return __syncthreads_or(alive) != 0;
 }
 
+// One row of the online softmax over a score tile, by one warp (every lane calls it): the
+// scores s = scale·srow + bias, the row's running max m and sum l updated (lane 0 writes them,
+// after every lane has read the old max), and with WITH_P the tile's P = exp(s - m_new) written
+// to prow. Returns exp(m_old - m_new), the factor for the row's earlier output (1 while the row
+// has kept no key: its P is 0 and m, l stay).
+template <bool WITH_P, typename T, typename A>
+__device__ __forceinline__ A online_softmax_row(const A* srow, const A* bias, A scale, int BN,
+                                                A* m, A* l, T* prow) {
+  const int lane = threadIdx.x & 31;
+  A tmax = neg_inf<A>();
+  for (int c = lane; c < BN; c += 32) {
+    const A sv = srow[c] * scale + bias[c];
+    tmax = sv > tmax ? sv : tmax;
+  }
+  tmax = warp_max(tmax);
+  const A m_old = *m;
+  const A m_new = tmax > m_old ? tmax : m_old;
+  if (m_new == neg_inf<A>()) {  // warp-uniform
+    if (WITH_P)
+      for (int c = lane; c < BN; c += 32) prow[c] = from_acc<T>(A(0));
+    return A(1);
+  }
+  A sum = 0;
+  for (int c = lane; c < BN; c += 32) {
+    const A pv = fast_exp(srow[c] * scale + bias[c] - m_new);  // exp(-inf) = 0
+    if (WITH_P) prow[c] = from_acc<T>(pv);
+    sum += pv;
+  }
+  sum = warp_sum(sum);
+  const A alpha = fast_exp(m_old - m_new);  // 0 when m_old = -inf
+  if (lane == 0) {
+    *m = m_new;
+    *l = *l * alpha + sum;
+  }
+  return alpha;
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_kernel(AttnArgs<T, A> a, T* __restrict__ out, float* __restrict__ lse) {
@@ -261,36 +298,12 @@ __global__ void __launch_bounds__(kThreads)
     block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN, a.Dp,
                                        a.tc);
     __syncthreads();
-    // online softmax, one warp per row: P = exp(s - m_new), O and l rescaled by exp(m_old - m_new)
+    // online softmax, one warp per row; O is rescaled by exp(m_old - m_new)
     for (int r = warp; r < a.BM; r += nwarps) {
-      const A* srow = sm.s + r * sm.lds;
-      T* prow = sm.p + r * sm.ldp;
-      A tmax = neg_inf<A>();
-      for (int c = lane; c < a.BN; c += 32) {
-        const A sv = srow[c] * a.scale + sm.bias[c];
-        tmax = sv > tmax ? sv : tmax;
-      }
-      tmax = warp_max(tmax);
-      const A m_old = sm.m[r];
-      const A m_new = tmax > m_old ? tmax : m_old;
-      if (m_new == neg_inf<A>()) {  // nothing kept yet in this row (warp-uniform)
-        for (int c = lane; c < a.BN; c += 32) prow[c] = from_acc<T>(A(0));
-        continue;
-      }
-      A sum = 0;
-      for (int c = lane; c < a.BN; c += 32) {
-        const A pv = fast_exp(srow[c] * a.scale + sm.bias[c] - m_new);  // exp(-inf) = 0
-        prow[c] = from_acc<T>(pv);
-        sum += pv;
-      }
-      sum = warp_sum(sum);
-      const A alpha = fast_exp(m_old - m_new);  // 0 when m_old = -inf
+      const A alpha = online_softmax_row<true>(sm.s + r * sm.lds, sm.bias, a.scale, a.BN,
+                                               sm.m + r, sm.l + r, sm.p + r * sm.ldp);
       if (alpha != A(1))
         for (int e = lane; e < a.EC; e += 32) sm.o[r * sm.ldo + e] *= alpha;
-      if (lane == 0) {  // every lane read sm.m[r] before warp_sum
-        sm.m[r] = m_new;
-        sm.l[r] = sm.l[r] * alpha + sum;
-      }
     }
     __syncthreads();
     block_mm<T, A, false, false, true>(sm.o, sm.ldo, sm.p, sm.ldp, sm.v, sm.ldv, a.BM, a.EC, a.BN,
@@ -323,7 +336,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * a.BM;
   const int rows = int(min(int64_t(a.BM), a.L - q0));
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, nwarps = blockDim.x >> 5;
   int any = 0;
   for (int r = tid; r < a.BM; r += blockDim.x) {
     const int act = r < rows && active_at(a, b, q0 + r);
@@ -343,25 +356,9 @@ __global__ void __launch_bounds__(kThreads)
       block_mm<T, A, false, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, a.BM, a.BN,
                                          a.Dp, a.tc);
       __syncthreads();
-      for (int r = warp; r < a.BM; r += nwarps) {
-        const A* srow = sm.s + r * sm.lds;
-        A tmax = neg_inf<A>();
-        for (int c = lane; c < a.BN; c += 32) {
-          const A sv = srow[c] * a.scale + sm.bias[c];
-          tmax = sv > tmax ? sv : tmax;
-        }
-        tmax = warp_max(tmax);
-        const A m_old = sm.m[r];
-        const A m_new = tmax > m_old ? tmax : m_old;
-        if (m_new == neg_inf<A>()) continue;
-        A sum = 0;
-        for (int c = lane; c < a.BN; c += 32) sum += fast_exp(srow[c] * a.scale + sm.bias[c] - m_new);
-        sum = warp_sum(sum);
-        if (lane == 0) {
-          sm.l[r] = sm.l[r] * fast_exp(m_old - m_new) + sum;
-          sm.m[r] = m_new;
-        }
-      }
+      for (int r = warp; r < a.BM; r += nwarps)
+        online_softmax_row<false, T>(sm.s + r * sm.lds, sm.bias, a.scale, a.BN, sm.m + r,
+                                     sm.l + r, static_cast<T*>(nullptr));
       // the next load_bias_tile's barrier orders these reads of sm.s before the next product
     }
   }

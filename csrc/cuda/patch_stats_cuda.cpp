@@ -7,8 +7,6 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <utility>
-#include <vector>
 
 #include "cuda_glue.h"
 #include "kernels.h"
@@ -24,28 +22,14 @@ constexpr const char* kOpBw = "regharm::patch_stats_backward (CUDA)";
 PatchShape check_args(const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight,
                       const at::Tensor* bias, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
                       double eps, double min_mass, const char* op) {
-  const auto dev = x.device();
-  check_float_cuda(x, "x", op, dev);
-  check_float_cuda(bg, "bg", op, dev);
-  check_float_cuda(weight, "weight", op, dev);
-  if (bias) check_float_cuda(*bias, "bias", op, dev);
-  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C, H, W), got ", x.sizes());
+  const PatchDims d = check_patch_args(OnCuda{op, x.device()}, x, bg, weight, bias, ph, pw, sh,
+                                      sw, eps, min_mass, op);
   PatchShape s{};
-  s.B = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3);
-  check_shape(bg, {s.B, 1, s.H, s.W}, "bg", op, "(B, 1, H, W)");
-  TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size must be >= 1, got (", ph, ", ", pw, ")");
-  TORCH_CHECK(sh >= 1 && sw >= 1, op, ": stride must be >= 1, got (", sh, ", ", sw, ")");
-  TORCH_CHECK(s.H >= ph && s.W >= pw, op, ": patch size (", ph, ", ", pw,
-              ") is larger than the feature map (", s.H, ", ", s.W, ") of x");
-  check_shape(weight, {ph * pw}, "weight", op, "(ph*pw,)");
-  if (bias) check_shape(*bias, {1}, "bias", op, "(1,)");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  TORCH_CHECK(min_mass > 0, op, ": min_mass must be > 0, got ", min_mass);
+  s.B = d.B, s.C = d.C, s.H = d.H, s.W = d.W;
   check_grid_dim(s.B, "batch size B", op);
   check_grid_dim(s.C, "channels C", op);
   s.ph = int(ph), s.pw = int(pw), s.sh = int(sh), s.sw = int(sw);
-  s.Kh = (s.H - ph) / sh + 1;
-  s.Kw = (s.W - pw) / sw + 1;
+  s.Kh = d.Kh, s.Kw = d.Kw;
   size_t need = 0, have = 0;
   TORCH_CHECK(patch_stats_fits(dtype_tag(x), s, &need, &have), op, ": a patch of (", ph, ", ", pw,
               ") needs ", need, " bytes of shared memory, the GPU offers ", have,
@@ -91,17 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cuda(
   TORCH_CHECK(x.defined() && x.is_cuda(), kOpBw, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const PatchShape s = check_args(x, bg, weight, nullptr, ph, pw, sh, sw, eps, min_mass, kOpBw);
-  const int64_t K = s.Kh * s.Kw;
-  const std::vector<int64_t> bkc{s.B, K, s.C};
-  const std::pair<const at::Tensor*, const char*> per_patch[] = {
-      {&grad_mu, "grad_mu"}, {&grad_sigma, "grad_sigma"}, {&grad_content, "grad_content"},
-      {&mu, "mu"}, {&sigma, "sigma"}};
-  for (const auto& [t, name] : per_patch) {
-    check_float_cuda(*t, name, kOpBw, x.device());
-    check_shape(*t, bkc, name, kOpBw, "(B, K, C)");
-  }
-  check_float_cuda(mass, "mass", kOpBw, x.device());
-  check_shape(mass, {s.B, K}, "mass", kOpBw, "(B, K)");
+  check_patch_saved(OnCuda{kOpBw, x.device()}, PatchDims{s.B, s.C, s.H, s.W, s.Kh, s.Kw},
+                    grad_mu, grad_sigma, grad_content, mu, sigma, mass, kOpBw);
 
   const auto acc = acc_dtype(x);
   const auto bga = bg.to(acc);
