@@ -28,6 +28,15 @@
 #define REGHARM_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
+// In a launcher taking a DType tag: returns FN<T>(...) for the tag's element type T.
+#define REGHARM_DISPATCH(dt, FN, ...)                                  \
+  switch (dt) {                                                         \
+    case DType::kFloat32: return FN<float>(__VA_ARGS__);                \
+    case DType::kFloat16: return FN<__half>(__VA_ARGS__);               \
+    case DType::kBFloat16: return FN<__nv_bfloat16>(__VA_ARGS__);       \
+    case DType::kFloat64: return FN<double>(__VA_ARGS__);               \
+  }
+
 namespace regharm {
 namespace cuda {
 

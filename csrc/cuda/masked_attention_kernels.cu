@@ -810,14 +810,6 @@ size_t largest_smem(const AttnShape& s) {
 
 }  // namespace
 
-#define REGHARM_DISPATCH(dt, FN, ...)                                  \
-  switch (dt) {                                                         \
-    case DType::kFloat32: return FN<float>(__VA_ARGS__);                \
-    case DType::kFloat16: return FN<__half>(__VA_ARGS__);               \
-    case DType::kBFloat16: return FN<__nv_bfloat16>(__VA_ARGS__);       \
-    case DType::kFloat64: return FN<double>(__VA_ARGS__);               \
-  }
-
 cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
                                      RowStrides ks, const void* v, RowStrides vs,
                                      const void* key_bias, const bool* query_mask,
@@ -862,8 +854,6 @@ cudaError_t masked_attention_backward(DType dt, const void* grad_out, RowStrides
                    out, os, lse, s, scale, workspace, dq, dk, dv, stream)
   return cudaErrorInvalidValue;
 }
-
-#undef REGHARM_DISPATCH
 
 }  // namespace cuda
 }  // namespace regharm

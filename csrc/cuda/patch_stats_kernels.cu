@@ -403,14 +403,6 @@ cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const voi
 
 }  // namespace
 
-#define REGHARM_DISPATCH(dt, FN, ...)                                  \
-  switch (dt) {                                                         \
-    case DType::kFloat32: return FN<float>(__VA_ARGS__);                \
-    case DType::kFloat16: return FN<__half>(__VA_ARGS__);               \
-    case DType::kBFloat16: return FN<__nv_bfloat16>(__VA_ARGS__);       \
-    case DType::kFloat64: return FN<double>(__VA_ARGS__);               \
-  }
-
 cudaError_t patch_stats_forward(DType dt, const void* x, XStrides xs, const void* bg, BgStrides bs,
                                 const void* weight, const void* bias, const PatchShape& s,
                                 double eps, double min_mass, void* mu, void* sigma, void* content,
@@ -445,8 +437,6 @@ cudaError_t patch_stats_backward(DType dt, const void* grad_mu, const void* grad
                    s, eps, min_mass, workspace, grad_x, grad_wb, stream)
   return cudaErrorInvalidValue;
 }
-
-#undef REGHARM_DISPATCH
 
 }  // namespace cuda
 }  // namespace regharm
