@@ -19,6 +19,33 @@ GRAD_TOL = {
 }
 
 
+# The edge cases every backend's CPU tests run (each suite adds its own): odd sizes, soft masks,
+# +100 offsets, no background, no foreground; all or no query active, almost every key removed.
+EDGE_PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
+    "odd": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
+    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
+    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
+    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
+    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+}
+EDGE_ATTN_CASES = {  # name: kwargs of make_attention_inputs
+    "odd": dict(B=2, L=37, N=23, D=8, E=6),
+    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
+    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
+    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
+}
+# The GPU suites' attention shapes: PTL and LTL at the paper's sizes, the largest D and E, odd
+# sizes, no active query.
+GPU_ATTN_CASES = {  # name: kwargs of make_attention_inputs
+    "ptl": dict(B=2, L=2000, N=841, D=64, E=128, active=0.2, removed=0.1),
+    "ltl": dict(B=2, L=1024, N=1024, D=64, E=64, active=0.3, removed=0.3),
+    "wide": dict(B=1, L=300, N=200, D=256, E=512, active=0.5, removed=0.2),
+    "c128": dict(B=1, L=257, N=130, D=128, E=256, active=0.5, removed=0.2),
+    "odd": dict(B=3, L=37, N=23, D=3, E=6),
+    "none_active": dict(B=2, L=100, N=50, D=16, E=16, active=0.0),
+}
+
+
 def assert_close(actual, expected, dtype, grad=False, msg=""):
     atol, rtol = (GRAD_TOL if grad else TOL)[dtype]
     # +100 offsets scale the values: tolerances are relative to the reference's magnitude

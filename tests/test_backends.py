@@ -8,20 +8,15 @@ import torch
 import regharm_ext
 from regharm_ext.backends import BackendUnavailable, unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
-from helpers import assert_close, make_attention_inputs, make_patch_inputs
+from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close, make_attention_inputs,
+                     make_patch_inputs)
 
 FAST = [pytest.param(n, marks=pytest.mark.skipif(unavailable_reason(n, "cpu") is not None,
                                                   reason=f"{n}: {unavailable_reason(n, 'cpu')}"))
         for n in ("torch", "native")]
 DTYPES = [torch.float32, torch.bfloat16]
 
-PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
-    "odd": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
-    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
-    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
-    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
-    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
-}
+PATCH_CASES = EDGE_PATCH_CASES
 
 
 def _run_patch(backend, inputs, patch, stride):
@@ -50,12 +45,7 @@ def test_patch_stats_matches_reference(backend, case, dtype):
         assert_close(a, e, dtype, grad=True, msg=f"{backend} {name}")
 
 
-ATTN_CASES = {  # name: kwargs of make_attention_inputs
-    "odd": dict(B=2, L=37, N=23, D=8, E=6),
-    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
-    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
-    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
-}
+ATTN_CASES = EDGE_ATTN_CASES
 
 
 def _run_attention(backend, inputs, scale=None):

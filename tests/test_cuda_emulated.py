@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 
 import emulated  # noqa: E402
-from helpers import assert_close, make_attention_inputs, make_patch_inputs  # noqa: E402
+from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close,  # noqa: E402
+                     make_attention_inputs, make_patch_inputs)
 from regharm_ext.ops import reference  # noqa: E402
 
 # with a GPU the real kernels are tested (test_cuda_native.py); REGHARM_EMULATE_CUDA=1 insists
@@ -50,11 +51,7 @@ def configured(emu):
 # ---- patch_stats ------------------------------------------------------------------------------
 
 PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
-    "odd": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
-    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
-    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
-    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
-    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+    **EDGE_PATCH_CASES,
     "many_tiles": ((1, 2, 40, 72), (4, 4), (1, 2), 0.0, "soft"),       # 37 x 35 patches
     "gaps": ((1, 2, 23, 19), (3, 2), (5, 4), 0.0, "soft"),              # stride > patch
     "whole_map": ((2, 2, 9, 7), (9, 7), (1, 1), 0.0, "soft"),
@@ -137,10 +134,7 @@ def test_cuda_emulated_patch_stats_shared_memory_limits(configured):
 # ---- masked_attention -------------------------------------------------------------------------
 
 ATTN_CASES = {  # name: kwargs of make_attention_inputs
-    "odd": dict(B=2, L=37, N=23, D=8, E=6),
-    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
-    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
-    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
+    **EDGE_ATTN_CASES,
     "tiles": dict(B=2, L=150, N=70, D=24, E=40),  # several query/key tiles, split queries
     "ptl_like": dict(B=1, L=70, N=29, D=64, E=128, active=0.3, removed=0.2),
 }

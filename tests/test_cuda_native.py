@@ -9,8 +9,8 @@ tests/test_cuda_emulated.py runs the same kernels on a CPU.
 import pytest
 import torch
 
-from helpers import (PtlThenLtl, assert_close, check_compiled_matches_eager, make_attention_inputs,
-                     make_patch_inputs, two_masks)
+from helpers import (GPU_ATTN_CASES, PtlThenLtl, assert_close, check_compiled_matches_eager,
+                     make_attention_inputs, make_patch_inputs, two_masks)
 from regharm_ext.backends import unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
 
@@ -108,12 +108,7 @@ def test_cuda_native_patch_stats_noncontiguous(dtype):
 # ---- masked_attention -------------------------------------------------------------------------
 
 ATTN_CASES = {
-    "ptl": dict(B=2, L=2000, N=841, D=64, E=128, active=0.2, removed=0.1),
-    "ltl": dict(B=2, L=1024, N=1024, D=64, E=64, active=0.3, removed=0.3),
-    "wide": dict(B=1, L=300, N=200, D=256, E=512, active=0.5, removed=0.2),
-    "c128": dict(B=1, L=257, N=130, D=128, E=256, active=0.5, removed=0.2),
-    "odd": dict(B=3, L=37, N=23, D=3, E=6),
-    "none_active": dict(B=2, L=100, N=50, D=16, E=16, active=0.0),
+    **GPU_ATTN_CASES,
     "mostly_removed": dict(B=3, L=133, N=165, D=8, E=16, removed=0.95),
     # LTL at 320+ channels: beyond the tiled kernels (D <= 256, E <= 512), the dense path
     "beyond_tiles": dict(B=2, L=300, N=200, D=320, E=640, active=0.5, removed=0.2),

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from helpers import assert_close, make_attention_inputs, make_patch_inputs
+from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close, make_attention_inputs,
+                     make_patch_inputs)
 from regharm_ext import LTL, PTL
 from regharm_ext.backends import unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
@@ -37,11 +38,7 @@ def _run_patch(backend, inputs, patch, stride):
 
 
 PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
-    "odd_soft": ((2, 3, 37, 50), (7, 5), (3, 2), 0.0, "soft"),
-    "offset100": ((2, 3, 37, 50), (7, 5), (3, 2), 100.0, "soft"),
-    "binary": ((1, 4, 16, 16), (4, 4), (4, 4), 0.0, "binary"),
-    "no_background": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "none"),
-    "no_foreground": ((2, 2, 12, 12), (4, 4), (2, 2), 0.0, "all"),
+    **EDGE_PATCH_CASES,
     # stride > patch: pixels no patch covers get zero gradient
     "gaps": ((1, 3, 17, 15), (3, 2), (4, 3), 0.0, "soft"),
     "one_patch": ((2, 5, 6, 7), (6, 7), (1, 1), 0.0, "soft"),
@@ -79,10 +76,7 @@ def test_patch_stats_offset_keeps_sigma_accurate():
 
 
 ATTN_CASES = {  # name: kwargs of make_attention_inputs
-    "odd": dict(B=2, L=37, N=23, D=8, E=6),
-    "all_active": dict(B=2, L=19, N=40, D=16, E=32, active=1.0, removed=0.0, dead_batch=False),
-    "none_active": dict(B=2, L=10, N=7, D=4, E=4, active=0.0),
-    "mostly_removed": dict(B=3, L=33, N=65, D=8, E=16, removed=0.95),
+    **EDGE_ATTN_CASES,
     # several query and key tiles, D and E not powers of two
     "multi_tile": dict(B=2, L=150, N=140, D=20, E=40, active=0.3, removed=0.2),
 }
@@ -126,7 +120,7 @@ def test_gpu_tile_sizes(monkeypatch):
     _check_attention(make_attention_inputs(B=2, L=40, N=50, D=200, E=300, active=0.4), torch.float32)
     _check_attention(make_attention_inputs(B=1, L=90, N=70, D=20, E=40, active=0.6,
                                            dtype=torch.float16), torch.float16)
-    shape, patch, stride, offset, kind = PATCH_CASES["odd_soft"]
+    shape, patch, stride, offset, kind = PATCH_CASES["odd"]
     inputs = make_patch_inputs(1, 20, 30, 41, patch, stride, torch.float32, bg_kind=kind)
     got, got_g = _run_patch("triton", inputs, patch, stride)
     want, want_g = _run_patch("reference", inputs, patch, stride)

@@ -5,7 +5,8 @@ PTL + LTL module. Skipped without a GPU (the interpreter tests are tests/test_tr
 import pytest
 import torch
 
-from helpers import assert_close, check_compiled_matches_eager, make_attention_inputs, make_patch_inputs
+from helpers import (GPU_ATTN_CASES, assert_close, check_compiled_matches_eager,
+                     make_attention_inputs, make_patch_inputs)
 from regharm_ext.backends import unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
 
@@ -57,14 +58,7 @@ def test_patch_stats_cuda(case, dtype):
         assert_close(a, e, dtype, grad=True, msg=f"{case} {name}")
 
 
-ATTN_CASES = {
-    "ptl": dict(B=2, L=2000, N=841, D=64, E=128, active=0.2, removed=0.1),
-    "ltl": dict(B=2, L=1024, N=1024, D=64, E=64, active=0.3, removed=0.3),
-    "wide": dict(B=1, L=300, N=200, D=256, E=512, active=0.5, removed=0.2),
-    "c128": dict(B=1, L=257, N=130, D=128, E=256, active=0.5, removed=0.2),
-    "odd": dict(B=3, L=37, N=23, D=3, E=6),
-    "none_active": dict(B=2, L=100, N=50, D=16, E=16, active=0.0),
-}
+ATTN_CASES = GPU_ATTN_CASES
 
 
 ATTN_RUNS = [("ptl", F32), ("ptl", F16), ("ptl", BF16), ("ltl", BF16), ("ltl", F32),
