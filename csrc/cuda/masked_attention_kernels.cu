@@ -202,6 +202,13 @@ struct BwdSmem {
 template <typename A> __device__ __forceinline__ A acc_log(A v) { return log(v); }
 template <> __device__ __forceinline__ float acc_log<float>(float v) { return __logf(v); }
 
+// Zeros a rows x cols accumulator tile of pitch ld. No barrier inside.
+template <typename A>
+__device__ __forceinline__ void zero_tile(A* t, int ld, int rows, int cols) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x)
+    t[(idx / cols) * ld + idx % cols] = A(0);
+}
+
 // Loads key_bias of keys [k0, k0 + BN) (-inf past N); true when any key of the tile is kept.
 // Contains the barrier that ends the previous use of the tile's shared memory.
 template <typename A>
@@ -283,8 +290,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp, a.vec_q);
-  for (int idx = tid; idx < a.BM * a.EC; idx += blockDim.x)
-    sm.o[(idx / a.EC) * sm.ldo + idx % a.EC] = A(0);
+  zero_tile(sm.o, sm.ldo, a.BM, a.EC);
 
   const T* k_b = a.k + b * a.ks.b;
   const T* v_b = a.v + b * a.vs.b + e0;
@@ -411,6 +417,23 @@ __device__ __forceinline__ bool load_query_rows(const AttnArgs<T, A>& a, const B
   return __syncthreads_or(any) != 0;
 }
 
+// The backward's tiles: K, V of keys [k0, k0 + keys) and Q, dO of the queries at positions
+// [q0, q0 + rows) of the query order. No barrier inside.
+template <typename T, typename A>
+__device__ __forceinline__ void load_kv_tiles(const AttnArgs<T, A>& a, const BwdSmem<T, A>& sm,
+                                              int64_t b, int64_t k0, int keys) {
+  load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp, a.vec_k);
+  load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, a.BN, a.E, a.Ep, a.vec_v);
+}
+template <typename T, typename A>
+__device__ __forceinline__ void load_q_dout_tiles(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
+                                                  const BwdSmem<T, A>& sm, int64_t b, int64_t q0,
+                                                  int rows) {
+  load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp, a.vec_q);
+  load_query_tile(a, sm.dout, sm.lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, a.Ep,
+                  g.vec_do);
+}
+
 // S = Q Kᵀ and dP = dO Vᵀ of the current tiles, then P and dS = P ∘ (dP - Δ) in T.
 // Starts after a barrier that published q, dout, k, v, bias, lse, delta; ends with one.
 template <typename T, typename A, bool WITH_P>
@@ -445,15 +468,10 @@ __global__ void __launch_bounds__(kThreads)
   const int keys = int(min(int64_t(a.BN), a.N - k0));
   const int tid = threadIdx.x;
 
-  for (int idx = tid; idx < a.BN * a.Dp; idx += blockDim.x)
-    sm.acc[(idx / a.Dp) * sm.ldacc + idx % a.Dp] = A(0);
-  for (int idx = tid; idx < a.BN * a.Ep; idx += blockDim.x)
-    sm.acc2[(idx / a.Ep) * sm.ldacc2 + idx % a.Ep] = A(0);
+  zero_tile(sm.acc, sm.ldacc, a.BN, a.Dp);
+  zero_tile(sm.acc2, sm.ldacc2, a.BN, a.Ep);
   if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, a.BN)) {  // else: removed keys, 0
-    load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp,
-              a.vec_k);
-    load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, a.BN, a.E, a.Ep,
-              a.vec_v);
+    load_kv_tiles(a, sm, b, k0, keys);
     const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
     const int64_t qtiles = (span + a.BM - 1) / a.BM;
     for (int64_t qt = split; qt < qtiles; qt += g.nsplit) {
@@ -461,10 +479,7 @@ __global__ void __launch_bounds__(kThreads)
       const int rows = int(min(int64_t(a.BM), span - q0));
       // barrier inside: the previous tile's products are done with q, dout, p, ds
       if (!load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) continue;
-      load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp,
-                      a.vec_q);
-      load_query_tile(a, sm.dout, sm.lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, a.Ep,
-                      g.vec_do);
+      load_q_dout_tiles(a, g, sm, b, q0, rows);
       __syncthreads();
       tile_p_ds<T, A, true>(a, sm);
       // dV += Pᵀ dO, dK += dSᵀ Q (scale applied once at the end)
@@ -509,21 +524,15 @@ __global__ void __launch_bounds__(kThreads)
   const int rows = int(min(int64_t(a.BM), a.L - q0));
   const int tid = threadIdx.x;
 
-  for (int idx = tid; idx < a.BM * a.Dp; idx += blockDim.x)
-    sm.acc[(idx / a.Dp) * sm.ldacc + idx % a.Dp] = A(0);
+  zero_tile(sm.acc, sm.ldacc, a.BM, a.Dp);
   if (load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) {  // else: nothing attended, 0
-    load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp, a.vec_q);
-    load_query_tile(a, sm.dout, sm.lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, a.Ep,
-                    g.vec_do);
+    load_q_dout_tiles(a, g, sm, b, q0, rows);
     const A* bias_b = a.bias + b * a.N;
     for (int64_t k0 = 0; k0 < a.N; k0 += a.BN) {
       const int keys = int(min(int64_t(a.BN), a.N - k0));
       // barrier inside: the previous tile's dQ product is done with k and ds
       if (!load_bias_tile(sm.bias, bias_b, k0, keys, a.BN)) continue;
-      load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, a.BN, a.D, a.Dp,
-                a.vec_k);
-      load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, a.BN, a.E, a.Ep,
-                a.vec_v);
+      load_kv_tiles(a, sm, b, k0, keys);
       __syncthreads();
       tile_p_ds<T, A, false>(a, sm);
       block_mm<T, A, false, false, true>(sm.acc, sm.ldacc, sm.ds, sm.ldp, sm.k, sm.ldq, a.BM,
