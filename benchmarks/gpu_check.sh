@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs, from the repository root:
 #     REGHARM_COMMIT=<hash> bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/run)
-# 1. env: GPU, versions, commit  2. build: editable install with the CUDA ops for sm_90
+# 1. env: GPU, versions, commit (into steps.log)  2. build: editable install with the CUDA ops for sm_90
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
-# 5. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
+# 5. sanitize: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
+# 6. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
 # The whole script ends by DEADLINE_S (default 570 s) so that a device call of 600 s returns its
 # files; every step has its own limit within that and is interrupted with SIGINT (pytest and
 # gpu_bench still write what they have). A failing step does not stop the next ones. Each step
@@ -15,7 +16,7 @@
 # then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
 # A focused rerun (build + some acceptance numbers, ~3 min):
-#     TESTS=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
+#     TESTS=0 SANITIZE=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
 set -u
 
 OUT_DIR="${1:-${OUT:-benchmarks/results/run}}"
@@ -47,10 +48,11 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S, and never pa
 }
 
 : >"$OUT_DIR/steps.log"
-step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
+echo "== env" | tee -a "$OUT_DIR/steps.log"   # in steps.log: the 8 files back are all taken
+timeout 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
   git rev-parse HEAD 2>/dev/null || echo "no .git; REGHARM_COMMIT=${REGHARM_COMMIT:-unset}"; nproc;
   "$0" -c "import sys, torch; print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name())";
-  "$0" -c "import triton; print(\"triton\", triton.__version__)"' "$PY"
+  "$0" -c "import triton; print(\"triton\", triton.__version__)"' "$PY" 2>&1 | tee -a "$OUT_DIR/steps.log"
 
 if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "build skipped (SKIP_BUILD=1)" | tee -a "$OUT_DIR/steps.log"; else
 step build 150 bash -c 'export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16;
@@ -71,6 +73,12 @@ export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 co
 if [ "${TESTS:-1}" = 1 ]; then
 step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py \
   tests/test_crash_safety.py -k "cuda" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
+fi
+
+# the GPU's own view of the CUDA kernels: out-of-bounds accesses, shared-memory races, barrier
+# misuse, uninitialized reads (compute-sanitizer; the CPU emulator cannot see these)
+if [ "${SANITIZE:-1}" = 1 ]; then
+step sanitize 150 "$PY" benchmarks/sanitize_cuda.py --budget 135
 fi
 
 if [ "${SUITE:-1}" = 1 ]; then

@@ -1,0 +1,179 @@
+"""The native CUDA kernels under NVIDIA's compute-sanitizer: what the CPU emulator of
+tests/cuda_emu cannot show, seen on the GPU itself — out-of-bounds and misaligned accesses
+(memcheck), shared-memory races (racecheck), barrier misuse (synccheck) and reads of global
+memory nothing wrote (initcheck). benchmarks/gpu_check.sh runs it as its `sanitize` step.
+
+    python benchmarks/sanitize_cuda.py [--tools memcheck,racecheck] [--budget 150]
+    python benchmarks/sanitize_cuda.py --run [--device cpu]     # the driver alone, no sanitizer
+
+The driver (``--run``) calls every kernel of both ops once per dtype and float32 mode —
+forward and backward of patch_stats and masked_attention on small odd inputs with soft masks,
+removed keys, inactive queries and an image with every key removed — and compares each result
+with the reference computed in float64 on the CPU, so a race that changes values fails too.
+Every tool runs the driver in a child process with PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor
+is then its own allocation, and memcheck sees an access one element past a tensor. Exit status:
+0 when every tool ran clean and every value matched, 1 otherwise, 2 when nothing could be
+sanitized (no CUDA device, or no compute-sanitizer: the driver then runs alone, so the values
+are still checked).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+
+def _driver(device_name: str) -> int:
+    """Runs the kernels; returns the number of mismatches."""
+    import torch
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    from helpers import assert_close, make_attention_inputs, make_patch_inputs
+    from regharm_ext.ops import masked_attention, patch_stats
+
+    device = torch.device(device_name)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    # (float32 mode of the CUDA attention, dtype): float32 twice, on CUDA cores and as 3xTF32
+    modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + [("", d) for d in dtypes[1:]]
+    # few launches (every one is slow under a sanitizer), every path: odd sizes, several tiles
+    # and query splits, masks and no mask, one image with every key removed (make_*_inputs)
+    patch_cases = [dict(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2))]
+    attn_cases = [(dict(B=2, L=150, N=70, D=24, E=40), True),
+                  (dict(B=3, L=37, N=23, D=3, E=6, active=1.0), False)]
+    failures = 0
+
+    def run(fn, leaves, others, dev, dtype, backend, seed):
+        """Outputs and the gradients of sum(output * fixed cotangent) w.r.t. the leaves."""
+        ls = [t.to(dev, dtype).requires_grad_(True) for t in leaves]
+        outs = fn(*ls, *[o.to(dev) if o is not None else None for o in others], backend)
+        g = torch.Generator().manual_seed(seed)
+        cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+        acc = torch.promote_types(dtype, torch.float32)  # no 16-bit sums
+        loss = sum((o.to(acc) * c.to(dev, acc)).sum() for o, c in zip(outs, cots))
+        grads = torch.autograd.grad(loss, ls)
+        return [t.detach().cpu() for t in (*outs, *grads)], len(outs)
+
+    def compare(label, got, want, n_out, dtype):
+        nonlocal failures
+        try:
+            for i, (a, e) in enumerate(zip(got, want)):
+                assert_close(a, e, dtype, grad=i >= n_out, msg=f"output {i}")
+            print(f"ok        {label}", flush=True)
+        except AssertionError as exc:
+            failures += 1
+            detail = " ".join([ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4])
+            print(f"MISMATCH  {label}: {detail[:300]}", flush=True)
+
+    for case in patch_cases:
+        for dtype in dtypes:
+            x, bg, w, b = make_patch_inputs(**case, dtype=torch.float64)
+            x, bg, w, b = (t.to(dtype) for t in (x, bg, w, b))  # the inputs as the dtype holds them
+
+            def ps(x_, w_, b_, bg_, backend, case=case):
+                return patch_stats(x_, bg_.to(x_.dtype), w_, b_, case["patch"], case["stride"],
+                                   backend=backend)[:3]
+
+            got, n = run(ps, (x, w, b), (bg,), device, dtype, "native", seed=1)
+            want, _ = run(ps, (x, w, b), (bg,), "cpu", torch.float64, "reference", seed=1)
+            compare(f"patch_stats {case['B'], case['C'], case['H'], case['W']} {dtype}", got, want,
+                    n, dtype)
+
+    for case, masked in attn_cases:
+        for mode, dtype in modes:
+            os.environ["REGHARM_CUDA_FP32_MATH"] = mode or "simt"
+            q, k, v, kb, qm = make_attention_inputs(**case, dtype=dtype)
+            for mask in ((qm,) if masked else (None,)):
+
+                def ma(q_, k_, v_, kb_, qm_, backend):
+                    return (masked_attention(q_, k_, v_, kb_, qm_, backend=backend),)
+
+                got, n = run(ma, (q, k, v), (kb, mask), device, dtype, "native", seed=2)
+                want, _ = run(ma, (q, k, v), (kb.double(), mask), "cpu", torch.float64,
+                              "reference", seed=2)
+                label = " ".join([f"masked_attention {tuple(case.values())} {dtype}",
+                                  *([f"fp32 math {mode}"] if mode else []),
+                                  *(["no mask"] if mask is None else [])])
+                compare(label, got, want, n, dtype)
+    os.environ.pop("REGHARM_CUDA_FP32_MATH", None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"driver: {failures} mismatch(es)", flush=True)
+    return failures
+
+
+def find_sanitizer():
+    candidates = [os.environ.get("COMPUTE_SANITIZER"), shutil.which("compute-sanitizer")]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "compute-sanitizer"))
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _summary(output: str) -> str:
+    lines = [ln.strip("= ").strip() for ln in output.splitlines() if "SUMMARY" in ln]
+    return "; ".join(lines[-2:]) or "no summary line"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="store_true", help="run the driver itself (what a tool wraps)")
+    ap.add_argument("--device", default="cuda", help="the driver's device (cpu to check it alone)")
+    ap.add_argument("--tools", default=",".join(TOOLS), help=f"default: {','.join(TOOLS)}")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds for all tools together")
+    args = ap.parse_args(argv)
+    if args.run:
+        return 1 if _driver(args.device) else 0
+
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            print("no CUDA device here: nothing to sanitize (--device cpu checks the driver alone)")
+            return 2
+    this = [sys.executable, os.path.abspath(__file__), "--run", "--device", args.device]
+    sanitizer = find_sanitizer()
+    if sanitizer is None:
+        print("compute-sanitizer not found (COMPUTE_SANITIZER, PATH, $CUDA_HOME/bin, "
+              "/usr/local/cuda/bin): the driver runs alone, without the sanitizer", flush=True)
+        rc = subprocess.run(this).returncode
+        return 2 if rc == 0 else 1
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    tools = [t for t in args.tools.split(",") if t]
+    deadline = time.time() + args.budget
+    rows, bad = [], False
+    for i, tool in enumerate(tools):
+        # in order of worth: a tool may take what is left but 20 s for each one after it
+        limit = deadline - time.time() - 20 * (len(tools) - i - 1)
+        if limit < 10:
+            rows.append((tool, "skipped", f"{limit:.0f} s left"))
+            continue
+        cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "20", *this]
+        start = time.time()
+        print(f"== {tool}: {' '.join(cmd)}", flush=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+            output, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
+                else (exc.stdout or "")
+            rc = f"timed out after {limit:.0f} s"
+        print(output[-6000:], flush=True)
+        mismatches = re.search(r"driver: (\d+) mismatch", output)
+        verdict = ("clean" if rc == 0 else "sanitizer errors" if rc == 3 else
+                   "value mismatches" if rc == 1 and mismatches else f"rc {rc}")
+        bad |= rc != 0
+        rows.append((tool, verdict, f"{time.time() - start:.0f} s; {_summary(output)}"))
+    print("\ntool       result            details")
+    for tool, verdict, details in rows:
+        print(f"{tool:<10} {verdict:<17} {details}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

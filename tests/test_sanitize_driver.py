@@ -1,0 +1,82 @@
+"""benchmarks/sanitize_cuda.py, the compute-sanitizer step of the GPU script, on CPU: its driver
+compares every kernel with the reference, and its wrapper runs each tool, reads the verdicts
+and exit codes right (here with a stand-in for compute-sanitizer that runs the driver and
+reports what it is told to)."""
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "sanitize_cuda.py"
+
+# Drops the sanitizer's own options, runs the wrapped command, then fails the tools named in
+# FAKE_SANITIZER_FAIL as compute-sanitizer does (its summary line, --error-exitcode).
+FAKE = """#!/usr/bin/env python3
+import os, subprocess, sys
+args = sys.argv[1:]
+tool = args[args.index("--tool") + 1]
+cmd = args[args.index("--print-limit") + 2:]
+rc = subprocess.run(cmd).returncode
+if tool in os.environ.get("FAKE_SANITIZER_FAIL", "").split(","):
+    print("========= ERROR SUMMARY: 2 errors")
+    sys.exit(3)
+print("========= ERROR SUMMARY: 0 errors")
+sys.exit(rc)
+"""
+
+
+def _wrapper(tmp_path, fail=""):
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, COMPUTE_SANITIZER=str(fake), FAKE_SANITIZER_FAIL=fail)
+    return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tools",
+                           "memcheck,racecheck", "--budget", "240"], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_driver_matches_the_reference_on_every_case():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--run", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "MISMATCH"))]
+    # patch_stats in 4 dtypes, two attention cases (with and without a mask) in 5 modes
+    assert len(lines) == 4 + 2 * 5 and all(ln.startswith("ok") for ln in lines)
+    assert sum("no mask" in ln for ln in lines) == 5
+    assert "driver: 0 mismatch(es)" in proc.stdout
+
+
+def test_wrapper_reports_clean_tools(tmp_path):
+    proc = _wrapper(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "memcheck   clean" in proc.stdout and "racecheck  clean" in proc.stdout
+
+
+def test_wrapper_reports_a_tool_that_finds_errors(tmp_path):
+    proc = _wrapper(tmp_path, fail="racecheck")
+    assert proc.returncode == 1
+    assert "memcheck   clean" in proc.stdout
+    assert "racecheck  sanitizer errors" in proc.stdout and "ERROR SUMMARY: 2 errors" in proc.stdout
+
+
+def test_driver_reports_a_wrong_kernel(monkeypatch, capsys):
+    """A native result 30 % off must fail the driver in every dtype (a race that changes values
+    would); 16-bit tolerances are a few per cent."""
+    import importlib.util
+
+    import regharm_ext.ops as ops
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = ops.masked_attention
+
+    def wrong(*args, backend=None, **kw):
+        out = real(*args, backend=backend, **kw)
+        return out * 1.3 if backend == "native" else out
+
+    monkeypatch.setattr(ops, "masked_attention", wrong)
+    assert mod._driver("cpu") == 10   # every attention case; patch_stats stays right
+    out = capsys.readouterr().out
+    assert out.count("MISMATCH  masked_attention") == 10 and "MISMATCH  patch_stats" not in out
