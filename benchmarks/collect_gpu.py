@@ -5,7 +5,7 @@ regenerates the README's benchmark tables.
 
 - ``gpu_bench.json`` -> ``benchmarks/results/gpu_bench-<kind>.json``
 - ``cuda.json`` (the pytest-benchmark suite) -> ``benchmarks/results/<kind>.json``
-- the step logs (steps, build, bench, tests, sanitize, suite) -> ``benchmarks/results/logs-<kind>/``,
+- the step logs (steps, build, bench, tests, diagnose, suite) -> ``benchmarks/results/logs-<kind>/``,
   the evidence of what ran there (the CUDA tests' pass/fail lines among them)
 
 ``<kind>`` is ``cuda-<GPU name>`` as the JSON record it (``cuda-nvidia-h100-80gb-hbm3``). Then
@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402
 from benchlib import gpu_kind  # noqa: E402
 
-LOGS = ("steps.log", "env.log", "build.log", "tests.log", "bench.log", "sanitize.log", "suite.log")
+LOGS = ("steps.log", "env.log", "build.log", "tests.log", "bench.log", "diagnose.log", "suite.log")
 
 
 def _json(path: str):

@@ -4,7 +4,8 @@
 # 1. env: GPU, versions, commit (into steps.log)  2. build: editable install with the CUDA ops for sm_90
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
-# 5. sanitize: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
+# 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
+#    and Nsight Compute (benchmarks/ncu_kernels.py), both into OUT_DIR/diagnose.log
 # 6. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
 # The whole script ends by DEADLINE_S (default 570 s) so that a device call of 600 s returns its
 # files; every step has its own limit within that and is interrupted with SIGINT (pytest and
@@ -16,7 +17,7 @@
 # then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
 # A focused rerun (build + some acceptance numbers, ~3 min):
-#     TESTS=0 SANITIZE=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
+#     TESTS=0 SANITIZE=0 NCU=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
 set -u
 
 OUT_DIR="${1:-${OUT:-benchmarks/results/run}}"
@@ -30,9 +31,14 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 DEADLINE_S="${DEADLINE_S:-570}"
 T0=$(date +%s)
 
-step() {  # step NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S, and never past the deadline
-  local name=$1 limit=$2 start rc left
+step() {  # step [--log FILE] NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S (exported to it as
+          # STEP_LIMIT_S), never past the deadline; logs to OUT_DIR/NAME.log, or appends to FILE
+  local log="" name limit start rc left
+  if [ "$1" = --log ]; then log=$2; shift 2; fi
+  name=$1 limit=$2
   shift 2
+  log="$OUT_DIR/${log:-$name.log}"
+  [ "$log" = "$OUT_DIR/$name.log" ] && : >"$log"
   start=$(date +%s)
   left=$(( DEADLINE_S - (start - T0) - 10 ))
   if [ "$left" -lt 20 ]; then
@@ -40,10 +46,10 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S, and never pa
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): $*"
-  timeout -s INT --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  STEP_LIMIT_S=$limit timeout -s INT --kill-after=10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
   echo "$name rc=$rc $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT_DIR/steps.log"
-  tail -n 12 "$OUT_DIR/$name.log"
+  tail -n 12 "$log"
   return 0
 }
 
@@ -75,10 +81,14 @@ step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.
   tests/test_crash_safety.py -k "cuda" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
 fi
 
-# the GPU's own view of the CUDA kernels: out-of-bounds accesses, shared-memory races, barrier
-# misuse, uninitialized reads (compute-sanitizer; the CPU emulator cannot see these)
+# the GPU's own view of the CUDA kernels, both into diagnose.log (8 files come back at most):
+# out-of-bounds accesses, shared-memory races, barrier misuse, uninitialized reads
+# (compute-sanitizer; the CPU emulator cannot see these), then where their time goes (ncu)
 if [ "${SANITIZE:-1}" = 1 ]; then
-step sanitize 150 "$PY" benchmarks/sanitize_cuda.py --budget 135
+step --log diagnose.log sanitize 120 bash -c '"$0" benchmarks/sanitize_cuda.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"
+fi
+if [ "${NCU:-1}" = 1 ]; then
+step --log diagnose.log ncu 75 bash -c '"$0" benchmarks/ncu_kernels.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"
 fi
 
 if [ "${SUITE:-1}" = 1 ]; then

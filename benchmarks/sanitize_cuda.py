@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from cuda_tools import cuda_available, find_tool, run_tool  # noqa: E402
+
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
 
@@ -108,14 +110,6 @@ def _driver(device_name: str) -> int:
     return failures
 
 
-def find_sanitizer():
-    candidates = [os.environ.get("COMPUTE_SANITIZER"), shutil.which("compute-sanitizer")]
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "compute-sanitizer"))
-    return next((c for c in candidates if c and os.path.exists(c)), None)
-
-
 def _summary(output: str) -> str:
     lines = [ln.strip("= ").strip() for ln in output.splitlines() if "SUMMARY" in ln]
     return "; ".join(lines[-2:]) or "no summary line"
@@ -131,13 +125,13 @@ def main(argv=None) -> int:
     if args.run:
         return 1 if _driver(args.device) else 0
 
+    print(f"sanitize: budget {args.budget:.0f} s", flush=True)
     if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
+        if not cuda_available():
             print("no CUDA device here: nothing to sanitize (--device cpu checks the driver alone)")
             return 2
     this = [sys.executable, os.path.abspath(__file__), "--run", "--device", args.device]
-    sanitizer = find_sanitizer()
+    sanitizer = find_tool("compute-sanitizer", "COMPUTE_SANITIZER")
     if sanitizer is None:
         print("compute-sanitizer not found (COMPUTE_SANITIZER, PATH, $CUDA_HOME/bin, "
               "/usr/local/cuda/bin): the driver runs alone, without the sanitizer", flush=True)
@@ -156,13 +150,7 @@ def main(argv=None) -> int:
         cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "20", *this]
         start = time.time()
         print(f"== {tool}: {' '.join(cmd)}", flush=True)
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
-            output, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
-                else (exc.stdout or "")
-            rc = f"timed out after {limit:.0f} s"
+        output, rc = run_tool(cmd, limit, env)
         print(output[-6000:], flush=True)
         mismatches = re.search(r"driver: (\d+) mismatch", output)
         verdict = ("clean" if rc == 0 else "sanitizer errors" if rc == 3 else

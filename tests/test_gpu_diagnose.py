@@ -1,7 +1,8 @@
-"""benchmarks/sanitize_cuda.py, the compute-sanitizer step of the GPU script, on CPU: its driver
-compares every kernel with the reference, and its wrapper runs each tool, reads the verdicts
-and exit codes right (here with a stand-in for compute-sanitizer that runs the driver and
-reports what it is told to)."""
+"""The diagnose steps of the GPU script, on CPU. benchmarks/sanitize_cuda.py: its driver compares
+every kernel with the reference, and its wrapper runs each compute-sanitizer tool and reads the
+verdicts and exit codes right (with a stand-in for compute-sanitizer that runs the driver and
+reports what it is told to). benchmarks/ncu_kernels.py: its workload runs, and its wrapper hands
+it to ncu (a stand-in again)."""
 import os
 import stat
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sanitize_cuda.py"
+NCU_SCRIPT = ROOT / "benchmarks" / "ncu_kernels.py"
 
 # Drops the sanitizer's own options, runs the wrapped command, then fails the tools named in
 # FAKE_SANITIZER_FAIL as compute-sanitizer does (its summary line, --error-exitcode).
@@ -27,10 +29,14 @@ sys.exit(rc)
 """
 
 
+def _executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
 def _wrapper(tmp_path, fail=""):
-    fake = tmp_path / "compute-sanitizer"
-    fake.write_text(FAKE)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fake = _executable(tmp_path / "compute-sanitizer", FAKE)
     env = dict(os.environ, COMPUTE_SANITIZER=str(fake), FAKE_SANITIZER_FAIL=fail)
     return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tools",
                            "memcheck,racecheck", "--budget", "240"], env=env, capture_output=True,
@@ -80,3 +86,25 @@ def test_driver_reports_a_wrong_kernel(monkeypatch, capsys):
     assert mod._driver("cpu") == 10   # every attention case; patch_stats stays right
     out = capsys.readouterr().out
     assert out.count("MISMATCH  masked_attention") == 10 and "MISMATCH  patch_stats" not in out
+
+
+# Runs what follows ncu's own options (the interpreter onwards) and prints a summary line.
+FAKE_NCU = """#!/usr/bin/env python3
+import subprocess, sys
+args = sys.argv[1:]
+cmd = args[args.index("per-kernel") + 1:]
+assert "--kernel-name" in args and "--section" in args, args
+rc = subprocess.run(cmd).returncode
+print("==PROF== Disconnected")
+sys.exit(rc)
+"""
+
+
+def test_ncu_wrapper_profiles_the_workload(tmp_path):
+    fake = _executable(tmp_path / "ncu", FAKE_NCU)
+    proc = subprocess.run([sys.executable, str(NCU_SCRIPT), "--device", "cpu", "--budget", "120"],
+                          env=dict(os.environ, NCU=str(fake)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ran masked_attention") == 3 and "ran patch_stats" in proc.stdout
+    assert "==PROF== Disconnected" in proc.stdout and "ncu: rc 0" in proc.stdout

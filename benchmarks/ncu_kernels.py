@@ -1,0 +1,82 @@
+"""Nsight Compute's view of the native CUDA kernels at the paper's setting, for the next speed-up:
+how close each kernel runs to the GPU's compute and memory throughput (SpeedOfLight), how many
+warps it keeps resident and what limits that (Occupancy, LaunchStats). benchmarks/gpu_check.sh
+runs it in its `diagnose` step, after the sanitizer; gpu_bench.json already holds the kernels'
+times (kernel_profile), this says why they take them.
+
+    python benchmarks/ncu_kernels.py [--budget 90]
+    python benchmarks/ncu_kernels.py --run [--device cpu]     # the workload alone
+
+The workload (``--run``) is one forward+backward of each: masked_attention at PTL's paper setting
+(B = 4, L = 128², N = 841, D = 64, E = 128, 20 % foreground) in bfloat16 and in float32 on CUDA
+cores and as 3xTF32, and patch_stats (B = 4, C = 64, 128², patch 16, stride 4) in float32.
+ncu profiles only our kernels (attn_*, patch_stats_*) and prints one summary per kernel. Exit
+status: 0 when ncu ran, 1 when it failed, 2 when there is nothing to profile (no CUDA, no ncu).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from cuda_tools import cuda_available, find_tool, run_tool  # noqa: E402
+
+KERNELS = "regex:attn_|patch_stats"
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")
+
+
+def _workload(device_name: str) -> None:
+    import torch
+    import gpu_bench  # the acceptance settings and their input builders
+
+    device = torch.device(device_name)
+    cases = gpu_bench.settings(quick=device.type != "cuda", device=device)
+    runs = [("masked_attention", None), ("masked_attention", "simt"),
+            ("masked_attention", "tf32x3"), ("patch_stats", None)]
+    for name, fp32_math in runs:
+        builder, sizes, dtype = cases[name]
+        if fp32_math:
+            dtype = torch.float32
+            os.environ["REGHARM_CUDA_FP32_MATH"] = fp32_math
+        make, run_with = builder(sizes, device, dtype)
+        inputs = make()
+        outs = run_with("native")(*inputs)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        sum(o.float().sum() for o in outs).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"ran {name} {dtype} {fp32_math or ''}".rstrip(), flush=True)
+    os.environ.pop("REGHARM_CUDA_FP32_MATH", None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="store_true", help="run the workload itself (what ncu wraps)")
+    ap.add_argument("--device", default="cuda", help="the workload's device (cpu: quick sizes)")
+    ap.add_argument("--budget", type=float, default=90.0, help="seconds ncu may take")
+    args = ap.parse_args(argv)
+    if args.run:
+        _workload(args.device)
+        return 0
+    print(f"profile: budget {args.budget:.0f} s", flush=True)
+    if args.device.startswith("cuda") and not cuda_available():
+        print("no CUDA device here: nothing to profile (--run --device cpu runs the workload)")
+        return 2
+    ncu = find_tool("ncu", "NCU")
+    if ncu is None:
+        print("ncu (Nsight Compute) not found (NCU, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+        return 2
+    cmd = [ncu, "--kernel-name", KERNELS, "--launch-count", "40", "--clock-control", "none",
+           *[a for s in SECTIONS for a in ("--section", s)], "--print-summary", "per-kernel",
+           sys.executable, os.path.abspath(__file__), "--run", "--device", args.device]
+    print("== " + " ".join(cmd), flush=True)
+    output, rc = run_tool(cmd, args.budget)
+    print(output[-60000:], flush=True)
+    print(f"ncu: rc {rc}")
+    return 0 if rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
