@@ -10,7 +10,8 @@
 # The whole script ends by DEADLINE_S (default 570 s) so that a device call of 600 s returns its
 # files; every step has its own limit within that and is interrupted with SIGINT (pytest and
 # gpu_bench still write what they have). A failing step does not stop the next ones. Each step
-# logs to OUT_DIR/<step>.log; OUT_DIR/steps.log sums up rc and seconds. At most 8 files.
+# logs to OUT_DIR/<step>.log (sanitize and ncu together to diagnose.log); OUT_DIR/steps.log sums
+# up rc and seconds and holds the env facts. At most 8 files come back from the device.
 # REGHARM_COMMIT names the commit where the tree travelled without .git.
 # From a session with the device tool (commit first): run with timeout_s=600 and the command
 #     REGHARM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh "$OUT"
