@@ -75,8 +75,7 @@ def _driver(device_name: str) -> int:
 
     for case in patch_cases:
         for dtype in dtypes:
-            x, bg, w, b = make_patch_inputs(**case, dtype=torch.float64)
-            x, bg, w, b = (t.to(dtype) for t in (x, bg, w, b))  # the inputs as the dtype holds them
+            x, bg, w, b = make_patch_inputs(**case, dtype=dtype)  # the reference gets these too
 
             def ps(x_, w_, b_, bg_, backend, case=case):
                 return patch_stats(x_, bg_.to(x_.dtype), w_, b_, case["patch"], case["stride"],

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "cuda_glue.h"
 #include "kernels.h"
@@ -18,10 +19,12 @@ namespace {
 constexpr const char* kOp = "regharm::patch_stats (CUDA)";
 constexpr const char* kOpBw = "regharm::patch_stats_backward (CUDA)";
 
-// Called under a guard on x's device (the shared-memory check asks that device).
-PatchShape check_args(const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight,
-                      const at::Tensor* bias, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
-                      double eps, double min_mass, const char* op) {
+// The checked sizes and the kernels' shape of them. Called under a guard on x's device (the
+// shared-memory check asks that device).
+std::pair<PatchDims, PatchShape> check_args(const at::Tensor& x, const at::Tensor& bg,
+                                            const at::Tensor& weight, const at::Tensor* bias,
+                                            int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                                            double eps, double min_mass, const char* op) {
   const PatchDims d = check_patch_args(OnCuda{op, x.device()}, x, bg, weight, bias, ph, pw, sh,
                                       sw, eps, min_mass, op);
   PatchShape s{};
@@ -34,7 +37,7 @@ PatchShape check_args(const at::Tensor& x, const at::Tensor& bg, const at::Tenso
   TORCH_CHECK(patch_stats_fits(dtype_tag(x), s, &need, &have), op, ": a patch of (", ph, ", ", pw,
               ") needs ", need, " bytes of shared memory, the GPU offers ", have,
               "; use a smaller patch");
-  return s;
+  return {d, s};
 }
 
 XStrides strides_of_x(const at::Tensor& x) {
@@ -47,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_stats_cuda(
     int64_t ph, int64_t pw, int64_t sh, int64_t sw, double eps, double min_mass) {
   TORCH_CHECK(x.defined() && x.is_cuda(), kOp, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const PatchShape s = check_args(x, bg, weight, &bias, ph, pw, sh, sw, eps, min_mass, kOp);
+  const auto [d, s] = check_args(x, bg, weight, &bias, ph, pw, sh, sw, eps, min_mass, kOp);
   const auto acc = acc_dtype(x);
   // x and bg are read through their strides; the small parameters are made contiguous
   const auto bga = bg.to(acc);
@@ -74,9 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cuda(
     int64_t sw, double eps, double min_mass) {
   TORCH_CHECK(x.defined() && x.is_cuda(), kOpBw, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const PatchShape s = check_args(x, bg, weight, nullptr, ph, pw, sh, sw, eps, min_mass, kOpBw);
-  check_patch_saved(OnCuda{kOpBw, x.device()}, PatchDims{s.B, s.C, s.H, s.W, s.Kh, s.Kw},
-                    grad_mu, grad_sigma, grad_content, mu, sigma, mass, kOpBw);
+  const auto [d, s] = check_args(x, bg, weight, nullptr, ph, pw, sh, sw, eps, min_mass, kOpBw);
+  check_patch_saved(OnCuda{kOpBw, x.device()}, d, grad_mu, grad_sigma, grad_content, mu, sigma,
+                    mass, kOpBw);
 
   const auto acc = acc_dtype(x);
   const auto bga = bg.to(acc);
