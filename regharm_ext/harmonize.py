@@ -294,6 +294,7 @@ def main(argv=None) -> int:
             if a.explain is not None:
                 _check_explainable(model)
             process_arrays(model, img, mask, a.out, a.explain, device)
+            print(a.out if a.explain is None else f"{a.out}\n{a.explain}")  # as folder mode lists them
             return 0
         if not a.input_dir.is_dir():
             raise InputError(f"input folder not found: {a.input_dir}")

@@ -270,7 +270,7 @@ for lean in (10**12, 0):                         # torch's resize, then Pillow's
         f.write("5")
     before = status("VmRSS:")
     assert h.main(sys.argv[11:]) == 0
-    print(status("VmHWM:") - before)
+    print("peak", status("VmHWM:") - before)     # the CLI prints what it wrote on the same stdout
 """
 
 
@@ -293,7 +293,8 @@ def test_memory_estimate_covers_a_real_run(tmp_path):
     if proc.returncode and "clear_refs" in proc.stderr:
         pytest.skip("cannot reset the peak RSS here")
     assert proc.returncode == 0, proc.stderr
-    peaks = [int(v) for v in proc.stdout.split()[-2:]]
+    peaks = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("peak ")]
+    assert len(peaks) == 2, proc.stdout
     w, h = sizes[1]
     estimated = [hz.memory_needed(w, h, True) - hz._MODEL_BYTES]
     estimated.append(estimated[0] - 16 * w * h)               # no float copies on Pillow's path

@@ -38,6 +38,7 @@ def test_cli_keeps_size_and_background_exactly(tmp_path):
                            "--image", str(image), "--mask", str(mask), "--out", str(out),
                            "--explain", str(explain)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(out), str(explain)]  # what was written, as in folder mode
     src = np.asarray(Image.open(image).convert("RGB"))
     res = Image.open(out)
     assert res.size == (1000, 750) and res.mode == "RGB"
