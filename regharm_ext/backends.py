@@ -41,7 +41,32 @@ def _module(name: str):
     # an already imported backend is looked up, not imported: torch.compile cannot trace
     # importlib, and this lookup lets it compile the ops with fullgraph=True
     mod = sys.modules.get(_MODULES[name])
-    return mod if mod is not None else importlib.import_module(_MODULES[name])
+    if mod is not None:
+        return mod
+    if torch.compiler.is_compiling():
+        raise BackendUnavailable(
+            f"backend {name!r} was first needed inside torch.compile, which cannot import it; "
+            f"call regharm_ext.backends.preload({name!r}) (or run the model once) before compiling")
+    return importlib.import_module(_MODULES[name])
+
+
+def preload(backend: Optional[str] = None) -> None:
+    """Imports the backend modules an op may pick, so that ``torch.compile`` finds them imported.
+
+    ``backend``: that one; None: ``REGHARM_BACKEND``'s, else on a machine with a GPU the CUDA
+    choices up to the first that can run (``triton`` only where ``native`` has no CUDA kernels).
+    The layers call this when they are built. A backend that cannot be imported is skipped here:
+    using it reports why.
+    """
+    name = backend or os.environ.get(_ENV) or None
+    if name is not None:
+        if name in NAMES:
+            unavailable_reason(name, "cpu")  # imports it; any reason is given again on use
+        return
+    if torch.cuda.is_available():
+        for cand in _PREFERENCE["cuda"]:
+            if unavailable_reason(cand, "cuda") is None:
+                break
 
 
 def unavailable_reason(name: str, device: Union[str, torch.device]) -> Optional[str]:

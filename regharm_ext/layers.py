@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backends import preload
 from .ops import masked_attention, patch_stats
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
@@ -83,6 +84,7 @@ class PTL(nn.Module):
         self.channels = channels
         self.patch, self.stride = _as_pair(patch), _as_pair(stride)
         self.eps, self.min_mass, self.backend = eps, min_mass, backend
+        preload(backend)  # torch.compile cannot import a backend while it traces
         self.scale = channels ** -0.5 if scale == "auto" else float(scale)
         fixed = all(isinstance(p, int) and not isinstance(p, bool) for p in self.patch)
         if fixed or feature_size is not None:
@@ -213,6 +215,7 @@ class LTL(nn.Module):
     def __init__(self, channels: int, heads: int = 1, backend: Optional[str] = None):
         super().__init__()
         self.channels, self.backend = channels, backend
+        preload(backend)
         self.attn = SelfAttention(channels, heads)
         self.fuse = nn.Linear(2 * channels, channels)
 

@@ -125,7 +125,8 @@ def check_compiled_matches_eager(backend, device, compile_backend="inductor", C=
     x = torch.randn(2, C, H, H, device=device)
     mask = two_masks(mask_size or H, device)
     outs = {}
-    for name, fn in (("eager", mod), ("compiled", torch.compile(mod, fullgraph=True, backend=compile_backend))):
+    # compiled first: a user may compile before any eager call (nothing imported or cached yet)
+    for name, fn in (("compiled", torch.compile(mod, fullgraph=True, backend=compile_backend)), ("eager", mod)):
         xi = x.clone().requires_grad_()
         out = fn(xi, mask)
         grads = torch.autograd.grad((out * out).sum(), [xi] + list(mod.parameters()))

@@ -113,6 +113,46 @@ def test_env_override_and_unknown_backend(monkeypatch):
         masked_attention(q, k, v, kb, qm, backend="cudnn")
 
 
+
+def _fresh_python(code):
+    """Runs ``code`` in a new interpreter (which modules are imported is per process)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in __import__("os").environ.items() if k != "REGHARM_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_layers_import_their_backend_before_torch_compile_traces():
+    """Dynamo cannot trace an import: a layer built with backend="triton" imports it when it is
+    built, so that a model compiled before any eager call compiles with fullgraph=True; the
+    default choice on a CPU machine imports no Triton."""
+    out = _fresh_python(
+        "import sys; from regharm_ext import LTL, PTL\n"
+        "m = 'regharm_ext.ops.triton_backend'\n"
+        "PTL(8); LTL(8); print(m in sys.modules)\n"
+        "PTL(8, backend='triton'); print(m in sys.modules)\n")
+    assert out.split() == ["False", "True"]
+
+
+def test_backend_first_needed_inside_compile_says_what_to_do():
+    """An op whose backend module is not imported yet, first called inside torch.compile, fails
+    with the fix in words instead of dynamo's 'importlib is skipped'; eager calls still import."""
+    out = _fresh_python(
+        "import sys, torch\n"
+        "from regharm_ext.ops import patch_stats\n"
+        "del sys.modules['regharm_ext.ops.reference']\n"
+        "f = lambda x, bg, w, b: patch_stats(x, bg, w, b, 4, 2, backend='reference')[0]\n"
+        "args = (torch.randn(1, 2, 8, 8), torch.ones(1, 1, 8, 8), torch.ones(16), torch.zeros(1))\n"
+        "try:\n"
+        "    torch.compile(f, fullgraph=True, backend='eager')(*args)\n"
+        "except Exception as e:\n"
+        "    print('preload' in str(e) and 'inside torch.compile' in str(e))\n"
+        "print(f(*args).shape == (1, 9, 2))\n")
+    assert out.split() == ["True", "True"]
+
 BAD_PATCH = [
     (dict(x=torch.zeros(3, 8, 8)), ValueError, r"x must have shape \(B, C, H, W\)"),
     (dict(bg=torch.zeros(2, 1, 8, 7)), ValueError, r"bg must have shape"),
