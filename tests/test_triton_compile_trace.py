@@ -1,0 +1,29 @@
+"""torch.compile(fullgraph=True) of PTL + LTL on the `triton` backend traces on a CPU machine:
+every kernel launch of the forward and of the backward lands in the graphs, and torch's mutation
+analysis lowers each kernel (tests/triton_compile_trace.py; the GPU runs the compiled module in
+tests/test_triton_cuda.py)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the triton backend needs triton")
+
+DRIVER = Path(__file__).with_name("triton_compile_trace.py")
+# PTL: patch_stats, then its attention; LTL: one attention. Backward: each in reverse.
+FORWARD = sorted(["_ps_fwd", "_attn_fwd", "_attn_fwd"])
+BACKWARD = sorted(["_ps_bwd_patch", "_ps_bwd_pixel"] + 2 * ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_ptl_ltl_traces_every_triton_launch(dtype):
+    proc = subprocess.run([sys.executable, str(DRIVER), "--dtype", dtype], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["error"] is None, report["error"]
+    assert report["mutation_fallbacks"] == 0, "torch could not lower a kernel to find what it writes"
+    assert report["fw"] == FORWARD
+    assert report["bw"] == BACKWARD
