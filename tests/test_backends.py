@@ -8,8 +8,8 @@ import torch
 import regharm_ext
 from regharm_ext.backends import BackendUnavailable, unavailable_reason
 from regharm_ext.ops import masked_attention, patch_stats
-from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close, make_attention_inputs,
-                     make_patch_inputs)
+from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close, check_compiled_matches_eager,
+                     make_attention_inputs, make_patch_inputs)
 
 FAST = [pytest.param(n, marks=pytest.mark.skipif(unavailable_reason(n, "cpu") is not None,
                                                   reason=f"{n}: {unavailable_reason(n, 'cpu')}"))
@@ -135,6 +135,13 @@ def test_layers_import_their_backend_before_torch_compile_traces():
         "PTL(8); LTL(8); print(m in sys.modules)\n"
         "PTL(8, backend='triton'); print(m in sys.modules)\n")
     assert out.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_torch_compile_fullgraph_ptl_ltl(backend):
+    """The pure-PyTorch backends compile with fullgraph=True too (the fallback where the
+    extension is not built); `torch` gathers the active queries only when not compiled."""
+    check_compiled_matches_eager(backend, "cpu", "aot_eager", C=8, H=12, mask_size=24)
 
 
 def test_backend_first_needed_inside_compile_says_what_to_do():

@@ -73,6 +73,11 @@ def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scal
     """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked."""
     if query_mask is None:
         return _attend(q, k, v, key_bias, scale)
+    if torch.compiler.is_compiling():
+        # a compiled graph cannot size a tensor by the number of active queries (data): every
+        # query is computed and the inactive ones zeroed, as the gather below would leave them
+        out = _attend(q, k, v, key_bias, scale)
+        return torch.where(query_mask[..., None], out, torch.zeros_like(out))
     B, L, _ = q.shape
     counts = query_mask.sum(1)
     lmax = int(counts.max()) if B else 0
