@@ -2,6 +2,10 @@
 
 Triton has its own file (it needs the interpreter); CUDA tests live in *_cuda*.py files.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -113,12 +117,11 @@ def test_env_override_and_unknown_backend(monkeypatch):
         masked_attention(q, k, v, kb, qm, backend="cudnn")
 
 
-
 def _fresh_python(code):
-    """Runs ``code`` in a new interpreter (which modules are imported is per process)."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in __import__("os").environ.items() if k != "REGHARM_BACKEND"}
+    """Runs ``code`` in a new interpreter (which modules are imported is per process), with the
+    default backend choice of a CPU machine."""
+    env = {k: v for k, v in os.environ.items() if k != "REGHARM_BACKEND"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,6 +162,7 @@ def test_backend_first_needed_inside_compile_says_what_to_do():
         "    print('preload' in str(e) and 'inside torch.compile' in str(e))\n"
         "print(f(*args).shape == (1, 9, 2))\n")
     assert out.split() == ["True", "True"]
+
 
 BAD_PATCH = [
     (dict(x=torch.zeros(3, 8, 8)), ValueError, r"x must have shape \(B, C, H, W\)"),
