@@ -46,7 +46,8 @@ def _module(name: str):
     if torch.compiler.is_compiling():
         raise BackendUnavailable(
             f"backend {name!r} was first needed inside torch.compile, which cannot import it; "
-            f"call regharm_ext.backends.preload({name!r}) (or run the model once) before compiling")
+            f"run `from regharm_ext.backends import preload; preload({name!r})` (or the model "
+            f"once) before compiling")
     return importlib.import_module(_MODULES[name])
 
 
@@ -64,9 +65,7 @@ def preload(backend: Optional[str] = None) -> None:
             unavailable_reason(name, "cpu")  # imports it; any reason is given again on use
         return
     if torch.cuda.is_available():
-        for cand in _PREFERENCE["cuda"]:
-            if unavailable_reason(cand, "cuda") is None:
-                break
+        resolve(None, torch.device("cuda"))  # the automatic choice imports what it tries
 
 
 def unavailable_reason(name: str, device: Union[str, torch.device]) -> Optional[str]:
