@@ -186,8 +186,9 @@ def patch_case(s, device, dtype):
 
 def kernel_profile(fn, device, top=8):
     """Where one call's time goes: on a GPU the CUDA kernels (torch.profiler), on CPU the ops'
-    self time; [(name, calls, total µs)], largest first. For the next optimisation step, read
-    from the JSON."""
+    self time; ([(name, calls, total µs)] largest first, the sum over all of them in µs). On a
+    GPU, that sum well under the measured time means the host (launches, Python) sets the pace.
+    For the next optimisation step, read from the JSON."""
     from torch.profiler import ProfilerActivity, profile
     from torch.autograd import DeviceType
     cuda = device.type == "cuda"
@@ -205,7 +206,7 @@ def kernel_profile(fn, device, top=8):
         for e in prof.key_averages():
             totals[e.key] = (e.count, e.self_cpu_time_total)
     rows = sorted(((n[:100], c, round(us, 1)) for n, (c, us) in totals.items()), key=lambda r: -r[2])
-    return rows[:top]
+    return rows[:top], round(sum(us for _, us in totals.values()), 1)
 
 
 PROFILED = {"patch_stats", "masked_attention", "ptl", "ptl_bf16", "ltl128"}
@@ -463,7 +464,8 @@ def main(argv=None):
                     entry["fwd_bwd_ms"], entry["fwd_bwd_peak_mb"], entry["fwd_bwd_reps"] = timer.measure(fwd_bwd)
                     if name in PROFILED and impl in ("native", "triton"):
                         try:   # extra information: a profiler failure must not cost the timings
-                            entry["fwd_bwd_profile"] = kernel_profile(fwd_bwd, device)
+                            entry["fwd_bwd_profile"], entry["fwd_bwd_kernel_us"] = \
+                                kernel_profile(fwd_bwd, device)
                         except Exception as exc:  # noqa: BLE001
                             entry["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
             except Exception as exc:  # keep going: one backend failing must not lose the rest

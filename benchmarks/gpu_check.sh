@@ -2,6 +2,7 @@
 # The one script a GPU session runs, from the repository root:
 #     REGHARM_COMMIT=<hash> bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/run)
 # 1. env: GPU, versions, commit (into steps.log)  2. build: editable install with the CUDA ops for sm_90
+# 2b. throw: benchmarks/cuda_throw_check.py (errors raised in the CUDA glue), into diagnose.log
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
 # 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
@@ -17,6 +18,8 @@
 #     REGHARM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh "$OUT"
 # then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
+# A rerun that checks fixes first (build, tests, sanitizer, then some acceptance numbers, ~4 min):
+#     BENCH_LAST=1 NCU=0 SUITE=0 DEADLINE_S=240 BENCH_ARGS="--only ptl,masked_attention" bash benchmarks/gpu_check.sh "$OUT"
 # A focused rerun (build + some acceptance numbers, ~3 min):
 #     TESTS=0 SANITIZE=0 NCU=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
 set -u
@@ -69,9 +72,21 @@ step build 150 bash -c 'export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16;
 assert torch._C._dispatch_has_kernel_for_dispatch_key(\"regharm::patch_stats\", \"CUDA\"), \"built without CUDA\""' "$PY"
 fi
 
-# the acceptance numbers first: they are what a GPU session is for
+# an argument error raised in the CUDA glue must reach Python (a pytest worker once segfaulted
+# at one); a native backtrace from cuda-gdb when it does not. Into diagnose.log (8 files come back)
+: >"$OUT_DIR/diagnose.log"
+if [ "${THROW:-1}" = 1 ]; then
+step --log diagnose.log throw 60 bash -c '"$0" benchmarks/cuda_throw_check.py && exit 0
+  gdb=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
+  echo "== rerun under $gdb"; timeout 40 "$gdb" -q -batch -ex run -ex bt --args "$0" benchmarks/cuda_throw_check.py
+  exit 1' "$PY"
+fi
+
+# the acceptance numbers first: they are what a GPU session is for (BENCH_LAST=1: after the
+# tests and the sanitizer instead, for a rerun that checks fixes first)
 # shellcheck disable=SC2086
-step bench 200 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}
+bench() { step bench 200 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}; }
+[ "${BENCH_LAST:-0}" = 1 ] || bench
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
 xdist=()
@@ -91,6 +106,8 @@ fi
 if [ "${NCU:-1}" = 1 ]; then
 step --log diagnose.log ncu 75 bash -c '"$0" benchmarks/ncu_kernels.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"
 fi
+
+[ "${BENCH_LAST:-0}" = 1 ] && bench
 
 if [ "${SUITE:-1}" = 1 ]; then
 # ops first (the floor and paper-point rows), then layers (Tables 3/4, sweeps), then end to end

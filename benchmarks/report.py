@@ -327,9 +327,14 @@ def acceptance_section(gb: Dict) -> str:
         total = sum(us for _, _, us in prof or ())
         if prof and total > 0:
             top = ", ".join(f"`{_short(n)}` {100 * us / total:.0f} %" for n, _, us in prof[:3])
-            shares.append(f"- `{r['bench']}` on `{r['backend']}`: {top}")
+            busy = r.get("fwd_bwd_kernel_us")
+            busy = (f"; all kernels {fmt_time(busy / 1e6)} of the {fmt_time(r['fwd_bwd_ms'] / 1e3)} measured"
+                    if busy else "")
+            shares.append(f"- `{r['bench']}` on `{r['backend']}`: {top}{busy}")
     if shares:
-        lines += ["", "Where the fwd+bwd time goes (the 3 largest kernels, as shares of the 8 largest):", *shares]
+        lines += ["", "Where the fwd+bwd time goes (the 3 largest kernels, as shares of the 8 largest; "
+                  "kernel time well under the measured time means launches and Python set the pace):",
+                  *shares]
     if gb.get("skipped"):
         lines += ["", "Not run: " + "; ".join(f"`{s['bench']}`/`{s['backend']}` ({s['reason']})"
                                               for s in gb["skipped"][:6])

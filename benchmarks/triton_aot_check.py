@@ -9,6 +9,7 @@ machine.
 
     python benchmarks/triton_aot_check.py            # triton's bundled ptxas/cuobjdump, no GPU
     python benchmarks/triton_aot_check.py --json out.json
+    python benchmarks/triton_aot_check.py --float fp64   # Python floats typed as torch.compile types them
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class _Indexable:
         return self.fn(grid)
 
 
-def _signature(kernel, args, kwargs):
+def _signature(kernel, args, kwargs, float_type="fp32"):
     names = kernel.arg_names
     sig, constexprs = {}, {}
     for name, value in zip(names, args):
@@ -69,7 +70,7 @@ def _signature(kernel, args, kwargs):
         elif isinstance(value, int):
             sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
         elif isinstance(value, float):
-            sig[name] = "fp32"
+            sig[name] = float_type
         else:
             raise TypeError(f"{kernel.__name__}: argument {name} of type {type(value)}")
     options = {}
@@ -141,6 +142,11 @@ def main(argv=None):
     ap.add_argument("--arch", default="sm_90", help="sm_XX target (90 = H100/H200)")
     ap.add_argument("--json", help="write the per-launch report here")
     ap.add_argument("--kernels", default="", help="only kernels whose name contains this")
+    ap.add_argument("--float", default="fp32", choices=("fp32", "fp64"),
+                    help="type of Python float arguments: fp32 as a direct launch passes them, "
+                         "fp64 as torch.compile's inductor does")
+    ap.add_argument("--one-per-kernel", action="store_true",
+                    help="only the first matching launch of each kernel (a quick check)")
     ap.add_argument("--dtypes", default="", help="only launches with these pointer types, e.g. fp16,bf16")
     args = ap.parse_args(argv)
     cc = int(args.arch.split("_")[1].rstrip("a"))
@@ -149,11 +155,12 @@ def main(argv=None):
     for kernel, grid, a, kw in capture_launches():
         if args.kernels and args.kernels not in kernel.__name__:
             continue
-        sig, constexprs, options = _signature(kernel, a, kw)
+        sig, constexprs, options = _signature(kernel, a, kw, args.float)
         if args.dtypes and not any(f"*{t}" in sig.values() for t in args.dtypes.split(",")):
             continue
-        key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())))
+        key = (kernel.__name__,) if args.one_per_kernel else \
+            (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
+             tuple(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)

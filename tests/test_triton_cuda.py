@@ -91,10 +91,12 @@ def test_masked_attention_no_mask_cuda():
 def test_float32_follows_torch_tf32_flag(monkeypatch):
     """TF32 tensor cores for float32 only when PyTorch's matmul flag allows them."""
     q, k, v, kb, qm = make_attention_inputs(B=2, L=300, N=200, D=64, E=128, device="cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     exact = masked_attention(q, k, v, kb, qm, backend="triton")
+    # the reference's own matmuls follow the flag too: computed before TF32 is allowed
+    want = masked_attention(q, k, v, kb, qm, backend="reference")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     fast = masked_attention(q, k, v, kb, qm, backend="triton")
-    want = masked_attention(q, k, v, kb, qm, backend="reference")
     torch.testing.assert_close(fast, want, atol=1e-2, rtol=1e-2)
     assert_close(exact, want, torch.float32)
 

@@ -253,6 +253,7 @@ __device__ __forceinline__ A online_softmax_row(const A* srow, const A* bias, A 
   }
   sum = warp_sum(sum);
   const A alpha = fast_exp(m_old - m_new);  // 0 when m_old = -inf
+  __syncwarp();  // every lane has read *m before lane 0 replaces it
   if (lane == 0) {
     *m = m_new;
     *l = *l * alpha + sum;
@@ -365,7 +366,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = warp; r < a.BM; r += nwarps)
         online_softmax_row<false, T>(sm.s + r * sm.lds, sm.bias, a.scale, a.BN, sm.m + r,
                                      sm.l + r, static_cast<T*>(nullptr));
-      // the next load_bias_tile's barrier orders these reads of sm.s before the next product
+      // load_bias_tile writes sm.bias before its barrier: the softmax must be done with it
+      __syncthreads();
     }
   }
   __syncthreads();

@@ -83,6 +83,7 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = LSE.dtype.element_ty
+    scale = tl.cast(scale, acc_t)  # torch.compile passes Python floats as fp64, a launch as fp32
     rows, row_ok, count = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -140,6 +141,7 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
+    scale = tl.cast(scale, acc_t)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
     offs_d = tl.arange(0, BD)
@@ -195,6 +197,7 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
+    scale = tl.cast(scale, acc_t)
     rows, row_ok, count = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)

@@ -57,6 +57,9 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, mi
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     acc_t = MU.dtype.element_ty
+    # torch.compile passes Python floats as fp64, a direct launch as fp32
+    eps = tl.cast(eps, acc_t)
+    min_mass = tl.cast(min_mass, acc_t)
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
     xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
@@ -105,6 +108,7 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     acc_t = ABG.dtype.element_ty
+    min_mass = tl.cast(min_mass, acc_t)
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
     xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
