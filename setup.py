@@ -38,6 +38,28 @@ def _set_cuda_home() -> None:
             return
 
 
+def _shared_libstdcxx() -> list:
+    """The shared libstdc++ this process runs with (torch loaded it), as a linker input.
+
+    A compiler whose library path finds libstdc++.a before libstdc++.so links a private static
+    copy into ``_C`` (seen on the GPU image, whose CXX=/opt/gcc/bin/g++ wrapper puts a folder with
+    only libstdc++.a first). That copy's iostreams never get their locale set up, so every
+    argument error whose message holds a number (a shape) crashes or comes out cut short. Naming
+    the process's own libstdc++.so.6 makes the link resolve to it; where the compiler would have
+    linked it anyway this changes nothing."""
+    try:
+        import torch  # noqa: F401  (loads libstdc++ the way the extension will run)
+
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:  # not Linux: nothing to do
+        pass
+    return []
+
+
 def cuda_wanted() -> bool:
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -55,6 +77,7 @@ def extensions():
 
     sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17"]
+    link = _shared_libstdcxx()
     if cuda_wanted() and _rel("csrc/cuda/*.cu"):
         ext = CUDAExtension(
             "regharm_ext._C",
@@ -63,10 +86,11 @@ def extensions():
             define_macros=[("REGHARM_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
                                                      "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension("regharm_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

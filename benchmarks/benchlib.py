@@ -82,8 +82,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> Tuple[Optional[str], Optional[bool]]:
-    """(commit, dirty) of the checkout; where the tree travelled without .git (a device copy),
-    the commit named by ``REGHARM_COMMIT`` (dirty unknown: None)."""
+    """(commit, dirty) of the checkout, or the commit named by ``REGHARM_COMMIT`` (dirty unknown:
+    None) where that is set: a device copy of the tree can carry a .git from an earlier commit
+    (seen: HEAD at the session's first commit under a later working tree)."""
+    if os.environ.get("REGHARM_COMMIT"):
+        return os.environ["REGHARM_COMMIT"], None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
@@ -92,7 +95,7 @@ def git_commit() -> Tuple[Optional[str], Optional[bool]]:
             capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return (commit, dirty) if commit else (os.environ.get("REGHARM_COMMIT") or None, None)
+    return commit, dirty
 
 
 def machine_facts(device: torch.device) -> Dict:

@@ -13,7 +13,7 @@
 # gpu_bench still write what they have). A failing step does not stop the next ones. Each step
 # logs to OUT_DIR/<step>.log (sanitize and ncu together to diagnose.log); OUT_DIR/steps.log sums
 # up rc and seconds and holds the env facts. At most 8 files come back from the device.
-# REGHARM_COMMIT names the commit where the tree travelled without .git.
+# REGHARM_COMMIT names the commit the tree is (the device copy's .git can be stale).
 # From a session with the device tool (commit first): run with timeout_s=600 and the command
 #     REGHARM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh "$OUT"
 # then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
@@ -60,7 +60,7 @@ step() {  # step [--log FILE] NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S 
 : >"$OUT_DIR/steps.log"
 echo "== env" | tee -a "$OUT_DIR/steps.log"   # in steps.log: the 8 files back are all taken
 timeout 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
-  git rev-parse HEAD 2>/dev/null || echo "no .git; REGHARM_COMMIT=${REGHARM_COMMIT:-unset}"; nproc;
+  echo "REGHARM_COMMIT=${REGHARM_COMMIT:-unset} (what the JSON records; git HEAD here: $(git rev-parse HEAD 2>/dev/null || echo none))"; nproc;
   "$0" -c "import sys, torch; print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name())";
   "$0" -c "import triton; print(\"triton\", triton.__version__)"' "$PY" 2>&1 | tee -a "$OUT_DIR/steps.log"
 
@@ -94,7 +94,7 @@ xdist=()
 export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 compilers in each
 if [ "${TESTS:-1}" = 1 ]; then
 step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py \
-  tests/test_crash_safety.py -k "cuda" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
+  tests/test_crash_safety.py tests/test_native.py -k "cuda or libstdcxx" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
 fi
 
 # the GPU's own view of the CUDA kernels, both into diagnose.log (8 files come back at most):

@@ -253,6 +253,26 @@ def test_native_is_the_default_on_cpu(monkeypatch):
 
 
 @needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an ELF check: Linux only")
+def test_extension_uses_the_shared_libstdcxx():
+    """_C must run on the process's libstdc++, not a static copy of its own: a copy's iostreams
+    have no locale, so messages with numbers in them crash or come out cut short (seen with the
+    GPU image's compiler wrapper; setup.py names the shared library to the linker)."""
+    import shutil
+
+    import regharm_ext._C as ext
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    dyn = subprocess.run([readelf, "-d", ext.__file__], capture_output=True, text=True).stdout
+    assert "[libstdc++.so.6]" in dyn, f"{ext.__file__} does not need libstdc++.so.6:\n{dyn}"
+    syms = subprocess.run([readelf, "-W", "--dyn-syms", ext.__file__], capture_output=True,
+                          text=True).stdout
+    own = [ln for ln in syms.splitlines() if "_ZNSt7codecvt" in ln and " UND " not in ln]
+    assert not own, f"{ext.__file__} defines libstdc++'s own symbols: {own[:3]}"
+
+
+@needs_native
 def test_kernel_argument_errors_name_the_argument():
     x, bg, w, b = make_patch_inputs(1, 2, 10, 10, (3, 3), (1, 1))
     with pytest.raises(RuntimeError, match="bg must have shape"):
