@@ -23,19 +23,54 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask, size=size, mode="area")
 
 
+def _weighted_stats(xa: torch.Tensor, w: torch.Tensor):
+    """x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0)."""
+    mass = w.sum((2, 3), keepdim=True)
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    mu = (w * xa).sum((2, 3), keepdim=True) / safe
+    d = xa - mu
+    sq = d * d
+    sq = sq * w if torch.is_grad_enabled() else sq.mul_(w)  # in place only where nothing records it
+    return d, sq.sum((2, 3), keepdim=True) / safe, w / safe
+
+
+class _MaskedInstanceNorm(torch.autograd.Function):
+    """``y = (x - mu) · r``, ``r = (var + eps)^-1/2``, with the analytic backward
+    ``dx = r · (g - (w / mass) · (Σg + y · Σ g·y))`` (the weights are data: no gradient). It keeps
+    y and the per-channel r for the backward, where autograd of the plain formula keeps x - mu
+    twice and its square: three more tensors of x's size (the PTL peak, benchmarks/PERF_NOTES.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        d, var, w_norm = _weighted_stats(x.to(dt), weight.to(dt))
+        r = torch.rsqrt(var + eps)
+        y = d.mul_(r)
+        ctx.save_for_backward(y, r, w_norm)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, r, w_norm = ctx.saved_tensors
+        g = grad.to(y.dtype)
+        sum_g = g.sum((2, 3), keepdim=True)
+        sum_gy = (g * y).sum((2, 3), keepdim=True)
+        dx = (g - w_norm * (sum_g + y * sum_gy)) * r
+        return dx.to(grad.dtype), None, None
+
+
 def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Instance norm of x (Tensor[B, C, H, W]) with statistics over ``weight`` (Tensor[B, 1, H, W]).
 
     ``(x - mu) / sqrt(var + eps)`` at every position, ``mu``/``var`` the weighted mean/variance of
     each channel. An image whose weights sum to 0 gets ``mu = 0, var = 0`` (callers discard it).
+    Gradients flow to ``x``; a ``weight`` that needs a gradient takes the plain autograd formula.
     """
+    if not weight.requires_grad:
+        return _MaskedInstanceNorm.apply(x, weight, eps)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xa, w = x.to(dt), weight.to(dt)
-    mass = w.sum((2, 3), keepdim=True)
-    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-    mu = (w * xa).sum((2, 3), keepdim=True) / safe
-    var = (w * (xa - mu) ** 2).sum((2, 3), keepdim=True) / safe
-    return ((xa - mu) / torch.sqrt(var + eps)).to(x.dtype)
+    d, var, _ = _weighted_stats(x.to(dt), weight.to(dt))
+    return (d / torch.sqrt(var + eps)).to(x.dtype)
 
 
 def _resolve_size(value, extent: int, name: str) -> int:

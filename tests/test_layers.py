@@ -113,3 +113,45 @@ def test_layers_reject_wrong_channels_and_sizes():
     ptl = PTL(8, feature_size=(32, 32))
     with pytest.raises(ValueError, match="training resolution"):
         ptl(torch.zeros(1, 8, 64, 64), torch.zeros(1, 1, 64, 64))
+
+
+def _norm_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 7, 5, generator=g, dtype=dtype)
+    w = torch.rand(3, 1, 7, 5, generator=g, dtype=dtype)
+    w[1] = 0           # no weight at all: mu = var = 0
+    w[2, :, :3] = 0    # weights on part of the image only
+    return x, w
+
+
+def test_masked_instance_norm_gradcheck():
+    x, w = _norm_inputs()
+    assert torch.autograd.gradcheck(lambda t: masked_instance_norm(t, w), (x.requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_instance_norm_backward_matches_autograd_of_the_formula(dtype):
+    """The analytic backward (data weights) against autograd of the plain formula, which a
+    weight that needs a gradient takes."""
+    x, w = (t.to(dtype) for t in _norm_inputs())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = masked_instance_norm(xa, w)
+    b = masked_instance_norm(xb, w.clone().requires_grad_())
+    grad = torch.randn_like(a)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a, xa, grad)[0], torch.autograd.grad(b, xb, grad)[0])
+
+
+def test_masked_instance_norm_keeps_one_tensor_of_x_size_for_backward():
+    """PTL's peak memory: autograd of the plain formula saves x - mu twice (and more)."""
+    x, w = _norm_inputs(torch.float32)
+    saved = set()
+
+    def pack(t):
+        if t.numel() == x.numel():
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        masked_instance_norm(x.requires_grad_(), w)
+    assert len(saved) == 1
