@@ -209,6 +209,18 @@ def kernel_profile(fn, device, top=8):
     return rows[:top], round(sum(us for _, us in totals.values()), 1)
 
 
+def host_profile(fn, top=10):
+    """What the host does during one call: the ops' self CPU time (torch.profiler, CPU activity
+    only) [(name, calls, µs)] largest first. A custom op's self time holds its Python wrapper and
+    its kernel launches; on a GPU run whose kernels take a small share of the measured time (see
+    kernel_profile) this says which of them to cut."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = [(e.key[:100], e.count, round(e.self_cpu_time_total, 1)) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 PROFILED = {"patch_stats", "masked_attention", "ptl", "ptl_bf16", "ltl128"}
 
 
@@ -466,6 +478,7 @@ def main(argv=None):
                         try:   # extra information: a profiler failure must not cost the timings
                             entry["fwd_bwd_profile"], entry["fwd_bwd_kernel_us"] = \
                                 kernel_profile(fwd_bwd, device)
+                            entry["fwd_bwd_host_profile"] = host_profile(fwd_bwd)
                         except Exception as exc:  # noqa: BLE001
                             entry["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
             except Exception as exc:  # keep going: one backend failing must not lose the rest
@@ -474,7 +487,8 @@ def main(argv=None):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             report["results"].append(entry)
-            print(json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "fwd_bwd_profile")}),
+            print(json.dumps({k: v for k, v in entry.items()
+                              if k not in ("traceback", "fwd_bwd_profile", "fwd_bwd_host_profile")}),
                   flush=True)
             write_report(report, path)
     write_report(report, path)   # the skips and settings of benchmarks that timed nothing

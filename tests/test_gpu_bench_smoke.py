@@ -101,3 +101,16 @@ def test_host_overhead_script_runs_without_a_gpu():
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if "host side" in ln]
     assert [ln.split()[0] for ln in lines] == ["masked_attention", "patch_stats"], proc.stdout
+
+
+def test_profiles_name_the_ops_and_their_time():
+    import torch
+
+    bench = _load()
+    x = torch.randn(64, 64)
+    fn = lambda: (x @ x).relu_()  # noqa: E731
+    rows = bench.host_profile(fn)
+    assert any("aten::mm" in name for name, _, _ in rows), rows
+    assert all(calls >= 1 and us >= 0 for _, calls, us in rows)
+    rows, total = bench.kernel_profile(fn, torch.device("cpu"))
+    assert rows and total >= max(us for _, _, us in rows)
