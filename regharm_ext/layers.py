@@ -24,39 +24,45 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def _weighted_stats(xa: torch.Tensor, w: torch.Tensor):
-    """x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0)."""
+    """mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0)."""
     mass = w.sum((2, 3), keepdim=True)
     safe = torch.where(mass > 0, mass, torch.ones_like(mass))
     mu = (w * xa).sum((2, 3), keepdim=True) / safe
-    d = xa - mu
-    sq = d * d
-    sq = sq * w if torch.is_grad_enabled() else sq.mul_(w)  # in place only where nothing records it
-    return d, sq.sum((2, 3), keepdim=True) / safe, w / safe
+    var = (w * (xa - mu) ** 2).sum((2, 3), keepdim=True) / safe
+    return mu, var, w / safe
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # not t.to(dtype) when it is one already: torch 2.11's compiler mishandles an autograd.Function
+    # output that .to() returns as itself (wrong gradients under torch.compile)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _MaskedInstanceNorm(torch.autograd.Function):
     """``y = (x - mu) · r``, ``r = (var + eps)^-1/2``, with the analytic backward
     ``dx = r · (g - (w / mass) · (Σg + y · Σ g·y))`` (the weights are data: no gradient). It keeps
-    y and the per-channel r for the backward, where autograd of the plain formula keeps x - mu
-    twice and its square: three more tensors of x's size (the PTL peak, benchmarks/PERF_NOTES.md)."""
+    x (alive anyway) and per-channel statistics, and recomputes y in the backward, where autograd
+    of the formula keeps x - mu twice and its square: three tensors of x's size (the PTL peak,
+    benchmarks/PERF_NOTES.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        d, var, w_norm = _weighted_stats(x.to(dt), weight.to(dt))
+        xa = x.to(dt)
+        mu, var, w_norm = _weighted_stats(xa, weight.to(dt))
         r = torch.rsqrt(var + eps)
-        y = d.mul_(r)
-        ctx.save_for_backward(y, r, w_norm)
-        return y.to(x.dtype)
+        ctx.save_for_backward(x, mu, r, w_norm)
+        return _as_dtype((xa - mu) * r, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        y, r, w_norm = ctx.saved_tensors
-        g = grad.to(y.dtype)
+        x, mu, r, w_norm = ctx.saved_tensors
+        y = (x.to(mu.dtype) - mu) * r
+        g = grad.to(mu.dtype)
         sum_g = g.sum((2, 3), keepdim=True)
         sum_gy = (g * y).sum((2, 3), keepdim=True)
         dx = (g - w_norm * (sum_g + y * sum_gy)) * r
-        return dx.to(grad.dtype), None, None
+        return _as_dtype(dx, grad.dtype), None, None
 
 
 def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -69,8 +75,9 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     if not weight.requires_grad:
         return _MaskedInstanceNorm.apply(x, weight, eps)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    d, var, _ = _weighted_stats(x.to(dt), weight.to(dt))
-    return (d / torch.sqrt(var + eps)).to(x.dtype)
+    xa = x.to(dt)
+    mu, var, _ = _weighted_stats(xa, weight.to(dt))
+    return ((xa - mu) / torch.sqrt(var + eps)).to(x.dtype)
 
 
 def _resolve_size(value, extent: int, name: str) -> int:

@@ -155,3 +155,17 @@ def test_masked_instance_norm_keeps_one_tensor_of_x_size_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         masked_instance_norm(x.requires_grad_(), w)
     assert len(saved) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_instance_norm_compiles_with_eager_gradients(dtype):
+    """torch.compile(fullgraph=True) through the autograd.Function (torch 2.11 once got these
+    gradients wrong when the output was a no-op .to() of itself)."""
+    x, w = (t.to(dtype) for t in _norm_inputs())
+    fn = lambda t: masked_instance_norm(t, w) * 2  # noqa: E731
+    grads = []
+    for f in (torch.compile(fn, fullgraph=True, backend="aot_eager"), fn):
+        xi = x.clone().requires_grad_()
+        y = f(xi)
+        grads.append(torch.autograd.grad((y.float() * y.detach().float().sin()).sum(), xi)[0])
+    torch.testing.assert_close(grads[0], grads[1])
