@@ -196,29 +196,33 @@ def kernel_profile(fn, device, top=8):
         fn()
         if cuda:
             torch.cuda.synchronize()
+    if not cuda:
+        rows = _self_cpu_rows(prof)
+        return rows[:top], round(sum(us for _, _, us in rows), 1)
     totals = {}
-    if cuda:
-        for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
-                calls, us = totals.get(e.name, (0, 0.0))
-                totals[e.name] = (calls + 1, us + e.time_range.elapsed_us())
-    else:
-        for e in prof.key_averages():
-            totals[e.key] = (e.count, e.self_cpu_time_total)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            calls, us = totals.get(e.name, (0, 0.0))
+            totals[e.name] = (calls + 1, us + e.time_range.elapsed_us())
     rows = sorted(((n[:100], c, round(us, 1)) for n, (c, us) in totals.items()), key=lambda r: -r[2])
     return rows[:top], round(sum(us for _, us in totals.values()), 1)
 
 
+def _self_cpu_rows(prof):
+    """[(op, calls, self CPU µs)] of a finished torch.profiler run, largest first."""
+    rows = [(e.key[:100], e.count, round(e.self_cpu_time_total, 1)) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def host_profile(fn, top=10):
-    """What the host does during one call: the ops' self CPU time (torch.profiler, CPU activity
-    only) [(name, calls, µs)] largest first. A custom op's self time holds its Python wrapper and
-    its kernel launches; on a GPU run whose kernels take a small share of the measured time (see
-    kernel_profile) this says which of them to cut."""
+    """What the host does during one call on a GPU: the ops' self CPU time (torch.profiler, CPU
+    activity only) [(name, calls, µs)] largest first. A custom op's self time holds its Python
+    wrapper and its kernel launches; where the kernels take a small share of the measured time
+    (see kernel_profile) this says which of them to cut. (On CPU, kernel_profile is this.)"""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    rows = [(e.key[:100], e.count, round(e.self_cpu_time_total, 1)) for e in prof.key_averages()]
-    return sorted(rows, key=lambda r: -r[2])[:top]
+    return _self_cpu_rows(prof)[:top]
 
 
 PROFILED = {"patch_stats", "masked_attention", "ptl", "ptl_bf16", "ltl128"}
@@ -478,7 +482,8 @@ def main(argv=None):
                         try:   # extra information: a profiler failure must not cost the timings
                             entry["fwd_bwd_profile"], entry["fwd_bwd_kernel_us"] = \
                                 kernel_profile(fwd_bwd, device)
-                            entry["fwd_bwd_host_profile"] = host_profile(fwd_bwd)
+                            if device.type == "cuda":  # on CPU the kernel profile is this
+                                entry["fwd_bwd_host_profile"] = host_profile(fwd_bwd)
                         except Exception as exc:  # noqa: BLE001
                             entry["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
             except Exception as exc:  # keep going: one backend failing must not lose the rest

@@ -38,7 +38,8 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 class _Capture:
-    """Stands in for ``launcher(kernel)[grid](...)``: records the launch instead of running it."""
+    """Stands in for ``launcher(kernel)[grid](...)``: records the launch in ``log`` instead of
+    running it (``log=None``: drops it)."""
 
     def __init__(self, log):
         self.log = log
@@ -46,7 +47,8 @@ class _Capture:
     def __call__(self, kernel):
         def grid_fn(grid):
             def launch(*args, **kwargs):
-                self.log.append((kernel, grid, args, kwargs))
+                if self.log is not None:
+                    self.log.append((kernel, grid, args, kwargs))
             return launch
         return _Indexable(grid_fn)
 
