@@ -45,10 +45,15 @@ from regharm_ext.backends import unavailable_reason  # noqa: E402
 from regharm_ext.ops import masked_attention, patch_stats  # noqa: E402
 from benchlib import git_commit  # noqa: E402
 
-BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3")
-# sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed on
-# float32 benchmarks only (native_tf32x3: float32 attention products on tensor cores, 3xTF32).
-VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"})}
+BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles")
+# sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
+# where the setting changes something: native_tf32x3 (float32 attention products on tensor
+# cores, 3xTF32) on float32 benchmarks, native_tiles (16-bit attention on the shared-memory tile
+# kernels instead of the register kernels) on 16-bit ones.
+VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
+            "native_tiles": ("native", {"REGHARM_CUDA_ATTENTION": "tiles"})}
+VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
+                  "native_tiles": (torch.float16, torch.bfloat16)}
 
 
 @contextlib.contextmanager
@@ -72,8 +77,8 @@ def variant_skip_reason(backend, device, dtype):
         return None
     if device.type != "cuda":
         return "a CUDA-only setting"
-    if dtype != torch.float32:
-        return "a float32-only setting"
+    if dtype not in VARIANT_DTYPES[backend]:
+        return f"a setting for {', '.join(str(d) for d in VARIANT_DTYPES[backend])} only"
     return None
 
 

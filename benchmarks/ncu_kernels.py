@@ -33,13 +33,18 @@ def _workload(device_name: str) -> None:
 
     device = torch.device(device_name)
     cases = gpu_bench.settings(quick=device.type != "cuda", device=device)
-    runs = [("masked_attention", None), ("masked_attention", "simt"),
-            ("masked_attention", "tf32x3"), ("patch_stats", None)]
-    for name, fp32_math in runs:
+    # masked_attention in bf16 (register kernels), bf16 on the tile kernels, float32 on CUDA
+    # cores and as 3xTF32; patch_stats
+    runs = [("masked_attention", None), ("masked_attention", "tiles"),
+            ("masked_attention", "simt"), ("masked_attention", "tf32x3"), ("patch_stats", None)]
+    for name, setting in runs:
         builder, sizes, dtype = cases[name]
-        if fp32_math:
+        os.environ.pop("REGHARM_CUDA_ATTENTION", None)
+        if setting == "tiles":
+            os.environ["REGHARM_CUDA_ATTENTION"] = "tiles"
+        elif setting:
             dtype = torch.float32
-            os.environ["REGHARM_CUDA_FP32_MATH"] = fp32_math
+            os.environ["REGHARM_CUDA_FP32_MATH"] = setting
         make, run_with = builder(sizes, device, dtype)
         inputs = make()
         outs = run_with("native")(*inputs)
@@ -47,8 +52,9 @@ def _workload(device_name: str) -> None:
         sum(o.float().sum() for o in outs).backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(f"ran {name} {dtype} {fp32_math or ''}".rstrip(), flush=True)
+        print(f"ran {name} {dtype} {setting or ''}".rstrip(), flush=True)
     os.environ.pop("REGHARM_CUDA_FP32_MATH", None)
+    os.environ.pop("REGHARM_CUDA_ATTENTION", None)
 
 
 def main(argv=None) -> int:
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
     if ncu is None:
         print("ncu (Nsight Compute) not found (NCU, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
         return 2
-    cmd = [ncu, "--kernel-name", KERNELS, "--launch-count", "40", "--clock-control", "none",
+    cmd = [ncu, "--kernel-name", KERNELS, "--launch-count", "60", "--clock-control", "none",
            *[a for s in SECTIONS for a in ("--section", s)], "--print-summary", "per-kernel",
            sys.executable, os.path.abspath(__file__), "--run", "--device", args.device]
     print("== " + " ".join(cmd), flush=True)

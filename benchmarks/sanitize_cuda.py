@@ -42,8 +42,13 @@ def _driver(device_name: str) -> int:
 
     device = torch.device(device_name)
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    # (float32 mode of the CUDA attention, dtype): float32 twice, on CUDA cores and as 3xTF32
-    modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + [("", d) for d in dtypes[1:]]
+    # (attention setting, dtype): float32 on CUDA cores and as 3xTF32, the 16-bit dtypes on the
+    # register kernels (the default) and bfloat16 once more on the shared-memory tile kernels
+    modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + \
+        [("", d) for d in dtypes[1:]] + [("tiles", torch.bfloat16)]
+    settings = {"simt": {"REGHARM_CUDA_FP32_MATH": "simt"},
+                "tf32x3": {"REGHARM_CUDA_FP32_MATH": "tf32x3"},
+                "tiles": {"REGHARM_CUDA_ATTENTION": "tiles"}, "": {}}
     # few launches (every one is slow under a sanitizer), every path: odd sizes, several tiles
     # and query splits, masks and no mask, one image with every key removed (make_*_inputs)
     patch_cases = [dict(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2))]
@@ -88,7 +93,9 @@ def _driver(device_name: str) -> int:
 
     for case, masked in attn_cases:
         for mode, dtype in modes:
-            os.environ["REGHARM_CUDA_FP32_MATH"] = mode or "simt"
+            for name in ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION"):
+                os.environ.pop(name, None)
+            os.environ.update(settings[mode])
             q, k, v, kb, qm = make_attention_inputs(**case, dtype=dtype)
             for mask in ((qm,) if masked else (None,)):
 
@@ -99,10 +106,11 @@ def _driver(device_name: str) -> int:
                 want, _ = run(ma, (q, k, v), (kb.double(), mask), "cpu", torch.float64,
                               "reference", seed=2)
                 label = " ".join([f"masked_attention {tuple(case.values())} {dtype}",
-                                  *([f"fp32 math {mode}"] if mode else []),
+                                  *([f"setting {mode}"] if mode else []),
                                   *(["no mask"] if mask is None else [])])
                 compare(label, got, want, n, dtype)
-    os.environ.pop("REGHARM_CUDA_FP32_MATH", None)
+    for name in ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION"):
+        os.environ.pop(name, None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(f"driver: {failures} mismatch(es)", flush=True)

@@ -41,8 +41,9 @@ def emu():
 
 @pytest.fixture
 def configured(emu):
-    def configure(smem=H100, sms=4, order="forward", tf32x3=False):
-        emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3)
+    def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9):
+        emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
+                      cc_major=cc_major)
         return emu
     configure()
     return configure
@@ -189,6 +190,44 @@ def test_cuda_emulated_masked_attention(configured, case, dtype):
 def test_cuda_emulated_attention_layouts_and_schedules(configured, layout, order):
     inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=torch.bfloat16)
     _check_attention(configured(order=order), inputs, layout=layout)
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["registers", "tiles"])
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_cuda_emulated_attention_one_block_per_key_tile(configured, order, tiles):
+    """One multiprocessor: the key-tile kernel takes every query tile in one block (no split),
+    so its loop reloads the query-side tiles while, in these schedules, one warp runs ahead of
+    the others (a missing barrier before the reload gives wrong dK, dV)."""
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=torch.float16)
+    _check_attention(configured(sms=1, order=order, tiles=tiles), inputs)
+
+
+# ---- which kernels run: registers (mma.sync) for 16-bit inputs, else the tile kernels --------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_cuda_emulated_attention_tile_kernels_for_16bit(configured, case, dtype):
+    """REGHARM_CUDA_ATTENTION=tiles: the shared-memory kernels stay correct for 16-bit inputs
+    (the default takes the register kernels there, tested above)."""
+    emu = configured(tiles=True)
+    _check_attention(emu, make_attention_inputs(**ATTN_CASES[case], dtype=dtype))
+    assert emu.take_mma16816_count() == 0
+
+
+@pytest.mark.parametrize("dtype,D,E,kw,registers", [
+    (torch.bfloat16, 64, 128, {}, True),                   # PTL's sizes
+    (torch.float16, 128, 128, {}, True),                   # the largest the registers hold
+    (torch.bfloat16, 130, 64, {}, False),                  # D > 128
+    (torch.bfloat16, 64, 136, {}, False),                  # E > 128
+    (torch.bfloat16, 64, 128, {"tiles": True}, False),     # asked for the tile kernels
+    (torch.bfloat16, 64, 128, {"cc_major": 7}, False),     # no mma.sync m16n8k16 before sm_80
+    (torch.float32, 64, 128, {}, False),                   # float32: CUDA cores or 3xTF32
+], ids=["ptl", "largest", "wide_d", "wide_e", "asked_tiles", "sm70", "fp32"])
+def test_cuda_emulated_attention_kernel_choice(configured, dtype, D, E, kw, registers):
+    emu = configured(**kw)
+    inputs = make_attention_inputs(B=1, L=40, N=33, D=D, E=E, dtype=dtype, dead_batch=False)
+    _check_attention(emu, inputs)
+    assert (emu.take_mma16816_count() > 0) == registers
 
 
 def test_cuda_emulated_attention_without_mask_and_custom_scale(configured):

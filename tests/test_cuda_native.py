@@ -144,6 +144,43 @@ def test_cuda_native_masked_attention(case, dtype):
     _check_attention(got, got_g, want, want_g, dtype, qm, kb, case)
 
 
+# 16-bit inputs with D, E <= 128 take the register kernels (mma.sync) by default; the
+# shared-memory tile kernels stay available under REGHARM_CUDA_ATTENTION=tiles
+TILE_RUNS = [("ptl", BF16), ("ptl", F16), ("ltl", BF16), ("odd", BF16), ("mostly_removed", BF16)]
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("case,dtype", TILE_RUNS, ids=str)
+def test_cuda_native_masked_attention_tile_kernels(case, dtype, monkeypatch):
+    monkeypatch.setenv("REGHARM_CUDA_ATTENTION", "tiles")
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES[case], dtype=dtype, device="cuda")
+    (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+    _check_attention(got, got_g, want, want_g, dtype, qm, kb, f"{case} tiles")
+
+
+@needs_native_cuda
+def test_cuda_native_register_and_tile_kernels_agree(monkeypatch):
+    """Both kernel families on the same bf16 inputs at PTL's sizes: the same results up to the
+    rounding of P to bfloat16 (each is also held to the reference above)."""
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=BF16, device="cuda")
+    outs = {}
+    for mode in ("auto", "tiles"):
+        monkeypatch.setenv("REGHARM_CUDA_ATTENTION", mode)
+        outs[mode] = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)[0]
+    (o1, g1), (o2, g2) = outs["auto"], outs["tiles"]
+    assert_close(o1[0], o2[0], BF16, msg="out")
+    for a, e in zip(g1, g2):
+        assert_close(a, e, BF16, grad=True)
+
+
+@needs_native_cuda
+def test_cuda_native_attention_kernel_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("REGHARM_CUDA_ATTENTION", "fast")
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
+    with pytest.raises(RuntimeError, match="REGHARM_CUDA_ATTENTION must be 'auto'"):
+        torch.ops.regharm.masked_attention(q, k, v, kb, qm, 1.0)
+
+
 def _foreground_queries(B, h, w, device):
     """query_mask of a rectangular foreground (~20 %), as PTL/LTL make it: whole tiles of rows
     are inactive and must be skipped."""

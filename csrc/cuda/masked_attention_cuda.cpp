@@ -46,6 +46,18 @@ bool fp32_on_tensor_cores(const at::Tensor& q, const char* op) {
   return major >= 8;
 }
 
+// REGHARM_CUDA_ATTENTION picks the kernels for 16-bit inputs: "auto" (the default: tiles in
+// registers with mma.sync where D, E <= 128 on sm_80+, attention_registers.cuh) or "tiles"
+// (the shared-memory tile kernels with WMMA, masked_attention_kernels.cu). Read on every call.
+bool tile_kernels_asked(const char* op) {
+  const char* env = std::getenv("REGHARM_CUDA_ATTENTION");
+  const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "tiles", op,
+              ": REGHARM_CUDA_ATTENTION must be 'auto' (register kernels where they apply) or "
+              "'tiles' (shared-memory tile kernels), got '", mode, "'");
+  return mode == "tiles";
+}
+
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
@@ -58,6 +70,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   if (d.D > kMaxHeadDim || d.E > kMaxValueDim || d.B > 65535) return {d, s, false};
   s.D = int(d.D), s.E = int(d.E);
   s.tf32x3 = fp32_on_tensor_cores(q, op);
+  s.tiles = tile_kernels_asked(op);
   return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

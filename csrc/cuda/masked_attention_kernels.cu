@@ -23,74 +23,13 @@
 #include <cmath>
 #include <type_traits>
 
+#include "attention_common.cuh"
+#include "attention_registers.cuh"
 #include "block_mm.cuh"
 
 namespace regharm {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 128;  // 4 warps
-
-template <typename T, typename A>
-struct AttnArgs {
-  const T* q;
-  RowStrides qs;
-  const T* k;
-  RowStrides ks;
-  const T* v;
-  RowStrides vs;
-  const A* bias;        // (B, N)
-  const bool* qmask;    // (B, L) or null
-  const int* qorder;    // (B, L) with qmask: the queries, active ones first (attn_order_kernel)
-  const int* qcount;    // (B) with qmask: active queries per image
-  int64_t B, L, N;
-  int D, E, Dp, Ep;     // Dp, Ep: D, E rounded up to a multiple of 16 (at least 16)
-  int BM, BN, EC;       // queries and keys per tile; value columns per forward block
-  A scale;
-  bool vec_q, vec_k, vec_v;
-  bool tc;              // float32 products on tensor cores (3xTF32); shapes the smem pitches
-};
-
-template <typename T, typename A>
-struct BwdArgs {
-  const T* dout;
-  RowStrides dos;
-  bool vec_do;
-  const T* out;
-  RowStrides os;
-  const A* lse;         // (B, L): the forward's, or for float64 recomputed exactly
-  A* delta;             // (B, L)
-  A* dk_part;           // (nsplit, B, N, D), scaled
-  A* dv_part;           // (nsplit, B, N, E)
-  int nsplit;
-  T* dq;
-  T* dk;
-  T* dv;
-};
-
-// Query tiles cover positions p of the query order of image b: query query_at(p), active when
-// active_at(p). Without an order (no mask) positions are queries.
-template <typename T, typename A>
-__device__ __forceinline__ int64_t query_at(const AttnArgs<T, A>& a, int64_t b, int64_t p) {
-  return a.qorder ? int64_t(a.qorder[b * a.L + p]) : p;
-}
-template <typename T, typename A>
-__device__ __forceinline__ bool active_at(const AttnArgs<T, A>& a, int64_t b, int64_t p) {
-  return a.qorder ? p < a.qcount[b] : (a.qmask == nullptr || a.qmask[b * a.L + p]);
-}
-
-// Loads rows_valid rows of a (B, L, cols) tensor (image b, row stride rs) from position q0 of
-// the query order into a BM-row tile.
-template <typename T, typename A>
-__device__ __forceinline__ void load_query_tile(const AttnArgs<T, A>& a, T* dst, int ld,
-                                                const T* img, int64_t rs, int64_t b, int64_t q0,
-                                                int rows_valid, int cols_valid, int cols,
-                                                bool vec) {
-  if (a.qorder)
-    load_tile(dst, ld, img, rs, rows_valid, a.BM, cols_valid, cols, vec, a.qorder + b * a.L + q0);
-  else
-    load_tile(dst, ld, img + q0 * rs, rs, rows_valid, a.BM, cols_valid, cols, vec);
-}
 
 // The queries of each image in compacted order, active ones first, then the others, each group
 // in raster order, and the number of active ones. One block per image: each thread counts the
@@ -199,28 +138,12 @@ struct BwdSmem {
   }
 };
 
-template <typename A> __device__ __forceinline__ A acc_log(A v) { return log(v); }
-template <> __device__ __forceinline__ float acc_log<float>(float v) { return __logf(v); }
 
 // Zeros a rows x cols accumulator tile of pitch ld. No barrier inside.
 template <typename A>
 __device__ __forceinline__ void zero_tile(A* t, int ld, int rows, int cols) {
   for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x)
     t[(idx / cols) * ld + idx % cols] = A(0);
-}
-
-// Loads key_bias of keys [k0, k0 + BN) (-inf past N); true when any key of the tile is kept.
-// Contains the barrier that ends the previous use of the tile's shared memory.
-template <typename A>
-__device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_t k0, int keys,
-                                               int BN) {
-  int alive = 0;
-  for (int c = threadIdx.x; c < BN; c += blockDim.x) {
-    const A bv = c < keys ? bias_row[k0 + c] : neg_inf<A>();
-    dst[c] = bv;
-    alive |= bv > neg_inf<A>();
-  }
-  return __syncthreads_or(alive) != 0;
 }
 
 // One row of the online softmax over a score tile, by one warp (every lane calls it): the
@@ -397,28 +320,6 @@ __global__ void __launch_bounds__(256)
   if (lane == 0) g.delta[row] = s;
 }
 
-// Loads lse and Δ of the queries at positions [q0, q0 + BM) into shared memory; rows that
-// attend nothing get lse = -inf (their P is 0). True when any row attends. Contains a barrier.
-template <typename T, typename A>
-__device__ __forceinline__ bool load_query_rows(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
-                                                A* lse_s, A* delta_s, int64_t b, int64_t q0,
-                                                int rows) {
-  int any = 0;
-  for (int r = threadIdx.x; r < a.BM; r += blockDim.x) {
-    A ls = neg_inf<A>(), dl = A(0);
-    if (r < rows && active_at(a, b, q0 + r)) {
-      const int64_t row = b * a.L + query_at(a, b, q0 + r);
-      ls = A(g.lse[row]);
-      dl = g.delta[row];
-    }
-    const int act = ls > neg_inf<A>();
-    lse_s[r] = act ? ls : neg_inf<A>();
-    delta_s[r] = act ? dl : A(0);
-    any |= act;
-  }
-  return __syncthreads_or(any) != 0;
-}
-
 // The backward's tiles: K, V of keys [k0, k0 + keys) and Q, dO of the queries at positions
 // [q0, q0 + rows) of the query order. No barrier inside.
 template <typename T, typename A>
@@ -558,6 +459,61 @@ template <typename T> bool uses_tc(const AttnShape& s) {
   return std::is_same<T, float>::value && s.tf32x3;
 }
 
+// ---- which kernels: tiles in registers (attention_registers.cuh) or in shared memory --------
+
+inline bool sm80_or_newer() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major >= 8;
+}
+
+// The register kernels take 16-bit inputs with D, E <= 128 (their fragments must fit the
+// registers) on sm_80+ (mma.sync m16n8k16), unless AttnShape::tiles asks for the tile kernels.
+template <typename T> bool use_registers(const AttnShape& s) {
+  return sizeof(T) == 2 && !s.tiles && s.D <= 128 && s.E <= 128 && sm80_or_newer();
+}
+
+inline int reg_dim(int v) { return v <= 32 ? 32 : (v <= 64 ? 64 : 128); }
+
+template <typename T>
+struct RegKernelSet {
+  void (*fwd)(AttnArgs<T, float>, T*, float*);
+  void (*dq)(AttnArgs<T, float>, BwdArgs<T, float>);
+  void (*dkdv)(AttnArgs<T, float>, BwdArgs<T, float>);
+  size_t fwd_smem, dq_smem, dkdv_smem;
+};
+
+template <typename T, int DP, int EP>
+RegKernelSet<T> reg_set() {
+  return {attn_fwd_reg_kernel<T, DP, EP>, attn_bwd_dq_reg_kernel<T, DP, EP>,
+          attn_bwd_dkdv_reg_kernel<T, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP).bytes,
+          RegDqSmem<T>(nullptr, DP, EP).bytes, RegDkdvSmem<T>(nullptr, DP, EP).bytes};
+}
+
+template <typename T, int DP>
+RegKernelSet<T> reg_set_e(int EP) {
+  return EP == 32 ? reg_set<T, DP, 32>() : EP == 64 ? reg_set<T, DP, 64>() : reg_set<T, DP, 128>();
+}
+
+// D and E padded to 32, 64 or 128.
+template <typename T>
+RegKernelSet<T> reg_kernels(const AttnShape& s) {
+  const int DP = reg_dim(s.D), EP = reg_dim(s.E);
+  return DP == 32 ? reg_set_e<T, 32>(EP) : DP == 64 ? reg_set_e<T, 64>(EP) : reg_set_e<T, 128>(EP);
+}
+
+// Query splits of the register key-tile kernel: about four blocks per multiprocessor (its
+// ~56 KB of shared memory allows four), as far as there are query tiles to share.
+inline int reg_num_splits(const AttnShape& s) {
+  const int64_t key_blocks = s.B * ((s.N + kRegRows - 1) / kRegRows);
+  const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
+  if (key_blocks == 0 || qtiles == 0) return 1;
+  const int64_t want = (4 * int64_t(multiprocessor_count()) + key_blocks - 1) / key_blocks;
+  return int(std::max<int64_t>(1, std::min<int64_t>({want, qtiles, 16})));
+}
+
 struct Tiles {
   int BM = 0, BN = 0, EC = 0;
   size_t smem = 0;  // 0: nothing fits
@@ -666,6 +622,19 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
   using A = acc_t<T>;
   if (s.B == 0 || s.L == 0) return cudaSuccess;
   auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
+  if constexpr (sizeof(T) == 2) {
+    if (use_registers<T>(s)) {
+      const RegKernelSet<T> rk = reg_kernels<T>(s);
+      a.BM = kRegRows, a.BN = kRegKeys, a.EC = reg_dim(s.E);
+      cudaError_t err = allow_smem(reinterpret_cast<const void*>(rk.fwd), rk.fwd_smem);
+      if (err != cudaSuccess) return err;
+      if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
+      const dim3 grid(unsigned((s.L + kRegRows - 1) / kRegRows), 1u, unsigned(s.B));
+      REGHARM_LAUNCH(rk.fwd, grid, dim3(kThreads), rk.fwd_smem, stream, a, static_cast<T*>(out),
+                     lse);
+      return cudaGetLastError();
+    }
+  }
   const Tiles t = choose_fwd<T, A>(a.Dp, a.Ep, a.tc, size_t(max_dynamic_smem()));
   if (t.smem == 0) return cudaErrorInvalidValue;
   a.BM = t.BM, a.BN = t.BN, a.EC = t.EC;
@@ -712,10 +681,48 @@ struct BwdWorkspace {
 template <typename T>
 size_t workspace_impl(const AttnShape& s) {
   using A = acc_t<T>;
+  if (use_registers<T>(s)) return BwdWorkspace<A>(nullptr, s, reg_num_splits(s)).bytes;
   const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, uses_tc<T>(s),
                                    size_t(max_dynamic_smem()));
   if (t.smem == 0) return 0;
   return BwdWorkspace<A>(nullptr, s, num_splits(s, t)).bytes;
+}
+
+template <typename T, typename A>
+cudaError_t launch_reduce(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g, const AttnShape& s,
+                          cudaStream_t stream) {
+  const int64_t total = s.B * s.N * (s.D + s.E);
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((total + 255) / 256, 1 << 16);
+  auto kern = attn_bwd_reduce_kernel<T, A>;
+  REGHARM_LAUNCH(kern, dim3(unsigned(blocks)), dim3(256), 0, stream, a, g);
+  return cudaGetLastError();
+}
+
+// The register kernels' dK/dV (then the split sums) and dQ; Δ is in g.delta already.
+template <typename T>
+cudaError_t backward_registers(AttnArgs<T, float> a, const BwdArgs<T, float>& g,
+                               const AttnShape& s, cudaStream_t stream) {
+  const RegKernelSet<T> rk = reg_kernels<T>(s);
+  cudaError_t err;
+  if (s.B * s.N > 0) {
+    a.BM = kRegQueries, a.BN = kRegRows;
+    if ((err = allow_smem(reinterpret_cast<const void*>(rk.dkdv), rk.dkdv_smem)) != cudaSuccess)
+      return err;
+    const dim3 grid(unsigned((s.N + kRegRows - 1) / kRegRows), unsigned(g.nsplit), unsigned(s.B));
+    REGHARM_LAUNCH(rk.dkdv, grid, dim3(kThreads), rk.dkdv_smem, stream, a, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = launch_reduce(a, g, s, stream)) != cudaSuccess) return err;
+  }
+  if (s.B * s.L > 0) {
+    a.BM = kRegRows, a.BN = kRegKeys;
+    if ((err = allow_smem(reinterpret_cast<const void*>(rk.dq), rk.dq_smem)) != cudaSuccess)
+      return err;
+    const dim3 grid(unsigned((s.L + kRegRows - 1) / kRegRows), 1u, unsigned(s.B));
+    REGHARM_LAUNCH(rk.dq, grid, dim3(kThreads), rk.dq_smem, stream, a, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <typename T>
@@ -728,10 +735,11 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   constexpr int V = 16 / sizeof(T);
   auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
   const size_t limit = size_t(max_dynamic_smem());
+  const bool regs = use_registers<T>(s);
   const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, a.tc, limit);
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
-  if (tkv.smem == 0 || tq.smem == 0) return cudaErrorInvalidValue;
-  const int nsplit = num_splits(s, tkv);
+  if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
+  const int nsplit = regs ? reg_num_splits(s) : num_splits(s, tkv);
   const BwdWorkspace<A> ws(workspace, s, nsplit);
   cudaError_t err;
   if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
@@ -774,6 +782,9 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
     REGHARM_LAUNCH(kern, dim3(unsigned(blocks)), dim3(256), 0, stream, a, g);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
+  if constexpr (sizeof(T) == 2) {
+    if (regs) return backward_registers(a, g, s, stream);
+  }
   if (s.B * s.N > 0) {
     a.BM = tkv.BM, a.BN = tkv.BN;
     auto kern = attn_bwd_dkdv_kernel<T, A>;
@@ -782,13 +793,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
     const dim3 grid(unsigned((s.N + tkv.BN - 1) / tkv.BN), unsigned(nsplit), unsigned(s.B));
     REGHARM_LAUNCH(kern, grid, dim3(kThreads), tkv.smem, stream, a, g);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    const int64_t total = s.B * s.N * (s.D + s.E);
-    if (total > 0) {
-      auto rkern = attn_bwd_reduce_kernel<T, A>;
-      const int64_t blocks = std::min<int64_t>((total + 255) / 256, 1 << 16);
-      REGHARM_LAUNCH(rkern, dim3(unsigned(blocks)), dim3(256), 0, stream, a, g);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    }
+    if ((err = launch_reduce(a, g, s, stream)) != cudaSuccess) return err;
   }
   if (s.B * s.L > 0) {
     a.BM = tq.BM, a.BN = tq.BN;
@@ -808,6 +813,12 @@ size_t largest_smem(const AttnShape& s) {
   const size_t limit = size_t(max_dynamic_smem());
   const int Dp = round16(s.D), Ep = round16(s.E);
   const bool tc = uses_tc<T>(s);
+  if constexpr (sizeof(T) == 2) {
+    if (use_registers<T>(s)) {
+      const RegKernelSet<T> rk = reg_kernels<T>(s);
+      return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem});
+    }
+  }
   const Tiles f = choose_fwd<T, A>(Dp, Ep, tc, limit),
               kv = choose_bwd<T, A>(Dp, Ep, true, tc, limit),
               dq = choose_bwd<T, A>(Dp, Ep, false, tc, limit);

@@ -8,9 +8,10 @@ using namespace regharm::cuda;
 extern "C" {
 
 // smem_optin: opt-in shared memory per block (bytes); sm_count: multiprocessors; order: fiber
-// schedule (0 forward, 1 reverse, 2 shuffled).
-void emu_configure(int smem_optin, int sm_count, int order, unsigned seed) {
+// schedule (0 forward, 1 reverse, 2 shuffled); cc_major: the compute capability's major.
+void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int cc_major) {
   emu::config().smem_optin = smem_optin;
+  emu::config().cc_major = cc_major;
   emu::config().sm_count = sm_count;
   emu::config().order = order;
   emu::config().seed = seed;
@@ -21,6 +22,13 @@ void emu_configure(int smem_optin, int sm_count, int order, unsigned seed) {
 long long emu_take_tf32_mma_count() {
   const long long n = emu::tf32_mma_count();
   emu::tf32_mma_count() = 0;
+  return n;
+}
+
+// Warp-level mma.sync m16n8k16 products (the register attention kernels) since the last call.
+long long emu_take_mma16816_count() {
+  const long long n = emu::mma16816_count();
+  emu::mma16816_count() = 0;
   return n;
 }
 
@@ -71,10 +79,11 @@ int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const 
                                   min_mass, workspace, grad_x, grad_wb, nullptr));
 }
 
-static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3
+static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3, tiles
   AttnShape a{};
   a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
   a.tf32x3 = s[5] != 0;
+  a.tiles = s[6] != 0;
   return a;
 }
 

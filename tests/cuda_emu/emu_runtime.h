@@ -23,6 +23,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -53,6 +54,7 @@ namespace emu {
 struct Config {
   int smem_optin = 227 * 1024;  // H100
   int sm_count = 4;             // few: exercises the key-tile kernel's query splits
+  int cc_major = 9;             // compute capability (the register kernels need 8 or more)
   int order = 0;                // 0 forward, 1 reverse, 2 shuffled every round
   unsigned seed = 1;
 };
@@ -89,6 +91,7 @@ struct Block {
   int current = 0;
   unsigned char* smem = nullptr;
   std::vector<uint64_t> exchange;
+  std::vector<std::array<uint32_t, 10>> mma;  // one lane's a, b, c registers (mma_m16n8k16)
   std::vector<int> votes;
   std::function<void()>* body = nullptr;
 };
@@ -143,6 +146,62 @@ template <typename T> T shfl_xor(T v, int lane_mask) {
   std::memcpy(&out, &b.exchange[src], sizeof(T));
   warp_barrier();
   return out;
+}
+
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += A · B over the warp, with the
+// fragment layout of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
+// type"; csrc/cuda/mma_m16n8k16.cuh spells it out). Each lane deposits its registers, the warp
+// meets, every lane rebuilds A, B, C from all 32 deposits and keeps its own elements of D.
+// A layout error in a kernel therefore gives wrong numbers here as on the GPU.
+inline long long& mma16816_count() {  // register-fragment products run (tests ask for them)
+  static long long n = 0;
+  return n;
+}
+
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Block& bl = blk();
+  const int me = cur().linear, base = me & ~31, lane = me & 31;
+  if (lane == 0) ++mma16816_count();
+  if (base + 32 > int(bl.fibers.size())) fail("mma.sync in a partial warp");
+  std::array<uint32_t, 10>& mine = bl.mma[me];
+  std::memcpy(mine.data(), a, 16);
+  std::memcpy(mine.data() + 4, b, 8);
+  std::memcpy(mine.data() + 6, d, 16);
+  warp_barrier();
+  float A[16][16], B[16][8], C[16][8];
+  auto halves = [](uint32_t r, float* out) {
+    T pair[2];
+    std::memcpy(static_cast<void*>(pair), &r, 4);
+    out[0] = to_float(pair[0]);
+    out[1] = to_float(pair[1]);
+  };
+  for (int l = 0; l < 32; ++l) {
+    const std::array<uint32_t, 10>& s = bl.mma[base + l];
+    const int g = l >> 2, t = l & 3;
+    halves(s[0], &A[g][2 * t]);
+    halves(s[1], &A[g + 8][2 * t]);
+    halves(s[2], &A[g][2 * t + 8]);
+    halves(s[3], &A[g + 8][2 * t + 8]);
+    float pb[4];
+    halves(s[4], pb);
+    halves(s[5], pb + 2);
+    B[2 * t][g] = pb[0], B[2 * t + 1][g] = pb[1], B[2 * t + 8][g] = pb[2], B[2 * t + 9][g] = pb[3];
+    float pc[4];
+    std::memcpy(pc, s.data() + 6, 16);
+    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1], C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
+    float acc = C[r][c];
+    for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][c];
+    d[i] = acc;
+  }
+  warp_barrier();  // nobody deposits the next product's registers before all have read these
 }
 
 inline void check_aligned(const void* p, size_t bytes, const char* what) {
@@ -205,8 +264,12 @@ inline bool run_block(Block& b, std::mt19937& rng) {
       at_block += f.state == kBlockBarrier;
     }
     if (done == n) return true;
-    bool released = false;
-    // warps whose live lanes all wait at a warp barrier go on
+    // warps whose live lanes all wait at a warp barrier go on: all of them in the forward
+    // schedule (warps in lockstep); only the last one (reverse) or the first one (shuffled) in
+    // the others, so that one warp runs ahead of the rest until its next block barrier, as
+    // warps do on a GPU, and a shared-memory tile rewritten before a slower warp has read it
+    // gives wrong results
+    std::vector<int> ready;
     for (int w = 0; w * 32 < n; ++w) {
       int live = 0, waiting = 0;
       for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i) {
@@ -215,12 +278,17 @@ inline bool run_block(Block& b, std::mt19937& rng) {
       }
       if (waiting > 0 && waiting == live) {
         if (live != std::min(n, w * 32 + 32) - w * 32) fail("warp shuffle after some lanes exited");
-        for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i)
-          if (b.fibers[i].state == kWarpBarrier) b.fibers[i].state = kRunnable;
-        released = true;
+        ready.push_back(w);
       }
     }
-    if (released) continue;
+    if (!ready.empty()) {
+      if (config().order == 1) ready = {ready.back()};
+      else if (config().order == 2) ready = {ready.front()};
+      for (int w : ready)
+        for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i)
+          if (b.fibers[i].state == kWarpBarrier) b.fibers[i].state = kRunnable;
+      continue;
+    }
     if (at_block + done == n && at_block > 0) {
       if (done > 0) {
         fail("__syncthreads reached after some threads of the block returned");
@@ -270,6 +338,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
   b.fibers.resize(n);
   b.stacks.assign(n, std::vector<char>(kStack));
   b.exchange.assign(n, 0);
+  b.mma.assign(n, {});
   b.votes.assign(n, 0);
   b.body = &body;
   for (int i = 0; i < n; ++i) {
@@ -340,6 +409,7 @@ inline cudaError_t cudaGetDevice(int* d) {
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = ::emu::config().smem_optin;
   else if (attr == cudaDevAttrMultiProcessorCount) *v = ::emu::config().sm_count;
+  else if (attr == cudaDevAttrComputeCapabilityMajor) *v = ::emu::config().cc_major;
   else return cudaErrorInvalidValue;
   return cudaSuccess;
 }

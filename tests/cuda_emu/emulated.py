@@ -127,21 +127,32 @@ class Emulator:
         self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_forward_workspace.restype = ctypes.c_int64
         self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
+        self.lib.emu_take_mma16816_count.restype = ctypes.c_longlong
         self.tf32x3 = False
+        self.tiles = False
 
-    def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False):
+    def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
+                  tiles=False, cc_major=9):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
-        with REGHARM_CUDA_FP32_MATH=tf32x3."""
-        self.lib.emu_configure(smem_optin, sm_count, order, seed)
+        with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: 16-bit attention on the shared-memory tile
+        kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
+        GPU generation the launchers see (the register kernels need 8 or more)."""
+        self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major)
         self.tf32x3 = tf32x3
+        self.tiles = tiles
         self.take_tf32_mma_count()
+        self.take_mma16816_count()
 
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
         return int(self.lib.emu_take_tf32_mma_count())
 
+    def take_mma16816_count(self) -> int:
+        """Warp-level mma.sync m16n8k16 products (the register kernels) since the last call."""
+        return int(self.lib.emu_take_mma16816_count())
+
     def _attn_shape(self, B, L, N, D, E) -> ctypes.Array:
-        return _i64([B, L, N, D, E, int(self.tf32x3)])
+        return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles)])
 
     def _done(self, rc: int, what: str) -> None:
         errors = self.lib.emu_take_errors().decode()

@@ -1,0 +1,120 @@
+// What both families of attention kernels share (masked_attention_kernels.cu: tiles in shared
+// memory, products through block_mm; attention_registers.cuh: tiles in registers, mma.sync):
+// the kernel arguments, the query order, and the loads of a tile's key bias and of the
+// backward's per-query rows. Internal linkage: masked_attention_kernels.cu, which launches
+// both, is the one translation unit that includes it.
+#pragma once
+
+#include <cmath>
+
+#include "device_utils.cuh"
+
+namespace regharm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+
+template <typename T, typename A>
+struct AttnArgs {
+  const T* q;
+  RowStrides qs;
+  const T* k;
+  RowStrides ks;
+  const T* v;
+  RowStrides vs;
+  const A* bias;        // (B, N)
+  const bool* qmask;    // (B, L) or null
+  const int* qorder;    // (B, L) with qmask: the queries, active ones first (attn_order_kernel)
+  const int* qcount;    // (B) with qmask: active queries per image
+  int64_t B, L, N;
+  int D, E, Dp, Ep;     // Dp, Ep: D, E rounded up to a multiple of 16 (at least 16)
+  int BM, BN, EC;       // queries and keys per tile; value columns per forward block
+  A scale;
+  bool vec_q, vec_k, vec_v;
+  bool tc;              // float32 products on tensor cores (3xTF32); shapes the smem pitches
+};
+
+template <typename T, typename A>
+struct BwdArgs {
+  const T* dout;
+  RowStrides dos;
+  bool vec_do;
+  const T* out;
+  RowStrides os;
+  const A* lse;         // (B, L): the forward's, or for float64 recomputed exactly
+  A* delta;             // (B, L)
+  A* dk_part;           // (nsplit, B, N, D), scaled
+  A* dv_part;           // (nsplit, B, N, E)
+  int nsplit;
+  T* dq;
+  T* dk;
+  T* dv;
+};
+
+// Query tiles cover positions p of the query order of image b: query query_at(p), active when
+// active_at(p). Without an order (no mask) positions are queries.
+template <typename T, typename A>
+__device__ __forceinline__ int64_t query_at(const AttnArgs<T, A>& a, int64_t b, int64_t p) {
+  return a.qorder ? int64_t(a.qorder[b * a.L + p]) : p;
+}
+template <typename T, typename A>
+__device__ __forceinline__ bool active_at(const AttnArgs<T, A>& a, int64_t b, int64_t p) {
+  return a.qorder ? p < a.qcount[b] : (a.qmask == nullptr || a.qmask[b * a.L + p]);
+}
+
+// Loads rows_valid rows of a (B, L, cols) tensor (image b, row stride rs) from position q0 of
+// the query order into a BM-row tile.
+template <typename T, typename A>
+__device__ __forceinline__ void load_query_tile(const AttnArgs<T, A>& a, T* dst, int ld,
+                                                const T* img, int64_t rs, int64_t b, int64_t q0,
+                                                int rows_valid, int cols_valid, int cols,
+                                                bool vec) {
+  if (a.qorder)
+    load_tile(dst, ld, img, rs, rows_valid, a.BM, cols_valid, cols, vec, a.qorder + b * a.L + q0);
+  else
+    load_tile(dst, ld, img + q0 * rs, rs, rows_valid, a.BM, cols_valid, cols, vec);
+}
+
+template <typename A> __device__ __forceinline__ A acc_log(A v) { return log(v); }
+template <> __device__ __forceinline__ float acc_log<float>(float v) { return __logf(v); }
+
+// Loads key_bias of keys [k0, k0 + BN) (-inf past N); true when any key of the tile is kept.
+// Contains the barrier that ends the previous use of the tile's shared memory.
+template <typename A>
+__device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_t k0, int keys,
+                                               int BN) {
+  int alive = 0;
+  for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+    const A bv = c < keys ? bias_row[k0 + c] : neg_inf<A>();
+    dst[c] = bv;
+    alive |= bv > neg_inf<A>();
+  }
+  return __syncthreads_or(alive) != 0;
+}
+
+// Loads lse and Δ of the queries at positions [q0, q0 + BM) into shared memory; rows that
+// attend nothing get lse = -inf (their P is 0). True when any row attends. Contains a barrier.
+template <typename T, typename A>
+__device__ __forceinline__ bool load_query_rows(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
+                                                A* lse_s, A* delta_s, int64_t b, int64_t q0,
+                                                int rows) {
+  int any = 0;
+  for (int r = threadIdx.x; r < a.BM; r += blockDim.x) {
+    A ls = neg_inf<A>(), dl = A(0);
+    if (r < rows && active_at(a, b, q0 + r)) {
+      const int64_t row = b * a.L + query_at(a, b, q0 + r);
+      ls = A(g.lse[row]);
+      dl = g.delta[row];
+    }
+    const int act = ls > neg_inf<A>();
+    lse_s[r] = act ? ls : neg_inf<A>();
+    delta_s[r] = act ? dl : A(0);
+    any |= act;
+  }
+  return __syncthreads_or(any) != 0;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace regharm

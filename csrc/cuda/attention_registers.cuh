@@ -1,0 +1,486 @@
+// masked_attention's kernels for 16-bit inputs with tiles in registers (FlashAttention-2's
+// structure): each warp owns 16 rows, multiplies with mma.sync (mma_m16n8k16.cuh) and keeps its
+// scores, probabilities and output accumulators in registers; shared memory holds only the
+// streamed K/V (or Q/dO) tiles. The shared-memory tile kernels of masked_attention_kernels.cu
+// (WMMA) write every score tile to shared memory and read it back for the softmax and for the
+// next product; the H100 run of a868fa1 measured them at 12 % occupancy (~95 KB of shared
+// memory per block) and 3.6-10x slower than the Triton kernels.
+//
+// Same semantics, masking and skipping as the tile kernels (SPEC §3): query tiles run over the
+// compacted query order, key tiles whose keys are all removed are skipped, inactive queries get
+// zeros and lse = -inf, and the key-tile kernel writes per-split partial sums that
+// attn_bwd_reduce_kernel adds in a fixed order (deterministic, no atomics).
+//
+// Sizes: DP, EP (D and E padded with zeros to 32, 64 or 128) are template parameters, so the
+// fragment arrays are fixed-size and stay in registers. Operands whose B fragment would need a
+// column walk (Vᵀ in P·V, Kᵀ in dS·K, Qᵀ and dOᵀ in the key-tile kernel) are stored transposed
+// in shared memory when loaded.
+#pragma once
+
+#include "attention_common.cuh"
+#include "mma_m16n8k16.cuh"
+
+namespace regharm {
+namespace cuda {
+namespace {
+
+constexpr int kRegRows = 16 * (kThreads / 32);  // rows per block: 16 per warp (64)
+constexpr int kRegKeys = 64;                    // keys per streamed tile (forward, dQ)
+constexpr int kRegQueries = 32;                 // queries per streamed tile (dK/dV)
+
+// Pitch of a 16-bit tile with `cols` columns (a multiple of 16): 8 elements (16 bytes) of
+// padding put the 8 rows a fragment load touches on 8 different groups of 4 banks, and keep
+// rows 16-byte aligned for load_tile's vector loads.
+__host__ __device__ constexpr int reg_pitch(int cols) { return cols + 8; }
+
+// dst[c * ld + r] = element (r, c) of a rows x cols tile read like load_tile (zeros outside
+// rows_valid x cols_valid; row r is source row row_idx[r] when given). Consecutive threads
+// read consecutive columns of a source row. No barrier inside.
+template <typename T>
+__device__ void load_tile_t(T* dst, int ld, const T* src, int64_t src_ld, int rows_valid,
+                            int rows, int cols_valid, int cols, const int* row_idx = nullptr) {
+  const T zero = from_acc<T>(0.0f);
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    const int r = idx / cols, c = idx % cols;
+    T v = zero;
+    if (r < rows_valid && c < cols_valid)
+      v = src[(row_idx ? int64_t(row_idx[r]) : int64_t(r)) * src_ld + c];
+    dst[c * ld + r] = v;
+  }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void load_query_tile_t(const AttnArgs<T, A>& a, T* dst, int ld,
+                                                  const T* img, int64_t rs, int64_t b, int64_t q0,
+                                                  int rows_valid, int cols_valid, int cols) {
+  if (a.qorder)
+    load_tile_t(dst, ld, img, rs, rows_valid, a.BM, cols_valid, cols, a.qorder + b * a.L + q0);
+  else
+    load_tile_t(dst, ld, img + q0 * rs, rs, rows_valid, a.BM, cols_valid, cols);
+}
+
+// Max and sum over the 4 lanes (one quad) that hold a row of an accumulator fragment.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+template <typename T>
+struct RegFwdSmem {
+  T *q, *k, *vt;
+  float* bias;
+  int* act;
+  int ldq, ldvt;
+  size_t bytes;
+  __host__ __device__ RegFwdSmem(unsigned char* base, int DP, int EC) {
+    ldq = reg_pitch(DP);
+    ldvt = reg_pitch(kRegKeys);
+    SmemCarver c(base);
+    q = c.take<T>(size_t(kRegRows) * ldq);
+    k = c.take<T>(size_t(kRegKeys) * ldq);
+    vt = c.take<T>(size_t(EC) * ldvt);
+    bias = c.take<float>(kRegKeys);
+    act = c.take<int>(kRegRows);
+    bytes = c.offset;
+  }
+};
+
+// One block per 64 positions of the query order x EC value columns x image; a.BM = kRegRows.
+template <typename T, int DP, int EC>
+__global__ void __launch_bounds__(kThreads)
+    attn_fwd_reg_kernel(AttnArgs<T, float> a, T* __restrict__ out, float* __restrict__ lse) {
+  constexpr int KD = DP / 16, NS = kRegKeys / 8, NE = EC / 8;
+  REGHARM_DYNAMIC_SMEM(raw);
+  const RegFwdSmem<T> sm(raw, DP, EC);
+  const int64_t b = blockIdx.z;
+  const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
+  const int e0 = blockIdx.y * EC;
+  const int rows = int(min(int64_t(kRegRows), a.L - q0));
+  const int ecols = min(EC, a.E - e0);
+  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  T* out_b = out + b * a.L * a.E + e0;
+  float* lse_b = lse + b * a.L;
+
+  int any = 0;
+  for (int r = tid; r < kRegRows; r += blockDim.x) {
+    const int act = r < rows && active_at(a, b, q0 + r);
+    sm.act[r] = act;
+    any |= act;
+  }
+  if (!__syncthreads_or(any)) {  // no active query: exact zeros, nothing attended
+    for (int idx = tid; idx < rows * ecols; idx += blockDim.x)
+      out_b[query_at(a, b, q0 + idx / ecols) * a.E + idx % ecols] = from_acc<T>(0.0f);
+    if (blockIdx.y == 0)
+      for (int r = tid; r < rows; r += blockDim.x) lse_b[query_at(a, b, q0 + r)] = -INFINITY;
+    return;
+  }
+  load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+  __syncthreads();
+  uint32_t qf[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], sm.q + warp * 16 * sm.ldq, sm.ldq, kk * 16);
+
+  // rows g (h = 0: fragment elements 0, 1) and g + 8 (h = 1: elements 2, 3) of the warp's 16;
+  // l is this lane's share of the row sum (its 2 of every 8 columns), added up at the end
+  float o[NE][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const T* k_b = a.k + b * a.ks.b;
+  const T* v_b = a.v + b * a.vs.b + e0;
+  const float* bias_b = a.bias + b * a.N;
+  for (int64_t k0 = 0; k0 < a.N; k0 += kRegKeys) {
+    const int keys = int(min(int64_t(kRegKeys), a.N - k0));
+    if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;  // every key removed
+    load_tile(sm.k, sm.ldq, k_b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP, a.vec_k);
+    load_tile_t(sm.vt, sm.ldvt, v_b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, ecols, EC);
+    __syncthreads();
+
+    float s[NS][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        uint32_t bf[2];
+        load_b_t(bf, sm.k, sm.ldq, j * 8, kk * 16);
+        mma16816<T>(s[j], qf[kk], bf);
+      }
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[j][c] = s[j][c] * a.scale + sm.bias[j * 8 + 2 * t + (c & 1)];
+        tmax[c >> 1] = fmaxf(tmax[c >> 1], s[j][c]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_new = fmaxf(m[h], quad_max(tmax[h]));
+      alpha[h] = m_new == -INFINITY ? 1.0f : fast_exp(m[h] - m_new);  // 0 when m was -inf
+      m[h] = m_new;
+    }
+    float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int h = c >> 1;
+        const float p = m[h] == -INFINITY ? 0.0f : fast_exp(s[j][c] - m[h]);  // exp(-inf) = 0
+        s[j][c] = p;
+        psum[h] += p;
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + psum[h];
+#pragma unroll
+    for (int e = 0; e < NE; ++e) {
+      o[e][0] *= alpha[0], o[e][1] *= alpha[0];
+      o[e][2] *= alpha[1], o[e][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < NS / 2; ++kk) {
+      uint32_t pa[4];
+      acc_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int e = 0; e < NE; ++e) {
+        uint32_t bf[2];
+        load_b_t(bf, sm.vt, sm.ldvt, e * 8, kk * 16);
+        mma16816<T>(o[e], pa, bf);
+      }
+    }
+    __syncthreads();  // every warp is done with k, vt and bias before the next tile's loads
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float lsum = quad_sum(l[h]);
+    const int r = warp * 16 + g + 8 * h;
+    if (r >= rows) continue;
+    const bool act = sm.act[r] && lsum > 0.0f;
+    const float inv = act ? 1.0f / lsum : 0.0f;
+    const int64_t qrow = query_at(a, b, q0 + r);
+#pragma unroll
+    for (int e = 0; e < NE; ++e)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = e * 8 + 2 * t + c;
+        if (col < ecols) out_b[qrow * a.E + col] = from_acc<T>(o[e][2 * h + c] * inv);
+      }
+    if (blockIdx.y == 0 && t == 0) lse_b[qrow] = act ? m[h] + acc_log(lsum) : -INFINITY;
+  }
+}
+
+// ---- backward: dQ over key tiles -------------------------------------------------------------
+
+template <typename T>
+struct RegDqSmem {
+  T *q, *dout, *k, *kt, *v;
+  float *bias, *lse, *delta;
+  int ldq, lde, ldkt;
+  size_t bytes;
+  __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP) {
+    ldq = reg_pitch(DP);
+    lde = reg_pitch(EP);
+    ldkt = reg_pitch(kRegKeys);
+    SmemCarver c(base);
+    q = c.take<T>(size_t(kRegRows) * ldq);
+    dout = c.take<T>(size_t(kRegRows) * lde);
+    k = c.take<T>(size_t(kRegKeys) * ldq);
+    kt = c.take<T>(size_t(DP) * ldkt);
+    v = c.take<T>(size_t(kRegKeys) * lde);
+    bias = c.take<float>(kRegKeys);
+    lse = c.take<float>(kRegRows);
+    delta = c.take<float>(kRegRows);
+    bytes = c.offset;
+  }
+};
+
+// dQ = scale · dS K with dS = P ∘ (dO Vᵀ - Δ); one block per 64 positions of the query order x
+// image; a.BM = kRegRows.
+template <typename T, int DP, int EP>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dq_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
+  constexpr int KD = DP / 16, KE = EP / 16, NS = kRegKeys / 8, ND = DP / 8;
+  REGHARM_DYNAMIC_SMEM(raw);
+  const RegDqSmem<T> sm(raw, DP, EP);
+  const int64_t b = blockIdx.z;
+  const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
+  const int rows = int(min(int64_t(kRegRows), a.L - q0));
+  const int tid = threadIdx.x, warp = tid >> 5, gr = (tid & 31) >> 2, t = tid & 3;
+
+  float dq[ND][4] = {};
+  if (load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) {  // else: nothing attended, 0
+    load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+    load_query_tile(a, sm.dout, sm.lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, EP,
+                    g.vec_do);
+    __syncthreads();
+    uint32_t qf[KD][4], dof[KE][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], sm.q + warp * 16 * sm.ldq, sm.ldq, kk * 16);
+#pragma unroll
+    for (int kk = 0; kk < KE; ++kk)
+      load_a(dof[kk], sm.dout + warp * 16 * sm.lde, sm.lde, kk * 16);
+    float lse_r[2], delta_r[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      lse_r[h] = sm.lse[warp * 16 + gr + 8 * h];
+      delta_r[h] = sm.delta[warp * 16 + gr + 8 * h];
+    }
+    const float* bias_b = a.bias + b * a.N;
+    for (int64_t k0 = 0; k0 < a.N; k0 += kRegKeys) {
+      const int keys = int(min(int64_t(kRegKeys), a.N - k0));
+      if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;
+      const T* k_t = a.k + b * a.ks.b + k0 * a.ks.r;
+      load_tile(sm.k, sm.ldq, k_t, a.ks.r, keys, kRegKeys, a.D, DP, a.vec_k);
+      load_tile_t(sm.kt, sm.ldkt, k_t, a.ks.r, keys, kRegKeys, a.D, DP);
+      load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, a.E, EP,
+                a.vec_v);
+      __syncthreads();
+      float s[NS][4] = {}, dp[NS][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk)
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.k, sm.ldq, j * 8, kk * 16);
+          mma16816<T>(s[j], qf[kk], bf);
+        }
+#pragma unroll
+      for (int kk = 0; kk < KE; ++kk)
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.v, sm.lde, j * 8, kk * 16);
+          mma16816<T>(dp[j], dof[kk], bf);
+        }
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1;
+          const float bv = sm.bias[j * 8 + 2 * t + (c & 1)];
+          const float p = (lse_r[h] > -INFINITY && bv > -INFINITY)
+                              ? fast_exp(s[j][c] * a.scale + bv - lse_r[h])
+                              : 0.0f;
+          s[j][c] = p * (dp[j][c] - delta_r[h]);  // dS
+        }
+#pragma unroll
+      for (int kk = 0; kk < NS / 2; ++kk) {
+        uint32_t da[4];
+        acc_to_a<T>(da, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.kt, sm.ldkt, n * 8, kk * 16);
+          mma16816<T>(dq[n], da, bf);
+        }
+      }
+      __syncthreads();  // done with k, kt, v and bias before the next tile's loads
+    }
+  }
+  T* dq_b = g.dq + b * a.L * a.D;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = warp * 16 + gr + 8 * h;
+    if (r >= rows) continue;
+    const bool act = sm.lse[r] > -INFINITY;
+    const int64_t qrow = query_at(a, b, q0 + r);
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = n * 8 + 2 * t + c;
+        if (col < a.D) dq_b[qrow * a.D + col] = from_acc<T>(act ? dq[n][2 * h + c] * a.scale : 0.0f);
+      }
+  }
+}
+
+// ---- backward: dK, dV over query tiles -------------------------------------------------------
+
+template <typename T>
+struct RegDkdvSmem {
+  T *k, *v, *q, *qt, *dout, *dot;
+  float *bias, *lse, *delta;
+  int ldk, lde, ldt;
+  size_t bytes;
+  __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP) {
+    ldk = reg_pitch(DP);
+    lde = reg_pitch(EP);
+    ldt = reg_pitch(kRegQueries);
+    SmemCarver c(base);
+    k = c.take<T>(size_t(kRegRows) * ldk);
+    v = c.take<T>(size_t(kRegRows) * lde);
+    q = c.take<T>(size_t(kRegQueries) * ldk);
+    qt = c.take<T>(size_t(DP) * ldt);
+    dout = c.take<T>(size_t(kRegQueries) * lde);
+    dot = c.take<T>(size_t(EP) * ldt);
+    bias = c.take<float>(kRegRows);
+    lse = c.take<float>(kRegQueries);
+    delta = c.take<float>(kRegQueries);
+    bytes = c.offset;
+  }
+};
+
+// dV = Pᵀ dO and dK = scale · dSᵀ Q of 64 keys (16 per warp, as rows: the scores come out
+// transposed, Sᵀ = K Qᵀ) from the query tiles qt = split, split + nsplit, ...; a.BM =
+// kRegQueries. Writes the split's partial sums.
+template <typename T, int DP, int EP>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dkdv_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
+  constexpr int KD = DP / 16, KE = EP / 16, NQ = kRegQueries / 8, ND = DP / 8, NE = EP / 8;
+  REGHARM_DYNAMIC_SMEM(raw);
+  const RegDkdvSmem<T> sm(raw, DP, EP);
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t k0 = int64_t(blockIdx.x) * kRegRows;
+  const int keys = int(min(int64_t(kRegRows), a.N - k0));
+  const int tid = threadIdx.x, warp = tid >> 5, gr = (tid & 31) >> 2, t = tid & 3;
+
+  float dk[ND][4] = {}, dv[NE][4] = {};
+  if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, kRegRows)) {  // else: removed, 0
+    load_tile(sm.k, sm.ldk, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegRows, a.D, DP,
+              a.vec_k);
+    load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegRows, a.E, EP,
+              a.vec_v);
+    const float bk[2] = {sm.bias[warp * 16 + gr], sm.bias[warp * 16 + gr + 8]};
+    const T* kw = sm.k + warp * 16 * sm.ldk;
+    const T* vw = sm.v + warp * 16 * sm.lde;
+    const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
+    const int64_t qtiles = (span + kRegQueries - 1) / kRegQueries;
+    for (int64_t qt = split; qt < qtiles; qt += g.nsplit) {
+      const int64_t q0 = qt * kRegQueries;
+      const int rows = int(min(int64_t(kRegQueries), span - q0));
+      // barrier inside; the previous tile ended with one, so lse and delta are free
+      if (!load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) continue;
+      const T* q_img = a.q + b * a.qs.b;
+      const T* do_img = g.dout + b * g.dos.b;
+      load_query_tile(a, sm.q, sm.ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+      load_query_tile_t(a, sm.qt, sm.ldt, q_img, a.qs.r, b, q0, rows, a.D, DP);
+      load_query_tile(a, sm.dout, sm.lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
+      load_query_tile_t(a, sm.dot, sm.ldt, do_img, g.dos.r, b, q0, rows, a.E, EP);
+      __syncthreads();
+      float st[NQ][4] = {}, dpt[NQ][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t af[4];
+        load_a(af, kw, sm.ldk, kk * 16);
+#pragma unroll
+        for (int j = 0; j < NQ; ++j) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.q, sm.ldk, j * 8, kk * 16);
+          mma16816<T>(st[j], af, bf);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < KE; ++kk) {
+        uint32_t af[4];
+        load_a(af, vw, sm.lde, kk * 16);
+#pragma unroll
+        for (int j = 0; j < NQ; ++j) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.dout, sm.lde, j * 8, kk * 16);
+          mma16816<T>(dpt[j], af, bf);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NQ; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1, qi = j * 8 + 2 * t + (c & 1);
+          const float ls = sm.lse[qi];
+          const float p = (ls > -INFINITY && bk[h] > -INFINITY)
+                              ? fast_exp(st[j][c] * a.scale + bk[h] - ls)
+                              : 0.0f;
+          st[j][c] = p;                                // Pᵀ
+          dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
+        }
+#pragma unroll
+      for (int kk = 0; kk < NQ / 2; ++kk) {
+        uint32_t pa[4], da[4];
+        acc_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
+        acc_to_a<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+        for (int n = 0; n < NE; ++n) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.dot, sm.ldt, n * 8, kk * 16);
+          mma16816<T>(dv[n], pa, bf);
+        }
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+          uint32_t bf[2];
+          load_b_t(bf, sm.qt, sm.ldt, n * 8, kk * 16);
+          mma16816<T>(dk[n], da, bf);
+        }
+      }
+      __syncthreads();  // done with q, qt, dout, dot, lse and delta before the next tile's loads
+    }
+  }
+  float* dk_p = g.dk_part + ((split * a.B + b) * a.N + k0) * a.D;
+  float* dv_p = g.dv_part + ((split * a.B + b) * a.N + k0) * a.E;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = warp * 16 + gr + 8 * h;
+    if (r >= keys) continue;
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = n * 8 + 2 * t + c;
+        if (col < a.D) dk_p[int64_t(r) * a.D + col] = dk[n][2 * h + c] * a.scale;
+      }
+#pragma unroll
+    for (int n = 0; n < NE; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = n * 8 + 2 * t + c;
+        if (col < a.E) dv_p[int64_t(r) * a.E + col] = dv[n][2 * h + c];
+      }
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace regharm
