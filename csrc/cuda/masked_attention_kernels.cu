@@ -504,14 +504,23 @@ RegKernelSet<T> reg_kernels(const AttnShape& s) {
   return DP == 32 ? reg_set_e<T, 32>(EP) : DP == 64 ? reg_set_e<T, 64>(EP) : reg_set_e<T, 128>(EP);
 }
 
-// Query splits of the register key-tile kernel: about four blocks per multiprocessor (its
-// ~56 KB of shared memory allows four), as far as there are query tiles to share.
-inline int reg_num_splits(const AttnShape& s) {
+// Query splits of the register key-tile kernel: as many as one wave of blocks holds (the
+// occupancy the kernel's registers and shared memory allow, times the multiprocessors), so that
+// no second, mostly idle wave follows; at least one, at most one per query tile (and 16).
+// PTL's setting on an H100 (56 key blocks; 3 blocks per SM by registers): 7 splits, 392 blocks.
+template <typename T>
+int reg_num_splits(const AttnShape& s) {
   const int64_t key_blocks = s.B * ((s.N + kRegRows - 1) / kRegRows);
   const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
   if (key_blocks == 0 || qtiles == 0) return 1;
-  const int64_t want = (4 * int64_t(multiprocessor_count()) + key_blocks - 1) / key_blocks;
-  return int(std::max<int64_t>(1, std::min<int64_t>({want, qtiles, 16})));
+  const RegKernelSet<T> rk = reg_kernels<T>(s);
+  int per_sm = 0;
+  if (allow_smem(reinterpret_cast<const void*>(rk.dkdv), rk.dkdv_smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rk.dkdv, kThreads, rk.dkdv_smem) !=
+          cudaSuccess)
+    per_sm = 1;
+  const int64_t slots = int64_t(std::max(1, per_sm)) * multiprocessor_count();
+  return int(std::max<int64_t>(1, std::min<int64_t>({slots / key_blocks, qtiles, 16})));
 }
 
 struct Tiles {
@@ -681,7 +690,9 @@ struct BwdWorkspace {
 template <typename T>
 size_t workspace_impl(const AttnShape& s) {
   using A = acc_t<T>;
-  if (use_registers<T>(s)) return BwdWorkspace<A>(nullptr, s, reg_num_splits(s)).bytes;
+  if constexpr (sizeof(T) == 2) {
+    if (use_registers<T>(s)) return BwdWorkspace<A>(nullptr, s, reg_num_splits<T>(s)).bytes;
+  }
   const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, uses_tc<T>(s),
                                    size_t(max_dynamic_smem()));
   if (t.smem == 0) return 0;
@@ -739,7 +750,10 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, a.tc, limit);
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
-  const int nsplit = regs ? reg_num_splits(s) : num_splits(s, tkv);
+  int nsplit = num_splits(s, tkv);
+  if constexpr (sizeof(T) == 2) {
+    if (regs) nsplit = reg_num_splits<T>(s);
+  }
   const BwdWorkspace<A> ws(workspace, s, nsplit);
   cudaError_t err;
   if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;

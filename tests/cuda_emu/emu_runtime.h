@@ -422,6 +422,23 @@ inline cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, i
   ::emu::smem_attribute()[f] = v;
   return cudaSuccess;
 }
+// Blocks per multiprocessor as the shared memory allows (threads: at most 2048 per SM; the
+// registers are not modelled), after the kernel's opt-in.
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F kernel, int threads,
+                                                                 size_t smem) {
+  auto it = ::emu::smem_attribute().find(reinterpret_cast<const void*>(kernel));
+  const size_t allowed = it == ::emu::smem_attribute().end() ? 48 * 1024 : size_t(it->second);
+  if (smem > allowed || threads <= 0 || threads > 1024) {
+    *n = 0;
+    return cudaErrorInvalidValue;
+  }
+  const int by_threads = 2048 / threads;
+  const int by_smem = smem == 0 ? 32 : int(size_t(::emu::config().smem_optin) / smem);
+  *n = std::max(0, std::min({32, by_threads, by_smem}));
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
   std::memset(p, v, n);
   return cudaSuccess;
