@@ -21,6 +21,9 @@
 // else (softmax, masking) runs in the accumulation type.
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "attention_common.cuh"
@@ -514,11 +517,26 @@ int reg_num_splits(const AttnShape& s) {
   const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
   if (key_blocks == 0 || qtiles == 0) return 1;
   const RegKernelSet<T> rk = reg_kernels<T>(s);
+  // the occupancy query costs driver calls: asked once per kernel, device and smem limit
+  static std::mutex lock;
+  static std::map<std::tuple<const void*, int, int>, int> known;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(rk.dkdv), dev, max_dynamic_smem());
   int per_sm = 0;
-  if (allow_smem(reinterpret_cast<const void*>(rk.dkdv), rk.dkdv_smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rk.dkdv, kThreads, rk.dkdv_smem) !=
-          cudaSuccess)
-    per_sm = 1;
+  {
+    std::lock_guard<std::mutex> guard(lock);
+    const auto it = known.find(key);
+    if (it != known.end()) {
+      per_sm = it->second;
+    } else {
+      if (allow_smem(reinterpret_cast<const void*>(rk.dkdv), rk.dkdv_smem) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rk.dkdv, kThreads,
+                                                        rk.dkdv_smem) != cudaSuccess)
+        per_sm = 1;
+      known[key] = per_sm;
+    }
+  }
   const int64_t slots = int64_t(std::max(1, per_sm)) * multiprocessor_count();
   return int(std::max<int64_t>(1, std::min<int64_t>({slots / key_blocks, qtiles, 16})));
 }
