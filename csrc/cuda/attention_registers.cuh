@@ -11,10 +11,10 @@
 // zeros and lse = -inf, and the key-tile kernel writes per-split partial sums that
 // attn_bwd_reduce_kernel adds in a fixed order (deterministic, no atomics).
 //
-// Sizes: DP, EP (D and E padded with zeros to 32, 64 or 128) are template parameters, so the
-// fragment arrays are fixed-size and stay in registers. Operands whose B fragment would need a
-// column walk (Vᵀ in P·V, Kᵀ in dS·K, Qᵀ and dOᵀ in the key-tile kernel) are stored transposed
-// in shared memory when loaded.
+// Sizes: DP, EP (D and E padded with zeros to 64 or 128) are template parameters, so the
+// fragment arrays are fixed-size and stay in registers. Every streamed tile sits row-major in
+// shared memory as load_tile writes it (16-byte loads); operands used transposed (V in P·V, K in
+// dS·K, Q and dO in the key-tile kernel) are read with `ldmatrix .trans` (load_b_trans).
 #pragma once
 
 #include "attention_common.cuh"
@@ -33,32 +33,6 @@ constexpr int kRegQueries = 32;                 // queries per streamed tile (dK
 // rows 16-byte aligned for load_tile's vector loads.
 __host__ __device__ constexpr int reg_pitch(int cols) { return cols + 8; }
 
-// dst[c * ld + r] = element (r, c) of a rows x cols tile read like load_tile (zeros outside
-// rows_valid x cols_valid; row r is source row row_idx[r] when given). Consecutive threads
-// read consecutive columns of a source row. No barrier inside.
-template <typename T>
-__device__ void load_tile_t(T* dst, int ld, const T* src, int64_t src_ld, int rows_valid,
-                            int rows, int cols_valid, int cols, const int* row_idx = nullptr) {
-  const T zero = from_acc<T>(0.0f);
-  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
-    const int r = idx / cols, c = idx % cols;
-    T v = zero;
-    if (r < rows_valid && c < cols_valid)
-      v = src[(row_idx ? int64_t(row_idx[r]) : int64_t(r)) * src_ld + c];
-    dst[c * ld + r] = v;
-  }
-}
-
-template <typename T, typename A>
-__device__ __forceinline__ void load_query_tile_t(const AttnArgs<T, A>& a, T* dst, int ld,
-                                                  const T* img, int64_t rs, int64_t b, int64_t q0,
-                                                  int rows_valid, int cols_valid, int cols) {
-  if (a.qorder)
-    load_tile_t(dst, ld, img, rs, rows_valid, a.BM, cols_valid, cols, a.qorder + b * a.L + q0);
-  else
-    load_tile_t(dst, ld, img + q0 * rs, rs, rows_valid, a.BM, cols_valid, cols);
-}
-
 // Max and sum over the 4 lanes (one quad) that hold a row of an accumulator fragment.
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -73,18 +47,18 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 template <typename T>
 struct RegFwdSmem {
-  T *q, *k, *vt;
+  T *q, *k, *v;
   float* bias;
   int* act;
-  int ldq, ldvt;
+  int ldq, ldv;
   size_t bytes;
   __host__ __device__ RegFwdSmem(unsigned char* base, int DP, int EC) {
     ldq = reg_pitch(DP);
-    ldvt = reg_pitch(kRegKeys);
+    ldv = reg_pitch(EC);
     SmemCarver c(base);
     q = c.take<T>(size_t(kRegRows) * ldq);
     k = c.take<T>(size_t(kRegKeys) * ldq);
-    vt = c.take<T>(size_t(EC) * ldvt);
+    v = c.take<T>(size_t(kRegKeys) * ldv);
     bias = c.take<float>(kRegKeys);
     act = c.take<int>(kRegRows);
     bytes = c.offset;
@@ -137,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     const int keys = int(min(int64_t(kRegKeys), a.N - k0));
     if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;  // every key removed
     load_tile(sm.k, sm.ldq, k_b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP, a.vec_k);
-    load_tile_t(sm.vt, sm.ldvt, v_b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, ecols, EC);
+    load_tile(sm.v, sm.ldv, v_b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, ecols, EC, a.vec_v);
     __syncthreads();
 
     float s[NS][4] = {};
@@ -188,11 +162,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < NE; ++e) {
         uint32_t bf[2];
-        load_b_t(bf, sm.vt, sm.ldvt, e * 8, kk * 16);
+        load_b_trans(bf, sm.v + kk * 16 * sm.ldv + e * 8, sm.ldv);
         mma16816<T>(o[e], pa, bf);
       }
     }
-    __syncthreads();  // every warp is done with k, vt and bias before the next tile's loads
+    __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -217,19 +191,17 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 struct RegDqSmem {
-  T *q, *dout, *k, *kt, *v;
+  T *q, *dout, *k, *v;
   float *bias, *lse, *delta;
-  int ldq, lde, ldkt;
+  int ldq, lde;
   size_t bytes;
   __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP) {
     ldq = reg_pitch(DP);
     lde = reg_pitch(EP);
-    ldkt = reg_pitch(kRegKeys);
     SmemCarver c(base);
     q = c.take<T>(size_t(kRegRows) * ldq);
     dout = c.take<T>(size_t(kRegRows) * lde);
     k = c.take<T>(size_t(kRegKeys) * ldq);
-    kt = c.take<T>(size_t(DP) * ldkt);
     v = c.take<T>(size_t(kRegKeys) * lde);
     bias = c.take<float>(kRegKeys);
     lse = c.take<float>(kRegRows);
@@ -273,9 +245,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k0 = 0; k0 < a.N; k0 += kRegKeys) {
       const int keys = int(min(int64_t(kRegKeys), a.N - k0));
       if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;
-      const T* k_t = a.k + b * a.ks.b + k0 * a.ks.r;
-      load_tile(sm.k, sm.ldq, k_t, a.ks.r, keys, kRegKeys, a.D, DP, a.vec_k);
-      load_tile_t(sm.kt, sm.ldkt, k_t, a.ks.r, keys, kRegKeys, a.D, DP);
+      load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP,
+                a.vec_k);
       load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, a.E, EP,
                 a.vec_v);
       __syncthreads();
@@ -314,11 +285,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int n = 0; n < ND; ++n) {
           uint32_t bf[2];
-          load_b_t(bf, sm.kt, sm.ldkt, n * 8, kk * 16);
+          load_b_trans(bf, sm.k + kk * 16 * sm.ldq + n * 8, sm.ldq);
           mma16816<T>(dq[n], da, bf);
         }
       }
-      __syncthreads();  // done with k, kt, v and bias before the next tile's loads
+      __syncthreads();  // done with k, v and bias before the next tile's loads
     }
   }
   T* dq_b = g.dq + b * a.L * a.D;
@@ -342,21 +313,18 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 struct RegDkdvSmem {
-  T *k, *v, *q, *qt, *dout, *dot;
+  T *k, *v, *q, *dout;
   float *bias, *lse, *delta;
-  int ldk, lde, ldt;
+  int ldk, lde;
   size_t bytes;
   __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP) {
     ldk = reg_pitch(DP);
     lde = reg_pitch(EP);
-    ldt = reg_pitch(kRegQueries);
     SmemCarver c(base);
     k = c.take<T>(size_t(kRegRows) * ldk);
     v = c.take<T>(size_t(kRegRows) * lde);
     q = c.take<T>(size_t(kRegQueries) * ldk);
-    qt = c.take<T>(size_t(DP) * ldt);
     dout = c.take<T>(size_t(kRegQueries) * lde);
-    dot = c.take<T>(size_t(EP) * ldt);
     bias = c.take<float>(kRegRows);
     lse = c.take<float>(kRegQueries);
     delta = c.take<float>(kRegQueries);
@@ -385,7 +353,7 @@ __global__ void __launch_bounds__(kThreads)
               a.vec_k);
     load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegRows, a.E, EP,
               a.vec_v);
-    const float bk[2] = {sm.bias[warp * 16 + gr], sm.bias[warp * 16 + gr + 8]};
+    const float bk0 = sm.bias[warp * 16 + gr], bk1 = sm.bias[warp * 16 + gr + 8];
     const T* kw = sm.k + warp * 16 * sm.ldk;
     const T* vw = sm.v + warp * 16 * sm.lde;
     const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
@@ -398,9 +366,7 @@ __global__ void __launch_bounds__(kThreads)
       const T* q_img = a.q + b * a.qs.b;
       const T* do_img = g.dout + b * g.dos.b;
       load_query_tile(a, sm.q, sm.ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
-      load_query_tile_t(a, sm.qt, sm.ldt, q_img, a.qs.r, b, q0, rows, a.D, DP);
       load_query_tile(a, sm.dout, sm.lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
-      load_query_tile_t(a, sm.dot, sm.ldt, do_img, g.dos.r, b, q0, rows, a.E, EP);
       __syncthreads();
       float st[NQ][4] = {}, dpt[NQ][4] = {};
 #pragma unroll
@@ -429,10 +395,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < NQ; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1, qi = j * 8 + 2 * t + (c & 1);
-          const float ls = sm.lse[qi];
-          const float p = (ls > -INFINITY && bk[h] > -INFINITY)
-                              ? fast_exp(st[j][c] * a.scale + bk[h] - ls)
+          const int qi = j * 8 + 2 * t + (c & 1);
+          const float ls = sm.lse[qi], bk = c < 2 ? bk0 : bk1;  // key rows gr, gr + 8
+          const float p = (ls > -INFINITY && bk > -INFINITY)
+                              ? fast_exp(st[j][c] * a.scale + bk - ls)
                               : 0.0f;
           st[j][c] = p;                                // Pᵀ
           dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
@@ -445,17 +411,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int n = 0; n < NE; ++n) {
           uint32_t bf[2];
-          load_b_t(bf, sm.dot, sm.ldt, n * 8, kk * 16);
+          load_b_trans(bf, sm.dout + kk * 16 * sm.lde + n * 8, sm.lde);
           mma16816<T>(dv[n], pa, bf);
         }
 #pragma unroll
         for (int n = 0; n < ND; ++n) {
           uint32_t bf[2];
-          load_b_t(bf, sm.qt, sm.ldt, n * 8, kk * 16);
+          load_b_trans(bf, sm.q + kk * 16 * sm.ldk + n * 8, sm.ldk);
           mma16816<T>(dk[n], da, bf);
         }
       }
-      __syncthreads();  // done with q, qt, dout, dot, lse and delta before the next tile's loads
+      __syncthreads();  // done with q, dout, lse and delta before the next tile's loads
     }
   }
   float* dk_p = g.dk_part + ((split * a.B + b) * a.N + k0) * a.D;

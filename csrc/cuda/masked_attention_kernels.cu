@@ -478,7 +478,9 @@ template <typename T> bool use_registers(const AttnShape& s) {
   return sizeof(T) == 2 && !s.tiles && s.D <= 128 && s.E <= 128 && sm80_or_newer();
 }
 
-inline int reg_dim(int v) { return v <= 32 ? 32 : (v <= 64 ? 64 : 128); }
+// D and E padded to 64 or 128: two sizes keep the build short (3 kernels x 2 dtypes x 4), and
+// smaller ones would mostly save work on shapes too small to matter.
+inline int reg_dim(int v) { return v <= 64 ? 64 : 128; }
 
 template <typename T>
 struct RegKernelSet {
@@ -497,20 +499,19 @@ RegKernelSet<T> reg_set() {
 
 template <typename T, int DP>
 RegKernelSet<T> reg_set_e(int EP) {
-  return EP == 32 ? reg_set<T, DP, 32>() : EP == 64 ? reg_set<T, DP, 64>() : reg_set<T, DP, 128>();
+  return EP == 64 ? reg_set<T, DP, 64>() : reg_set<T, DP, 128>();
 }
 
-// D and E padded to 32, 64 or 128.
 template <typename T>
 RegKernelSet<T> reg_kernels(const AttnShape& s) {
   const int DP = reg_dim(s.D), EP = reg_dim(s.E);
-  return DP == 32 ? reg_set_e<T, 32>(EP) : DP == 64 ? reg_set_e<T, 64>(EP) : reg_set_e<T, 128>(EP);
+  return DP == 64 ? reg_set_e<T, 64>(EP) : reg_set_e<T, 128>(EP);
 }
 
 // Query splits of the register key-tile kernel: as many as one wave of blocks holds (the
 // occupancy the kernel's registers and shared memory allow, times the multiprocessors), so that
 // no second, mostly idle wave follows; at least one, at most one per query tile (and 16).
-// PTL's setting on an H100 (56 key blocks; 3 blocks per SM by registers): 7 splits, 392 blocks.
+// PTL's setting on an H100 (56 key blocks; 2 blocks per SM by registers): 4 splits, 224 blocks.
 template <typename T>
 int reg_num_splits(const AttnShape& s) {
   const int64_t key_blocks = s.B * ((s.N + kRegRows - 1) / kRegRows);

@@ -12,7 +12,8 @@
 // each 32-bit register holding two 16-bit elements, the lower index in the low half. So the
 // accumulator of a 16 x 16 product (two n-tiles) holds exactly the A operand of the next
 // product (P = softmax(S) feeds P · V without leaving the registers, as in FlashAttention-2).
-// The CPU emulator (tests/cuda_emu) implements the same layout.
+// `ldmatrix ... .trans` (load_b_trans) reads a B operand out of a row-major tile of its
+// transpose. The CPU emulator (tests/cuda_emu) implements the same layouts.
 #pragma once
 
 #include <cstdint>
@@ -86,6 +87,26 @@ __device__ __forceinline__ void load_b_t(uint32_t (&b)[2], const T* p, int ld, i
   const T* r = p + (n0 + g) * ld + k0 + 2 * t;
   b[0] = ld_pair(r);
   b[1] = ld_pair(r + 8);
+}
+
+// The B operand B[k][n] = M[k0 + k][n0 + n] of a row-major tile M (pitch ld) at p = M + k0 * ld
+// + n0, read as two transposed 8x8 matrices by `ldmatrix ... .trans` (V in P·V, K in dS·K, Q and
+// dO in the key-tile kernel): no transposed copy in shared memory. Rows must be 16-byte aligned
+// (pitches and n0 multiples of 8 elements); every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ void load_b_trans(uint32_t (&b)[2], const T* p, int ld) {
+  const T* row = p + (threadIdx.x & 15) * ld;  // lanes 0-7: rows 0-7 (b[0]), 8-15: rows 8-15
+#if defined(REGHARM_CUDA_EMULATION)
+  ::emu::ldmatrix<2, true>(b, row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b[0]), "=r"(b[1])
+               : "r"(addr));
+#else
+  (void)row, (void)b;
+  __trap();
+#endif
 }
 
 // The A operand made of two accumulator n-tiles c0 (columns 0-7) and c1 (columns 8-15),

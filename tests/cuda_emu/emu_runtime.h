@@ -90,6 +90,7 @@ struct Block {
   ucontext_t sched;
   int current = 0;
   unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
   std::vector<uint64_t> exchange;
   std::vector<std::array<uint32_t, 10>> mma;  // one lane's a, b, c registers (mma_m16n8k16)
   std::vector<int> votes;
@@ -204,6 +205,36 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
   warp_barrier();  // nobody deposits the next product's registers before all have read these
 }
 
+inline void check_aligned(const void* p, size_t bytes, const char* what);
+inline bool in_shared(const void* p, size_t bytes);
+
+// ldmatrix.sync.aligned.m8n8.x{NUM}{.trans}.shared.b16 (PTX ISA "Warp-level matrix load
+// instruction: ldmatrix"): lanes 8i..8i+7 give the row addresses of matrix i; register i of lane
+// l holds matrix i's elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1), or with .trans (2(l%4), l/4)
+// and (2(l%4)+1, l/4). Rows must be 16-byte aligned and in shared memory.
+template <int NUM, bool TRANS, typename T>
+void ldmatrix(uint32_t (&r)[NUM], const T* p) {
+  static_assert(sizeof(T) == 2, "ldmatrix .b16 loads 16-bit elements");
+  Block& bl = blk();
+  const int me = cur().linear, base = me & ~31, lane = me & 31;
+  if (base + 32 > int(bl.fibers.size())) fail("ldmatrix in a partial warp");
+  bl.exchange[me] = reinterpret_cast<uint64_t>(p);
+  warp_barrier();
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < NUM; ++i) {
+    T pair[2];
+    for (int j = 0; j < 2; ++j) {
+      const int row = TRANS ? 2 * t + j : g, col = TRANS ? g : 2 * t + j;
+      const T* rp = reinterpret_cast<const T*>(bl.exchange[base + 8 * i + row]);
+      check_aligned(rp, 16, "ldmatrix row address");
+      if (!in_shared(rp, 16)) fail("ldmatrix row outside the dynamic shared memory");
+      pair[j] = rp[col];
+    }
+    std::memcpy(&r[i], static_cast<const void*>(pair), 4);
+  }
+  warp_barrier();  // nobody replaces an address before all have read them
+}
+
 inline void check_aligned(const void* p, size_t bytes, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
     char buf[160];
@@ -213,6 +244,11 @@ inline void check_aligned(const void* p, size_t bytes, const char* what) {
 }
 
 inline unsigned char* dynamic_smem() { return blk().smem; }
+
+inline bool in_shared(const void* p, size_t bytes) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  return c >= blk().smem && c + bytes <= blk().smem + blk().smem_bytes;
+}
 
 inline std::map<const void*, int>& smem_attribute() {
   static std::map<const void*, int> m;
@@ -357,6 +393,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
         std::memset(raw.data(), 0xA5, raw.size());
         std::memset(base, 0xFF, smem);  // NaN in every float format
         b.smem = base;
+        b.smem_bytes = smem;
         b.idx = make_uint3(x, y, z);
         if (!run_block(b, rng)) {
           last_error() = cudaErrorLaunchFailure;
