@@ -114,3 +114,17 @@ def test_profiles_name_the_ops_and_their_time():
     assert all(calls >= 1 and us >= 0 for _, calls, us in rows)
     rows, total = bench.kernel_profile(fn, torch.device("cpu"))
     assert rows and total >= max(us for _, _, us in rows)
+
+
+def test_enqueue_time_is_the_host_part_of_a_call(monkeypatch):
+    """fwd_bwd_enqueue_ms (GPU runs): the host time of one call, each start on an idle GPU;
+    here with the GPU waits stubbed, a call that spends 3 ms on the host takes >= 3 ms."""
+    import time
+
+    import torch
+    bench = _load()
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waits.append(1))
+    ms = bench.enqueue_ms(lambda: time.sleep(0.003), reps=3)
+    assert 3.0 <= ms < 50.0
+    assert len(waits) == 4  # before each call and once at the end
