@@ -24,12 +24,14 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def _weighted_stats(xa: torch.Tensor, w: torch.Tensor):
-    """mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0)."""
+    """mu, x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0)."""
     mass = w.sum((2, 3), keepdim=True)
-    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-    mu = (w * xa).sum((2, 3), keepdim=True) / safe
-    var = (w * (xa - mu) ** 2).sum((2, 3), keepdim=True) / safe
-    return mu, var, w / safe
+    safe = torch.where(mass > 0, mass, 1.0)
+    w_norm = w / safe
+    mu = (w_norm * xa).sum((2, 3), keepdim=True)
+    xc = xa - mu
+    var = (w_norm * xc.square()).sum((2, 3), keepdim=True)
+    return mu, xc, var, w_norm
 
 
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -48,11 +50,10 @@ class _MaskedInstanceNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xa = x.to(dt)
-        mu, var, w_norm = _weighted_stats(xa, weight.to(dt))
+        mu, xc, var, w_norm = _weighted_stats(x.to(dt), weight.to(dt))
         r = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, mu, r, w_norm)
-        return _as_dtype((xa - mu) * r, x.dtype)
+        return _as_dtype(xc * r, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -61,7 +62,7 @@ class _MaskedInstanceNorm(torch.autograd.Function):
         g = grad.to(mu.dtype)
         sum_g = g.sum((2, 3), keepdim=True)
         sum_gy = (g * y).sum((2, 3), keepdim=True)
-        dx = (g - w_norm * (sum_g + y * sum_gy)) * r
+        dx = torch.addcmul(g, w_norm, torch.addcmul(sum_g, y, sum_gy), value=-1) * r
         return _as_dtype(dx, grad.dtype), None, None
 
 
@@ -75,9 +76,8 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     if not weight.requires_grad:
         return _MaskedInstanceNorm.apply(x, weight, eps)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xa = x.to(dt)
-    mu, var, _ = _weighted_stats(xa, weight.to(dt))
-    return ((xa - mu) / torch.sqrt(var + eps)).to(x.dtype)
+    _, xc, var, _ = _weighted_stats(x.to(dt), weight.to(dt))
+    return (xc / torch.sqrt(var + eps)).to(x.dtype)
 
 
 def _resolve_size(value, extent: int, name: str) -> int:
@@ -175,7 +175,7 @@ class PTL(nn.Module):
                                                self.eps, self.min_mass, backend=self.backend)
         c_f = masked_instance_norm(x, m, self.eps).flatten(2).transpose(1, 2)   # (B, HW, C)
         valid = mass >= self.min_mass
-        key_bias = torch.zeros_like(mass).masked_fill(~valid, float("-inf"))
+        key_bias = torch.where(valid, mass.new_zeros(()), float("-inf"))  # mass's dtype
         query_mask = (m > 0).flatten(1)
         return m, c_f, content, torch.cat([mu, sigma], -1), key_bias, query_mask, valid
 
@@ -186,8 +186,8 @@ class PTL(nn.Module):
         m, c_f, content, values, key_bias, query_mask, valid = self.attention_inputs(x, mask)
         av = masked_attention(c_f, content, values, key_bias, query_mask, self.scale, backend=self.backend)
         a, v = av.split(C, dim=-1)
-        t_fb = (c_f * v + a).transpose(1, 2).reshape(B, C, H, W)
-        out = (1 - m) * x + m * t_fb
+        t_fb = torch.addcmul(a, c_f, v).transpose(1, 2).reshape(B, C, H, W)
+        out = torch.lerp(x, t_fb, m)  # (1 - m) x + m t_fb, in one op (PTL's calls are host-bound)
         # no valid background patch: nothing to match, the input passes through unchanged
         has_ref = valid.any(1).view(B, 1, 1, 1)
         return torch.where(has_ref, out, x)
