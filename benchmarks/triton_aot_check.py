@@ -124,16 +124,16 @@ def capture_launches():
                 v = torch.zeros(2, 200, E, dtype=dtype)
                 kb = torch.zeros(2, 200)
                 qm = torch.ones(2, 300, dtype=torch.bool) if masked else None
-                out, lse = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
-                ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, 0.125)
+                out, lse, idx, cnt = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
+                ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, idx, cnt, 0.125)
     # float32 with TF32 allowed (PyTorch's flag) takes the tensor-core path
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         q, k, v = torch.zeros(2, 300, 64), torch.zeros(2, 200, 64), torch.zeros(2, 200, 128)
         kb, qm = torch.zeros(2, 200), torch.ones(2, 300, dtype=torch.bool)
-        out, lse = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
-        ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, 0.125)
+        out, lse, idx, cnt = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
+        ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, idx, cnt, 0.125)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return log

@@ -291,23 +291,25 @@ def _flags(q, query_mask) -> dict:
                 PREC="tf32" if tf32 else ("tf32x3" if q.dtype == torch.float32 else "ieee"))
 
 
-def _prep(q, k, v, key_bias, query_mask):
-    q, k, v, key_bias = (t.contiguous() for t in (q, k, v, key_bias))
-    if query_mask is None:
-        idx, cnt = q, q                  # unused (HAS_MASK=False): any tensor will do
-    else:
-        idx, cnt = _compact(query_mask)
-    return q, k, v, key_bias, idx, cnt
+def _dense(q, k, v, key_bias):
+    return tuple(t.contiguous() for t in (q, k, v, key_bias))
 
 
 @triton_op("regharm_triton::masked_attention", mutates_args=())
 def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          key_bias: torch.Tensor, query_mask: Optional[torch.Tensor],
-                         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out (Tensor[B, L, E], q's dtype) and lse (Tensor[B, L], float32 or float64)."""
+                         scale: float
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (Tensor[B, L, E], q's dtype), lse (Tensor[B, L], float32 or float64) and the query
+    compaction (idx (Tensor[B, L]), count (Tensor[B]), int32; empty without a mask), which the
+    backward reuses instead of building it again (the op's fwd+bwd is host-bound on a GPU)."""
     B, L, D = q.shape
     N, E = v.shape[1], v.shape[2]
-    q, k, v, key_bias, idx, cnt = _prep(q, k, v, key_bias, query_mask)
+    q, k, v, key_bias = _dense(q, k, v, key_bias)
+    if query_mask is None:  # unused (HAS_MASK=False); outputs may not alias each other
+        idx, cnt = q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
+    else:
+        idx, cnt = _compact(query_mask)
     acc = acc_dtype(q.dtype)
     out = torch.zeros(B, L, E, device=q.device, dtype=q.dtype)
     lse = torch.full((B, L), float("-inf"), device=q.device, dtype=acc)
@@ -317,19 +319,19 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         launcher(_attn_fwd)[(triton.cdiv(L, BM), B)](
             q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale, **_flags(q, query_mask),
             BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
-    return out, lse
+    return out, lse, idx, cnt
 
 
 @triton_op("regharm_triton::masked_attention_backward", mutates_args=())
 def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, key_bias: torch.Tensor,
                          query_mask: Optional[torch.Tensor], out: torch.Tensor,
-                         lse: torch.Tensor, scale: float
+                         lse: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, scale: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv in q's dtype."""
+    """dq, dk, dv in q's dtype; idx, cnt: the forward's query compaction."""
     B, L, D = q.shape
     N, E = v.shape[1], v.shape[2]
-    q, k, v, key_bias, idx, cnt = _prep(q, k, v, key_bias, query_mask)
+    q, k, v, key_bias = _dense(q, k, v, key_bias)
     do = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
     acc = acc_dtype(q.dtype)
@@ -361,14 +363,17 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_bias, query_mask, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_bias, query_mask, out, lse)
+    out, lse, idx, cnt = output
+    ctx.save_for_backward(q, k, v, key_bias, query_mask, out, lse, idx, cnt)
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, key_bias, query_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = masked_attention_bwd(grad_out, q, k, v, key_bias, query_mask, out, lse, ctx.scale)
+def _backward(ctx, grad_out, grad_lse, grad_idx, grad_cnt):
+    q, k, v, key_bias, query_mask, out, lse, idx, cnt = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = masked_attention_bwd(grad_out, q, k, v, key_bias, query_mask, out, lse, idx,
+                                      cnt, ctx.scale)
     return dq, dk, dv, None, None, None
 
 

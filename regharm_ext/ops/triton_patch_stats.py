@@ -125,7 +125,8 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
     gamma = tl.where(valid, g_con / sigma, 0.0)
     ws = tl.zeros((BK,), acc_t)
     d = tl.zeros((BK, BC), acc_t)
-    row = ((b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_k) * (PH * PW)
+    # this program's row of partial sums: grad_weight's PH * PW, then grad_bias's one
+    row = ((b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_k) * (PH * PW + 1)
     for dy in range(0, PH):
         for dx in tl.static_range(PW):
             off = top + dy * Wd + dx
@@ -136,6 +137,7 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
             d += (w * g)[:, None] * xc
             gw = tl.sum(tl.sum(gamma * g[:, None] * xc, 1), 0)
             tl.store(GWP + row + dy * PW + dx, gw)
+    tl.store(GWP + row + PH * PW, tl.sum(tl.sum(tl.where(valid, g_con, 0.0), 1), 0))
     safe = tl.where(valid, mass[:, None], 1.0)
     ms = safe * sigma
     beta = tl.where(valid, g_sig / ms - g_con * d / (ms * sigma * sigma), 0.0)
@@ -238,7 +240,8 @@ def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_conten
     grad_x = torch.empty_like(x)
     BK, BC, BP, BCP = _blocks(C)
     tiles = (triton.cdiv(K, BK), triton.cdiv(C, BC), B)
-    partial = torch.empty(tiles[0] * tiles[1] * B, ph * pw, device=x.device, dtype=acc)
+    P = ph * pw
+    partial = torch.empty(tiles[0] * tiles[1] * B, P + 1, device=x.device, dtype=acc)
     if B and C:
         launcher(_ps_bwd_patch)[tiles](
             x, bg, weight, mu, sigma, mass, *grads, abg, partial,
@@ -248,10 +251,9 @@ def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_conten
             NI=triton.cdiv(ph, sh), NJ=triton.cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
     else:
         grad_x.zero_()
-    grad_weight = partial.sum(0).to(weight.dtype)
-    valid = (mass >= min_mass).unsqueeze(-1)
-    grad_bias = torch.where(valid, grads[2], 0.0).sum().reshape(1).to(weight.dtype)
-    return grad_x, grad_weight, grad_bias
+        partial.zero_()
+    sums = partial.sum(0).to(weight.dtype)  # grad_weight, then grad_bias (valid patches' grad_content)
+    return grad_x, sums[:P], sums[P:].clone()  # outputs may not alias each other
 
 
 def _setup_context(ctx, inputs, output):
