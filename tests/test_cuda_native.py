@@ -173,14 +173,6 @@ def test_cuda_native_register_and_tile_kernels_agree(monkeypatch):
         assert_close(a, e, BF16, grad=True)
 
 
-@needs_native_cuda
-def test_cuda_native_attention_kernel_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("REGHARM_CUDA_ATTENTION", "fast")
-    q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
-    with pytest.raises(RuntimeError, match="REGHARM_CUDA_ATTENTION must be 'auto'"):
-        torch.ops.regharm.masked_attention(q, k, v, kb, qm, 1.0)
-
-
 def _foreground_queries(B, h, w, device):
     """query_mask of a rectangular foreground (~20 %), as PTL/LTL make it: whole tiles of rows
     are inactive and must be skipped."""
@@ -268,10 +260,12 @@ def test_cuda_native_tf32x3_keeps_float32_accuracy(monkeypatch):
 
 
 @needs_native_cuda
-def test_cuda_native_fp32_math_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("REGHARM_CUDA_FP32_MATH", "fast")
+@pytest.mark.parametrize("setting,says", [("REGHARM_CUDA_FP32_MATH", "must be 'simt'"),
+                                          ("REGHARM_CUDA_ATTENTION", "must be 'auto'")])
+def test_cuda_native_attention_settings_are_checked(setting, says, monkeypatch):
+    monkeypatch.setenv(setting, "fast")
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
-    with pytest.raises(RuntimeError, match="REGHARM_CUDA_FP32_MATH must be 'simt'"):
+    with pytest.raises(RuntimeError, match=f"{setting} {says}"):
         torch.ops.regharm.masked_attention(q, k, v, kb, qm, 1.0)
 
 

@@ -43,6 +43,52 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// The warp's products, each lane holding its fragments (mma_m16n8k16.cuh):
+// acc[j] += A · Mᵀ[:, 8j : 8j + 8] over KS k-steps of 16, A (16 rows) in registers and M
+// row-major in shared memory (pitch ldm): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
+template <typename T, int KS, int NJ>
+__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const uint32_t (&af)[KS][4],
+                                        const T* m, int ldm) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      uint32_t bf[2];
+      load_b_t(bf, m, ldm, j * 8, kk * 16);
+      mma16816<T>(acc[j], af[kk], bf);
+    }
+}
+
+// The same with A's 16 rows read from shared memory (pitch lda) one k-step at a time.
+template <typename T, int KS, int NJ>
+__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const T* a, int lda, const T* m,
+                                        int ldm) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t af[1][4];
+    load_a(af[0], a, lda, kk * 16);
+    mma_abt<T, 1, NJ>(acc, af, m + kk * 16, ldm);
+  }
+}
+
+// acc[n] += P · M[:, 8n : 8n + 8] with P (16 x 16 NK) the accumulator fragments p (rounded to
+// T: P·V, dS·K, Pᵀ·dO, dSᵀ·Q) and M row-major in shared memory (pitch ldm).
+template <typename T, int NK, int NN>
+__device__ __forceinline__ void mma_pm(float (&acc)[NN][4], const float (&p)[2 * NK][4],
+                                       const T* m, int ldm) {
+#pragma unroll
+  for (int kk = 0; kk < NK; ++kk) {
+    uint32_t pa[4];
+    acc_to_a<T>(pa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int n = 0; n < NN; ++n) {
+      uint32_t bf[2];
+      load_b_trans(bf, m + kk * 16 * ldm + n * 8, ldm);
+      mma16816<T>(acc[n], pa, bf);
+    }
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -115,14 +161,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     float s[NS][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-#pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        uint32_t bf[2];
-        load_b_t(bf, sm.k, sm.ldq, j * 8, kk * 16);
-        mma16816<T>(s[j], qf[kk], bf);
-      }
+    mma_abt<T>(s, qf, sm.k, sm.ldq);
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NS; ++j)
@@ -155,17 +194,7 @@ __global__ void __launch_bounds__(kThreads)
       o[e][0] *= alpha[0], o[e][1] *= alpha[0];
       o[e][2] *= alpha[1], o[e][3] *= alpha[1];
     }
-#pragma unroll
-    for (int kk = 0; kk < NS / 2; ++kk) {
-      uint32_t pa[4];
-      acc_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int e = 0; e < NE; ++e) {
-        uint32_t bf[2];
-        load_b_trans(bf, sm.v + kk * 16 * sm.ldv + e * 8, sm.ldv);
-        mma16816<T>(o[e], pa, bf);
-      }
-    }
+    mma_pm<T, NS / 2>(o, s, sm.v, sm.ldv);  // O += P V
     __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
   }
 #pragma unroll
@@ -189,25 +218,37 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward: dQ over key tiles -------------------------------------------------------------
 
+// Shared memory of both backward kernels: a pair of tiles the block loads once (`held` rows:
+// Q and dO in the dQ kernel, K and V in the dK/dV kernel), the pair it streams (`streamed` rows:
+// K and V, or Q and dO), then the keys' bias and the query rows' lse and Δ. The first tile of a
+// pair has DP columns, the second EP.
 template <typename T>
-struct RegDqSmem {
-  T *q, *dout, *k, *v;
+struct RegBwdSmem {
+  T *held_d, *held_e, *stream_d, *stream_e;
   float *bias, *lse, *delta;
-  int ldq, lde;
+  int ldd, lde;
   size_t bytes;
-  __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP) {
-    ldq = reg_pitch(DP);
+  __host__ __device__ RegBwdSmem(unsigned char* base, int DP, int EP, int held, int streamed,
+                                 int keys, int queries) {
+    ldd = reg_pitch(DP);
     lde = reg_pitch(EP);
     SmemCarver c(base);
-    q = c.take<T>(size_t(kRegRows) * ldq);
-    dout = c.take<T>(size_t(kRegRows) * lde);
-    k = c.take<T>(size_t(kRegKeys) * ldq);
-    v = c.take<T>(size_t(kRegKeys) * lde);
-    bias = c.take<float>(kRegKeys);
-    lse = c.take<float>(kRegRows);
-    delta = c.take<float>(kRegRows);
+    held_d = c.take<T>(size_t(held) * ldd);
+    held_e = c.take<T>(size_t(held) * lde);
+    stream_d = c.take<T>(size_t(streamed) * ldd);
+    stream_e = c.take<T>(size_t(streamed) * lde);
+    bias = c.take<float>(keys);
+    lse = c.take<float>(queries);
+    delta = c.take<float>(queries);
     bytes = c.offset;
   }
+};
+
+// The dQ kernel's: Q and dO of 64 query rows held, K and V of 64 keys streamed.
+template <typename T>
+struct RegDqSmem : RegBwdSmem<T> {
+  __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP)
+      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegKeys, kRegKeys, kRegRows) {}
 };
 
 // dQ = scale · dS K with dS = P ∘ (dO Vᵀ - Δ); one block per 64 positions of the query order x
@@ -218,6 +259,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int KD = DP / 16, KE = EP / 16, NS = kRegKeys / 8, ND = DP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDqSmem<T> sm(raw, DP, EP);
+  T* const sq = sm.held_d;  // Q and dO rows of this block; K and V of the current key tile
+  T* const sdo = sm.held_e;
+  T* const sk = sm.stream_d;
+  T* const sv = sm.stream_e;
+  const int ldq = sm.ldd, lde = sm.lde;
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
   const int rows = int(min(int64_t(kRegRows), a.L - q0));
@@ -225,16 +271,16 @@ __global__ void __launch_bounds__(kThreads)
 
   float dq[ND][4] = {};
   if (load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) {  // else: nothing attended, 0
-    load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
-    load_query_tile(a, sm.dout, sm.lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, EP,
+    load_query_tile(a, sq, ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+    load_query_tile(a, sdo, lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, EP,
                     g.vec_do);
     __syncthreads();
     uint32_t qf[KD][4], dof[KE][4];
 #pragma unroll
-    for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], sm.q + warp * 16 * sm.ldq, sm.ldq, kk * 16);
+    for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], sq + warp * 16 * ldq, ldq, kk * 16);
 #pragma unroll
     for (int kk = 0; kk < KE; ++kk)
-      load_a(dof[kk], sm.dout + warp * 16 * sm.lde, sm.lde, kk * 16);
+      load_a(dof[kk], sdo + warp * 16 * lde, lde, kk * 16);
     float lse_r[2], delta_r[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -245,28 +291,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k0 = 0; k0 < a.N; k0 += kRegKeys) {
       const int keys = int(min(int64_t(kRegKeys), a.N - k0));
       if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;
-      load_tile(sm.k, sm.ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP,
+      load_tile(sk, ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP,
                 a.vec_k);
-      load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, a.E, EP,
+      load_tile(sv, lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, a.E, EP,
                 a.vec_v);
       __syncthreads();
       float s[NS][4] = {}, dp[NS][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < KD; ++kk)
-#pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          uint32_t bf[2];
-          load_b_t(bf, sm.k, sm.ldq, j * 8, kk * 16);
-          mma16816<T>(s[j], qf[kk], bf);
-        }
-#pragma unroll
-      for (int kk = 0; kk < KE; ++kk)
-#pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          uint32_t bf[2];
-          load_b_t(bf, sm.v, sm.lde, j * 8, kk * 16);
-          mma16816<T>(dp[j], dof[kk], bf);
-        }
+      mma_abt<T>(s, qf, sk, ldq);    // S = Q Kᵀ
+      mma_abt<T>(dp, dof, sv, lde);  // dP = dO Vᵀ
 #pragma unroll
       for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -278,17 +310,7 @@ __global__ void __launch_bounds__(kThreads)
                               : 0.0f;
           s[j][c] = p * (dp[j][c] - delta_r[h]);  // dS
         }
-#pragma unroll
-      for (int kk = 0; kk < NS / 2; ++kk) {
-        uint32_t da[4];
-        acc_to_a<T>(da, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int n = 0; n < ND; ++n) {
-          uint32_t bf[2];
-          load_b_trans(bf, sm.k + kk * 16 * sm.ldq + n * 8, sm.ldq);
-          mma16816<T>(dq[n], da, bf);
-        }
-      }
+      mma_pm<T, NS / 2>(dq, s, sk, ldq);  // dQ += dS K
       __syncthreads();  // done with k, v and bias before the next tile's loads
     }
   }
@@ -311,25 +333,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward: dK, dV over query tiles -------------------------------------------------------
 
+// The dK/dV kernel's: K and V of 64 keys held, Q and dO of 32 query rows streamed.
 template <typename T>
-struct RegDkdvSmem {
-  T *k, *v, *q, *dout;
-  float *bias, *lse, *delta;
-  int ldk, lde;
-  size_t bytes;
-  __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP) {
-    ldk = reg_pitch(DP);
-    lde = reg_pitch(EP);
-    SmemCarver c(base);
-    k = c.take<T>(size_t(kRegRows) * ldk);
-    v = c.take<T>(size_t(kRegRows) * lde);
-    q = c.take<T>(size_t(kRegQueries) * ldk);
-    dout = c.take<T>(size_t(kRegQueries) * lde);
-    bias = c.take<float>(kRegRows);
-    lse = c.take<float>(kRegQueries);
-    delta = c.take<float>(kRegQueries);
-    bytes = c.offset;
-  }
+struct RegDkdvSmem : RegBwdSmem<T> {
+  __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP)
+      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegQueries, kRegRows, kRegQueries) {}
 };
 
 // dV = Pᵀ dO and dK = scale · dSᵀ Q of 64 keys (16 per warp, as rows: the scores come out
@@ -341,6 +349,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int KD = DP / 16, KE = EP / 16, NQ = kRegQueries / 8, ND = DP / 8, NE = EP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDkdvSmem<T> sm(raw, DP, EP);
+  T* const sk = sm.held_d;  // K and V of this block's keys; Q and dO of the current query tile
+  T* const sv = sm.held_e;
+  T* const sq = sm.stream_d;
+  T* const sdo = sm.stream_e;
+  const int ldk = sm.ldd, lde = sm.lde;
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.x) * kRegRows;
@@ -349,13 +362,13 @@ __global__ void __launch_bounds__(kThreads)
 
   float dk[ND][4] = {}, dv[NE][4] = {};
   if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, kRegRows)) {  // else: removed, 0
-    load_tile(sm.k, sm.ldk, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegRows, a.D, DP,
+    load_tile(sk, ldk, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegRows, a.D, DP,
               a.vec_k);
-    load_tile(sm.v, sm.lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegRows, a.E, EP,
+    load_tile(sv, lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegRows, a.E, EP,
               a.vec_v);
     const float bk0 = sm.bias[warp * 16 + gr], bk1 = sm.bias[warp * 16 + gr + 8];
-    const T* kw = sm.k + warp * 16 * sm.ldk;
-    const T* vw = sm.v + warp * 16 * sm.lde;
+    const T* kw = sk + warp * 16 * ldk;
+    const T* vw = sv + warp * 16 * lde;
     const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
     const int64_t qtiles = (span + kRegQueries - 1) / kRegQueries;
     for (int64_t qt = split; qt < qtiles; qt += g.nsplit) {
@@ -365,32 +378,12 @@ __global__ void __launch_bounds__(kThreads)
       if (!load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) continue;
       const T* q_img = a.q + b * a.qs.b;
       const T* do_img = g.dout + b * g.dos.b;
-      load_query_tile(a, sm.q, sm.ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
-      load_query_tile(a, sm.dout, sm.lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
+      load_query_tile(a, sq, ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+      load_query_tile(a, sdo, lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
       __syncthreads();
       float st[NQ][4] = {}, dpt[NQ][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < KD; ++kk) {
-        uint32_t af[4];
-        load_a(af, kw, sm.ldk, kk * 16);
-#pragma unroll
-        for (int j = 0; j < NQ; ++j) {
-          uint32_t bf[2];
-          load_b_t(bf, sm.q, sm.ldk, j * 8, kk * 16);
-          mma16816<T>(st[j], af, bf);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < KE; ++kk) {
-        uint32_t af[4];
-        load_a(af, vw, sm.lde, kk * 16);
-#pragma unroll
-        for (int j = 0; j < NQ; ++j) {
-          uint32_t bf[2];
-          load_b_t(bf, sm.dout, sm.lde, j * 8, kk * 16);
-          mma16816<T>(dpt[j], af, bf);
-        }
-      }
+      mma_abt<T, KD>(st, kw, ldk, sq, ldk);     // Sᵀ = K Qᵀ
+      mma_abt<T, KE>(dpt, vw, lde, sdo, lde);   // dPᵀ = V dOᵀ
 #pragma unroll
       for (int j = 0; j < NQ; ++j)
 #pragma unroll
@@ -403,24 +396,8 @@ __global__ void __launch_bounds__(kThreads)
           st[j][c] = p;                                // Pᵀ
           dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
         }
-#pragma unroll
-      for (int kk = 0; kk < NQ / 2; ++kk) {
-        uint32_t pa[4], da[4];
-        acc_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
-        acc_to_a<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-        for (int n = 0; n < NE; ++n) {
-          uint32_t bf[2];
-          load_b_trans(bf, sm.dout + kk * 16 * sm.lde + n * 8, sm.lde);
-          mma16816<T>(dv[n], pa, bf);
-        }
-#pragma unroll
-        for (int n = 0; n < ND; ++n) {
-          uint32_t bf[2];
-          load_b_trans(bf, sm.q + kk * 16 * sm.ldk + n * 8, sm.ldk);
-          mma16816<T>(dk[n], da, bf);
-        }
-      }
+      mma_pm<T, NQ / 2>(dv, st, sdo, lde);   // dV += Pᵀ dO
+      mma_pm<T, NQ / 2>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
       __syncthreads();  // done with q, dout, lse and delta before the next tile's loads
     }
   }
