@@ -71,6 +71,20 @@ def environ(settings):
                 os.environ[k] = v
 
 
+# "<backend>+compile": the layer benchmarks under torch.compile (opt-in, not in BACKENDS: each
+# takes a compile per benchmark). The PTL calls were host-bound on the H100 (PERF_NOTES.md),
+# and compiling fuses the layer's own ops: this measures how much that buys per backend.
+COMPILED = "+compile"
+
+
+def split_backend(backend):
+    """(implementation, environment settings, compiled) of a benchmarked backend name."""
+    compiled = backend.endswith(COMPILED)
+    base = backend[:-len(COMPILED)] if compiled else backend
+    impl, env = VARIANTS.get(base, (base, {}))
+    return impl, env, compiled
+
+
 def variant_skip_reason(backend, device, dtype):
     """Why a variant is not timed here (None: it is)."""
     if backend not in VARIANTS:
@@ -480,9 +494,12 @@ def main(argv=None):
         make, run_with = builder(sizes, device, dtype)
         candidates = [b for b in wanted if b != "sdpa" or name == "masked_attention"]
         for backend in candidates:
-            impl, env = VARIANTS.get(backend, (backend, {}))
+            impl, env, compiled = split_backend(backend)
             if backend != "sdpa":
-                reason = variant_skip_reason(backend, device, dtype) or unavailable_reason(impl, device)
+                reason = variant_skip_reason(backend.removesuffix(COMPILED), device, dtype) or \
+                    unavailable_reason(impl, device)
+                if compiled and builder is not layer_case:
+                    reason = reason or "compiled variants time the layers only"
                 if device.type == "cpu" and backend == "triton":
                     reason = reason or "the interpreter is far too slow to time"
                 if reason:
@@ -494,7 +511,8 @@ def main(argv=None):
                     inputs = make()
                     if backend == "sdpa":
                         entry["sdpa_kernel"] = sdpa_kernel_used(inputs)
-                    fwd, fwd_bwd = _fwd_bwd(inputs, run_with(impl))
+                    run = run_with(impl)
+                    fwd, fwd_bwd = _fwd_bwd(inputs, torch.compile(run) if compiled else run)
                     entry["fwd_ms"], entry["fwd_peak_mb"], entry["fwd_reps"] = timer.measure(fwd)
                     entry["fwd_bwd_ms"], entry["fwd_bwd_peak_mb"], entry["fwd_bwd_reps"] = timer.measure(fwd_bwd)
                     if name in PROFILED and device.type == "cuda":

@@ -128,3 +128,18 @@ def test_enqueue_time_is_the_host_part_of_a_call(monkeypatch):
     ms = bench.enqueue_ms(lambda: time.sleep(0.003), reps=3)
     assert 3.0 <= ms < 50.0
     assert len(waits) == 4  # before each call and once at the end
+
+
+def test_compiled_layer_variants(tmp_path):
+    """"<backend>+compile" times the layers under torch.compile (opt-in); op benchmarks say why
+    they are skipped."""
+    bench = _load()
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--only",
+                       "ptl,masked_attention", "--backends", "native,native+compile"]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    rows = {(r["bench"], r["backend"]): r for r in report["results"]}
+    assert "error" not in rows[("ptl", "native+compile")], rows[("ptl", "native+compile")]
+    assert rows[("ptl", "native+compile")]["fwd_bwd_ms"] > 0
+    assert ("masked_attention", "native") in rows
+    skipped = {(s["bench"], s["backend"]): s["reason"] for s in report["skipped"]}
+    assert skipped[("masked_attention", "native+compile")] == "compiled variants time the layers only"
