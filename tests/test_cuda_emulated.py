@@ -230,6 +230,16 @@ def test_cuda_emulated_attention_kernel_choice(configured, dtype, D, E, kw, regi
     assert (emu.take_mma16816_count() > 0) == registers
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_emulated_register_kernels_largest_sizes(configured, dtype):
+    """D, E padded to 128 (test_cuda_native.py's "d128"), 8 query and 5 key tiles, one warp
+    running ahead of the others."""
+    emu = configured(order="shuffled")
+    _check_attention(emu, make_attention_inputs(B=2, L=500, N=300, D=100, E=120, active=0.4,
+                                                removed=0.2, dtype=dtype))
+    assert emu.take_mma16816_count() > 0
+
+
 def test_cuda_emulated_attention_without_mask_and_custom_scale(configured):
     inputs = list(make_attention_inputs(B=2, L=12, N=9, D=4, E=3))
     inputs[4] = None

@@ -110,13 +110,16 @@ def test_cuda_native_patch_stats_noncontiguous(dtype):
 ATTN_CASES = {
     **GPU_ATTN_CASES,
     "mostly_removed": dict(B=3, L=133, N=165, D=8, E=16, removed=0.95),
+    # the register kernels' largest sizes (D, E padded to 128), several key and query tiles
+    "d128": dict(B=2, L=500, N=300, D=100, E=120, active=0.4, removed=0.2),
     # LTL at 320+ channels: beyond the tiled kernels (D <= 256, E <= 512), the dense path
     "beyond_tiles": dict(B=2, L=300, N=200, D=320, E=640, active=0.5, removed=0.2),
 }
 ATTN_RUNS = [("ptl", F32), ("ptl", F16), ("ptl", BF16), ("ltl", BF16), ("ltl", F32),
              ("wide", BF16), ("wide", F32), ("c128", F16), ("odd", F32), ("odd", BF16),
              ("odd", F64), ("none_active", F32), ("mostly_removed", BF16),
-             ("beyond_tiles", BF16), ("beyond_tiles", F32)]
+             ("beyond_tiles", BF16), ("beyond_tiles", F32), ("d128", F16), ("d128", BF16),
+             ("none_active", BF16)]
 
 
 def _attn_fn(kb, qm, scale=None):
