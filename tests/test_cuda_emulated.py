@@ -211,7 +211,7 @@ def test_cuda_emulated_attention_tile_kernels_for_16bit(configured, case, dtype)
     (the default takes the register kernels there, tested above)."""
     emu = configured(tiles=True)
     _check_attention(emu, make_attention_inputs(**ATTN_CASES[case], dtype=dtype))
-    assert emu.take_mma16816_count() == 0
+    assert emu.take_mma_sync_count() == 0
 
 
 @pytest.mark.parametrize("dtype,D,E,kw,registers", [
@@ -221,13 +221,18 @@ def test_cuda_emulated_attention_tile_kernels_for_16bit(configured, case, dtype)
     (torch.bfloat16, 64, 136, {}, False),                  # E > 128
     (torch.bfloat16, 64, 128, {"tiles": True}, False),     # asked for the tile kernels
     (torch.bfloat16, 64, 128, {"cc_major": 7}, False),     # no mma.sync m16n8k16 before sm_80
-    (torch.float32, 64, 128, {}, False),                   # float32: CUDA cores or 3xTF32
-], ids=["ptl", "largest", "wide_d", "wide_e", "asked_tiles", "sm70", "fp32"])
+    (torch.float32, 64, 128, {}, False),                   # float32 on CUDA cores: tiles
+    (torch.float32, 64, 128, {"tf32x3": True}, True),      # float32 as 3xTF32: registers
+    (torch.float32, 64, 128, {"tf32x3": True, "tiles": True}, False),
+    (torch.float32, 128, 128, {"tf32x3": True}, True),     # ~132 KB of shared memory fits sm_90
+    (torch.float32, 128, 128, {"tf32x3": True, "smem": RTX}, False),  # not sm_86's 99 KB
+], ids=["ptl", "largest", "wide_d", "wide_e", "asked_tiles", "sm70", "fp32", "tf32x3",
+        "tf32x3_tiles", "tf32x3_largest", "tf32x3_99kb"])
 def test_cuda_emulated_attention_kernel_choice(configured, dtype, D, E, kw, registers):
     emu = configured(**kw)
     inputs = make_attention_inputs(B=1, L=40, N=33, D=D, E=E, dtype=dtype, dead_batch=False)
     _check_attention(emu, inputs)
-    assert (emu.take_mma16816_count() > 0) == registers
+    assert (emu.take_mma_sync_count() > 0) == registers
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -237,7 +242,7 @@ def test_cuda_emulated_register_kernels_largest_sizes(configured, dtype):
     emu = configured(order="shuffled")
     _check_attention(emu, make_attention_inputs(B=2, L=500, N=300, D=100, E=120, active=0.4,
                                                 removed=0.2, dtype=dtype))
-    assert emu.take_mma16816_count() > 0
+    assert emu.take_mma_sync_count() > 0
 
 
 def test_cuda_emulated_attention_without_mask_and_custom_scale(configured):

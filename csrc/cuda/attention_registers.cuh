@@ -1,10 +1,13 @@
-// masked_attention's kernels for 16-bit inputs with tiles in registers (FlashAttention-2's
-// structure): each warp owns 16 rows, multiplies with mma.sync (mma_m16n8k16.cuh) and keeps its
+// masked_attention's kernels with tiles in registers (FlashAttention-2's structure), for 16-bit
+// inputs and for float32 as 3xTF32: each warp owns 16 rows, multiplies with mma.sync
+// (mma_sync.cuh) and keeps its
 // scores, probabilities and output accumulators in registers; shared memory holds only the
 // streamed K/V (or Q/dO) tiles. The shared-memory tile kernels of masked_attention_kernels.cu
 // (WMMA) write every score tile to shared memory and read it back for the softmax and for the
 // next product; the H100 run of a868fa1 measured them at 12 % occupancy (~95 KB of shared
-// memory per block) and 3.6-10x slower than the Triton kernels.
+// memory per block) and 3.6-10x slower than the Triton kernels. float32 (REGHARM_CUDA_FP32_MATH
+// = tf32x3) reads its A fragments from shared memory at each product: the three-way splits
+// need the registers.
 //
 // Same semantics, masking and skipping as the tile kernels (SPEC §3): query tiles run over the
 // compacted query order, key tiles whose keys are all removed are skipped, inactive queries get
@@ -18,7 +21,7 @@
 #pragma once
 
 #include "attention_common.cuh"
-#include "mma_m16n8k16.cuh"
+#include "mma_sync.cuh"
 
 namespace regharm {
 namespace cuda {
@@ -28,10 +31,15 @@ constexpr int kRegRows = 16 * (kThreads / 32);  // rows per block: 16 per warp (
 constexpr int kRegKeys = 64;                    // keys per streamed tile (forward, dQ)
 constexpr int kRegQueries = 32;                 // queries per streamed tile (dK/dV)
 
-// Pitch of a 16-bit tile with `cols` columns (a multiple of 16): 8 elements (16 bytes) of
-// padding put the 8 rows a fragment load touches on 8 different groups of 4 banks, and keep
-// rows 16-byte aligned for load_tile's vector loads.
-__host__ __device__ constexpr int reg_pitch(int cols) { return cols + 8; }
+// Pitch of a tile with `cols` columns (a multiple of 16): 16 bytes of padding put the 8 rows a
+// fragment load touches on 8 different groups of 4 banks, and keep rows 16-byte aligned for
+// load_tile's vector loads.
+template <typename T> __host__ __device__ constexpr int reg_pitch(int cols) {
+  return cols + int(16 / sizeof(T));
+}
+
+// Whether a warp keeps its own rows' A fragments (Q, dO) in registers across the key loop.
+template <typename T> constexpr bool kFragsInRegs = sizeof(T) == 2;
 
 // Max and sum over the 4 lanes (one quad) that hold a row of an accumulator fragment.
 __device__ __forceinline__ float quad_max(float v) {
@@ -44,8 +52,8 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // The warp's products, each lane holding its fragments (mma_m16n8k16.cuh):
-// acc[j] += A · Mᵀ[:, 8j : 8j + 8] over KS k-steps of 16, A (16 rows) in registers and M
-// row-major in shared memory (pitch ldm): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
+// acc[j] += A · Mᵀ[:, 8j : 8j + 8] over KS k-steps of Mma<T>::K, A (16 rows) in registers and
+// M row-major in shared memory (pitch ldm): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
 template <typename T, int KS, int NJ>
 __device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const uint32_t (&af)[KS][4],
                                         const T* m, int ldm) {
@@ -54,8 +62,8 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const uint32_t (&af
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       uint32_t bf[2];
-      load_b_t(bf, m, ldm, j * 8, kk * 16);
-      mma16816<T>(acc[j], af[kk], bf);
+      load_b_t(bf, m, ldm, j * 8, kk * Mma<T>::K);
+      mma<T>(acc[j], af[kk], bf);
     }
 }
 
@@ -66,25 +74,26 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const T* a, int lda
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t af[1][4];
-    load_a(af[0], a, lda, kk * 16);
-    mma_abt<T, 1, NJ>(acc, af, m + kk * 16, ldm);
+    load_a(af[0], a, lda, kk * Mma<T>::K);
+    mma_abt<T, 1, NJ>(acc, af, m + kk * Mma<T>::K, ldm);
   }
 }
 
-// acc[n] += P · M[:, 8n : 8n + 8] with P (16 x 16 NK) the accumulator fragments p (rounded to
-// T: P·V, dS·K, Pᵀ·dO, dSᵀ·Q) and M row-major in shared memory (pitch ldm).
-template <typename T, int NK, int NN>
-__device__ __forceinline__ void mma_pm(float (&acc)[NN][4], const float (&p)[2 * NK][4],
+// acc[n] += P · M[:, 8n : 8n + 8] with P (16 x 8 NP) the accumulator fragments p (as A
+// operands: P·V, dS·K, Pᵀ·dO, dSᵀ·Q) and M row-major in shared memory (pitch ldm).
+template <typename T, int NP, int NN>
+__device__ __forceinline__ void mma_pm(float (&acc)[NN][4], const float (&p)[NP][4],
                                        const T* m, int ldm) {
+  constexpr int K = Mma<T>::K, PER = K / 8;  // accumulator n-tiles per k-step
 #pragma unroll
-  for (int kk = 0; kk < NK; ++kk) {
+  for (int kk = 0; kk < NP / PER; ++kk) {
     uint32_t pa[4];
-    acc_to_a<T>(pa, p[2 * kk], p[2 * kk + 1]);
+    acc_to_a<T>(pa, &p[kk * PER]);
 #pragma unroll
     for (int n = 0; n < NN; ++n) {
       uint32_t bf[2];
-      load_b_trans(bf, m + kk * 16 * ldm + n * 8, ldm);
-      mma16816<T>(acc[n], pa, bf);
+      load_b_trans(bf, m + kk * K * ldm + n * 8, ldm);
+      mma<T>(acc[n], pa, bf);
     }
   }
 }
@@ -99,8 +108,8 @@ struct RegFwdSmem {
   int ldq, ldv;
   size_t bytes;
   __host__ __device__ RegFwdSmem(unsigned char* base, int DP, int EC) {
-    ldq = reg_pitch(DP);
-    ldv = reg_pitch(EC);
+    ldq = reg_pitch<T>(DP);
+    ldv = reg_pitch<T>(EC);
     SmemCarver c(base);
     q = c.take<T>(size_t(kRegRows) * ldq);
     k = c.take<T>(size_t(kRegKeys) * ldq);
@@ -115,7 +124,7 @@ struct RegFwdSmem {
 template <typename T, int DP, int EC>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_reg_kernel(AttnArgs<T, float> a, T* __restrict__ out, float* __restrict__ lse) {
-  constexpr int KD = DP / 16, NS = kRegKeys / 8, NE = EC / 8;
+  constexpr int KD = DP / Mma<T>::K, NS = kRegKeys / 8, NE = EC / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegFwdSmem<T> sm(raw, DP, EC);
   const int64_t b = blockIdx.z;
@@ -142,9 +151,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
   __syncthreads();
-  uint32_t qf[KD][4];
+  // 16-bit Q fragments stay in registers; float32's 3xTF32 needs those for its splits and
+  // reads Q from shared memory at each product
+  const T* qw = sm.q + warp * 16 * sm.ldq;
+  uint32_t qf[kFragsInRegs<T> ? KD : 1][4];
+  if constexpr (kFragsInRegs<T>)
 #pragma unroll
-  for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], sm.q + warp * 16 * sm.ldq, sm.ldq, kk * 16);
+    for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], qw, sm.ldq, kk * Mma<T>::K);
 
   // rows g (h = 0: fragment elements 0, 1) and g + 8 (h = 1: elements 2, 3) of the warp's 16;
   // l is this lane's share of the row sum (its 2 of every 8 columns), added up at the end
@@ -161,7 +174,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     float s[NS][4] = {};
-    mma_abt<T>(s, qf, sm.k, sm.ldq);
+    if constexpr (kFragsInRegs<T>) mma_abt<T>(s, qf, sm.k, sm.ldq);
+    else mma_abt<T, KD>(s, qw, sm.ldq, sm.k, sm.ldq);
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NS; ++j)
@@ -194,7 +208,7 @@ __global__ void __launch_bounds__(kThreads)
       o[e][0] *= alpha[0], o[e][1] *= alpha[0];
       o[e][2] *= alpha[1], o[e][3] *= alpha[1];
     }
-    mma_pm<T, NS / 2>(o, s, sm.v, sm.ldv);  // O += P V
+    mma_pm<T>(o, s, sm.v, sm.ldv);  // O += P V
     __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
   }
 #pragma unroll
@@ -230,8 +244,8 @@ struct RegBwdSmem {
   size_t bytes;
   __host__ __device__ RegBwdSmem(unsigned char* base, int DP, int EP, int held, int streamed,
                                  int keys, int queries) {
-    ldd = reg_pitch(DP);
-    lde = reg_pitch(EP);
+    ldd = reg_pitch<T>(DP);
+    lde = reg_pitch<T>(EP);
     SmemCarver c(base);
     held_d = c.take<T>(size_t(held) * ldd);
     held_e = c.take<T>(size_t(held) * lde);
@@ -256,7 +270,7 @@ struct RegDqSmem : RegBwdSmem<T> {
 template <typename T, int DP, int EP>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
-  constexpr int KD = DP / 16, KE = EP / 16, NS = kRegKeys / 8, ND = DP / 8;
+  constexpr int KD = DP / Mma<T>::K, KE = EP / Mma<T>::K, NS = kRegKeys / 8, ND = DP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDqSmem<T> sm(raw, DP, EP);
   T* const sq = sm.held_d;  // Q and dO rows of this block; K and V of the current key tile
@@ -275,12 +289,15 @@ __global__ void __launch_bounds__(kThreads)
     load_query_tile(a, sdo, lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, EP,
                     g.vec_do);
     __syncthreads();
-    uint32_t qf[KD][4], dof[KE][4];
+    const T* qw = sq + warp * 16 * ldq;
+    const T* dow = sdo + warp * 16 * lde;
+    uint32_t qf[kFragsInRegs<T> ? KD : 1][4], dof[kFragsInRegs<T> ? KE : 1][4];
+    if constexpr (kFragsInRegs<T>) {
 #pragma unroll
-    for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], sq + warp * 16 * ldq, ldq, kk * 16);
+      for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], qw, ldq, kk * Mma<T>::K);
 #pragma unroll
-    for (int kk = 0; kk < KE; ++kk)
-      load_a(dof[kk], sdo + warp * 16 * lde, lde, kk * 16);
+      for (int kk = 0; kk < KE; ++kk) load_a(dof[kk], dow, lde, kk * Mma<T>::K);
+    }
     float lse_r[2], delta_r[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -297,8 +314,13 @@ __global__ void __launch_bounds__(kThreads)
                 a.vec_v);
       __syncthreads();
       float s[NS][4] = {}, dp[NS][4] = {};
-      mma_abt<T>(s, qf, sk, ldq);    // S = Q Kᵀ
-      mma_abt<T>(dp, dof, sv, lde);  // dP = dO Vᵀ
+      if constexpr (kFragsInRegs<T>) {
+        mma_abt<T>(s, qf, sk, ldq);    // S = Q Kᵀ
+        mma_abt<T>(dp, dof, sv, lde);  // dP = dO Vᵀ
+      } else {
+        mma_abt<T, KD>(s, qw, ldq, sk, ldq);
+        mma_abt<T, KE>(dp, dow, lde, sv, lde);
+      }
 #pragma unroll
       for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -310,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
                               : 0.0f;
           s[j][c] = p * (dp[j][c] - delta_r[h]);  // dS
         }
-      mma_pm<T, NS / 2>(dq, s, sk, ldq);  // dQ += dS K
+      mma_pm<T>(dq, s, sk, ldq);  // dQ += dS K
       __syncthreads();  // done with k, v and bias before the next tile's loads
     }
   }
@@ -326,7 +348,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = n * 8 + 2 * t + c;
-        if (col < a.D) dq_b[qrow * a.D + col] = from_acc<T>(act ? dq[n][2 * h + c] * a.scale : 0.0f);
+        if (col < a.D)
+          dq_b[qrow * a.D + col] = from_acc<T>(act ? dq[n][2 * h + c] * a.scale : 0.0f);
       }
   }
 }
@@ -346,7 +369,8 @@ struct RegDkdvSmem : RegBwdSmem<T> {
 template <typename T, int DP, int EP>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
-  constexpr int KD = DP / 16, KE = EP / 16, NQ = kRegQueries / 8, ND = DP / 8, NE = EP / 8;
+  constexpr int KD = DP / Mma<T>::K, KE = EP / Mma<T>::K, NQ = kRegQueries / 8, ND = DP / 8,
+                NE = EP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDkdvSmem<T> sm(raw, DP, EP);
   T* const sk = sm.held_d;  // K and V of this block's keys; Q and dO of the current query tile
@@ -396,8 +420,8 @@ __global__ void __launch_bounds__(kThreads)
           st[j][c] = p;                                // Pᵀ
           dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
         }
-      mma_pm<T, NQ / 2>(dv, st, sdo, lde);   // dV += Pᵀ dO
-      mma_pm<T, NQ / 2>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
+      mma_pm<T>(dv, st, sdo, lde);   // dV += Pᵀ dO
+      mma_pm<T>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
       __syncthreads();  // done with q, dout, lse and delta before the next tile's loads
     }
   }

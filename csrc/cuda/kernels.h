@@ -59,8 +59,8 @@ struct AttnShape {
   // float32 only: products on tensor cores as 3xTF32 (sm_80+; float32-grade accuracy) instead
   // of CUDA cores. It changes the kernels' shared-memory layout, so it travels with the sizes.
   bool tf32x3 = false;
-  // 16-bit inputs with D, E <= 128 on sm_80+ run kernels that keep their tiles in registers
-  // (mma.sync); true asks for the shared-memory tile kernels (WMMA) instead.
+  // 16-bit inputs (and float32 with tf32x3) with D, E <= 128 on sm_80+ run kernels that keep
+  // their tiles in registers (mma.sync); true asks for the shared-memory tile kernels instead.
   bool tiles = false;
 };
 

@@ -46,9 +46,10 @@ bool fp32_on_tensor_cores(const at::Tensor& q, const char* op) {
   return major >= 8;
 }
 
-// REGHARM_CUDA_ATTENTION picks the kernels for 16-bit inputs: "auto" (the default: tiles in
-// registers with mma.sync where D, E <= 128 on sm_80+, attention_registers.cuh) or "tiles"
-// (the shared-memory tile kernels with WMMA, masked_attention_kernels.cu). Read on every call.
+// REGHARM_CUDA_ATTENTION picks the kernels for tensor-core products (16-bit inputs, float32 with
+// tf32x3): "auto" (the default: tiles in registers with mma.sync where D, E <= 128 on sm_80+,
+// attention_registers.cuh) or "tiles" (the shared-memory tile kernels with WMMA,
+// masked_attention_kernels.cu). Read on every call.
 bool tile_kernels_asked(const char* op) {
   const char* env = std::getenv("REGHARM_CUDA_ATTENTION");
   const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;

@@ -472,10 +472,23 @@ inline bool sm80_or_newer() {
   return major >= 8;
 }
 
-// The register kernels take 16-bit inputs with D, E <= 128 (their fragments must fit the
-// registers) on sm_80+ (mma.sync m16n8k16), unless AttnShape::tiles asks for the tile kernels.
+template <typename T> struct RegKernelSet;
+template <typename T> RegKernelSet<T> reg_kernels(const AttnShape& s);
+
+// The register kernels take 16-bit inputs, and float32 when its products go to tensor cores
+// (tf32x3), with D, E <= 128 (their fragments must fit the registers) on sm_80+ (mma.sync)
+// whose shared memory holds their tiles (float32 at D = E = 128 needs ~132 KB), unless
+// AttnShape::tiles asks for the tile kernels.
+template <typename T> constexpr bool has_registers() { return !std::is_same<T, double>::value; }
 template <typename T> bool use_registers(const AttnShape& s) {
-  return sizeof(T) == 2 && !s.tiles && s.D <= 128 && s.E <= 128 && sm80_or_newer();
+  if constexpr (!has_registers<T>()) {
+    return false;
+  } else {
+    const bool dtype_ok = sizeof(T) == 2 || (std::is_same<T, float>::value && s.tf32x3);
+    if (!dtype_ok || s.tiles || s.D > 128 || s.E > 128 || !sm80_or_newer()) return false;
+    const RegKernelSet<T> rk = reg_kernels<T>(s);
+    return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem}) <= size_t(max_dynamic_smem());
+  }
 }
 
 // D and E padded to 64 or 128: two sizes keep the build short (3 kernels x 2 dtypes x 4), and
@@ -650,7 +663,7 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
   using A = acc_t<T>;
   if (s.B == 0 || s.L == 0) return cudaSuccess;
   auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (has_registers<T>()) {
     if (use_registers<T>(s)) {
       const RegKernelSet<T> rk = reg_kernels<T>(s);
       a.BM = kRegRows, a.BN = kRegKeys, a.EC = reg_dim(s.E);
@@ -709,7 +722,7 @@ struct BwdWorkspace {
 template <typename T>
 size_t workspace_impl(const AttnShape& s) {
   using A = acc_t<T>;
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (has_registers<T>()) {
     if (use_registers<T>(s)) return BwdWorkspace<A>(nullptr, s, reg_num_splits<T>(s)).bytes;
   }
   const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, uses_tc<T>(s),
@@ -770,7 +783,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
   int nsplit = num_splits(s, tkv);
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (has_registers<T>()) {
     if (regs) nsplit = reg_num_splits<T>(s);
   }
   const BwdWorkspace<A> ws(workspace, s, nsplit);
@@ -815,7 +828,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
     REGHARM_LAUNCH(kern, dim3(unsigned(blocks)), dim3(256), 0, stream, a, g);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (has_registers<T>()) {
     if (regs) return backward_registers(a, g, s, stream);
   }
   if (s.B * s.N > 0) {
@@ -846,7 +859,7 @@ size_t largest_smem(const AttnShape& s) {
   const size_t limit = size_t(max_dynamic_smem());
   const int Dp = round16(s.D), Ep = round16(s.E);
   const bool tc = uses_tc<T>(s);
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (has_registers<T>()) {
     if (use_registers<T>(s)) {
       const RegKernelSet<T> rk = reg_kernels<T>(s);
       return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem});

@@ -25,10 +25,10 @@ long long emu_take_tf32_mma_count() {
   return n;
 }
 
-// Warp-level mma.sync m16n8k16 products (the register attention kernels) since the last call.
-long long emu_take_mma16816_count() {
-  const long long n = emu::mma16816_count();
-  emu::mma16816_count() = 0;
+// Warp-level mma.sync products (the register attention kernels) since the last call.
+long long emu_take_mma_sync_count() {
+  const long long n = emu::mma_sync_count();
+  emu::mma_sync_count() = 0;
   return n;
 }
 

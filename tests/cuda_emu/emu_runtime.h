@@ -133,7 +133,8 @@ inline int syncthreads_or(int pred, const char* file, int line) {
   return any;
 }
 
-template <typename T> T shfl_xor(T v, int lane_mask) {
+// The value of v in lane src_lane(lane) of the calling warp (every lane must call it).
+template <typename T, typename F> T shfl_from(T v, F src_lane) {
   static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
   Block& b = blk();
   const int me = cur().linear, base = me & ~31, lane = me & 31;
@@ -141,12 +142,16 @@ template <typename T> T shfl_xor(T v, int lane_mask) {
   std::memcpy(&bits, &v, sizeof(T));
   b.exchange[me] = bits;
   warp_barrier();
-  const int src = base + (lane ^ lane_mask);
+  const int src = base + (src_lane(lane) & 31);
   if (src >= int(b.fibers.size())) fail("shuffle from a lane outside the block");
   T out;
   std::memcpy(&out, &b.exchange[src], sizeof(T));
   warp_barrier();
   return out;
+}
+
+template <typename T> T shfl_xor(T v, int lane_mask) {
+  return shfl_from(v, [lane_mask](int lane) { return lane ^ lane_mask; });
 }
 
 inline float to_float(__half v) { return __half2float(v); }
@@ -157,7 +162,7 @@ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 // type"; csrc/cuda/mma_m16n8k16.cuh spells it out). Each lane deposits its registers, the warp
 // meets, every lane rebuilds A, B, C from all 32 deposits and keeps its own elements of D.
 // A layout error in a kernel therefore gives wrong numbers here as on the GPU.
-inline long long& mma16816_count() {  // register-fragment products run (tests ask for them)
+inline long long& mma_sync_count() {  // mma.sync products run (the register kernels)
   static long long n = 0;
   return n;
 }
@@ -166,7 +171,7 @@ template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   Block& bl = blk();
   const int me = cur().linear, base = me & ~31, lane = me & 31;
-  if (lane == 0) ++mma16816_count();
+  if (lane == 0) ++mma_sync_count();
   if (base + 32 > int(bl.fibers.size())) fail("mma.sync in a partial warp");
   std::array<uint32_t, 10>& mine = bl.mma[me];
   std::memcpy(mine.data(), a, 16);
@@ -193,7 +198,8 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
     B[2 * t][g] = pb[0], B[2 * t + 1][g] = pb[1], B[2 * t + 8][g] = pb[2], B[2 * t + 9][g] = pb[3];
     float pc[4];
     std::memcpy(pc, s.data() + 6, 16);
-    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1], C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
+    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1];
+    C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
   }
   const int g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 4; ++i) {
@@ -207,6 +213,51 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
 
 inline void check_aligned(const void* p, size_t bytes, const char* what);
 inline bool in_shared(const void* p, size_t bytes);
+inline long long& tf32_mma_count();
+inline float tf32_truncate(float v);
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA "Matrix Fragments for
+// mma.m16n8k8", .tf32): one element per register, A: a0 (g, t), a1 (g+8, t), a2 (g, t+4),
+// a3 (g+8, t+4); B: b0 (t, g), b1 (t+4, g); C, D as m16n8k16. Inputs read as tf32 (their low
+// 13 bits ignored, as the hardware does).
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Block& bl = blk();
+  const int me = cur().linear, base = me & ~31, lane = me & 31;
+  if (base + 32 > int(bl.fibers.size())) fail("mma.sync in a partial warp");
+  if (lane == 0) {
+    ++mma_sync_count();
+    ++tf32_mma_count();
+  }
+  std::array<uint32_t, 10>& mine = bl.mma[me];
+  std::memcpy(mine.data(), a, 16);
+  std::memcpy(mine.data() + 4, b, 8);
+  std::memcpy(mine.data() + 6, d, 16);
+  warp_barrier();
+  float A[16][8], B[8][8], C[16][8];
+  auto f = [](uint32_t r) {
+    float v;
+    std::memcpy(&v, &r, 4);
+    return tf32_truncate(v);
+  };
+  for (int l = 0; l < 32; ++l) {
+    const std::array<uint32_t, 10>& s = bl.mma[base + l];
+    const int g = l >> 2, t = l & 3;
+    A[g][t] = f(s[0]), A[g + 8][t] = f(s[1]), A[g][t + 4] = f(s[2]), A[g + 8][t + 4] = f(s[3]);
+    B[t][g] = f(s[4]), B[t + 4][g] = f(s[5]);
+    float pc[4];
+    std::memcpy(pc, s.data() + 6, 16);
+    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1];
+    C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
+    float acc = C[r][c];
+    for (int k = 0; k < 8; ++k) acc += A[r][k] * B[k][c];
+    d[i] = acc;
+  }
+  warp_barrier();
+}
 
 // ldmatrix.sync.aligned.m8n8.x{NUM}{.trans}.shared.b16 (PTX ISA "Warp-level matrix load
 // instruction: ldmatrix"): lanes 8i..8i+7 give the row addresses of matrix i; register i of lane
@@ -424,6 +475,9 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
 template <typename T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
   return ::emu::shfl_xor(v, lane_mask);
 }
+template <typename T> inline T __shfl_sync(unsigned, T v, int src_lane, int = 32) {
+  return ::emu::shfl_from(v, [src_lane](int) { return src_lane; });
+}
 template <typename T> inline T __ldg(const T* p) {
   if (sizeof(T) == 16) ::emu::check_aligned(p, 16, "__ldg of a 16-byte vector");
   return *p;
@@ -595,3 +649,5 @@ inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+inline float emu::tf32_truncate(float v) { return nvcuda::wmma::tf32_bits(v, false); }

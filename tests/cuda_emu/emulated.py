@@ -127,7 +127,7 @@ class Emulator:
         self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_forward_workspace.restype = ctypes.c_int64
         self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
-        self.lib.emu_take_mma16816_count.restype = ctypes.c_longlong
+        self.lib.emu_take_mma_sync_count.restype = ctypes.c_longlong
         self.tf32x3 = False
         self.tiles = False
 
@@ -141,15 +141,15 @@ class Emulator:
         self.tf32x3 = tf32x3
         self.tiles = tiles
         self.take_tf32_mma_count()
-        self.take_mma16816_count()
+        self.take_mma_sync_count()
 
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
         return int(self.lib.emu_take_tf32_mma_count())
 
-    def take_mma16816_count(self) -> int:
-        """Warp-level mma.sync m16n8k16 products (the register kernels) since the last call."""
-        return int(self.lib.emu_take_mma16816_count())
+    def take_mma_sync_count(self) -> int:
+        """Warp-level mma.sync products (the register kernels) since the last call."""
+        return int(self.lib.emu_take_mma_sync_count())
 
     def _attn_shape(self, B, L, N, D, E) -> ctypes.Array:
         return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles)])
