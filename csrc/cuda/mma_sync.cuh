@@ -32,6 +32,13 @@
 namespace regharm {
 namespace cuda {
 
+// One mma.sync with four float accumulators d, four A registers a and two B registers b (every
+// shape and type used here); only the instruction differs.
+#define REGHARM_MMA_SYNC(INSTR)                                                           \
+  asm volatile(INSTR " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
 // The k-step of one mma.sync per element type.
 template <typename T> struct Mma { static constexpr int K = 16; };
 template <> struct Mma<float> { static constexpr int K = 8; };
@@ -57,19 +64,10 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
 #if defined(REGHARM_CUDA_EMULATION)
   ::emu::mma_m16n8k16<T>(d, a, b);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    REGHARM_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
+  else
+    REGHARM_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
 #else
   // the launchers never pick the register kernels below sm_80 (registers_supported)
   (void)d, (void)a, (void)b;
@@ -163,11 +161,7 @@ __device__ __forceinline__ void mma1688_tf32(float (&d)[4], const uint32_t (&a)[
 #if defined(REGHARM_CUDA_EMULATION)
   ::emu::mma_m16n8k8_tf32(d, a, b);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  REGHARM_MMA_SYNC("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32");
 #else
   (void)d, (void)a, (void)b;
   __trap();

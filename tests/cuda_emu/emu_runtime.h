@@ -157,37 +157,61 @@ template <typename T> T shfl_xor(T v, int lane_mask) {
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += A · B over the warp, with the
-// fragment layout of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
-// type"; csrc/cuda/mma_m16n8k16.cuh spells it out). Each lane deposits its registers, the warp
-// meets, every lane rebuilds A, B, C from all 32 deposits and keeps its own elements of D.
-// A layout error in a kernel therefore gives wrong numbers here as on the GPU.
 inline long long& mma_sync_count() {  // mma.sync products run (the register kernels)
   static long long n = 0;
   return n;
 }
 
-template <typename T>
-void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+inline long long& tf32_mma_count();
+inline float tf32_truncate(float v);
+
+// One warp-wide product d += A · B (A 16 x K, B K x 8, C and D float 16 x 8 in the m16n8
+// accumulator layout): each lane deposits its registers, the warp meets, every lane rebuilds A
+// and B with unpack(lane's registers, g, t, A, B) and C from all 32 deposits, and keeps its own
+// elements of D. A layout error in a kernel therefore gives wrong numbers here as on the GPU.
+template <int K, typename Unpack>
+void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], Unpack unpack) {
   Block& bl = blk();
   const int me = cur().linear, base = me & ~31, lane = me & 31;
-  if (lane == 0) ++mma_sync_count();
   if (base + 32 > int(bl.fibers.size())) fail("mma.sync in a partial warp");
+  if (lane == 0) ++mma_sync_count();
   std::array<uint32_t, 10>& mine = bl.mma[me];
   std::memcpy(mine.data(), a, 16);
   std::memcpy(mine.data() + 4, b, 8);
   std::memcpy(mine.data() + 6, d, 16);
   warp_barrier();
-  float A[16][16], B[16][8], C[16][8];
+  float A[16][K], B[K][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const std::array<uint32_t, 10>& s = bl.mma[base + l];
+    const int g = l >> 2, t = l & 3;
+    unpack(s, g, t, A, B);
+    float pc[4];
+    std::memcpy(pc, s.data() + 6, 16);
+    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1];
+    C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
+    float acc = C[r][c];
+    for (int k = 0; k < K; ++k) acc += A[r][k] * B[k][c];
+    d[i] = acc;
+  }
+  warp_barrier();  // nobody deposits the next product's registers before all have read these
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} (PTX ISA "Matrix Fragments for
+// mma.m16n8k16 with floating point type"; csrc/cuda/mma_sync.cuh spells it out).
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   auto halves = [](uint32_t r, float* out) {
     T pair[2];
     std::memcpy(static_cast<void*>(pair), &r, 4);
     out[0] = to_float(pair[0]);
     out[1] = to_float(pair[1]);
   };
-  for (int l = 0; l < 32; ++l) {
-    const std::array<uint32_t, 10>& s = bl.mma[base + l];
-    const int g = l >> 2, t = l & 3;
+  warp_mma<16>(d, a, b, [&](const std::array<uint32_t, 10>& s, int g, int t, float (&A)[16][16],
+                            float (&B)[16][8]) {
     halves(s[0], &A[g][2 * t]);
     halves(s[1], &A[g + 8][2 * t]);
     halves(s[2], &A[g][2 * t + 8]);
@@ -196,68 +220,29 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
     halves(s[4], pb);
     halves(s[5], pb + 2);
     B[2 * t][g] = pb[0], B[2 * t + 1][g] = pb[1], B[2 * t + 8][g] = pb[2], B[2 * t + 9][g] = pb[3];
-    float pc[4];
-    std::memcpy(pc, s.data() + 6, 16);
-    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1];
-    C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
-  }
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
-    float acc = C[r][c];
-    for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][c];
-    d[i] = acc;
-  }
-  warp_barrier();  // nobody deposits the next product's registers before all have read these
+  });
 }
-
-inline void check_aligned(const void* p, size_t bytes, const char* what);
-inline bool in_shared(const void* p, size_t bytes);
-inline long long& tf32_mma_count();
-inline float tf32_truncate(float v);
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA "Matrix Fragments for
 // mma.m16n8k8", .tf32): one element per register, A: a0 (g, t), a1 (g+8, t), a2 (g, t+4),
-// a3 (g+8, t+4); B: b0 (t, g), b1 (t+4, g); C, D as m16n8k16. Inputs read as tf32 (their low
-// 13 bits ignored, as the hardware does).
+// a3 (g+8, t+4); B: b0 (t, g), b1 (t+4, g). Inputs read as tf32 (their low 13 bits ignored, as
+// the hardware does).
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  Block& bl = blk();
-  const int me = cur().linear, base = me & ~31, lane = me & 31;
-  if (base + 32 > int(bl.fibers.size())) fail("mma.sync in a partial warp");
-  if (lane == 0) {
-    ++mma_sync_count();
-    ++tf32_mma_count();
-  }
-  std::array<uint32_t, 10>& mine = bl.mma[me];
-  std::memcpy(mine.data(), a, 16);
-  std::memcpy(mine.data() + 4, b, 8);
-  std::memcpy(mine.data() + 6, d, 16);
-  warp_barrier();
-  float A[16][8], B[8][8], C[16][8];
+  if ((cur().linear & 31) == 0) ++tf32_mma_count();
   auto f = [](uint32_t r) {
     float v;
     std::memcpy(&v, &r, 4);
     return tf32_truncate(v);
   };
-  for (int l = 0; l < 32; ++l) {
-    const std::array<uint32_t, 10>& s = bl.mma[base + l];
-    const int g = l >> 2, t = l & 3;
+  warp_mma<8>(d, a, b, [&](const std::array<uint32_t, 10>& s, int g, int t, float (&A)[16][8],
+                           float (&B)[8][8]) {
     A[g][t] = f(s[0]), A[g + 8][t] = f(s[1]), A[g][t + 4] = f(s[2]), A[g + 8][t + 4] = f(s[3]);
     B[t][g] = f(s[4]), B[t + 4][g] = f(s[5]);
-    float pc[4];
-    std::memcpy(pc, s.data() + 6, 16);
-    C[g][2 * t] = pc[0], C[g][2 * t + 1] = pc[1];
-    C[g + 8][2 * t] = pc[2], C[g + 8][2 * t + 1] = pc[3];
-  }
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
-    float acc = C[r][c];
-    for (int k = 0; k < 8; ++k) acc += A[r][k] * B[k][c];
-    d[i] = acc;
-  }
-  warp_barrier();
+  });
 }
+
+inline void check_aligned(const void* p, size_t bytes, const char* what);
+inline bool in_shared(const void* p, size_t bytes);
 
 // ldmatrix.sync.aligned.m8n8.x{NUM}{.trans}.shared.b16 (PTX ISA "Warp-level matrix load
 // instruction: ldmatrix"): lanes 8i..8i+7 give the row addresses of matrix i; register i of lane
