@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import no_gpu_reason
+from ._eager import autograd_function, eager_grad
 
 try:
     from regharm_ext import _C  # noqa: F401  (loading it registers the ops and their kernels)
@@ -58,14 +59,6 @@ for _type in _KEYS:
     unavailable(torch.device(_type))
 
 
-def _eager_grad(*tensors) -> bool:
-    """True for an eager call that records a backward: it takes the autograd.Functions below.
-    Compiled code calls the ops (dynamo traces their registered autograd, and it does not take
-    one tensor passed twice to a Function, as LTL's self-attention does)."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and any(t.requires_grad for t in tensors))
-
-
 def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[int, int],
                 eps: float, min_mass: float):
     """See :func:`regharm_ext.ops.patch_stats`; arguments are already checked.
@@ -74,7 +67,7 @@ def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[
     """
     (ph, pw), (sh, sw) = patch_size, stride
     args = (x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass)
-    if _eager_grad(x, weight, bias):
+    if eager_grad(x, weight, bias):
         return _PatchStats.apply(*args)
     return torch.ops.regharm.patch_stats(*args)
 
@@ -85,7 +78,7 @@ def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scal
     Returns out (Tensor[B, L, E]) in q's dtype (the op's log-sum-exp is kept for the backward).
     """
     args = (q, k, v, key_bias, query_mask, scale)
-    if _eager_grad(q, k, v):
+    if eager_grad(q, k, v):
         return _MaskedAttention.apply(*args)[0]
     return torch.ops.regharm.masked_attention(*args)[0]
 
@@ -151,29 +144,12 @@ def _register() -> None:
     torch.library.register_autograd(lib + "masked_attention", attn_backward,
                                     setup_context=attn_setup)
 
-    # The backend's own calls take the same setup and backward through autograd.Functions:
-    # register_autograd's wrapper re-reads the op schema on every call (fill_defaults: ~23 µs
-    # per patch_stats call on a 2-core CPU), and PTL's fwd+bwd is host-bound on a GPU. Inside
-    # Function.forward grad mode is off, so the op takes its registered no-grad path.
+    # the backend's own eager calls: the same setup and backward, without the wrapper's cost
     global _PatchStats, _MaskedAttention
-
-    class _PatchStats(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            outs = torch.ops.regharm.patch_stats(*inputs)
-            patch_setup(ctx, inputs, outs)
-            return outs
-
-        backward = staticmethod(patch_backward)
-
-    class _MaskedAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            outs = torch.ops.regharm.masked_attention(*inputs)
-            attn_setup(ctx, inputs, outs)
-            return outs
-
-        backward = staticmethod(attn_backward)
+    _PatchStats = autograd_function(torch.ops.regharm.patch_stats, patch_setup, patch_backward,
+                                    "_PatchStats")
+    _MaskedAttention = autograd_function(torch.ops.regharm.masked_attention, attn_setup,
+                                         attn_backward, "_MaskedAttention")
 
 
 if _IMPORT_ERROR is None:

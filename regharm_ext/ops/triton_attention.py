@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op
 
+from ._eager import autograd_function, eager_grad
 from ._triton_util import acc_dtype, interpreting, launcher
 
 # ----------------------------------------------------------------------------------- kernels
@@ -378,8 +379,13 @@ def _backward(ctx, grad_out, grad_lse, grad_idx, grad_cnt):
 
 
 register_autograd("regharm_triton::masked_attention", _backward, setup_context=_setup_context)
+_MaskedAttention = autograd_function(torch.ops.regharm_triton.masked_attention, _setup_context,
+                                     _backward, "_MaskedAttention")
 
 
 def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:
     """out (Tensor[B, L, E]) of SPEC §3; see :func:`regharm_ext.ops.masked_attention`."""
-    return torch.ops.regharm_triton.masked_attention(q, k, v, key_bias, query_mask, scale)[0]
+    args = (q, k, v, key_bias, query_mask, scale)
+    if eager_grad(q, k, v):
+        return _MaskedAttention.apply(*args)[0]
+    return torch.ops.regharm_triton.masked_attention(*args)[0]

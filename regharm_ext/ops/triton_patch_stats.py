@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op
 
+from ._eager import autograd_function, eager_grad
 from ._triton_util import acc_dtype, interpreting, launcher
 
 # ----------------------------------------------------------------------------------- kernels
@@ -274,10 +275,14 @@ def _backward(ctx, g_mu, g_sigma, g_content, g_mass):
 
 
 register_autograd("regharm_triton::patch_stats", _backward, setup_context=_setup_context)
+_PatchStats = autograd_function(torch.ops.regharm_triton.patch_stats, _setup_context, _backward,
+                                "_PatchStats")
 
 
 def patch_stats(x, bg, weight, bias, patch_size, stride, eps: float, min_mass: float):
     """mu, sigma, content (Tensor[B, K, C]) and mass (Tensor[B, K]) in x's dtype (SPEC §2)."""
     (ph, pw), (sh, sw) = patch_size, stride
-    outs = torch.ops.regharm_triton.patch_stats(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass)
+    args = (x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass)
+    op = _PatchStats.apply if eager_grad(x, weight, bias) else torch.ops.regharm_triton.patch_stats
+    outs = op(*args)
     return tuple(t.to(x.dtype) for t in outs)

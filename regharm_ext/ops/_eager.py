@@ -1,0 +1,29 @@
+"""Eager calls of the compiled ops that record a backward, without register_autograd's per-call
+cost: its wrapper walks the op schema on every call (``fill_defaults``, ~23 µs for patch_stats's
+ten arguments on a 2-core CPU), and PTL's fwd+bwd is host-bound on a GPU. The autograd.Function
+built here runs the op (inside ``Function.forward`` grad mode is off, so the op takes its
+registered no-grad path) with the very ``setup_context`` and ``backward`` registered for it."""
+from __future__ import annotations
+
+import torch
+
+
+def eager_grad(*tensors) -> bool:
+    """True for an eager call that records a backward. Compiled code calls the ops themselves:
+    dynamo traces their registered autograd, and refuses a Function given one tensor twice (as
+    LTL's self-attention passes it)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t.requires_grad for t in tensors))
+
+
+def autograd_function(op, setup_context, backward, name: str):
+    """An autograd.Function that runs ``op(*inputs)`` and differentiates it like ``op``'s
+    ``torch.library.register_autograd(op, backward, setup_context=setup_context)``."""
+
+    def forward(ctx, *inputs):
+        out = op(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
