@@ -49,17 +49,20 @@ def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _rows(IDX, CNT, b, start, L, HAS_MASK: tl.constexpr, BM: tl.constexpr):
-    """Query rows handled by a tile starting at compacted position ``start``, and their mask."""
+    """Query rows at compacted positions [start, start + BM): their indices, which of them are
+    active, the active count, and which exist (< L; the inactive ones get zeros written, so the
+    outputs need no fill beforehand)."""
     offs = start + tl.arange(0, BM)
+    exists = offs < L
     if HAS_MASK:
         count = tl.load(CNT + b)
         ok = offs < count
-        rows = tl.load(IDX + b * L + offs, mask=ok, other=0)
+        rows = tl.load(IDX + b * L + offs, mask=exists, other=0)
     else:
         count = L
-        ok = offs < L
+        ok = exists
         rows = offs
-    return rows, ok, count
+    return rows, ok, count, exists
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
     b = tl.program_id(1).to(tl.int64)
     acc_t = LSE.dtype.element_ty
     scale = tl.cast(scale, acc_t)  # torch.compile passes Python floats as fp64, a launch as fp32
-    rows, row_ok, count = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
+    rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
@@ -111,13 +114,13 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
                         mask=(cols[:, None] < N) & (offs_e[None, :] < E), other=0.0)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT, PREC).to(acc_t)
             m_i = m_new
-    live = l_i > 0
+    live = (l_i > 0) & row_ok  # an inactive row of an active tile attended with q = 0: drop it
     l_safe = tl.where(live, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(live[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(live, m_i + tl.log(l_safe), float("-inf"))
     tl.store(O + b * L * E + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_e[None, :] < E))
-    tl.store(LSE + b * L + rows, lse, mask=row_ok)
+             mask=exists[:, None] & (offs_e[None, :] < E))  # inactive rows: 0 and -inf
+    tl.store(LSE + b * L + rows, lse, mask=exists)
 
 
 @triton.jit
@@ -161,7 +164,7 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
         count = L
     hi = tl.where(tl.max(kb, 0) > float("-inf"), count, 0)  # all keys removed: dK = dV = 0
     for start in range(0, hi, BM):
-        rows, row_ok, _ = _rows(IDX, CNT, b, start, L, HAS_MASK, BM)
+        rows, row_ok, _, _ = _rows(IDX, CNT, b, start, L, HAS_MASK, BM)
         # everything below is (keys, queries): q (and narrow dO) are loaded transposed
         qt = tl.load(Q + b * L * D + rows[None, :] * D + offs_d[:, None],
                      mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
@@ -199,7 +202,7 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
     scale = tl.cast(scale, acc_t)
-    rows, row_ok, count = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
+    rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
@@ -231,7 +234,8 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt), USE_DOT, PREC).to(acc_t)
     tl.store(DQ + b * L * D + rows[:, None] * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+             (dq * scale).to(DQ.dtype.element_ty),
+             mask=exists[:, None] & (offs_d[None, :] < D))  # inactive rows: 0
 
 
 # ---------------------------------------------------------------------------------- launcher
@@ -312,14 +316,16 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         idx, cnt = _compact(query_mask)
     acc = acc_dtype(q.dtype)
-    out = torch.zeros(B, L, E, device=q.device, dtype=q.dtype)
-    lse = torch.full((B, L), float("-inf"), device=q.device, dtype=acc)
+    if not (B and L and N):  # nothing attended
+        return (torch.zeros(B, L, E, device=q.device, dtype=q.dtype),
+                torch.full((B, L), float("-inf"), device=q.device, dtype=acc), idx, cnt)
+    out = torch.empty(B, L, E, device=q.device, dtype=q.dtype)  # the kernel writes every row
+    lse = torch.empty(B, L, device=q.device, dtype=acc)
     BD, BE = _pow2(int(D)), _pow2(int(E))
     BM, BN, warps = _blocks(BD, BE, q.dtype)["fwd"]
-    if B and L and N:
-        launcher(_attn_fwd)[(triton.cdiv(L, BM), B)](
-            q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale, **_flags(q, query_mask),
-            BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
+    launcher(_attn_fwd)[(triton.cdiv(L, BM), B)](
+        q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale, **_flags(q, query_mask),
+        BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
     return out, lse, idx, cnt
 
 
@@ -336,9 +342,9 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     do = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros_like(q)             # inactive queries are never written
     if not (B and L and N):
-        return dq, torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.empty_like(q)             # every row is written (inactive ones with 0)
     dk, dv = torch.empty_like(k), torch.empty_like(v)   # every key row is written
     delta = torch.empty(B, L, device=q.device, dtype=acc)
     BD, BE = _pow2(int(D)), _pow2(int(E))
