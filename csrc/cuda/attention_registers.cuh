@@ -51,7 +51,7 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// The warp's products, each lane holding its fragments (mma_m16n8k16.cuh):
+// The warp's products, each lane holding its fragments (mma_sync.cuh):
 // acc[j] += A · Mᵀ[:, 8j : 8j + 8] over KS k-steps of Mma<T>::K, A (16 rows) in registers and
 // M row-major in shared memory (pitch ldm): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
 template <typename T, int KS, int NJ>
