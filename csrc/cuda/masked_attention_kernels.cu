@@ -19,6 +19,10 @@
 // Products of tiles go through block_mm (tensor cores for 16-bit inputs; CUDA cores for float32,
 // or tensor cores as 3xTF32 when AttnShape::tf32x3 asks; CUDA cores for float64); everything
 // else (softmax, masking) runs in the accumulation type.
+//
+// Where the products go to tensor cores (16-bit inputs, float32 with tf32x3) and D, E <= 128 on
+// sm_80+, the launchers below run the register kernels of attention_registers.cuh instead
+// (use_registers); the query order, Δ and the split sums are shared.
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -491,7 +495,7 @@ template <typename T> bool use_registers(const AttnShape& s) {
   }
 }
 
-// D and E padded to 64 or 128: two sizes keep the build short (3 kernels x 2 dtypes x 4), and
+// D and E padded to 64 or 128: two sizes keep the build short (3 kernels x 3 dtypes x 4), and
 // smaller ones would mostly save work on shapes too small to matter.
 inline int reg_dim(int v) { return v <= 64 ? 64 : 128; }
 
