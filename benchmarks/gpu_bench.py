@@ -78,11 +78,12 @@ COMPILED = "+compile"
 
 
 def split_backend(backend):
-    """(implementation, environment settings, compiled) of a benchmarked backend name."""
+    """(variant name without the compile suffix, implementation, environment settings,
+    compiled) of a benchmarked backend name."""
     compiled = backend.endswith(COMPILED)
     base = backend[:-len(COMPILED)] if compiled else backend
     impl, env = VARIANTS.get(base, (base, {}))
-    return impl, env, compiled
+    return base, impl, env, compiled
 
 
 def variant_skip_reason(backend, device, dtype):
@@ -494,10 +495,9 @@ def main(argv=None):
         make, run_with = builder(sizes, device, dtype)
         candidates = [b for b in wanted if b != "sdpa" or name == "masked_attention"]
         for backend in candidates:
-            impl, env, compiled = split_backend(backend)
+            base, impl, env, compiled = split_backend(backend)
             if backend != "sdpa":
-                reason = variant_skip_reason(backend.removesuffix(COMPILED), device, dtype) or \
-                    unavailable_reason(impl, device)
+                reason = variant_skip_reason(base, device, dtype) or unavailable_reason(impl, device)
                 if compiled and builder is not layer_case:
                     reason = reason or "compiled variants time the layers only"
                 if device.type == "cpu" and backend == "triton":
