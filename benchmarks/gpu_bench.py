@@ -48,12 +48,12 @@ from benchlib import git_commit  # noqa: E402
 BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
-# cores, 3xTF32) on float32 benchmarks, native_tiles (16-bit attention on the shared-memory tile
-# kernels instead of the register kernels) on 16-bit ones.
+# cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
+# kernels instead of the register kernels: run 1's kernels, the comparison for both).
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
             "native_tiles": ("native", {"REGHARM_CUDA_ATTENTION": "tiles"})}
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
-                  "native_tiles": (torch.float16, torch.bfloat16)}
+                  "native_tiles": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 @contextlib.contextmanager

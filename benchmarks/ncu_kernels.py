@@ -34,17 +34,20 @@ def _workload(device_name: str) -> None:
     device = torch.device(device_name)
     cases = gpu_bench.settings(quick=device.type != "cuda", device=device)
     # masked_attention in bf16 (register kernels), bf16 on the tile kernels, float32 on CUDA
-    # cores and as 3xTF32; patch_stats
+    # cores (register kernels, then tile kernels) and as 3xTF32; patch_stats
     runs = [("masked_attention", None), ("masked_attention", "tiles"),
-            ("masked_attention", "simt"), ("masked_attention", "tf32x3"), ("patch_stats", None)]
+            ("masked_attention", "simt"), ("masked_attention", "simt+tiles"),
+            ("masked_attention", "tf32x3"), ("patch_stats", None)]
     for name, setting in runs:
         builder, sizes, dtype = cases[name]
         os.environ.pop("REGHARM_CUDA_ATTENTION", None)
-        if setting == "tiles":
-            os.environ["REGHARM_CUDA_ATTENTION"] = "tiles"
-        elif setting:
-            dtype = torch.float32
-            os.environ["REGHARM_CUDA_FP32_MATH"] = setting
+        os.environ.pop("REGHARM_CUDA_FP32_MATH", None)
+        for part in (setting or "").split("+"):
+            if part == "tiles":
+                os.environ["REGHARM_CUDA_ATTENTION"] = "tiles"
+            elif part:
+                dtype = torch.float32
+                os.environ["REGHARM_CUDA_FP32_MATH"] = part
         make, run_with = builder(sizes, device, dtype)
         inputs = make()
         outs = run_with("native")(*inputs)

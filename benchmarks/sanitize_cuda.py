@@ -43,9 +43,10 @@ def _driver(device_name: str) -> int:
     device = torch.device(device_name)
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
     # (attention setting, dtype): float32 on CUDA cores and as 3xTF32, the 16-bit dtypes on the
-    # register kernels (the default) and bfloat16 once more on the shared-memory tile kernels
+    # register kernels (the default), and bfloat16 and float32 once more on the shared-memory
+    # tile kernels
     modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + \
-        [("", d) for d in dtypes[1:]] + [("tiles", torch.bfloat16)]
+        [("", d) for d in dtypes[1:]] + [("tiles", torch.bfloat16), ("tiles", torch.float32)]
     settings = {"simt": {"REGHARM_CUDA_FP32_MATH": "simt"},
                 "tf32x3": {"REGHARM_CUDA_FP32_MATH": "tf32x3"},
                 "tiles": {"REGHARM_CUDA_ATTENTION": "tiles"}, "": {}}

@@ -202,47 +202,55 @@ def test_cuda_emulated_attention_one_block_per_key_tile(configured, order, tiles
     _check_attention(configured(sms=1, order=order, tiles=tiles), inputs)
 
 
-# ---- which kernels run: registers (mma.sync) for 16-bit inputs, else the tile kernels --------
+# ---- which kernels run: registers (mma.sync, or float32 FMAs) where they fit, else tiles -----
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ATTN_CASES)
-def test_cuda_emulated_attention_tile_kernels_for_16bit(configured, case, dtype):
-    """REGHARM_CUDA_ATTENTION=tiles: the shared-memory kernels stay correct for 16-bit inputs
-    (the default takes the register kernels there, tested above)."""
+def test_cuda_emulated_attention_tile_kernels(configured, case, dtype):
+    """REGHARM_CUDA_ATTENTION=tiles: the shared-memory kernels stay correct (the default takes
+    the register kernels for these dtypes, tested above)."""
     emu = configured(tiles=True)
     _check_attention(emu, make_attention_inputs(**ATTN_CASES[case], dtype=dtype))
-    assert emu.take_mma_sync_count() == 0
+    assert emu.take_register_products() == 0
 
 
 @pytest.mark.parametrize("dtype,D,E,kw,registers", [
-    (torch.bfloat16, 64, 128, {}, True),                   # PTL's sizes
-    (torch.float16, 128, 128, {}, True),                   # the largest the registers hold
-    (torch.bfloat16, 130, 64, {}, False),                  # D > 128
-    (torch.bfloat16, 64, 136, {}, False),                  # E > 128
-    (torch.bfloat16, 64, 128, {"tiles": True}, False),     # asked for the tile kernels
-    (torch.bfloat16, 64, 128, {"cc_major": 7}, False),     # no mma.sync m16n8k16 before sm_80
-    (torch.float32, 64, 128, {}, False),                   # float32 on CUDA cores: tiles
-    (torch.float32, 64, 128, {"tf32x3": True}, True),      # float32 as 3xTF32: registers
-    (torch.float32, 64, 128, {"tf32x3": True, "tiles": True}, False),
-    (torch.float32, 128, 128, {"tf32x3": True}, True),     # ~132 KB of shared memory fits sm_90
-    (torch.float32, 128, 128, {"tf32x3": True, "smem": RTX}, False),  # not sm_86's 99 KB
-], ids=["ptl", "largest", "wide_d", "wide_e", "asked_tiles", "sm70", "fp32", "tf32x3",
-        "tf32x3_tiles", "tf32x3_largest", "tf32x3_99kb"])
+    (torch.bfloat16, 64, 128, {}, "mma"),                  # PTL's sizes
+    (torch.float16, 128, 128, {}, "mma"),                  # the largest the registers hold
+    (torch.bfloat16, 130, 64, {}, None),                   # D > 128
+    (torch.bfloat16, 64, 136, {}, None),                   # E > 128
+    (torch.bfloat16, 64, 128, {"tiles": True}, None),      # asked for the tile kernels
+    (torch.bfloat16, 64, 128, {"cc_major": 7}, None),      # no mma.sync m16n8k16 before sm_80
+    (torch.float32, 64, 128, {}, "simt"),                  # float32 FMAs in registers
+    (torch.float32, 64, 128, {"cc_major": 7}, "simt"),     # ... which need no mma.sync
+    (torch.float32, 64, 128, {"tiles": True}, None),
+    (torch.float32, 130, 64, {}, None),                    # D > 128
+    (torch.float32, 128, 128, {"smem": RTX}, None),        # ~132 KB: not sm_86's 99 KB
+    (torch.float32, 64, 128, {"tf32x3": True}, "mma"),     # float32 as 3xTF32: registers
+    (torch.float32, 64, 128, {"tf32x3": True, "tiles": True}, None),
+    (torch.float32, 64, 128, {"tf32x3": True, "cc_major": 7}, None),
+    (torch.float32, 128, 128, {"tf32x3": True}, "mma"),    # ~132 KB of shared memory fits sm_90
+    (torch.float32, 128, 128, {"tf32x3": True, "smem": RTX}, None),  # not sm_86's 99 KB
+], ids=["ptl", "largest", "wide_d", "wide_e", "asked_tiles", "sm70", "fp32", "fp32_sm70",
+        "fp32_tiles", "fp32_wide_d", "fp32_99kb", "tf32x3", "tf32x3_tiles", "tf32x3_sm70",
+        "tf32x3_largest", "tf32x3_99kb"])
 def test_cuda_emulated_attention_kernel_choice(configured, dtype, D, E, kw, registers):
+    """registers: "mma" (mma.sync), "simt" (float32 FMAs) or None (the tile kernels)."""
     emu = configured(**kw)
     inputs = make_attention_inputs(B=1, L=40, N=33, D=D, E=E, dtype=dtype, dead_batch=False)
     _check_attention(emu, inputs)
-    assert (emu.take_mma_sync_count() > 0) == registers
+    mma, simt = emu.take_mma_sync_count(), emu.take_simt_product_count()
+    assert (mma > 0, simt > 0) == (registers == "mma", registers == "simt"), (mma, simt)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_emulated_register_kernels_largest_sizes(configured, dtype):
     """D, E padded to 128 (test_cuda_native.py's "d128"), 8 query and 5 key tiles, one warp
     running ahead of the others."""
     emu = configured(order="shuffled")
     _check_attention(emu, make_attention_inputs(B=2, L=500, N=300, D=100, E=120, active=0.4,
                                                 removed=0.2, dtype=dtype))
-    assert emu.take_mma_sync_count() > 0
+    assert emu.take_register_products() > 0
 
 
 def test_cuda_emulated_attention_without_mask_and_custom_scale(configured):
@@ -325,6 +333,18 @@ def test_cuda_emulated_float32_stays_on_cuda_cores_by_default(configured):
     emu = configured()
     _check_attention(emu, make_attention_inputs(**ATTN_CASES["ptl_like"], dtype=torch.float32))
     assert emu.take_tf32_mma_count() == 0
+    assert emu.take_mma_sync_count() == 0 and emu.take_simt_product_count() > 0
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("layout", [None, "pad", "transposed"])
+def test_cuda_emulated_attention_float32_layouts_and_schedules(configured, layout, order):
+    """The CUDA-core register kernels: 16-byte tile loads on contiguous rows, scalar ones on
+    "pad" rows, and warps running ahead of each other."""
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=torch.float32)
+    emu = configured(order=order)
+    _check_attention(emu, inputs, layout=layout)
+    assert emu.take_simt_product_count() > 0
 
 
 def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):

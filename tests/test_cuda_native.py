@@ -147,9 +147,10 @@ def test_cuda_native_masked_attention(case, dtype):
     _check_attention(got, got_g, want, want_g, dtype, qm, kb, case)
 
 
-# 16-bit inputs with D, E <= 128 take the register kernels (mma.sync) by default; the
-# shared-memory tile kernels stay available under REGHARM_CUDA_ATTENTION=tiles
-TILE_RUNS = [("ptl", BF16), ("ptl", F16), ("ltl", BF16), ("odd", BF16), ("mostly_removed", BF16)]
+# D, E <= 128 take the register kernels by default (16-bit: mma.sync; float32: FMAs on CUDA
+# cores); the shared-memory tile kernels stay available under REGHARM_CUDA_ATTENTION=tiles
+TILE_RUNS = [("ptl", BF16), ("ptl", F16), ("ptl", F32), ("ltl", BF16), ("odd", BF16),
+             ("odd", F32), ("mostly_removed", BF16)]
 
 
 @needs_native_cuda
@@ -162,18 +163,20 @@ def test_cuda_native_masked_attention_tile_kernels(case, dtype, monkeypatch):
 
 
 @needs_native_cuda
-def test_cuda_native_register_and_tile_kernels_agree(monkeypatch):
-    """Both kernel families on the same bf16 inputs at PTL's sizes: the same results up to the
-    rounding of P to bfloat16 (each is also held to the reference above)."""
-    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=BF16, device="cuda")
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+def test_cuda_native_register_and_tile_kernels_agree(dtype, monkeypatch):
+    """Both kernel families on the same inputs at PTL's sizes: the same results up to the
+    rounding of P to bfloat16, or float32's summation order (each is also held to the
+    reference above)."""
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=dtype, device="cuda")
     outs = {}
     for mode in ("auto", "tiles"):
         monkeypatch.setenv("REGHARM_CUDA_ATTENTION", mode)
         outs[mode] = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)[0]
     (o1, g1), (o2, g2) = outs["auto"], outs["tiles"]
-    assert_close(o1[0], o2[0], BF16, msg="out")
+    assert_close(o1[0], o2[0], dtype, msg="out")
     for a, e in zip(g1, g2):
-        assert_close(a, e, BF16, grad=True)
+        assert_close(a, e, dtype, grad=True)
 
 
 def _foreground_queries(B, h, w, device):

@@ -1,7 +1,8 @@
-// masked_attention's kernels with tiles in registers (FlashAttention-2's structure), for 16-bit
-// inputs and for float32 as 3xTF32: each warp owns 16 rows, multiplies with mma.sync
-// (mma_sync.cuh) and keeps its
-// scores, probabilities and output accumulators in registers; shared memory holds only the
+// masked_attention's kernels with tiles in registers (FlashAttention-2's structure): each warp
+// owns 16 rows and keeps its scores, probabilities and output accumulators in registers. The
+// products come from a policy M: TensorCores<T> (mma_sync.cuh: mma.sync for 16-bit inputs, and
+// for float32 as 3xTF32) or CudaCoresF32 (simt_products.cuh: float32 FMAs), both with
+// mma.sync's accumulator layout; shared memory holds only the
 // streamed K/V (or Q/dO) tiles. The shared-memory tile kernels of masked_attention_kernels.cu
 // (WMMA) write every score tile to shared memory and read it back for the softmax and for the
 // next product; the H100 run of a868fa1 measured them at 12 % occupancy (~95 KB of shared
@@ -22,6 +23,7 @@
 
 #include "attention_common.cuh"
 #include "mma_sync.cuh"
+#include "simt_products.cuh"
 
 namespace regharm {
 namespace cuda {
@@ -38,9 +40,6 @@ template <typename T> __host__ __device__ constexpr int reg_pitch(int cols) {
   return cols + int(16 / sizeof(T));
 }
 
-// Whether a warp keeps its own rows' A fragments (Q, dO) in registers across the key loop.
-template <typename T> constexpr bool kFragsInRegs = sizeof(T) == 2;
-
 // Max and sum over the 4 lanes (one quad) that hold a row of an accumulator fragment.
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -51,49 +50,64 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// The warp's products, each lane holding its fragments (mma_sync.cuh):
-// acc[j] += A · Mᵀ[:, 8j : 8j + 8] over KS k-steps of Mma<T>::K, A (16 rows) in registers and
-// M row-major in shared memory (pitch ldm): S = Q Kᵀ, dP = dO Vᵀ and their transposes.
-template <typename T, int KS, int NJ>
-__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const uint32_t (&af)[KS][4],
-                                        const T* m, int ldm) {
+// The warp's products, each lane holding its fragments (policy M):
+// acc[j] += A · Mᵀ[:, 8j : 8j + 8] over KS k-steps of M::K, A (16 rows) in registers and
+// the matrix m row-major in shared memory (pitch ldm): S = Q Kᵀ, dP = dO Vᵀ and their
+// transposes.
+template <typename M, int KS, int NJ>
+__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const typename M::FragA (&af)[KS],
+                                        const typename M::In* m, int ldm) {
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk)
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-      uint32_t bf[2];
-      load_b_t(bf, m, ldm, j * 8, kk * Mma<T>::K);
-      mma<T>(acc[j], af[kk], bf);
+      typename M::FragB bf;
+      M::load_b_t(bf, m, ldm, j * 8, kk * M::K);
+      M::mma(acc[j], af[kk], bf);
     }
 }
 
 // The same with A's 16 rows read from shared memory (pitch lda) one k-step at a time.
-template <typename T, int KS, int NJ>
-__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const T* a, int lda, const T* m,
-                                        int ldm) {
+template <typename M, int KS, int NJ>
+__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const typename M::In* a, int lda,
+                                        const typename M::In* m, int ldm) {
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
-    uint32_t af[1][4];
-    load_a(af[0], a, lda, kk * Mma<T>::K);
-    mma_abt<T, 1, NJ>(acc, af, m + kk * Mma<T>::K, ldm);
+    typename M::FragA af[1];
+    M::load_a(af[0], a, lda, kk * M::K);
+    mma_abt<M, 1, NJ>(acc, af, m + kk * M::K, ldm);
   }
 }
 
 // acc[n] += P · M[:, 8n : 8n + 8] with P (16 x 8 NP) the accumulator fragments p (as A
-// operands: P·V, dS·K, Pᵀ·dO, dSᵀ·Q) and M row-major in shared memory (pitch ldm).
-template <typename T, int NP, int NN>
+// operands: P·V, dS·K, Pᵀ·dO, dSᵀ·Q) and the matrix m row-major in shared memory (pitch ldm).
+// The results are only stored: element c of a lane's pair in acc[n] is column M::out_col(n, t,
+// c), which for M::kPairedOutputs groups n-tiles by two (NN even).
+template <typename M, int NP, int NN>
 __device__ __forceinline__ void mma_pm(float (&acc)[NN][4], const float (&p)[NP][4],
-                                       const T* m, int ldm) {
-  constexpr int K = Mma<T>::K, PER = K / 8;  // accumulator n-tiles per k-step
+                                       const typename M::In* m, int ldm) {
+  constexpr int K = M::K, PER = K / 8;  // accumulator n-tiles per k-step
 #pragma unroll
   for (int kk = 0; kk < NP / PER; ++kk) {
-    uint32_t pa[4];
-    acc_to_a<T>(pa, &p[kk * PER]);
+    typename M::FragA pa;
+    M::acc_to_a(pa, &p[kk * PER]);
+    const typename M::In* mk = m + kk * K * ldm;
+    if constexpr (M::kPairedOutputs) {
+      static_assert(NN % 2 == 0, "paired outputs need an even number of n-tiles");
 #pragma unroll
-    for (int n = 0; n < NN; ++n) {
-      uint32_t bf[2];
-      load_b_trans(bf, m + kk * K * ldm + n * 8, ldm);
-      mma<T>(acc[n], pa, bf);
+      for (int n = 0; n < NN; n += 2) {
+        typename M::FragB b0, b1;
+        M::load_b_trans2(b0, b1, mk + n * 8, ldm);
+        M::mma(acc[n], pa, b0);
+        M::mma(acc[n + 1], pa, b1);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NN; ++n) {
+        typename M::FragB bf;
+        M::load_b_trans(bf, mk + n * 8, ldm);
+        M::mma(acc[n], pa, bf);
+      }
     }
   }
 }
@@ -121,10 +135,10 @@ struct RegFwdSmem {
 };
 
 // One block per 64 positions of the query order x EC value columns x image; a.BM = kRegRows.
-template <typename T, int DP, int EC>
+template <typename M, int DP, int EC, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_reg_kernel(AttnArgs<T, float> a, T* __restrict__ out, float* __restrict__ lse) {
-  constexpr int KD = DP / Mma<T>::K, NS = kRegKeys / 8, NE = EC / 8;
+  constexpr int KD = DP / M::K, NS = kRegKeys / 8, NE = EC / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegFwdSmem<T> sm(raw, DP, EC);
   const int64_t b = blockIdx.z;
@@ -151,13 +165,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
   __syncthreads();
-  // 16-bit Q fragments stay in registers; float32's 3xTF32 needs those for its splits and
-  // reads Q from shared memory at each product
+  // Q fragments stay in registers where the policy says so, else are read at each product
   const T* qw = sm.q + warp * 16 * sm.ldq;
-  uint32_t qf[kFragsInRegs<T> ? KD : 1][4];
-  if constexpr (kFragsInRegs<T>)
+  typename M::FragA qf[M::kFragsInRegs ? KD : 1];
+  if constexpr (M::kFragsInRegs)
 #pragma unroll
-    for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], qw, sm.ldq, kk * Mma<T>::K);
+    for (int kk = 0; kk < KD; ++kk) M::load_a(qf[kk], qw, sm.ldq, kk * M::K);
 
   // rows g (h = 0: fragment elements 0, 1) and g + 8 (h = 1: elements 2, 3) of the warp's 16;
   // l is this lane's share of the row sum (its 2 of every 8 columns), added up at the end
@@ -174,8 +187,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     float s[NS][4] = {};
-    if constexpr (kFragsInRegs<T>) mma_abt<T>(s, qf, sm.k, sm.ldq);
-    else mma_abt<T, KD>(s, qw, sm.ldq, sm.k, sm.ldq);
+    if constexpr (M::kFragsInRegs) mma_abt<M>(s, qf, sm.k, sm.ldq);
+    else mma_abt<M, KD>(s, qw, sm.ldq, sm.k, sm.ldq);
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NS; ++j)
@@ -208,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
       o[e][0] *= alpha[0], o[e][1] *= alpha[0];
       o[e][2] *= alpha[1], o[e][3] *= alpha[1];
     }
-    mma_pm<T>(o, s, sm.v, sm.ldv);  // O += P V
+    mma_pm<M>(o, s, sm.v, sm.ldv);  // O += P V
     __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
   }
 #pragma unroll
@@ -223,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = 0; e < NE; ++e)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int col = e * 8 + 2 * t + c;
+        const int col = M::out_col(e, t, c);
         if (col < ecols) out_b[qrow * a.E + col] = from_acc<T>(o[e][2 * h + c] * inv);
       }
     if (blockIdx.y == 0 && t == 0) lse_b[qrow] = act ? m[h] + acc_log(lsum) : -INFINITY;
@@ -267,10 +280,10 @@ struct RegDqSmem : RegBwdSmem<T> {
 
 // dQ = scale · dS K with dS = P ∘ (dO Vᵀ - Δ); one block per 64 positions of the query order x
 // image; a.BM = kRegRows.
-template <typename T, int DP, int EP>
+template <typename M, int DP, int EP, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
-  constexpr int KD = DP / Mma<T>::K, KE = EP / Mma<T>::K, NS = kRegKeys / 8, ND = DP / 8;
+  constexpr int KD = DP / M::K, KE = EP / M::K, NS = kRegKeys / 8, ND = DP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDqSmem<T> sm(raw, DP, EP);
   T* const sq = sm.held_d;  // Q and dO rows of this block; K and V of the current key tile
@@ -291,12 +304,12 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const T* qw = sq + warp * 16 * ldq;
     const T* dow = sdo + warp * 16 * lde;
-    uint32_t qf[kFragsInRegs<T> ? KD : 1][4], dof[kFragsInRegs<T> ? KE : 1][4];
-    if constexpr (kFragsInRegs<T>) {
+    typename M::FragA qf[M::kFragsInRegs ? KD : 1], dof[M::kFragsInRegs ? KE : 1];
+    if constexpr (M::kFragsInRegs) {
 #pragma unroll
-      for (int kk = 0; kk < KD; ++kk) load_a(qf[kk], qw, ldq, kk * Mma<T>::K);
+      for (int kk = 0; kk < KD; ++kk) M::load_a(qf[kk], qw, ldq, kk * M::K);
 #pragma unroll
-      for (int kk = 0; kk < KE; ++kk) load_a(dof[kk], dow, lde, kk * Mma<T>::K);
+      for (int kk = 0; kk < KE; ++kk) M::load_a(dof[kk], dow, lde, kk * M::K);
     }
     float lse_r[2], delta_r[2];
 #pragma unroll
@@ -314,12 +327,12 @@ __global__ void __launch_bounds__(kThreads)
                 a.vec_v);
       __syncthreads();
       float s[NS][4] = {}, dp[NS][4] = {};
-      if constexpr (kFragsInRegs<T>) {
-        mma_abt<T>(s, qf, sk, ldq);    // S = Q Kᵀ
-        mma_abt<T>(dp, dof, sv, lde);  // dP = dO Vᵀ
+      if constexpr (M::kFragsInRegs) {
+        mma_abt<M>(s, qf, sk, ldq);    // S = Q Kᵀ
+        mma_abt<M>(dp, dof, sv, lde);  // dP = dO Vᵀ
       } else {
-        mma_abt<T, KD>(s, qw, ldq, sk, ldq);
-        mma_abt<T, KE>(dp, dow, lde, sv, lde);
+        mma_abt<M, KD>(s, qw, ldq, sk, ldq);
+        mma_abt<M, KE>(dp, dow, lde, sv, lde);
       }
 #pragma unroll
       for (int j = 0; j < NS; ++j)
@@ -332,7 +345,7 @@ __global__ void __launch_bounds__(kThreads)
                               : 0.0f;
           s[j][c] = p * (dp[j][c] - delta_r[h]);  // dS
         }
-      mma_pm<T>(dq, s, sk, ldq);  // dQ += dS K
+      mma_pm<M>(dq, s, sk, ldq);  // dQ += dS K
       __syncthreads();  // done with k, v and bias before the next tile's loads
     }
   }
@@ -347,7 +360,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < ND; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int col = n * 8 + 2 * t + c;
+        const int col = M::out_col(n, t, c);
         if (col < a.D)
           dq_b[qrow * a.D + col] = from_acc<T>(act ? dq[n][2 * h + c] * a.scale : 0.0f);
       }
@@ -366,10 +379,10 @@ struct RegDkdvSmem : RegBwdSmem<T> {
 // dV = Pᵀ dO and dK = scale · dSᵀ Q of 64 keys (16 per warp, as rows: the scores come out
 // transposed, Sᵀ = K Qᵀ) from the query tiles qt = split, split + nsplit, ...; a.BM =
 // kRegQueries. Writes the split's partial sums.
-template <typename T, int DP, int EP>
+template <typename M, int DP, int EP, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
-  constexpr int KD = DP / Mma<T>::K, KE = EP / Mma<T>::K, NQ = kRegQueries / 8, ND = DP / 8,
+  constexpr int KD = DP / M::K, KE = EP / M::K, NQ = kRegQueries / 8, ND = DP / 8,
                 NE = EP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDkdvSmem<T> sm(raw, DP, EP);
@@ -406,8 +419,8 @@ __global__ void __launch_bounds__(kThreads)
       load_query_tile(a, sdo, lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
       __syncthreads();
       float st[NQ][4] = {}, dpt[NQ][4] = {};
-      mma_abt<T, KD>(st, kw, ldk, sq, ldk);     // Sᵀ = K Qᵀ
-      mma_abt<T, KE>(dpt, vw, lde, sdo, lde);   // dPᵀ = V dOᵀ
+      mma_abt<M, KD>(st, kw, ldk, sq, ldk);     // Sᵀ = K Qᵀ
+      mma_abt<M, KE>(dpt, vw, lde, sdo, lde);   // dPᵀ = V dOᵀ
 #pragma unroll
       for (int j = 0; j < NQ; ++j)
 #pragma unroll
@@ -420,8 +433,8 @@ __global__ void __launch_bounds__(kThreads)
           st[j][c] = p;                                // Pᵀ
           dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
         }
-      mma_pm<T>(dv, st, sdo, lde);   // dV += Pᵀ dO
-      mma_pm<T>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
+      mma_pm<M>(dv, st, sdo, lde);   // dV += Pᵀ dO
+      mma_pm<M>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
       __syncthreads();  // done with q, dout, lse and delta before the next tile's loads
     }
   }
@@ -435,14 +448,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < ND; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int col = n * 8 + 2 * t + c;
+        const int col = M::out_col(n, t, c);
         if (col < a.D) dk_p[int64_t(r) * a.D + col] = dk[n][2 * h + c] * a.scale;
       }
 #pragma unroll
     for (int n = 0; n < NE; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int col = n * 8 + 2 * t + c;
+        const int col = M::out_col(n, t, c);
         if (col < a.E) dv_p[int64_t(r) * a.E + col] = dv[n][2 * h + c];
       }
   }

@@ -46,9 +46,9 @@ bool fp32_on_tensor_cores(const at::Tensor& q, const char* op) {
   return major >= 8;
 }
 
-// REGHARM_CUDA_ATTENTION picks the kernels for tensor-core products (16-bit inputs, float32 with
-// tf32x3): "auto" (the default: tiles in registers with mma.sync where D, E <= 128 on sm_80+,
-// attention_registers.cuh) or "tiles" (the shared-memory tile kernels with WMMA,
+// REGHARM_CUDA_ATTENTION picks the kernels of 16-bit and float32 inputs: "auto" (the default:
+// tiles in registers where D, E <= 128, attention_registers.cuh: mma.sync on sm_80+ for 16-bit
+// and tf32x3, float32 FMAs on any GPU) or "tiles" (the shared-memory tile kernels,
 // masked_attention_kernels.cu). Read on every call.
 bool tile_kernels_asked(const char* op) {
   const char* env = std::getenv("REGHARM_CUDA_ATTENTION");

@@ -479,17 +479,17 @@ inline bool sm80_or_newer() {
 template <typename T> struct RegKernelSet;
 template <typename T> RegKernelSet<T> reg_kernels(const AttnShape& s);
 
-// The register kernels take 16-bit inputs, and float32 when its products go to tensor cores
-// (tf32x3), with D, E <= 128 (their fragments must fit the registers) on sm_80+ (mma.sync)
-// whose shared memory holds their tiles (float32 at D = E = 128 needs ~132 KB), unless
-// AttnShape::tiles asks for the tile kernels.
+// The register kernels take 16-bit inputs (mma.sync, sm_80+) and float32 (FMAs on CUDA cores
+// on any GPU, or 3xTF32 mma.sync on sm_80+ under tf32x3), with D, E <= 128 (their fragments
+// must fit the registers) where shared memory holds their tiles (float32 at D = E = 128 needs
+// ~132 KB), unless AttnShape::tiles asks for the tile kernels.
 template <typename T> constexpr bool has_registers() { return !std::is_same<T, double>::value; }
 template <typename T> bool use_registers(const AttnShape& s) {
   if constexpr (!has_registers<T>()) {
     return false;
   } else {
-    const bool dtype_ok = sizeof(T) == 2 || (std::is_same<T, float>::value && s.tf32x3);
-    if (!dtype_ok || s.tiles || s.D > 128 || s.E > 128 || !sm80_or_newer()) return false;
+    const bool tensor_cores = sizeof(T) == 2 || s.tf32x3;
+    if (s.tiles || s.D > 128 || s.E > 128 || (tensor_cores && !sm80_or_newer())) return false;
     const RegKernelSet<T> rk = reg_kernels<T>(s);
     return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem}) <= size_t(max_dynamic_smem());
   }
@@ -507,22 +507,31 @@ struct RegKernelSet {
   size_t fwd_smem, dq_smem, dkdv_smem;
 };
 
-template <typename T, int DP, int EP>
+template <typename M, int DP, int EP, typename T = typename M::In>
 RegKernelSet<T> reg_set() {
-  return {attn_fwd_reg_kernel<T, DP, EP>, attn_bwd_dq_reg_kernel<T, DP, EP>,
-          attn_bwd_dkdv_reg_kernel<T, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP).bytes,
+  return {attn_fwd_reg_kernel<M, DP, EP>, attn_bwd_dq_reg_kernel<M, DP, EP>,
+          attn_bwd_dkdv_reg_kernel<M, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP).bytes,
           RegDqSmem<T>(nullptr, DP, EP).bytes, RegDkdvSmem<T>(nullptr, DP, EP).bytes};
 }
 
-template <typename T, int DP>
-RegKernelSet<T> reg_set_e(int EP) {
-  return EP == 64 ? reg_set<T, DP, 64>() : reg_set<T, DP, 128>();
+template <typename M, int DP>
+RegKernelSet<typename M::In> reg_set_e(int EP) {
+  return EP == 64 ? reg_set<M, DP, 64>() : reg_set<M, DP, 128>();
 }
 
+template <typename M>
+RegKernelSet<typename M::In> reg_set_de(const AttnShape& s) {
+  const int DP = reg_dim(s.D), EP = reg_dim(s.E);
+  return DP == 64 ? reg_set_e<M, 64>(EP) : reg_set_e<M, 128>(EP);
+}
+
+// float32: FMAs on CUDA cores unless tf32x3 asks for tensor cores
 template <typename T>
 RegKernelSet<T> reg_kernels(const AttnShape& s) {
-  const int DP = reg_dim(s.D), EP = reg_dim(s.E);
-  return DP == 64 ? reg_set_e<T, 64>(EP) : reg_set_e<T, 128>(EP);
+  if constexpr (std::is_same<T, float>::value) {
+    if (!s.tf32x3) return reg_set_de<CudaCoresF32>(s);
+  }
+  return reg_set_de<TensorCores<T>>(s);
 }
 
 // Query splits of the register key-tile kernel: as many as one wave of blocks holds (the
@@ -597,16 +606,20 @@ Tiles choose_bwd(int Dp, int Ep, bool dkdv, bool tc, size_t limit) {
   return Tiles{};
 }
 
+// Whether shared-memory tiles take 16-byte stores: the register kernels' (reg_pitch) and the
+// WMMA tiles' do; the CUDA-core tile kernels' odd pitches do not.
+template <typename T> bool vector_tiles(const AttnShape& s, bool regs) {
+  return regs || sizeof(T) == 2 || uses_tc<T>(s);
+}
+
 template <typename T, typename A>
 AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides ks,
                          const void* v, RowStrides vs, const void* key_bias,
-                         const bool* query_mask, const AttnShape& s, double scale) {
-  // 16-byte loads land in WMMA tiles only (the others have odd pitches)
+                         const bool* query_mask, const AttnShape& s, double scale, bool regs) {
   constexpr int V = 16 / sizeof(T);
-  const bool tc = uses_tc<T>(s);
-  auto vec_ok = [tc](const void* p, RowStrides st, int cols) {
-    return (sizeof(T) == 2 || tc) && aligned16(p) && cols % V == 0 && st.b % V == 0 &&
-           st.r % V == 0;
+  const bool tc = uses_tc<T>(s), vec = vector_tiles<T>(s, regs);
+  auto vec_ok = [vec](const void* p, RowStrides st, int cols) {
+    return vec && aligned16(p) && cols % V == 0 && st.b % V == 0 && st.r % V == 0;
   };
   AttnArgs<T, A> a;
   a.q = static_cast<const T*>(q);
@@ -666,9 +679,10 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
                            float* lse, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
   if (s.B == 0 || s.L == 0) return cudaSuccess;
-  auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
+  const bool regs = use_registers<T>(s);
+  auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale, regs);
   if constexpr (has_registers<T>()) {
-    if (use_registers<T>(s)) {
+    if (regs) {
       const RegKernelSet<T> rk = reg_kernels<T>(s);
       a.BM = kRegRows, a.BN = kRegKeys, a.EC = reg_dim(s.E);
       cudaError_t err = allow_smem(reinterpret_cast<const void*>(rk.fwd), rk.fwd_smem);
@@ -780,9 +794,9 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
                             void* workspace, void* dq, void* dk, void* dv, cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int V = 16 / sizeof(T);
-  auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale);
-  const size_t limit = size_t(max_dynamic_smem());
   const bool regs = use_registers<T>(s);
+  auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale, regs);
+  const size_t limit = size_t(max_dynamic_smem());
   const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, a.tc, limit);
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
@@ -797,8 +811,8 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   BwdArgs<T, A> g;
   g.dout = static_cast<const T*>(grad_out);
   g.dos = gs;
-  g.vec_do = (sizeof(T) == 2 || a.tc) && aligned16(grad_out) && s.E % V == 0 && gs.b % V == 0 &&
-             gs.r % V == 0;
+  g.vec_do = vector_tiles<T>(s, regs) && aligned16(grad_out) && s.E % V == 0 &&
+             gs.b % V == 0 && gs.r % V == 0;
   g.out = static_cast<const T*>(out);
   g.os = os;
   if constexpr (std::is_same<A, float>::value) g.lse = lse;  // the forward's

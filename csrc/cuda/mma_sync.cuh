@@ -254,5 +254,41 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (*c)[4]) 
   }
 }
 
+// ---- the register kernels' view: one policy per way of multiplying --------------------------
+
+// What attention_registers.cuh calls, for tensor cores: fragment types, the k-step, and the five
+// operations above. simt_products.cuh has the same interface for float32 on CUDA cores, with
+// the same accumulator layout, so the kernels' softmax and masking code is shared.
+template <typename T>
+struct TensorCores {
+  using In = T;
+  using FragA = uint32_t[4];
+  using FragB = uint32_t[2];
+  static constexpr int K = Mma<T>::K;
+  // 16-bit Q and dO fragments stay in registers across a key loop; 3xTF32 needs those
+  // registers for its splits and reads A fragments from shared memory at each product
+  static constexpr bool kFragsInRegs = sizeof(T) == 2;
+
+  static __device__ __forceinline__ void load_a(FragA& a, const T* p, int ld, int k0) {
+    cuda::load_a<T>(a, p, ld, k0);
+  }
+  static __device__ __forceinline__ void load_b_t(FragB& b, const T* p, int ld, int n0, int k0) {
+    cuda::load_b_t<T>(b, p, ld, n0, k0);
+  }
+  static __device__ __forceinline__ void load_b_trans(FragB& b, const T* p, int ld) {
+    cuda::load_b_trans<T>(b, p, ld);
+  }
+  static __device__ __forceinline__ void acc_to_a(FragA& a, const float (*c)[4]) {
+    cuda::acc_to_a<T>(a, c);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const FragA& a, const FragB& b) {
+    cuda::mma<T>(d, a, b);
+  }
+  // Accumulators of every product in mma.sync's layout (CudaCoresF32 pairs the n-tiles of
+  // products that are only stored).
+  static constexpr bool kPairedOutputs = false;
+  static __device__ __forceinline__ int out_col(int n, int t, int c) { return n * 8 + 2 * t + c; }
+};
+
 }  // namespace cuda
 }  // namespace regharm

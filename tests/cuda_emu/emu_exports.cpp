@@ -32,6 +32,13 @@ long long emu_take_mma_sync_count() {
   return n;
 }
 
+// float32 CUDA-core warp products of the register kernels since the last call.
+long long emu_take_simt_product_count() {
+  const long long n = emu::simt_product_count();
+  emu::simt_product_count() = 0;
+  return n;
+}
+
 // Everything the emulator found wrong since the last call (empty: nothing).
 const char* emu_take_errors() {
   static std::string last;

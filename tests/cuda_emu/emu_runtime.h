@@ -162,6 +162,11 @@ inline long long& mma_sync_count() {  // mma.sync products run (the register ker
   return n;
 }
 
+inline long long& simt_product_count() {  // float32 CUDA-core warp products (register kernels)
+  static long long n = 0;
+  return n;
+}
+
 inline long long& tf32_mma_count();
 inline float tf32_truncate(float v);
 

@@ -128,13 +128,14 @@ class Emulator:
         self.lib.emu_attention_forward_workspace.restype = ctypes.c_int64
         self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
         self.lib.emu_take_mma_sync_count.restype = ctypes.c_longlong
+        self.lib.emu_take_simt_product_count.restype = ctypes.c_longlong
         self.tf32x3 = False
         self.tiles = False
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
                   tiles=False, cc_major=9):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
-        with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: 16-bit attention on the shared-memory tile
+        with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
         GPU generation the launchers see (the register kernels need 8 or more)."""
         self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major)
@@ -142,6 +143,7 @@ class Emulator:
         self.tiles = tiles
         self.take_tf32_mma_count()
         self.take_mma_sync_count()
+        self.take_simt_product_count()
 
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
@@ -150,6 +152,14 @@ class Emulator:
     def take_mma_sync_count(self) -> int:
         """Warp-level mma.sync products (the register kernels) since the last call."""
         return int(self.lib.emu_take_mma_sync_count())
+
+    def take_simt_product_count(self) -> int:
+        """Warp-level float32 CUDA-core products of the register kernels since the last call."""
+        return int(self.lib.emu_take_simt_product_count())
+
+    def take_register_products(self) -> int:
+        """Warp-level products of the register kernels (either policy) since the last call."""
+        return self.take_mma_sync_count() + self.take_simt_product_count()
 
     def _attn_shape(self, B, L, N, D, E) -> ctypes.Array:
         return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles)])
