@@ -52,7 +52,9 @@ def _driver(device_name: str) -> int:
                 "tiles": {"REGHARM_CUDA_ATTENTION": "tiles"}, "": {}}
     # few launches (every one is slow under a sanitizer), every path: odd sizes, several tiles
     # and query splits, masks and no mask, one image with every key removed (make_*_inputs)
-    patch_cases = [dict(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2))]
+    # (PTL's patch and stride: the rotated sweep and whole 16 x 16 tiles)
+    patch_cases = [dict(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2)),
+                   dict(B=1, C=2, H=92, W=96, patch=(16, 16), stride=(4, 4))]
     attn_cases = [(dict(B=2, L=150, N=70, D=24, E=40), True),
                   (dict(B=3, L=37, N=23, D=3, E=6, active=1.0), False)]
     failures = 0

@@ -48,11 +48,12 @@ def test_driver_matches_the_reference_on_every_case():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "MISMATCH"))]
-    # patch_stats in 4 dtypes, two attention cases (with and without a mask) in 6 settings:
-    # float32 simt and tf32x3, float16, bfloat16, float64, bfloat16 on the tile kernels
-    assert len(lines) == 4 + 2 * 6 and all(ln.startswith("ok") for ln in lines)
-    assert sum("no mask" in ln for ln in lines) == 6
-    assert sum("setting tiles" in ln for ln in lines) == 2
+    # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 7
+    # settings: float32 simt and tf32x3, float16, bfloat16, float64, bfloat16 and float32 on
+    # the tile kernels
+    assert len(lines) == 2 * 4 + 2 * 7 and all(ln.startswith("ok") for ln in lines)
+    assert sum("no mask" in ln for ln in lines) == 7
+    assert sum("setting tiles" in ln for ln in lines) == 4
     assert "driver: 0 mismatch(es)" in proc.stdout
 
 
@@ -85,9 +86,9 @@ def test_driver_reports_a_wrong_kernel(monkeypatch, capsys):
         return out * 1.3 if backend == "native" else out
 
     monkeypatch.setattr(ops, "masked_attention", wrong)
-    assert mod._driver("cpu") == 12   # every attention case; patch_stats stays right
+    assert mod._driver("cpu") == 14   # every attention case; patch_stats stays right
     out = capsys.readouterr().out
-    assert out.count("MISMATCH  masked_attention") == 12 and "MISMATCH  patch_stats" not in out
+    assert out.count("MISMATCH  masked_attention") == 14 and "MISMATCH  patch_stats" not in out
 
 
 # Runs what follows ncu's own options (the interpreter onwards) and prints a summary line.
@@ -108,7 +109,9 @@ def test_ncu_wrapper_profiles_the_workload(tmp_path):
                           env=dict(os.environ, NCU=str(fake)), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("ran masked_attention") == 4 and "ran patch_stats" in proc.stdout
+    assert proc.stdout.count("ran masked_attention") == 5 and "ran patch_stats" in proc.stdout
     assert any(ln.startswith("ran masked_attention") and ln.endswith(" tiles")
+               for ln in proc.stdout.splitlines())
+    assert any(ln.startswith("ran masked_attention torch.float32 simt+tiles")
                for ln in proc.stdout.splitlines())
     assert "==PROF== Disconnected" in proc.stdout and "ncu: rc 0" in proc.stdout

@@ -38,6 +38,7 @@ struct PatchArgs {
   int C, Kh, Kw;
   int ph, pw, sh, sw;
   int tkh, tkw, tiles_w;
+  bool rotate;  // the per-patch sweep starts at column (patch index mod pw): see tile_moments
   A eps, min_mass;
 };
 
@@ -46,7 +47,7 @@ template <typename A> struct alignas(sizeof(A) * 4) Coef { A alpha, beta, gamma,
 // Shared-memory layout of a tile; the host runs the same constructor with a null base to size it.
 template <typename A>
 struct TileSmem {
-  A *xs, *bg, *hb, *hx, *gamma, *mu, *scratch;
+  A *xs, *bg, *hb, *hx, *gamma, *mu, *w, *scratch;
   size_t bytes;
   __host__ __device__ TileSmem(unsigned char* base, int tkh, int tkw, int ph, int pw, int sh,
                                int sw) {
@@ -58,6 +59,7 @@ struct TileSmem {
     hx = c.take<A>(size_t(rh) * tkw);
     gamma = c.take<A>(tkh * tkw);
     mu = c.take<A>(tkh * tkw);
+    w = c.take<A>(ph * pw);
     scratch = c.take<A>(32);
     bytes = c.offset;
   }
@@ -93,12 +95,17 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   const T* xc = a.x + t.b * a.xs.b + t.c * a.xs.c;
   const A* bgi = a.bg + t.b * a.bs.b;
   const int y0 = t.i0 * a.sh, x0 = t.j0 * a.sw;
+  // (r, q) of idx carried along instead of divided out at every pixel
+  const int step_r = blockDim.x / t.rw, step_q = blockDim.x % t.rw;
+  int lr = threadIdx.x / t.rw, lq = threadIdx.x % t.rw;
   for (int idx = threadIdx.x; idx < t.rh * t.rw; idx += blockDim.x) {
-    const int r = idx / t.rw, q = idx % t.rw;
-    const int64_t y = y0 + r, xx = x0 + q;
+    const int64_t y = y0 + lr, xx = x0 + lq;
     sm.xs[idx] = to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift;
     sm.bg[idx] = bgi[y * a.bs.h + xx * a.bs.w];
+    lr += step_r, lq += step_q;
+    if (lq >= t.rw) lq -= t.rw, ++lr;
   }
+  for (int idx = threadIdx.x; idx < a.ph * a.pw; idx += blockDim.x) sm.w[idx] = a.weight[idx];
   __syncthreads();
   // horizontal window sums: row r of the region, patch column j
   for (int idx = threadIdx.x; idx < t.rh * t.nj; idx += blockDim.x) {
@@ -125,15 +132,22 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   m.valid = m.mass >= a.min_mass;
   if (!m.valid) return m;
   m.mu = s1 / m.mass;
+  // The threads of a warp read neighbouring windows sw apart: at the same column q they hit
+  // few banks (PTL's 16x16 patches at stride 4: 8 of 32, a 4-way conflict). With `rotate` each
+  // thread starts its rows at column p mod pw and wraps (the host turns it on where that
+  // spreads the banks: PTL's setting becomes conflict-free).
+  const int q0 = a.rotate ? p % a.pw : 0;
   for (int r = 0; r < a.ph; ++r) {
     const A* bw = sm.bg + (i * a.sh + r) * t.rw + j * a.sw;
     const A* xw = sm.xs + (i * a.sh + r) * t.rw + j * a.sw;
-    const A* ww = a.weight + r * a.pw;
-    for (int q = 0; q < a.pw; ++q) {
+    const A* ww = sm.w + r * a.pw;
+    int q = q0;
+    for (int n = 0; n < a.pw; ++n) {
       const A dv = xw[q] - m.mu, bv = bw[q], wb = ww[q] * bv;
       m.var += bv * dv * dv;
       m.d += wb * dv;
       m.ws += wb;
+      q = q + 1 == a.pw ? 0 : q + 1;
     }
   }
   m.var /= m.mass;
@@ -211,11 +225,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = threadIdx.x; r < P; r += blockDim.x) {
     const int dy = r / a.pw, dx = r % a.pw;
     A s = 0;
-    for (int q = 0; q < np; ++q) {
-      const A g = sm.gamma[q];
-      if (g == A(0)) continue;
-      const int u = ((q / t.nj) * a.sh + dy) * t.rw + (q % t.nj) * a.sw + dx;
-      s += g * sm.bg[u] * (sm.xs[u] - sm.mu[q]);
+    for (int qi = 0; qi < t.ni; ++qi) {  // patches q = qi * nj + qj in order
+      const int row = (qi * a.sh + dy) * t.rw + dx;
+      for (int qj = 0; qj < t.nj; ++qj) {
+        const int q = qi * t.nj + qj;
+        const A g = sm.gamma[q];
+        if (g == A(0)) continue;
+        const int u = row + qj * a.sw;
+        s += g * sm.bg[u] * (sm.xs[u] - sm.mu[q]);
+      }
     }
     partial[r * nblocks + blk] = s;
   }
@@ -236,26 +254,29 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) grad_wb[blockIdx.x] = s;
 }
 
-// grad_x of every pixel, gathered from the coefficients of the patches covering it.
+// grad_x of every pixel, gathered from the coefficients of the patches covering it. Block
+// (blockIdx.x, blockIdx.y): row y = blockIdx.x / col_blocks of planes bc = blockIdx.y,
+// blockIdx.y + gridDim.y, ...; a thread per column. The row's covering patch rows are the same
+// for the whole block, and no index needs a 64-bit division (run 1's flat-index version spent
+// most of its 124 µs there: five per pixel).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-    patch_stats_gather_kernel(PatchArgs<T, A> a, int H, int W, const Coef<A>* __restrict__ coef,
-                              T* __restrict__ grad_x, int64_t total) {
+    patch_stats_gather_kernel(PatchArgs<T, A> a, int H, int W, int col_blocks, int64_t planes,
+                              const Coef<A>* __restrict__ coef, T* __restrict__ grad_x) {
+  const int y = int(blockIdx.x) / col_blocks;
+  const int xx = (int(blockIdx.x) % col_blocks) * blockDim.x + threadIdx.x;
+  if (xx >= W) return;
   const int64_t K = int64_t(a.Kh) * a.Kw;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int xx = int(idx % W);
-    const int y = int((idx / W) % H);
-    const int64_t bc = idx / (int64_t(H) * W);
-    const int c = int(bc % a.C);
-    const int64_t b = bc / a.C;
+  // patches (i, j) with i*sh <= y <= i*sh + ph - 1 and j*sw <= xx <= j*sw + pw - 1
+  const int i_lo = y >= a.ph ? (y - a.ph) / a.sh + 1 : 0, i_hi = min(y / a.sh, a.Kh - 1);
+  const int j_lo = xx >= a.pw ? (xx - a.pw) / a.sw + 1 : 0, j_hi = min(xx / a.sw, a.Kw - 1);
+  for (int64_t bc = blockIdx.y; bc < planes; bc += gridDim.y) {
+    const int64_t b = bc / a.C;  // one division per plane, not per pixel
+    const int c = int(bc - b * a.C);
     const A bgv = a.bg[b * a.bs.b + y * a.bs.h + xx * a.bs.w];
     A g = 0;
     if (bgv != A(0)) {  // every term carries a factor bg_u
       const A xv = to_acc<A>(a.x[b * a.xs.b + c * a.xs.c + y * a.xs.h + xx * a.xs.w]);
-      // patches (i, j) with i*sh <= y <= i*sh + ph - 1 and j*sw <= xx <= j*sw + pw - 1
-      const int i_lo = y >= a.ph ? (y - a.ph) / a.sh + 1 : 0, i_hi = min(y / a.sh, a.Kh - 1);
-      const int j_lo = xx >= a.pw ? (xx - a.pw) / a.sw + 1 : 0, j_hi = min(xx / a.sw, a.Kw - 1);
       const Coef<A>* cb = coef + bc * K;
       for (int i = i_lo; i <= i_hi; ++i) {
         const A* wrow = a.weight + (y - i * a.sh) * a.pw;
@@ -266,30 +287,60 @@ __global__ void __launch_bounds__(kThreads)
       }
       g *= bgv;
     }
-    grad_x[idx] = from_acc<T>(g);
+    grad_x[(bc * H + y) * W + xx] = from_acc<T>(g);
   }
 }
 
 struct TileChoice {
   int tkh, tkw, tiles_h, tiles_w;
+  bool rotate;
   size_t smem;
 };
 
-// The largest tile (at most 16 x 16 patches) within 48 KB of shared memory; a patch too large
-// for that takes a single-patch tile with the device's opt-in maximum.
+// Shared-memory bank conflicts of the first warp's sweep reads (tile_moments) at window row 0,
+// averaged over the columns: the most distinct 4-byte words one bank serves per read (1: none).
+inline double sweep_conflicts(const PatchShape& s, int tkh, int tkw, bool rotate, size_t elem) {
+  const int rw = (tkw - 1) * s.sw + s.pw, words = int(elem / 4);
+  const int lanes = std::min(32, tkh * tkw);
+  double total = 0;
+  for (int q = 0; q < s.pw; ++q) {
+    int64_t seen[32][32];
+    int count[32] = {}, worst = 1;
+    for (int p = 0; p < lanes; ++p) {
+      const int i = p / tkw, j = p % tkw;
+      const int col = rotate ? (q + p % s.pw) % s.pw : q;
+      const int64_t word = (int64_t(i) * s.sh * rw + j * s.sw + col) * words;
+      const int bank = int(word % 32);
+      bool dup = false;
+      for (int k = 0; k < count[bank]; ++k) dup |= seen[bank][k] == word;
+      if (!dup) seen[bank][count[bank]++] = word;
+      worst = std::max(worst, count[bank]);
+    }
+    total += worst;
+  }
+  return total / s.pw;
+}
+
+// The largest tile (at most 16 x 16 patches) within 64 KB of shared memory (48 KB where the
+// device offers no more); a patch too large for that takes a single-patch tile with the
+// device's opt-in maximum. 64 KB: PTL's float32 setting gets whole 16 x 16 tiles (57 KB; three
+// blocks of 256 busy threads per H100 SM, where 16 x 8 tiles left half of each block idle).
 template <typename A>
 TileChoice choose_tiles(const PatchShape& s) {
+  const size_t soft = std::min<size_t>(64 * 1024, std::max(48 * 1024, max_dynamic_smem()));
   TileChoice tc;
   tc.tkh = int(std::min<int64_t>(kMaxTile, s.Kh));
   tc.tkw = int(std::min<int64_t>(kMaxTile, s.Kw));
   for (;;) {
     tc.smem = TileSmem<A>(nullptr, tc.tkh, tc.tkw, s.ph, s.pw, s.sh, s.sw).bytes;
-    if (tc.smem <= 48 * 1024 || (tc.tkh == 1 && tc.tkw == 1)) break;
+    if (tc.smem <= soft || (tc.tkh == 1 && tc.tkw == 1)) break;
     if (tc.tkw >= tc.tkh) tc.tkw = (tc.tkw + 1) / 2;
     else tc.tkh = (tc.tkh + 1) / 2;
   }
   tc.tiles_h = int((s.Kh + tc.tkh - 1) / tc.tkh);
   tc.tiles_w = int((s.Kw + tc.tkw - 1) / tc.tkw);
+  tc.rotate = sweep_conflicts(s, tc.tkh, tc.tkw, true, sizeof(A)) <
+              sweep_conflicts(s, tc.tkh, tc.tkw, false, sizeof(A));
   return tc;
 }
 
@@ -308,6 +359,7 @@ PatchArgs<T, A> make_args(const void* x, XStrides xs, const void* bg, BgStrides 
   a.Kw = int(s.Kw);
   a.ph = s.ph, a.pw = s.pw, a.sh = s.sh, a.sw = s.sw;
   a.tkh = tc.tkh, a.tkw = tc.tkw, a.tiles_w = tc.tiles_w;
+  a.rotate = tc.rotate;
   a.eps = A(eps);
   a.min_mass = A(min_mass);
   return a;
@@ -395,9 +447,13 @@ cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const voi
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   auto gather_kern = patch_stats_gather_kernel<T, A>;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
-  REGHARM_LAUNCH(gather_kern, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, a, int(s.H),
-                 int(s.W), static_cast<const Coef<A>*>(ws.coef), static_cast<T*>(grad_x), total);
+  // threads along a row (W <= 64 takes 64 threads: fewer idle lanes on small maps)
+  const int threads = s.W <= 64 ? 64 : kThreads;
+  const int col_blocks = int((s.W + threads - 1) / threads);
+  const int64_t planes = s.B * s.C;
+  const dim3 rows(unsigned(s.H * col_blocks), unsigned(std::min<int64_t>(planes, 65535)));
+  REGHARM_LAUNCH(gather_kern, rows, dim3(threads), 0, stream, a, int(s.H), int(s.W), col_blocks,
+                 planes, static_cast<const Coef<A>*>(ws.coef), static_cast<T*>(grad_x));
   return cudaGetLastError();
 }
 
