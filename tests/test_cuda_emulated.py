@@ -113,6 +113,17 @@ def test_cuda_emulated_patch_stats_beyond_48kb(configured):
     _check_patch(emu, inputs, (56, 56), (4, 8))
 
 
+def test_cuda_emulated_patch_stats_weights_left_in_global_memory(configured):
+    """A 70x70 float64 window fits 99 KB (78 KB) but not with the weights' shared copy (39 KB
+    more): the sweep reads them from global memory instead of refusing the patch."""
+    emu = configured(smem=RTX)
+    shape8 = (1, 2, 76, 76, 70, 70, 3, 3)
+    ok, need = emu.patch_fits(torch.float64, shape8)
+    assert ok and 70 * 70 * 16 < need < 70 * 70 * 24, need
+    inputs = make_patch_inputs(*shape8[:4], (70, 70), (3, 3), torch.float64)
+    _check_patch(emu, inputs, (70, 70), (3, 3))
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
 @pytest.mark.parametrize("layout", ["channels_last", "pad"])
 def test_cuda_emulated_patch_stats_layouts_and_schedules(configured, layout, order):

@@ -39,6 +39,7 @@ struct PatchArgs {
   int ph, pw, sh, sw;
   int tkh, tkw, tiles_w;
   bool rotate;  // the per-patch sweep starts at column (patch index mod pw): see tile_moments
+  bool w_smem;  // the weights have a copy in shared memory (where it fits)
   A eps, min_mass;
 };
 
@@ -50,7 +51,7 @@ struct TileSmem {
   A *xs, *bg, *hb, *hx, *gamma, *mu, *w, *scratch;
   size_t bytes;
   __host__ __device__ TileSmem(unsigned char* base, int tkh, int tkw, int ph, int pw, int sh,
-                               int sw) {
+                               int sw, bool w_smem) {
     const int rh = (tkh - 1) * sh + ph, rw = (tkw - 1) * sw + pw;
     SmemCarver c(base);
     xs = c.take<A>(size_t(rh) * rw);
@@ -59,7 +60,7 @@ struct TileSmem {
     hx = c.take<A>(size_t(rh) * tkw);
     gamma = c.take<A>(tkh * tkw);
     mu = c.take<A>(tkh * tkw);
-    w = c.take<A>(ph * pw);
+    w = c.take<A>(w_smem ? ph * pw : 0);
     scratch = c.take<A>(32);
     bytes = c.offset;
   }
@@ -105,7 +106,8 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
     lr += step_r, lq += step_q;
     if (lq >= t.rw) lq -= t.rw, ++lr;
   }
-  for (int idx = threadIdx.x; idx < a.ph * a.pw; idx += blockDim.x) sm.w[idx] = a.weight[idx];
+  if (a.w_smem)
+    for (int idx = threadIdx.x; idx < a.ph * a.pw; idx += blockDim.x) sm.w[idx] = a.weight[idx];
   __syncthreads();
   // horizontal window sums: row r of the region, patch column j
   for (int idx = threadIdx.x; idx < t.rh * t.nj; idx += blockDim.x) {
@@ -140,7 +142,7 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   for (int r = 0; r < a.ph; ++r) {
     const A* bw = sm.bg + (i * a.sh + r) * t.rw + j * a.sw;
     const A* xw = sm.xs + (i * a.sh + r) * t.rw + j * a.sw;
-    const A* ww = sm.w + r * a.pw;
+    const A* ww = (a.w_smem ? sm.w : a.weight) + r * a.pw;
     int q = q0;
     for (int n = 0; n < a.pw; ++n) {
       const A dv = xw[q] - m.mu, bv = bw[q], wb = ww[q] * bv;
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
     patch_stats_fwd_kernel(PatchArgs<T, A> a, const A* __restrict__ bias, T* __restrict__ mu,
                            T* __restrict__ sigma, T* __restrict__ content, T* __restrict__ mass) {
   REGHARM_DYNAMIC_SMEM(raw);
-  const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw);
+  const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw, a.w_smem);
   const Tile t = tile_of_block(a.Kh, a.Kw, a.tkh, a.tkw, a.tiles_w, a.ph, a.pw, a.sh, a.sw);
   const A shift = tile_shift(a, t);
   const int p = threadIdx.x;
@@ -192,7 +194,7 @@ __global__ void __launch_bounds__(kThreads)
                             const A* __restrict__ grad_sigma, const A* __restrict__ grad_content,
                             Coef<A>* __restrict__ coef, A* __restrict__ partial) {
   REGHARM_DYNAMIC_SMEM(raw);
-  const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw);
+  const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw, a.w_smem);
   const Tile t = tile_of_block(a.Kh, a.Kw, a.tkh, a.tkw, a.tiles_w, a.ph, a.pw, a.sh, a.sw);
   const A shift = tile_shift(a, t);
   const int p = threadIdx.x, np = t.ni * t.nj;
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
 
 struct TileChoice {
   int tkh, tkw, tiles_h, tiles_w;
-  bool rotate;
+  bool rotate, w_smem;
   size_t smem;
 };
 
@@ -332,7 +334,7 @@ TileChoice choose_tiles(const PatchShape& s) {
   tc.tkh = int(std::min<int64_t>(kMaxTile, s.Kh));
   tc.tkw = int(std::min<int64_t>(kMaxTile, s.Kw));
   for (;;) {
-    tc.smem = TileSmem<A>(nullptr, tc.tkh, tc.tkw, s.ph, s.pw, s.sh, s.sw).bytes;
+    tc.smem = TileSmem<A>(nullptr, tc.tkh, tc.tkw, s.ph, s.pw, s.sh, s.sw, false).bytes;
     if (tc.smem <= soft || (tc.tkh == 1 && tc.tkw == 1)) break;
     if (tc.tkw >= tc.tkh) tc.tkw = (tc.tkw + 1) / 2;
     else tc.tkh = (tc.tkh + 1) / 2;
@@ -341,6 +343,11 @@ TileChoice choose_tiles(const PatchShape& s) {
   tc.tiles_w = int((s.Kw + tc.tkw - 1) / tc.tkw);
   tc.rotate = sweep_conflicts(s, tc.tkh, tc.tkw, true, sizeof(A)) <
               sweep_conflicts(s, tc.tkh, tc.tkw, false, sizeof(A));
+  // the weights' copy (rotated threads read different weights) where it stays within the
+  // budget the tiles were chosen for: the largest patches keep their limit
+  const size_t with_w = TileSmem<A>(nullptr, tc.tkh, tc.tkw, s.ph, s.pw, s.sh, s.sw, true).bytes;
+  tc.w_smem = with_w <= (tc.smem <= soft ? soft : size_t(max_dynamic_smem()));
+  if (tc.w_smem) tc.smem = with_w;
   return tc;
 }
 
@@ -360,6 +367,7 @@ PatchArgs<T, A> make_args(const void* x, XStrides xs, const void* bg, BgStrides 
   a.ph = s.ph, a.pw = s.pw, a.sh = s.sh, a.sw = s.sw;
   a.tkh = tc.tkh, a.tkw = tc.tkw, a.tiles_w = tc.tiles_w;
   a.rotate = tc.rotate;
+  a.w_smem = tc.w_smem;
   a.eps = A(eps);
   a.min_mass = A(min_mass);
   return a;
