@@ -1,8 +1,8 @@
 // What both families of attention kernels share (masked_attention_kernels.cu: tiles in shared
-// memory, products through block_mm; attention_registers.cuh: tiles in registers, mma.sync):
-// the kernel arguments, the query order, and the loads of a tile's key bias and of the
-// backward's per-query rows. Internal linkage: masked_attention_kernels.cu, which launches
-// both, is the one translation unit that includes it.
+// memory, products through block_mm; attention_registers.cuh: tiles in registers): the kernel
+// arguments (one type for every translation unit: masked_attention_kernels.cu launches the
+// register kernels compiled in attention_registers_*.cu), the query order, and the loads of a
+// tile's key bias and of the backward's per-query rows (internal linkage: a copy per unit).
 #pragma once
 
 #include <cmath>
@@ -11,7 +11,6 @@
 
 namespace regharm {
 namespace cuda {
-namespace {
 
 constexpr int kThreads = 128;  // 4 warps
 
@@ -51,6 +50,8 @@ struct BwdArgs {
   T* dk;
   T* dv;
 };
+
+namespace {
 
 // Query tiles cover positions p of the query order of image b: query query_at(p), active when
 // active_at(p). Without an order (no mask) positions are queries.

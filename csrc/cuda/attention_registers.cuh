@@ -22,16 +22,13 @@
 #pragma once
 
 #include "attention_common.cuh"
+#include "attention_register_set.h"
 #include "mma_sync.cuh"
 #include "simt_products.cuh"
 
 namespace regharm {
 namespace cuda {
 namespace {
-
-constexpr int kRegRows = 16 * (kThreads / 32);  // rows per block: 16 per warp (64)
-constexpr int kRegKeys = 64;                    // keys per streamed tile (forward, dQ)
-constexpr int kRegQueries = 32;                 // queries per streamed tile (dK/dV)
 
 // Pitch of a tile with `cols` columns (a multiple of 16): 16 bytes of padding put the 8 rows a
 // fragment load touches on 8 different groups of 4 banks, and keep rows 16-byte aligned for
@@ -459,6 +456,26 @@ __global__ void __launch_bounds__(kThreads)
         if (col < a.E) dv_p[int64_t(r) * a.E + col] = dv[n][2 * h + c];
       }
   }
+}
+
+// ---- the kernel sets (each attention_registers_*.cu instantiates its dtype's) ---------------
+
+template <typename M, int DP, int EP, typename T = typename M::In>
+RegKernelSet<T> reg_set() {
+  return {attn_fwd_reg_kernel<M, DP, EP>, attn_bwd_dq_reg_kernel<M, DP, EP>,
+          attn_bwd_dkdv_reg_kernel<M, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP).bytes,
+          RegDqSmem<T>(nullptr, DP, EP).bytes, RegDkdvSmem<T>(nullptr, DP, EP).bytes};
+}
+
+template <typename M, int DP>
+RegKernelSet<typename M::In> reg_set_e(int EP) {
+  return EP == 64 ? reg_set<M, DP, 64>() : reg_set<M, DP, 128>();
+}
+
+template <typename M>
+RegKernelSet<typename M::In> reg_set_de(const AttnShape& s) {
+  const int DP = reg_dim(s.D), EP = reg_dim(s.E);
+  return DP == 64 ? reg_set_e<M, 64>(EP) : reg_set_e<M, 128>(EP);
 }
 
 }  // namespace

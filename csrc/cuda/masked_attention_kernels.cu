@@ -20,9 +20,9 @@
 // or tensor cores as 3xTF32 when AttnShape::tf32x3 asks; CUDA cores for float64); everything
 // else (softmax, masking) runs in the accumulation type.
 //
-// Where the products go to tensor cores (16-bit inputs, float32 with tf32x3) and D, E <= 128 on
-// sm_80+, the launchers below run the register kernels of attention_registers.cuh instead
-// (use_registers); the query order, Δ and the split sums are shared.
+// Where D, E <= 128 (and float32's tiles fit shared memory) the launchers below run the register
+// kernels of attention_registers.cuh instead (use_registers; 16-bit and tf32x3 on sm_80+),
+// compiled in attention_registers_*.cu; the query order, Δ and the split sums are shared.
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -31,7 +31,7 @@
 #include <type_traits>
 
 #include "attention_common.cuh"
-#include "attention_registers.cuh"
+#include "attention_register_set.h"
 #include "block_mm.cuh"
 
 namespace regharm {
@@ -476,9 +476,6 @@ inline bool sm80_or_newer() {
   return major >= 8;
 }
 
-template <typename T> struct RegKernelSet;
-template <typename T> RegKernelSet<T> reg_kernels(const AttnShape& s);
-
 // The register kernels take 16-bit inputs (mma.sync, sm_80+) and float32 (FMAs on CUDA cores
 // on any GPU, or 3xTF32 mma.sync on sm_80+ under tf32x3), with D, E <= 128 (their fragments
 // must fit the registers) where shared memory holds their tiles (float32 at D = E = 128 needs
@@ -493,45 +490,6 @@ template <typename T> bool use_registers(const AttnShape& s) {
     const RegKernelSet<T> rk = reg_kernels<T>(s);
     return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem}) <= size_t(max_dynamic_smem());
   }
-}
-
-// D and E padded to 64 or 128: two sizes keep the build short (3 kernels x 3 dtypes x 4), and
-// smaller ones would mostly save work on shapes too small to matter.
-inline int reg_dim(int v) { return v <= 64 ? 64 : 128; }
-
-template <typename T>
-struct RegKernelSet {
-  void (*fwd)(AttnArgs<T, float>, T*, float*);
-  void (*dq)(AttnArgs<T, float>, BwdArgs<T, float>);
-  void (*dkdv)(AttnArgs<T, float>, BwdArgs<T, float>);
-  size_t fwd_smem, dq_smem, dkdv_smem;
-};
-
-template <typename M, int DP, int EP, typename T = typename M::In>
-RegKernelSet<T> reg_set() {
-  return {attn_fwd_reg_kernel<M, DP, EP>, attn_bwd_dq_reg_kernel<M, DP, EP>,
-          attn_bwd_dkdv_reg_kernel<M, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP).bytes,
-          RegDqSmem<T>(nullptr, DP, EP).bytes, RegDkdvSmem<T>(nullptr, DP, EP).bytes};
-}
-
-template <typename M, int DP>
-RegKernelSet<typename M::In> reg_set_e(int EP) {
-  return EP == 64 ? reg_set<M, DP, 64>() : reg_set<M, DP, 128>();
-}
-
-template <typename M>
-RegKernelSet<typename M::In> reg_set_de(const AttnShape& s) {
-  const int DP = reg_dim(s.D), EP = reg_dim(s.E);
-  return DP == 64 ? reg_set_e<M, 64>(EP) : reg_set_e<M, 128>(EP);
-}
-
-// float32: FMAs on CUDA cores unless tf32x3 asks for tensor cores
-template <typename T>
-RegKernelSet<T> reg_kernels(const AttnShape& s) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (!s.tf32x3) return reg_set_de<CudaCoresF32>(s);
-  }
-  return reg_set_de<TensorCores<T>>(s);
 }
 
 // Query splits of the register key-tile kernel: as many as one wave of blocks holds (the

@@ -21,8 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SOURCES = [ROOT / "csrc/cuda/patch_stats_kernels.cu", ROOT / "csrc/cuda/masked_attention_kernels.cu",
-           HERE / "emu_exports.cpp"]
+SOURCES = [*sorted((ROOT / "csrc/cuda").glob("*.cu")), HERE / "emu_exports.cpp"]
 HEADERS = [HERE / "emu_runtime.h", *sorted((ROOT / "csrc/cuda").glob("*.h")),
            *sorted((ROOT / "csrc/cuda").glob("*.cuh"))]
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
