@@ -481,3 +481,14 @@ RegKernelSet<typename M::In> reg_set_de(const AttnShape& s) {
 }  // namespace
 }  // namespace cuda
 }  // namespace regharm
+
+// reg_kernels<T> of a 16-bit T, on tensor cores: the whole of attention_registers_{f16,bf16}.cu.
+#define REGHARM_TENSOR_CORE_REG_KERNELS(T)                                   \
+  namespace regharm {                                                        \
+  namespace cuda {                                                           \
+  template <>                                                                \
+  RegKernelSet<T> reg_kernels<T>(const AttnShape& s) {                       \
+    return reg_set_de<TensorCores<T>>(s);                                    \
+  }                                                                          \
+  }                                                                          \
+  }

@@ -2,13 +2,4 @@
 // that the build compiles the dtypes in parallel (attention_register_set.h).
 #include "attention_registers.cuh"
 
-namespace regharm {
-namespace cuda {
-
-template <>
-RegKernelSet<__nv_bfloat16> reg_kernels<__nv_bfloat16>(const AttnShape& s) {
-  return reg_set_de<TensorCores<__nv_bfloat16>>(s);
-}
-
-}  // namespace cuda
-}  // namespace regharm
+REGHARM_TENSOR_CORE_REG_KERNELS(__nv_bfloat16)
