@@ -18,6 +18,9 @@
 // so results are deterministic.
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "device_utils.cuh"
 
@@ -328,8 +331,8 @@ inline double sweep_conflicts(const PatchShape& s, int tkh, int tkw, bool rotate
 // device's opt-in maximum. 64 KB: PTL's float32 setting gets whole 16 x 16 tiles (57 KB; three
 // blocks of 256 busy threads per H100 SM, where 16 x 8 tiles left half of each block idle).
 template <typename A>
-TileChoice choose_tiles(const PatchShape& s) {
-  const size_t soft = std::min<size_t>(64 * 1024, std::max(48 * 1024, max_dynamic_smem()));
+TileChoice tiles_for(const PatchShape& s, int max_smem) {
+  const size_t soft = std::min<size_t>(64 * 1024, std::max(48 * 1024, max_smem));
   TileChoice tc;
   tc.tkh = int(std::min<int64_t>(kMaxTile, s.Kh));
   tc.tkw = int(std::min<int64_t>(kMaxTile, s.Kw));
@@ -346,9 +349,24 @@ TileChoice choose_tiles(const PatchShape& s) {
   // the weights' copy (rotated threads read different weights) where it stays within the
   // budget the tiles were chosen for: the largest patches keep their limit
   const size_t with_w = TileSmem<A>(nullptr, tc.tkh, tc.tkw, s.ph, s.pw, s.sh, s.sw, true).bytes;
-  tc.w_smem = with_w <= (tc.smem <= soft ? soft : size_t(max_dynamic_smem()));
+  tc.w_smem = with_w <= (tc.smem <= soft ? soft : size_t(max_smem));
   if (tc.w_smem) tc.smem = with_w;
   return tc;
+}
+
+// tiles_for, remembered per shape: an op call asks up to three times (fits, workspace,
+// launch), and the bank simulation is host time on calls that are host-bound on a GPU.
+template <typename A>
+TileChoice choose_tiles(const PatchShape& s) {
+  static std::mutex lock;
+  static std::map<std::tuple<int64_t, int64_t, int, int, int, int, int>, TileChoice> known;
+  const int max_smem = max_dynamic_smem();
+  const auto key = std::make_tuple(s.Kh, s.Kw, s.ph, s.pw, s.sh, s.sw, max_smem);
+  std::lock_guard<std::mutex> guard(lock);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  if (known.size() > 4096) known.clear();  // shapes seen by a long-running process stay few
+  return known[key] = tiles_for<A>(s, max_smem);
 }
 
 template <typename T, typename A>
