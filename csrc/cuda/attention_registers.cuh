@@ -2,12 +2,12 @@
 // owns 16 rows and keeps its scores, probabilities and output accumulators in registers. The
 // products come from a policy M: TensorCores<T> (mma_sync.cuh: mma.sync for 16-bit inputs, and
 // for float32 as 3xTF32) or CudaCoresF32 (simt_products.cuh: float32 FMAs), both with
-// mma.sync's accumulator layout; shared memory holds only the
-// streamed K/V (or Q/dO) tiles. The shared-memory tile kernels of masked_attention_kernels.cu
-// (WMMA) write every score tile to shared memory and read it back for the softmax and for the
-// next product; the H100 run of a868fa1 measured them at 12 % occupancy (~95 KB of shared
-// memory per block) and 3.6-10x slower than the Triton kernels. float32 (REGHARM_CUDA_FP32_MATH
-// = tf32x3) reads its A fragments from shared memory at each product: the three-way splits
+// mma.sync's accumulator layout; shared memory holds only the streamed K/V (or Q/dO) tiles.
+// The shared-memory tile kernels of masked_attention_kernels.cu write every score tile to
+// shared memory and read it back for the softmax and for the next product; the H100 run of
+// a868fa1 measured them at 12 % occupancy (~95 KB of shared memory per block) and 3.6-10x
+// slower than the Triton kernels. Both float32 policies read their A fragments from shared
+// memory at each product (M::kFragsInRegs): 3xTF32's splits and CUDA cores' whole k-ranges
 // need the registers.
 //
 // Same semantics, masking and skipping as the tile kernels (SPEC §3): query tiles run over the
@@ -18,7 +18,8 @@
 // Sizes: DP, EP (D and E padded with zeros to 64 or 128) are template parameters, so the
 // fragment arrays are fixed-size and stay in registers. Every streamed tile sits row-major in
 // shared memory as load_tile writes it (16-byte loads); operands used transposed (V in P·V, K in
-// dS·K, Q and dO in the key-tile kernel) are read with `ldmatrix .trans` (load_b_trans).
+// dS·K, Q and dO in the key-tile kernel) are read with `ldmatrix .trans` (load_b_trans), or on
+// CUDA cores as 4 contiguous floats per lane of two n-tiles at once (load_b_trans2).
 #pragma once
 
 #include "attention_common.cuh"
