@@ -241,7 +241,8 @@ def test_cuda_emulated_attention_tile_kernels(configured, case, dtype):
     (torch.float32, 128, 128, {"smem": RTX}, None),        # ~132 KB: not sm_86's 99 KB
     (torch.float32, 64, 128, {"tf32x3": True}, "mma"),     # float32 as 3xTF32: registers
     (torch.float32, 64, 128, {"tf32x3": True, "tiles": True}, None),
-    (torch.float32, 64, 128, {"tf32x3": True, "cc_major": 7}, None),
+    (torch.float32, 64, 128, {"tf32x3": True, "cc_major": 7}, None),  # no mma.sync (the glue
+                                                           # also drops tf32x3 before sm_80)
     (torch.float32, 128, 128, {"tf32x3": True}, "mma"),    # ~132 KB of shared memory fits sm_90
     (torch.float32, 128, 128, {"tf32x3": True, "smem": RTX}, None),  # not sm_86's 99 KB
 ], ids=["ptl", "largest", "wide_d", "wide_e", "asked_tiles", "sm70", "fp32", "fp32_sm70",
