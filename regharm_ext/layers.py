@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .backends import preload
 from .ops import masked_attention, patch_stats
+from .ops.torch_impl import _acc_dtype
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
@@ -49,7 +50,7 @@ class _MaskedInstanceNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = _acc_dtype(x)
         mu, xc, var, w_norm = _weighted_stats(x.to(dt), weight.to(dt))
         r = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, mu, r, w_norm)
@@ -75,7 +76,7 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     """
     if not weight.requires_grad:
         return _MaskedInstanceNorm.apply(x, weight, eps)
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = _acc_dtype(x)
     _, xc, var, _ = _weighted_stats(x.to(dt), weight.to(dt))
     return (xc / torch.sqrt(var + eps)).to(x.dtype)
 

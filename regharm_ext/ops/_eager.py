@@ -16,14 +16,18 @@ def eager_grad(*tensors) -> bool:
             and any(t.requires_grad for t in tensors))
 
 
-def autograd_function(op, setup_context, backward, name: str):
-    """An autograd.Function that runs ``op(*inputs)`` and differentiates it like ``op``'s
-    ``torch.library.register_autograd(op, backward, setup_context=setup_context)``."""
+def register_autograd(qualname: str, backward, setup_context):
+    """``torch.library.register_autograd(qualname, backward, setup_context=setup_context)``, and
+    the autograd.Function for eager calls that runs the op with the very same setup and backward
+    (named after the op: ``regharm::patch_stats`` gives ``_PatchStats``)."""
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name)
 
     def forward(ctx, *inputs):
         out = op(*inputs)
         setup_context(ctx, inputs, out)
         return out
 
-    return type(name, (torch.autograd.Function,),
+    return type("_" + name.title().replace("_", ""), (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})

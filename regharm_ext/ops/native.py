@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import no_gpu_reason
-from ._eager import autograd_function, eager_grad
+from ._eager import eager_grad, register_autograd
 
 try:
     from regharm_ext import _C  # noqa: F401  (loading it registers the ops and their kernels)
@@ -124,7 +124,10 @@ def _register() -> None:
                                                             *ctx.args)
         return gx, None, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
 
-    torch.library.register_autograd(lib + "patch_stats", patch_backward, setup_context=patch_setup)
+    # the backend's own eager calls use the Functions: the same setup and backward, without
+    # the wrapper's cost
+    global _PatchStats, _MaskedAttention
+    _PatchStats = register_autograd(lib + "patch_stats", patch_backward, patch_setup)
 
     def attn_setup(ctx, inputs, output):
         q, k, v, key_bias, query_mask, scale = inputs
@@ -141,15 +144,7 @@ def _register() -> None:
             grad_out, q, k, v, key_bias, query_mask, out, lse, ctx.scale)
         return dq, dk, dv, None, None, None
 
-    torch.library.register_autograd(lib + "masked_attention", attn_backward,
-                                    setup_context=attn_setup)
-
-    # the backend's own eager calls: the same setup and backward, without the wrapper's cost
-    global _PatchStats, _MaskedAttention
-    _PatchStats = autograd_function(torch.ops.regharm.patch_stats, patch_setup, patch_backward,
-                                    "_PatchStats")
-    _MaskedAttention = autograd_function(torch.ops.regharm.masked_attention, attn_setup,
-                                         attn_backward, "_MaskedAttention")
+    _MaskedAttention = register_autograd(lib + "masked_attention", attn_backward, attn_setup)
 
 
 if _IMPORT_ERROR is None:

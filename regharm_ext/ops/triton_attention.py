@@ -30,9 +30,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import register_autograd, triton_op
+from torch.library import triton_op
 
-from ._eager import autograd_function, eager_grad
+from ._eager import eager_grad, register_autograd
 from ._triton_util import acc_dtype, interpreting, launcher
 
 # ----------------------------------------------------------------------------------- kernels
@@ -384,9 +384,7 @@ def _backward(ctx, grad_out, grad_lse, grad_idx, grad_cnt):
     return dq, dk, dv, None, None, None
 
 
-register_autograd("regharm_triton::masked_attention", _backward, setup_context=_setup_context)
-_MaskedAttention = autograd_function(torch.ops.regharm_triton.masked_attention, _setup_context,
-                                     _backward, "_MaskedAttention")
+_MaskedAttention = register_autograd("regharm_triton::masked_attention", _backward, _setup_context)
 
 
 def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:

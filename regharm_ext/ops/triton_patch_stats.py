@@ -32,9 +32,9 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import register_autograd, triton_op
+from torch.library import triton_op
 
-from ._eager import autograd_function, eager_grad
+from ._eager import eager_grad, register_autograd
 from ._triton_util import acc_dtype, interpreting, launcher
 
 # ----------------------------------------------------------------------------------- kernels
@@ -274,9 +274,7 @@ def _backward(ctx, g_mu, g_sigma, g_content, g_mass):
     return gx, None, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
 
 
-register_autograd("regharm_triton::patch_stats", _backward, setup_context=_setup_context)
-_PatchStats = autograd_function(torch.ops.regharm_triton.patch_stats, _setup_context, _backward,
-                                "_PatchStats")
+_PatchStats = register_autograd("regharm_triton::patch_stats", _backward, _setup_context)
 
 
 def patch_stats(x, bg, weight, bias, patch_size, stride, eps: float, min_mass: float):
