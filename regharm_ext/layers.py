@@ -49,22 +49,34 @@ class _MaskedInstanceNorm(torch.autograd.Function):
     benchmarks/PERF_NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, tokens=False):
         dt = _acc_dtype(x)
         mu, xc, var, w_norm = _weighted_stats(x.to(dt), weight.to(dt))
         r = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, mu, r, w_norm)
-        return _as_dtype(xc * r, x.dtype)
+        ctx.tokens = tokens
+        if not tokens:
+            return _as_dtype(xc * r, x.dtype)
+        # written straight in the attention's (B, HW, C) layout: a transposed view would be
+        # copied to a contiguous one by the op (one more pass over x's size)
+        B, C = x.shape[:2]
+        y = torch.empty(B, xc[0, 0].numel(), C, dtype=x.dtype, device=x.device)
+        return torch.mul(xc.flatten(2).transpose(1, 2), r.view(B, 1, C), out=y)
 
     @staticmethod
     def backward(ctx, grad):
         x, mu, r, w_norm = ctx.saved_tensors
-        y = (x.to(mu.dtype) - mu) * r
+        if ctx.tokens:  # (B, HW, C) -> x's (B, C, H, W), a view
+            grad = grad.transpose(1, 2).view(x.shape)
+        y = torch.addcmul(-mu * r, x.to(mu.dtype), r)
         g = grad.to(mu.dtype)
         sum_g = g.sum((2, 3), keepdim=True)
         sum_gy = (g * y).sum((2, 3), keepdim=True)
-        dx = torch.addcmul(g, w_norm, torch.addcmul(sum_g, y, sum_gy), value=-1) * r
-        return _as_dtype(dx, grad.dtype), None, None
+        # dx = r·g - w·r·(Σg + y·Σgy), written in x's memory layout: an elementwise op follows
+        # its first input's, and tokens give grad a transposed one, which autograd would copy
+        dx = torch.mul(g, r, out=torch.empty_like(y))
+        dx.addcmul_(w_norm, torch.addcmul(sum_g * r, y, sum_gy * r), value=-1)
+        return _as_dtype(dx, x.dtype), None, None, None
 
 
 def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -79,6 +91,47 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     dt = _acc_dtype(x)
     _, xc, var, _ = _weighted_stats(x.to(dt), weight.to(dt))
     return (xc / torch.sqrt(var + eps)).to(x.dtype)
+
+
+class _Blend(torch.autograd.Function):
+    """PTL's output ``lerp(x, T_fb, m)``, ``T_fb = C_f * V + A`` (SPEC §4 step 6), with the
+    backward written out: autograd of the three ops it replaces ran nine full-size kernels
+    (addcmul's own backward scales by its unit value twice, split's backward concatenates) where
+    four do (benchmarks/glue_traffic.py). PTL's fwd+bwd is host- and glue-bound on a GPU."""
+
+    @staticmethod
+    def forward(ctx, x, av, c_f, m):
+        B, C, H, W = x.shape
+        a, v = av.split(C, dim=-1)
+        t_fb = torch.addcmul(a, c_f, v).transpose(1, 2).view(B, C, H, W)
+        ctx.save_for_backward(c_f, v, m)
+        return torch.lerp(x, t_fb, m)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c_f, v, m = ctx.saved_tensors
+        B, C, H, W = grad.shape
+        gx = grad * (1 - m) if ctx.needs_input_grad[0] else None
+        gav = gcf = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # dA = m·g, in the attention's (B, HW, C) layout; dV = dA·C_f, dC_f = dA·V
+            g_t, m_t = grad.flatten(2).transpose(1, 2), m.view(B, H * W, 1)
+            if torch.compiler.is_compiling():  # dynamo takes no strided out=; the compiler fuses
+                ga = g_t * m_t
+                gav = torch.cat([ga, ga * c_f], -1)
+            else:  # written in place: no concatenation pass
+                gav = torch.empty(B, H * W, 2 * C, dtype=v.dtype, device=v.device)
+                ga = torch.mul(g_t, m_t, out=gav[..., :C])
+                torch.mul(ga, c_f, out=gav[..., C:])
+            gcf = ga * v if ctx.needs_input_grad[2] else None
+        return gx, gav, gcf, None
+
+
+def _tokens_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """masked_instance_norm(x, weight) as tokens (Tensor[B, HW, C], contiguous)."""
+    if weight.requires_grad:
+        return masked_instance_norm(x, weight, eps).flatten(2).transpose(1, 2)
+    return _MaskedInstanceNorm.apply(x, weight, eps, True)
 
 
 def _resolve_size(value, extent: int, name: str) -> int:
@@ -174,7 +227,7 @@ class PTL(nn.Module):
         weight, bias = self._params(*ps, x)
         mu, sigma, content, mass = patch_stats(x, bg, weight.to(x.dtype), bias.to(x.dtype), ps, st,
                                                self.eps, self.min_mass, backend=self.backend)
-        c_f = masked_instance_norm(x, m, self.eps).flatten(2).transpose(1, 2)   # (B, HW, C)
+        c_f = _tokens_norm(x, m, self.eps)                                       # (B, HW, C)
         valid = mass >= self.min_mass
         key_bias = torch.where(valid, mass.new_zeros(()), float("-inf"))  # mass's dtype
         query_mask = (m > 0).flatten(1)
@@ -186,12 +239,13 @@ class PTL(nn.Module):
         B, C, H, W = x.shape
         m, c_f, content, values, key_bias, query_mask, valid = self.attention_inputs(x, mask)
         av = masked_attention(c_f, content, values, key_bias, query_mask, self.scale, backend=self.backend)
-        a, v = av.split(C, dim=-1)
-        t_fb = torch.addcmul(a, c_f, v).transpose(1, 2).reshape(B, C, H, W)
-        out = torch.lerp(x, t_fb, m)  # (1 - m) x + m t_fb, in one op (PTL's calls are host-bound)
-        # no valid background patch: nothing to match, the input passes through unchanged
-        has_ref = valid.any(1).view(B, 1, 1, 1)
-        return torch.where(has_ref, out, x)
+        # no valid background patch: nothing to match, the input passes through unchanged (the
+        # attention gives 0 there, so lerp with weight 0 returns x exactly)
+        m = m * valid.any(1).view(B, 1, 1, 1).to(m.dtype)
+        if m.requires_grad:  # a mask that learns: _Blend treats m as data
+            a, v = av.split(C, dim=-1)
+            return torch.lerp(x, torch.addcmul(a, c_f, v).transpose(1, 2).reshape(B, C, H, W), m)
+        return _Blend.apply(x, av, c_f, m)  # (1 - m) x + m T_fb
 
     @torch.no_grad()
     def contribution(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

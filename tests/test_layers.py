@@ -73,6 +73,66 @@ def test_ptl_passes_through_without_foreground_or_background():
     assert torch.isfinite(xr.grad).all() and torch.isfinite(ptl.weight.grad).all()
 
 
+def _ptl_by_formula(ptl, x, mask):
+    """SPEC §4's PTL written out with plain differentiable torch ops (the layer's own blend and
+    normalization have hand-written backwards)."""
+    import torch.nn.functional as F
+    from regharm_ext.ops import masked_attention, patch_stats
+    B, C, H, W = x.shape
+    m = F.interpolate(mask, size=(H, W), mode="area")
+    mu, sigma, content, mass = patch_stats(x, 1 - m, ptl.weight, ptl.bias, ptl.patch_size(H, W),
+                                           ptl.stride_size(H, W), ptl.eps, ptl.min_mass,
+                                           backend="reference")
+    fg = m.sum((2, 3), keepdim=True)
+    w = m / torch.where(fg > 0, fg, torch.ones_like(fg))
+    mean = (w * x).sum((2, 3), keepdim=True)
+    var = (w * (x - mean) ** 2).sum((2, 3), keepdim=True)
+    c_f = ((x - mean) / torch.sqrt(var + ptl.eps)).flatten(2).transpose(1, 2)
+    valid = mass >= ptl.min_mass
+    key_bias = torch.zeros_like(mass).masked_fill(~valid, float("-inf"))
+    av = masked_attention(c_f, content, torch.cat([mu, sigma], -1), key_bias,
+                          (m > 0).flatten(1), ptl.scale, backend="reference")
+    a, v = av[..., :C], av[..., C:]
+    t_fb = (c_f * v + a).transpose(1, 2).reshape(B, C, H, W)
+    out = (1 - m) * x + m * t_fb
+    return torch.where(valid.any(1).view(B, 1, 1, 1), out, x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ptl_matches_the_spec_formula_with_its_gradients(backend):
+    """Forward and every gradient against autograd of the formula, in float64: a hard and a soft
+    foreground and an image without background (passes through)."""
+    x, mask = _inputs(B=3)
+    mask[2] = 1.0
+    x = x.double()
+    ptl = PTL(8, patch=(5, 4), stride=(3, 2), backend=backend).double()
+    torch.nn.init.normal_(ptl.bias)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    results = []
+    for fn in (lambda t: ptl(t, mask.double()), lambda t: _ptl_by_formula(ptl, t, mask.double())):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        results.append([out] + list(torch.autograd.grad(out, (xi, ptl.weight, ptl.bias), grad)))
+    assert torch.equal(results[0][0][2], x[2])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_ptl_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 8, 7, generator=g)
+    m = torch.zeros(2, 1, 8, 7, dtype=torch.float64)
+    m[0, :, 1:4, 2:6] = 1.0
+    m[1, :, 3:7, 0:3] = torch.rand(4, 3, generator=g, dtype=torch.float64)  # soft
+    ptl = PTL(3, patch=4, stride=2, backend="reference").double()
+
+    def fn(t, weight, bias):
+        return torch.func.functional_call(ptl, {"weight": weight, "bias": bias}, (t, m))
+
+    params = (ptl.weight.detach().clone(), ptl.bias.detach().clone())
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x.double(),) + params))
+
+
 def test_ltl_without_background_is_finite():
     x, _ = _inputs()
     ltl = LTL(8)
