@@ -25,13 +25,15 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def _weighted_stats(xa: torch.Tensor, w: torch.Tensor):
-    """mu, x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0)."""
+    """mu, x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0),
+    in w's dtype (16-bit x is promoted inside each op, never copied to float32 first)."""
     mass = w.sum((2, 3), keepdim=True)
     safe = torch.where(mass > 0, mass, 1.0)
     w_norm = w / safe
     mu = (w_norm * xa).sum((2, 3), keepdim=True)
     xc = xa - mu
-    var = (w_norm * xc.square()).sum((2, 3), keepdim=True)
+    # Σ w·xc² as a squared norm of xc·√w: one full-size product, not two
+    var = torch.linalg.vector_norm(xc * w_norm.sqrt(), dim=(2, 3), keepdim=True).square()
     return mu, xc, var, w_norm
 
 
@@ -50,8 +52,7 @@ class _MaskedInstanceNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, tokens=False):
-        dt = _acc_dtype(x)
-        mu, xc, var, w_norm = _weighted_stats(x.to(dt), weight.to(dt))
+        mu, xc, var, w_norm = _weighted_stats(x, weight.to(_acc_dtype(x)))
         r = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, mu, r, w_norm)
         ctx.tokens = tokens
@@ -68,13 +69,12 @@ class _MaskedInstanceNorm(torch.autograd.Function):
         x, mu, r, w_norm = ctx.saved_tensors
         if ctx.tokens:  # (B, HW, C) -> x's (B, C, H, W), a view
             grad = grad.transpose(1, 2).view(x.shape)
-        y = torch.addcmul(-mu * r, x.to(mu.dtype), r)
-        g = grad.to(mu.dtype)
-        sum_g = g.sum((2, 3), keepdim=True)
-        sum_gy = (g * y).sum((2, 3), keepdim=True)
+        y = torch.addcmul(-mu * r, x, r)  # x and grad may be 16-bit: each op promotes
+        sum_g = grad.sum((2, 3), keepdim=True, dtype=mu.dtype)
+        sum_gy = (grad * y).sum((2, 3), keepdim=True)
         # dx = r·g - w·r·(Σg + y·Σgy), written in x's memory layout: an elementwise op follows
         # its first input's, and tokens give grad a transposed one, which autograd would copy
-        dx = torch.mul(g, r, out=torch.empty_like(y))
+        dx = torch.mul(grad, r, out=torch.empty_like(y))
         dx.addcmul_(w_norm, torch.addcmul(sum_g * r, y, sum_gy * r), value=-1)
         return _as_dtype(dx, x.dtype), None, None, None
 
