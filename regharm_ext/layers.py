@@ -28,8 +28,7 @@ def _weighted_stats(xa: torch.Tensor, w: torch.Tensor):
     """mu, x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0),
     in w's dtype (16-bit x is promoted inside each op, never copied to float32 first)."""
     mass = w.sum((2, 3), keepdim=True)
-    safe = torch.where(mass > 0, mass, 1.0)
-    w_norm = w / safe
+    w_norm = w / mass.clamp_min(torch.finfo(w.dtype).tiny)  # no mass: w = 0, so w_norm = 0
     mu = (w_norm * xa).sum((2, 3), keepdim=True)
     xc = xa - mu
     # Σ w·xc² as a squared norm of xc·√w: one full-size product, not two
@@ -111,7 +110,7 @@ class _Blend(torch.autograd.Function):
     def backward(ctx, grad):
         c_f, v, m = ctx.saved_tensors
         B, C, H, W = grad.shape
-        gx = grad * (1 - m) if ctx.needs_input_grad[0] else None
+        gx = torch.addcmul(grad, grad, m, value=-1) if ctx.needs_input_grad[0] else None
         gav = gcf = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # dA = m·g, in the attention's (B, HW, C) layout; dV = dA·C_f, dC_f = dA·V
@@ -241,7 +240,7 @@ class PTL(nn.Module):
         av = masked_attention(c_f, content, values, key_bias, query_mask, self.scale, backend=self.backend)
         # no valid background patch: nothing to match, the input passes through unchanged (the
         # attention gives 0 there, so lerp with weight 0 returns x exactly)
-        m = m * valid.any(1).view(B, 1, 1, 1).to(m.dtype)
+        m = torch.where(valid.any(1).view(B, 1, 1, 1), m, 0.0)
         if m.requires_grad:  # a mask that learns: _Blend treats m as data
             a, v = av.split(C, dim=-1)
             return torch.lerp(x, torch.addcmul(a, c_f, v).transpose(1, 2).reshape(B, C, H, W), m)

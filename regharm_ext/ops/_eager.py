@@ -25,6 +25,9 @@ def register_autograd(qualname: str, backward, setup_context):
     op = getattr(getattr(torch.ops, namespace), name)
 
     def forward(ctx, *inputs):
+        # outputs without a gradient (lse, mass, the compaction) reach backward as None rather
+        # than as zero tensors autograd would fill: one kernel each, every backward
+        ctx.set_materialize_grads(False)
         out = op(*inputs)
         setup_context(ctx, inputs, out)
         return out
