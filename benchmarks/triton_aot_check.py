@@ -33,7 +33,7 @@ from regharm_ext.ops import triton_attention as ta
 from regharm_ext.ops import triton_patch_stats as tp
 
 _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-          torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64"}
+          torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 

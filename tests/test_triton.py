@@ -168,17 +168,18 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)), fast_mode=True)
 
 
-def test_compaction_puts_active_queries_first():
+@pytest.mark.parametrize("L, block", [(29, None), (150, 16)])  # one step; many, ragged last
+def test_compaction_puts_active_queries_first(L, block):
     from regharm_ext.ops.triton_attention import _compact
 
-    qm = torch.rand(3, 29, generator=torch.Generator().manual_seed(0)) < 0.4
+    qm = torch.rand(4, L, generator=torch.Generator().manual_seed(0)) < 0.4
     qm[1] = False
-    idx, count = _compact(qm)
-    for b in range(3):
-        n = int(qm[b].sum())
-        assert count[b] == n
-        assert sorted(idx[b].tolist()) == list(range(29))  # a permutation
-        assert idx[b, :n].tolist() == torch.nonzero(qm[b]).flatten().tolist()
+    qm[3] = True
+    idx, count = _compact(qm, block)
+    for b in range(4):
+        active = torch.nonzero(qm[b]).flatten().tolist()
+        assert count[b] == len(active)
+        assert idx[b].tolist() == active + torch.nonzero(~qm[b]).flatten().tolist()
 
 
 @pytest.mark.parametrize("layer", ["ptl", "ltl"])

@@ -124,6 +124,28 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
 
 
 @triton.jit
+def _compact_kernel(QM, IDX, CNT, L, BLOCK: tl.constexpr):
+    """One program per image: the positions of its queries in compacted order (active ones
+    first, each group in raster order) by two sweeps over the mask, the first counting, the
+    second placing each query by a running prefix sum."""
+    b = tl.program_id(0).to(tl.int64)
+    total = tl.sum(tl.zeros((BLOCK,), tl.int32), 0)
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        total += tl.sum(tl.load(QM + b * L + offs, mask=offs < L, other=0).to(tl.int32), 0)
+    before = total * 0
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < L
+        m = tl.load(QM + b * L + offs, mask=ok, other=0).to(tl.int32)
+        act = before + tl.cumsum(m, 0) - m                    # active queries before each one
+        dest = tl.where(m != 0, act, total + offs - act)      # inactive: after all the actives
+        tl.store(IDX + b * L + dest, offs.to(tl.int32), mask=ok)
+        before += tl.sum(m, 0)
+    tl.store(CNT + b, total)
+
+
+@triton.jit
 def _attn_bwd_delta(O, DO, DELTA, L, E, BM: tl.constexpr, BE: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -272,17 +294,20 @@ def _blocks(BD: int, BE: int, dtype: torch.dtype):
                 dkdv=(stream, _fit(6144, wide), warps))
 
 
-def _compact(query_mask: torch.Tensor):
+def _compact(query_mask: torch.Tensor, block: Optional[int] = None):
     """Active query indices first (in order), then the inactive ones: (B, L) int32, and the
-    active count per image (B,) int32. A permutation built by one scatter, no sort, no sync."""
+    active count per image (B,) int32. One kernel, no sync (it was ~8 small torch ops, and the
+    op's fwd+bwd is host-bound on a GPU). ``block``: the mask elements per step (tests)."""
     B, L = query_mask.shape
-    m = query_mask.to(torch.int32)
-    pos = torch.cumsum(m, 1, dtype=torch.int32)               # active ones up to and including l
-    count = pos[:, -1:]
-    ar = torch.arange(L, device=m.device, dtype=torch.int32).expand(B, L)
-    dest = torch.where(query_mask, pos - 1, count + ar - pos)  # inactive: after the actives
-    idx = torch.empty_like(m).scatter_(1, dest.long(), ar)
-    return idx, count.reshape(B).contiguous()
+    idx = torch.empty(B, L, device=query_mask.device, dtype=torch.int32)
+    cnt = torch.empty(B, device=query_mask.device, dtype=torch.int32)
+    if B and L:
+        block = block or min(4096 if interpreting() else 1024, _pow2(L))
+        launcher(_compact_kernel)[(B,)](query_mask.contiguous(), idx, cnt, L, BLOCK=block,
+                                        num_warps=4)
+    else:
+        cnt.zero_()
+    return idx, cnt
 
 
 def _flags(q, query_mask) -> dict:
