@@ -137,4 +137,38 @@ void check_attention_saved(OnDevice&& on_device, const AttnDims& d, const at::Te
   check_shape(lse, {d.B, d.L}, "lse", op, "(B, L)");
 }
 
+struct NormDims {
+  int64_t B, C, H, W;
+};
+
+// masked_norm: x (B, C, H, W) and weight (B, 1, H, W), any float dtypes; eps > 0.
+template <typename OnDevice>
+NormDims check_norm_args(OnDevice&& on_device, const at::Tensor& x, const at::Tensor& weight,
+                         double eps, const char* op) {
+  on_device(x, "x");
+  on_device(weight, "weight");
+  check_float_dtype(x, "x", op);
+  check_float_dtype(weight, "weight", op);
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C, H, W), got ", x.sizes());
+  const NormDims d{x.size(0), x.size(1), x.size(2), x.size(3)};
+  check_shape(weight, {d.B, 1, d.H, d.W}, "weight", op, "(B, 1, H, W)");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  return d;
+}
+
+// The backward's grad (B, H*W, C) and the forward's mu and rstd (B, C).
+template <typename OnDevice>
+void check_norm_saved(OnDevice&& on_device, const NormDims& d, const at::Tensor& grad,
+                      const at::Tensor& mu, const at::Tensor& rstd, const char* op) {
+  const std::pair<const at::Tensor*, const char*> saved[] = {
+      {&grad, "grad"}, {&mu, "mu"}, {&rstd, "rstd"}};
+  for (const auto& [t, name] : saved) {
+    on_device(*t, name);
+    check_float_dtype(*t, name, op);
+  }
+  check_shape(grad, {d.B, d.H * d.W, d.C}, "grad", op, "(B, H*W, C)");
+  check_shape(mu, {d.B, d.C}, "mu", op, "(B, C)");
+  check_shape(rstd, {d.B, d.C}, "rstd", op, "(B, C)");
+}
+
 }  // namespace regharm

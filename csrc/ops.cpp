@@ -26,4 +26,9 @@ TORCH_LIBRARY(regharm, m) {
   m.def("masked_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor key_bias, Tensor? query_mask, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+  // PTL's foreground content (regharm_ext/ops/norm_composite.py): tokens y (B, H*W, C) in x's
+  // dtype, mu and rstd (B, C) in the accumulation dtype; weight is data
+  m.def("masked_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("masked_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor mu, Tensor rstd) "
+        "-> Tensor");
 }

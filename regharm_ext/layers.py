@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import preload
-from .ops import masked_attention, patch_stats
-from .ops.torch_impl import _acc_dtype
+from .ops import masked_attention, masked_norm, patch_stats
+from .ops.norm_composite import CompositeNorm, acc_dtype, weighted_stats
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
@@ -24,60 +24,6 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask, size=size, mode="area")
 
 
-def _weighted_stats(xa: torch.Tensor, w: torch.Tensor):
-    """mu, x - mu, the weighted variance of each channel and w / mass (mass 0: mu = var = 0),
-    in w's dtype (16-bit x is promoted inside each op, never copied to float32 first)."""
-    mass = w.sum((2, 3), keepdim=True)
-    w_norm = w / mass.clamp_min(torch.finfo(w.dtype).tiny)  # no mass: w = 0, so w_norm = 0
-    mu = (w_norm * xa).sum((2, 3), keepdim=True)
-    xc = xa - mu
-    # Σ w·xc² as a squared norm of xc·√w: one full-size product, not two
-    var = torch.linalg.vector_norm(xc * w_norm.sqrt(), dim=(2, 3), keepdim=True).square()
-    return mu, xc, var, w_norm
-
-
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # not t.to(dtype) when it is one already: torch 2.11's compiler mishandles an autograd.Function
-    # output that .to() returns as itself (wrong gradients under torch.compile)
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-class _MaskedInstanceNorm(torch.autograd.Function):
-    """``y = (x - mu) · r``, ``r = (var + eps)^-1/2``, with the analytic backward
-    ``dx = r · (g - (w / mass) · (Σg + y · Σ g·y))`` (the weights are data: no gradient). It keeps
-    x (alive anyway) and per-channel statistics, and recomputes y in the backward, where autograd
-    of the formula keeps x - mu twice and its square: three tensors of x's size (the PTL peak,
-    benchmarks/PERF_NOTES.md)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, tokens=False):
-        mu, xc, var, w_norm = _weighted_stats(x, weight.to(_acc_dtype(x)))
-        r = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, mu, r, w_norm)
-        ctx.tokens = tokens
-        if not tokens:
-            return _as_dtype(xc * r, x.dtype)
-        # written straight in the attention's (B, HW, C) layout: a transposed view would be
-        # copied to a contiguous one by the op (one more pass over x's size)
-        B, C = x.shape[:2]
-        y = torch.empty(B, xc[0, 0].numel(), C, dtype=x.dtype, device=x.device)
-        return torch.mul(xc.flatten(2).transpose(1, 2), r.view(B, 1, C), out=y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mu, r, w_norm = ctx.saved_tensors
-        if ctx.tokens:  # (B, HW, C) -> x's (B, C, H, W), a view
-            grad = grad.transpose(1, 2).view(x.shape)
-        y = torch.addcmul(-mu * r, x, r)  # x and grad may be 16-bit: each op promotes
-        sum_g = grad.sum((2, 3), keepdim=True, dtype=mu.dtype)
-        sum_gy = (grad * y).sum((2, 3), keepdim=True)
-        # dx = r·g - w·r·(Σg + y·Σgy), written in x's memory layout: an elementwise op follows
-        # its first input's, and tokens give grad a transposed one, which autograd would copy
-        dx = torch.mul(grad, r, out=torch.empty_like(y))
-        dx.addcmul_(w_norm, torch.addcmul(sum_g * r, y, sum_gy * r), value=-1)
-        return _as_dtype(dx, x.dtype), None, None, None
-
-
 def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Instance norm of x (Tensor[B, C, H, W]) with statistics over ``weight`` (Tensor[B, 1, H, W]).
 
@@ -86,9 +32,9 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     Gradients flow to ``x``; a ``weight`` that needs a gradient takes the plain autograd formula.
     """
     if not weight.requires_grad:
-        return _MaskedInstanceNorm.apply(x, weight, eps)
-    dt = _acc_dtype(x)
-    _, xc, var, _ = _weighted_stats(x.to(dt), weight.to(dt))
+        return CompositeNorm.apply(x, weight, eps)
+    dt = acc_dtype(x)
+    _, xc, var, _ = weighted_stats(x.to(dt), weight.to(dt))
     return (xc / torch.sqrt(var + eps)).to(x.dtype)
 
 
@@ -124,13 +70,6 @@ class _Blend(torch.autograd.Function):
                 torch.mul(ga, c_f, out=gav[..., C:])
             gcf = ga * v if ctx.needs_input_grad[2] else None
         return gx, gav, gcf, None
-
-
-def _tokens_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """masked_instance_norm(x, weight) as tokens (Tensor[B, HW, C], contiguous)."""
-    if weight.requires_grad:
-        return masked_instance_norm(x, weight, eps).flatten(2).transpose(1, 2)
-    return _MaskedInstanceNorm.apply(x, weight, eps, True)
 
 
 def _resolve_size(value, extent: int, name: str) -> int:
@@ -226,7 +165,7 @@ class PTL(nn.Module):
         weight, bias = self._params(*ps, x)
         mu, sigma, content, mass = patch_stats(x, bg, weight.to(x.dtype), bias.to(x.dtype), ps, st,
                                                self.eps, self.min_mass, backend=self.backend)
-        c_f = _tokens_norm(x, m, self.eps)                                       # (B, HW, C)
+        c_f = masked_norm(x, m, self.eps, backend=self.backend)                  # (B, HW, C)
         valid = mass >= self.min_mass
         key_bias = torch.where(valid, mass.new_zeros(()), float("-inf"))  # mass's dtype
         query_mask = (m > 0).flatten(1)

@@ -78,6 +78,29 @@ def make_patch_inputs(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2), dtype=t
     return tuple(t.to(device=device, dtype=dtype) for t in (x, bg, weight, bias))
 
 
+# masked_norm: name -> (B, C, H, W), offset, weight kind
+NORM_CASES = {
+    "soft": ((3, 5, 7, 9), 0.0, "soft"),         # image 1 without weight: mu = var = 0
+    "offset100": ((2, 4, 11, 6), 100.0, "soft"),
+    "binary": ((2, 3, 16, 16), 0.0, "binary"),
+    "thin": ((2, 1, 1, 13), 0.0, "soft"),
+    "wide_c": ((1, 70, 5, 3), 0.0, "binary"),     # more channels than one tile
+}
+
+
+def make_norm_inputs(B=3, C=5, H=7, W=9, dtype=torch.float32, offset=0.0, kind="soft", seed=0,
+                     device="cpu"):
+    """x (Tensor[B, C, H, W]) and weight (Tensor[B, 1, H, W]); with B > 1, image 1 has no weight."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) + offset
+    w = torch.rand(B, 1, H, W, generator=g, dtype=torch.float64)
+    if kind == "binary":
+        w = (w > 0.6).double()
+    if B > 1:
+        w[1] = 0
+    return x.to(device, dtype), w.to(device, dtype)
+
+
 def make_attention_inputs(B=2, L=37, N=23, D=8, E=6, dtype=torch.float32, active=0.5,
                           removed=0.3, dead_batch=True, seed=0, device="cpu"):
     """q, k, v, key_bias, query_mask with removed keys, inactive queries and (optionally) one

@@ -7,7 +7,7 @@ import torch
 
 from . import _checks
 
-__all__ = ["patch_stats", "masked_attention"]
+__all__ = ["patch_stats", "masked_attention", "masked_norm"]
 
 
 def patch_stats(
@@ -76,3 +76,28 @@ def masked_attention(
         scale = q.shape[-1] ** -0.5
     impl = resolve(backend, q.device)
     return impl.masked_attention(q, k, v, key_bias, query_mask, float(scale))
+
+
+def masked_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """PTL's foreground content: x normalized per channel with the statistics of ``weight``,
+    as tokens (SPEC §4 step 3; see :mod:`regharm_ext.ops.norm_composite`).
+
+    Args:
+        x (Tensor[B, C, H, W]): features.
+        weight (Tensor[B, 1, H, W]): weights >= 0 of the statistics (the foreground mask). Data
+            for the kernels; one that needs a gradient takes the composite of torch ops.
+        eps (float): added to the weighted variance.
+        backend (str, optional): see :func:`patch_stats`.
+
+    Returns:
+        y (Tensor[B, H*W, C]) in x's dtype, contiguous: ``(x - mu) / sqrt(var + eps)``.
+    """
+    from ..backends import resolve
+    from .norm_composite import composite
+
+    _checks.check_masked_norm(x, weight, eps)
+    impl = resolve(backend, x.device)
+    if weight.requires_grad:
+        return composite(x, weight, float(eps))
+    return impl.masked_norm(x, weight, float(eps))

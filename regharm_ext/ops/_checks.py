@@ -116,3 +116,17 @@ def check_masked_attention(q, k, v, key_bias, query_mask):
         if query_mask.shape != (B, L):
             raise ValueError(f"query_mask must have shape (B, L) = {(B, L)}, got {tuple(query_mask.shape)}")
     _same_device([("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("query_mask", query_mask)])
+
+
+def check_masked_norm(x, weight, eps):
+    """Validates the arguments of ``masked_norm``."""
+    for t, n in ((x, "x"), (weight, "weight")):
+        _float(t, n)
+    _rank(x, "x", 4, "(B, C, H, W)")
+    B, C, H, W = x.shape
+    if weight.shape != (B, 1, H, W):
+        raise ValueError(f"weight must have shape (B, 1, H, W) = {(B, 1, H, W)} to match x "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    _same_device([("x", x), ("weight", weight)])

@@ -2,7 +2,7 @@
 
 C++ kernels run CPU tensors (csrc/cpu), CUDA kernels GPU tensors (csrc/cuda, when the extension
 was built with them). This module registers, in the pytorch/extension-cpp style, fake kernels for
-the four ops (shapes for ``torch.compile``) and autograd for the two forward ops, whose backward
+the six ops (shapes for ``torch.compile``) and autograd for the three forward ops, whose backward
 is itself an op. Importing it never fails: when ``_C`` is missing, :func:`unavailable` says why.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ try:
 except (ImportError, OSError, RuntimeError) as exc:  # not built, or built for another torch
     _IMPORT_ERROR = exc
 
-_OPS = ("patch_stats", "patch_stats_backward", "masked_attention", "masked_attention_backward")
+_OPS = ("patch_stats", "patch_stats_backward", "masked_attention", "masked_attention_backward",
+        "masked_norm", "masked_norm_backward")
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _REASONS = {}  # device type -> reason (or None); the answer cannot change within a process
 
@@ -81,6 +82,16 @@ def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scal
     if eager_grad(q, k, v):
         return _MaskedAttention.apply(*args)[0]
     return torch.ops.regharm.masked_attention(*args)[0]
+
+
+def masked_norm(x, weight, eps: float):
+    """See :func:`regharm_ext.ops.masked_norm`; arguments are already checked.
+
+    Returns y (Tensor[B, H*W, C]) in x's dtype (mu and rstd are kept for the backward).
+    """
+    if eager_grad(x):
+        return _MaskedNorm.apply(x, weight, eps)[0]
+    return torch.ops.regharm.masked_norm(x, weight, eps)[0]
 
 
 def _register() -> None:
@@ -145,6 +156,31 @@ def _register() -> None:
         return dq, dk, dv, None, None, None
 
     _MaskedAttention = register_autograd(lib + "masked_attention", attn_backward, attn_setup)
+
+    @torch.library.register_fake(lib + "masked_norm")
+    def _(x, weight, eps):
+        B, C, H, W = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty(B, H * W, C), x.new_empty(B, C, dtype=acc), x.new_empty(B, C, dtype=acc)
+
+    @torch.library.register_fake(lib + "masked_norm_backward")
+    def _(grad, x, weight, mu, rstd):
+        return x.new_empty(x.shape)
+
+    def norm_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        _, mu, rstd = output
+        ctx.save_for_backward(x, weight, mu, rstd)
+
+    def norm_backward(ctx, grad, _grad_mu, _grad_rstd):
+        # mu and rstd are internal outputs (the public op returns y only); weight is data
+        if grad is None:
+            return None, None, None
+        x, weight, mu, rstd = ctx.saved_tensors
+        return torch.ops.regharm.masked_norm_backward(grad, x, weight, mu, rstd), None, None
+
+    global _MaskedNorm
+    _MaskedNorm = register_autograd(lib + "masked_norm", norm_backward, norm_setup)
 
 
 if _IMPORT_ERROR is None:

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import norm_composite as _norm
+
 
 def unavailable(device: torch.device):
     """Runs wherever PyTorch runs."""
@@ -78,3 +80,8 @@ def masked_attention(
     if query_mask is not None:
         out = out * query_mask[..., None].to(out.dtype)
     return out.to(q.dtype)
+
+
+def masked_norm(x, weight, eps: float):
+    """See :func:`regharm_ext.ops.masked_norm`: the composite of torch ops."""
+    return _norm.composite(x, weight, eps)

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import norm_composite as _norm
+
 
 def unavailable(device: torch.device):
     """Runs wherever PyTorch runs."""
@@ -91,3 +93,8 @@ def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scal
     keep = torch.gather(query_mask, 1, order)[..., None]
     oa = torch.where(keep, oa, torch.zeros_like(oa))
     return out.scatter(1, order[..., None].expand(-1, -1, oa.shape[-1]), oa)
+
+
+def masked_norm(x, weight, eps: float):
+    """See :func:`regharm_ext.ops.masked_norm`: the composite of torch ops."""
+    return _norm.composite(x, weight, eps)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import norm_composite as _norm
 from ._checks import no_gpu_reason
 
 try:
@@ -55,3 +56,9 @@ def masked_attention(q, k, v, key_bias, query_mask, scale: float):
     """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked."""
     _need()
     return _attention.masked_attention(q, k, v, key_bias, query_mask, scale)
+
+
+def masked_norm(x, weight, eps: float):
+    """See :func:`regharm_ext.ops.masked_norm`."""
+    _need()
+    return _norm.composite(x, weight, eps)
