@@ -6,10 +6,10 @@ memory nothing wrote (initcheck). benchmarks/gpu_check.sh runs it as its `saniti
     python benchmarks/sanitize_cuda.py [--tools memcheck,racecheck] [--budget 150]
     python benchmarks/sanitize_cuda.py --run [--device cpu]     # the driver alone, no sanitizer
 
-The driver (``--run``) calls every kernel of both ops once per dtype and float32 mode —
-forward and backward of patch_stats and masked_attention on small odd inputs with soft masks,
-removed keys, inactive queries and an image with every key removed — and compares each result
-with the reference computed in float64 on the CPU, so a race that changes values fails too.
+The driver (``--run``) calls every kernel of the ops once per dtype and float32 mode — forward
+and backward of patch_stats, masked_attention and masked_norm on small odd inputs with soft
+masks, removed keys, inactive queries and an image with every key removed — and compares each
+result with the reference computed in float64 on the CPU, so a race that changes values fails too.
 Every tool runs the driver in a child process with PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor
 is then its own allocation, and memcheck sees an access one element past a tensor. Exit status:
 0 when every tool ran clean and every value matched, 1 otherwise, 2 when nothing could be
@@ -37,8 +37,8 @@ def _driver(device_name: str) -> int:
     """Runs the kernels; returns the number of mismatches."""
     import torch
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-    from helpers import assert_close, make_attention_inputs, make_patch_inputs
-    from regharm_ext.ops import masked_attention, patch_stats
+    from helpers import assert_close, make_attention_inputs, make_norm_inputs, make_patch_inputs
+    from regharm_ext.ops import masked_attention, masked_norm, patch_stats
 
     device = torch.device(device_name)
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -114,6 +114,17 @@ def _driver(device_name: str) -> int:
                 compare(label, got, want, n, dtype)
     for name in ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION"):
         os.environ.pop(name, None)
+
+    for shape in ((2, 40, 9, 11), (1, 3, 1, 37)):  # ragged 32 x 32 tiles; one row
+        for dtype in dtypes:
+            x, w = make_norm_inputs(*shape, dtype=dtype, offset=100.0)
+
+            def mn(x_, w_, backend):
+                return (masked_norm(x_, w_.to(x_.device), backend=backend),)
+
+            got, n = run(mn, (x,), (w,), device, dtype, "native", seed=3)
+            want, _ = run(mn, (x,), (w.double(),), "cpu", torch.float64, "reference", seed=3)
+            compare(f"masked_norm {shape} {dtype}", got, want, n, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(f"driver: {failures} mismatch(es)", flush=True)

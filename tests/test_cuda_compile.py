@@ -52,7 +52,7 @@ def _torch_nvcc_flags():
 
 # The attention kernels keep their tiles in registers (attention_registers.cuh): a spill to local
 # memory would be a silent slowdown, so ptxas warns and the test below fails on any warning.
-NO_SPILLS = {"masked_attention_kernels.cu", "attention_registers_f16.cu",
+NO_SPILLS = {"masked_attention_kernels.cu", "masked_norm_kernels.cu", "attention_registers_f16.cu",
              "attention_registers_bf16.cu", "attention_registers_f32.cu",
              "attention_registers_tf32x3.cu"}
 
@@ -117,8 +117,10 @@ not_built_here = pytest.mark.skipif(
 
 
 def test_there_are_cuda_sources():
-    assert {p.name for p in CU_FILES} >= {"patch_stats_kernels.cu", "masked_attention_kernels.cu"}
-    assert {p.name for p in GLUE_FILES} >= {"patch_stats_cuda.cpp", "masked_attention_cuda.cpp"}
+    assert {p.name for p in CU_FILES} >= {"patch_stats_kernels.cu", "masked_attention_kernels.cu",
+                                          "masked_norm_kernels.cu"}
+    assert {p.name for p in GLUE_FILES} >= {"patch_stats_cuda.cpp", "masked_attention_cuda.cpp",
+                                            "masked_norm_cuda.cpp"}
 
 
 @pytest.mark.parametrize("name", [p.name for p in CU_FILES])

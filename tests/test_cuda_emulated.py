@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 
 import emulated  # noqa: E402
-from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close,  # noqa: E402
-                     make_attention_inputs, make_patch_inputs)
+from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, NORM_CASES, assert_close,  # noqa: E402
+                     make_attention_inputs, make_norm_inputs, make_patch_inputs)
 from regharm_ext.ops import reference  # noqa: E402
 
 # with a GPU the real kernels are tested (test_cuda_native.py); REGHARM_EMULATE_CUDA=1 insists
@@ -378,3 +378,35 @@ def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):
         torch.testing.assert_close(out.double(), want, **bound, msg=f"tf32x3={tf32x3}")
     one_tf32 = exact(_tf32(q), _tf32(k), _tf32(v))  # what a single tf32 product would compute
     assert not torch.allclose(one_tf32, want, **bound)
+
+
+# ---- masked_norm ------------------------------------------------------------------------------
+
+NORM_EMU_CASES = {**NORM_CASES, "tiles": ((2, 40, 9, 11), 0.0, "soft")}  # ragged 32 x 32 tiles
+
+
+def _check_norm(emu, x, w, seed=1):
+    from regharm_ext.ops.norm_composite import composite
+    y, mu, rstd = emu.masked_norm(x, w, 1e-5)
+    xd = x.double().requires_grad_()
+    y_ref = composite(xd, w.double(), 1e-5)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (dx_ref,) = torch.autograd.grad(y_ref, xd, grad)
+    dx = emu.masked_norm_backward(grad.to(x.dtype), x, w, mu, rstd)
+    assert_close(y, y_ref, x.dtype, msg="y")
+    assert_close(dx, dx_ref, x.dtype, grad=True, msg="dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("case", NORM_EMU_CASES)
+def test_cuda_emulated_masked_norm(configured, case, dtype):
+    shape, offset, kind = NORM_EMU_CASES[case]
+    x, w = make_norm_inputs(*shape, dtype=dtype, offset=offset, kind=kind)
+    _check_norm(configured(), x, w)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_cuda_emulated_masked_norm_schedules(configured, order):
+    x, w = make_norm_inputs(2, 33, 6, 7, offset=100.0)
+    _check_norm(configured(order=order), x, w)

@@ -50,8 +50,9 @@ def test_driver_matches_the_reference_on_every_case():
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "MISMATCH"))]
     # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 7
     # settings: float32 simt and tf32x3, float16, bfloat16, float64, bfloat16 and float32 on
-    # the tile kernels
-    assert len(lines) == 2 * 4 + 2 * 7 and all(ln.startswith("ok") for ln in lines)
+    # the tile kernels; two masked_norm cases in 4 dtypes
+    assert len(lines) == 2 * 4 + 2 * 7 + 2 * 4 and all(ln.startswith("ok") for ln in lines)
+    assert sum(ln.startswith("ok        masked_norm") for ln in lines) == 8
     assert sum("no mask" in ln for ln in lines) == 7
     assert sum("setting tiles" in ln for ln in lines) == 4
     assert "driver: 0 mismatch(es)" in proc.stdout

@@ -102,5 +102,25 @@ cudaError_t masked_attention_backward(DType dt, const void* grad_out, RowStrides
                                       void* workspace, void* dq, void* dk, void* dv,
                                       cudaStream_t stream);
 
+// ---- masked_norm ---------------------------------------------------------------------------
+
+struct NormShape {
+  int64_t B, C, HW;
+};
+
+// x: contiguous (B, C, HW) in dt; weight: contiguous (B, HW) acc. Outputs: y (B, HW, C) in dt,
+// mu and rstd (B, C) acc.
+cudaError_t masked_norm_forward(DType dt, const void* x, const void* weight, const NormShape& s,
+                                double eps, void* y, void* mu, void* rstd, cudaStream_t stream);
+
+// Scratch bytes masked_norm_backward needs (per-row sums and per-image 1 / Σ weight).
+size_t masked_norm_backward_workspace(DType dt, const NormShape& s);
+
+// grad: contiguous (B, HW, C) in dt; x, weight as for the forward; mu, rstd as it returned them.
+// Output: dx (B, C, HW) in dt. workspace: masked_norm_backward_workspace(dt, s) bytes, aligned.
+cudaError_t masked_norm_backward(DType dt, const void* grad, const void* x, const void* weight,
+                                 const void* mu, const void* rstd, const NormShape& s,
+                                 void* workspace, void* dx, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace regharm

@@ -133,4 +133,23 @@ int emu_attention_backward(int dt, const void* grad_out, const void* q, const vo
       lse, attn_shape(shape), scale, workspace, dq, dk, dv, nullptr));
 }
 
+// shape: B, C, HW
+int emu_masked_norm_forward(int dt, const void* x, const void* weight, const int64_t* shape,
+                            double eps, void* y, void* mu, void* rstd) {
+  return int(masked_norm_forward(DType(dt), x, weight, NormShape{shape[0], shape[1], shape[2]},
+                                 eps, y, mu, rstd, nullptr));
+}
+
+int64_t emu_masked_norm_backward_workspace(int dt, const int64_t* shape) {
+  return int64_t(
+      masked_norm_backward_workspace(DType(dt), NormShape{shape[0], shape[1], shape[2]}));
+}
+
+int emu_masked_norm_backward(int dt, const void* grad, const void* x, const void* weight,
+                             const void* mu, const void* rstd, const int64_t* shape,
+                             void* workspace, void* dx) {
+  return int(masked_norm_backward(DType(dt), grad, x, weight, mu, rstd,
+                                  NormShape{shape[0], shape[1], shape[2]}, workspace, dx, nullptr));
+}
+
 }  // extern "C"

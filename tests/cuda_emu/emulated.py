@@ -125,6 +125,7 @@ class Emulator:
         self.lib.emu_patch_stats_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_forward_workspace.restype = ctypes.c_int64
+        self.lib.emu_masked_norm_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
         self.lib.emu_take_mma_sync_count.restype = ctypes.c_longlong
         self.lib.emu_take_simt_product_count.restype = ctypes.c_longlong
@@ -268,6 +269,38 @@ class Emulator:
         for (g, buf), name in zip(grads, ("dq", "dk", "dv")):
             _check_guards(buf, name)
         return tuple(g.clone() for g, _ in grads)
+
+
+    # ---- masked_norm: like csrc/cuda/masked_norm_cuda.cpp ------------------------------------
+
+    def masked_norm(self, x, weight, eps=1e-5):
+        """y (B, HW, C), mu, rstd (B, C)."""
+        B, C, H, W = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        shape = _i64([B, C, H * W])
+        xg, _ = _guarded(x.contiguous())
+        wa, _ = _guarded(weight.to(acc).contiguous())
+        outs = [_output((B, H * W, C), x.dtype), _output((B, C), acc), _output((B, C), acc)]
+        rc = self.lib.emu_masked_norm_forward(DTYPE_TAG[x.dtype], _ptr(xg), _ptr(wa), shape,
+                                              ctypes.c_double(eps), *[_ptr(o) for o, _ in outs])
+        self._done(rc, "masked_norm_forward")
+        for (_, buf), name in zip(outs, ("y", "mu", "rstd")):
+            _check_guards(buf, name)
+        return tuple(o.clone() for o, _ in outs)
+
+    def masked_norm_backward(self, grad, x, weight, mu, rstd):
+        B, C, H, W = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        shape = _i64([B, C, H * W])
+        ins = [_guarded(t.contiguous())[0] for t in
+               (grad.to(x.dtype), x, weight.to(acc), mu.to(acc), rstd.to(acc))]
+        workspace = _workspace(self.lib.emu_masked_norm_backward_workspace(DTYPE_TAG[x.dtype], shape))
+        dx, dx_buf = _output((B, C, H, W), x.dtype)
+        rc = self.lib.emu_masked_norm_backward(DTYPE_TAG[x.dtype], *[_ptr(t) for t in ins], shape,
+                                               _ptr(workspace), _ptr(dx))
+        self._done(rc, "masked_norm_backward")
+        _check_guards(dx_buf, "dx")
+        return dx.clone()
 
 
 def _workspace(nbytes: int) -> torch.Tensor:
