@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from regharm_ext.ops import triton_attention as ta
+from regharm_ext.ops import triton_masked_norm as tn
 from regharm_ext.ops import triton_patch_stats as tp
 
 _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -105,7 +106,7 @@ def capture_launches():
     """Every launch of both ops' forward and backward at the shapes that matter."""
     log = []
     cap = _Capture(log)
-    ta.launcher = tp.launcher = cap
+    ta.launcher = tp.launcher = tn.launcher = cap
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         x = torch.zeros(4, 64, 128, 128, dtype=dtype) if dtype != torch.float64 else \
             torch.zeros(1, 3, 20, 20, dtype=dtype)
@@ -126,6 +127,11 @@ def capture_launches():
                 qm = torch.ones(2, 300, dtype=torch.bool) if masked else None
                 out, lse, idx, cnt = ta.masked_attention_fwd(q, k, v, kb, qm, 0.125)
                 ta.masked_attention_bwd(out, q, k, v, kb, qm, out, lse, idx, cnt, 0.125)
+        xn = torch.zeros(4, 64, 128, 128, dtype=dtype) if dtype != torch.float64 else \
+            torch.zeros(2, 3, 9, 7, dtype=dtype)
+        wn = torch.ones(xn.shape[0], 1, *xn.shape[2:], dtype=dtype)
+        y, mu_n, rstd_n = tn.masked_norm_fwd(xn, wn, 1e-5)
+        tn.masked_norm_bwd(y, xn, wn, mu_n, rstd_n)
     # float32 with TF32 allowed (PyTorch's flag) takes the tensor-core path
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -14,9 +14,11 @@ pytest.importorskip("triton", reason="the triton backend needs triton")
 
 DRIVER = Path(__file__).with_name("triton_compile_trace.py")
 AOT_CHECK = Path(__file__).parents[1] / "benchmarks" / "triton_aot_check.py"
-# PTL: patch_stats, then its attention; LTL: one attention. Backward: each in reverse.
-FORWARD = sorted(["_ps_fwd"] + 2 * ["_compact_kernel", "_attn_fwd"])
-BACKWARD = sorted(["_ps_bwd_patch", "_ps_bwd_pixel"] + 2 * ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"])
+# PTL: patch_stats, its masked norm, then its attention; LTL: one attention. Backward: each in
+# reverse.
+FORWARD = sorted(["_ps_fwd", "_norm_stats", "_norm_tokens"] + 2 * ["_compact_kernel", "_attn_fwd"])
+BACKWARD = sorted(["_ps_bwd_patch", "_ps_bwd_pixel", "_norm_grad_sums", "_norm_dx"]
+                  + 2 * ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -39,7 +41,7 @@ def test_kernels_compile_with_the_scalar_types_torch_compile_passes():
     proc = subprocess.run([sys.executable, str(AOT_CHECK), "--float", "fp64", "--dtypes", "fp32",
                            "--one-per-kernel"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "7 kernel variants compiled for sm_90, 0 failed" in proc.stdout, proc.stdout[-2000:]
+    assert "11 kernel variants compiled for sm_90, 0 failed" in proc.stdout, proc.stdout[-2000:]
     # the query compaction takes no float: the filter above leaves it out
     proc = subprocess.run([sys.executable, str(AOT_CHECK), "--kernels", "_compact_kernel",
                            "--one-per-kernel"], capture_output=True, text=True, timeout=300, env=env)

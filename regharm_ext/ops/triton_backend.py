@@ -1,5 +1,6 @@
-"""The `triton` backend: Triton kernels for both ops (``triton_patch_stats.py``,
-``triton_attention.py``), registered as ``torch.ops.regharm_triton.*`` with autograd.
+"""The `triton` backend: Triton kernels for the ops (``triton_patch_stats.py``,
+``triton_attention.py``, ``triton_masked_norm.py``), registered as ``torch.ops.regharm_triton.*``
+with autograd.
 
 Runs on CUDA tensors, and on CPU tensors only through Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the kernels are defined, i.e. before importing this module or
@@ -12,11 +13,11 @@ from typing import Optional
 
 import torch
 
-from . import norm_composite as _norm
 from ._checks import no_gpu_reason
 
 try:
     from . import triton_attention as _attention
+    from . import triton_masked_norm as _masked_norm
     from . import triton_patch_stats as _patch_stats
     from ._triton_util import INTERPRETER_PROBLEM, interpreting
     _IMPORT_ERROR: Optional[str] = None
@@ -61,4 +62,4 @@ def masked_attention(q, k, v, key_bias, query_mask, scale: float):
 def masked_norm(x, weight, eps: float):
     """See :func:`regharm_ext.ops.masked_norm`."""
     _need()
-    return _norm.composite(x, weight, eps)
+    return _masked_norm.masked_norm(x, weight, eps)
