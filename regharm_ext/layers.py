@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .backends import preload
 from .ops import masked_attention, masked_norm, patch_stats
-from .ops.norm_composite import CompositeNorm, acc_dtype, weighted_stats
+from .ops.norm_composite import composite
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
@@ -31,11 +31,7 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     each channel. An image whose weights sum to 0 gets ``mu = 0, var = 0`` (callers discard it).
     Gradients flow to ``x``; a ``weight`` that needs a gradient takes the plain autograd formula.
     """
-    if not weight.requires_grad:
-        return CompositeNorm.apply(x, weight, eps)
-    dt = acc_dtype(x)
-    _, xc, var, _ = weighted_stats(x.to(dt), weight.to(dt))
-    return (xc / torch.sqrt(var + eps)).to(x.dtype)
+    return composite(x, weight, eps, tokens=False)
 
 
 class _Blend(torch.autograd.Function):

@@ -79,9 +79,12 @@ class CompositeNorm(torch.autograd.Function):
         return as_dtype(dx, x.dtype), None, None, None
 
 
-def composite(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y (Tensor[B, HW, C]) of the op by plain torch ops (a weight with a gradient included)."""
+def composite(x: torch.Tensor, weight: torch.Tensor, eps: float, tokens: bool = True
+              ) -> torch.Tensor:
+    """y of the op by plain torch ops: Tensor[B, HW, C] (``tokens``) or Tensor[B, C, H, W]. A
+    weight that needs a gradient gets one through autograd of the formula."""
     if not weight.requires_grad:
-        return CompositeNorm.apply(x, weight, eps, True)
-    mu, xc, var, _ = weighted_stats(x.to(acc_dtype(x)), weight.to(acc_dtype(x)))
-    return (xc / torch.sqrt(var + eps)).to(x.dtype).flatten(2).transpose(1, 2)
+        return CompositeNorm.apply(x, weight, eps, tokens)
+    _, xc, var, _ = weighted_stats(x.to(acc_dtype(x)), weight.to(acc_dtype(x)))
+    y = (xc / torch.sqrt(var + eps)).to(x.dtype)
+    return y.flatten(2).transpose(1, 2) if tokens else y
