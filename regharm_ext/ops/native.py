@@ -13,6 +13,7 @@ import torch
 
 from ._checks import no_gpu_reason
 from ._eager import eager_grad, register_autograd
+from .norm_composite import op_autograd
 
 try:
     from regharm_ext import _C  # noqa: F401  (loading it registers the ops and their kernels)
@@ -167,20 +168,9 @@ def _register() -> None:
     def _(grad, x, weight, mu, rstd):
         return x.new_empty(x.shape)
 
-    def norm_setup(ctx, inputs, output):
-        x, weight, _ = inputs
-        _, mu, rstd = output
-        ctx.save_for_backward(x, weight, mu, rstd)
-
-    def norm_backward(ctx, grad, _grad_mu, _grad_rstd):
-        # mu and rstd are internal outputs (the public op returns y only); weight is data
-        if grad is None:
-            return None, None, None
-        x, weight, mu, rstd = ctx.saved_tensors
-        return torch.ops.regharm.masked_norm_backward(grad, x, weight, mu, rstd), None, None
-
     global _MaskedNorm
-    _MaskedNorm = register_autograd(lib + "masked_norm", norm_backward, norm_setup)
+    setup, backward = op_autograd(torch.ops.regharm.masked_norm_backward)
+    _MaskedNorm = register_autograd(lib + "masked_norm", backward, setup)
 
 
 if _IMPORT_ERROR is None:

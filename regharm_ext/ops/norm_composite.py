@@ -88,3 +88,23 @@ def composite(x: torch.Tensor, weight: torch.Tensor, eps: float, tokens: bool = 
     _, xc, var, _ = weighted_stats(x.to(acc_dtype(x)), weight.to(acc_dtype(x)))
     y = (xc / torch.sqrt(var + eps)).to(x.dtype)
     return y.flatten(2).transpose(1, 2) if tokens else y
+
+
+def op_autograd(backward_op):
+    """(setup_context, backward) of a kernel backend's masked_norm op, whose backward is the op
+    ``backward_op(grad, x, weight, mu, rstd) -> dx``: mu and rstd are internal outputs (the public
+    op returns y only) and weight is data."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        _, mu, rstd = output
+        ctx.save_for_backward(x, weight, mu, rstd)
+
+    def backward(ctx, grad, _grad_mu, _grad_rstd):
+        if grad is None:
+            return None, None, None
+        x, weight, mu, rstd = ctx.saved_tensors
+        return backward_op(grad, x, weight, mu, rstd), None, None
+
+    return setup_context, backward
+

@@ -22,6 +22,7 @@ from torch.library import triton_op
 
 from ._eager import eager_grad, register_autograd
 from ._triton_util import acc_dtype, interpreting, launcher
+from .norm_composite import op_autograd
 
 
 @triton.jit
@@ -173,20 +174,8 @@ def masked_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, m
     return dx
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _ = inputs
-    _, mu, rstd = output
-    ctx.save_for_backward(x, weight, mu, rstd)
-
-
-def _backward(ctx, grad, _grad_mu, _grad_rstd):
-    if grad is None:
-        return None, None, None
-    x, weight, mu, rstd = ctx.saved_tensors
-    return torch.ops.regharm_triton.masked_norm_backward(grad, x, weight, mu, rstd), None, None
-
-
-_MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup_context)
+_setup, _backward = op_autograd(torch.ops.regharm_triton.masked_norm_backward)
+_MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup)
 
 
 def masked_norm(x, weight, eps: float) -> torch.Tensor:
