@@ -58,11 +58,16 @@ class CompositeNorm(torch.autograd.Function):
         ctx.tokens = tokens
         if not tokens:
             return as_dtype(xc * r, x.dtype)
+        B, C = x.shape[:2]
+        y_t = xc.flatten(2).transpose(1, 2)
+        if torch.compiler.is_compiling():
+            # torch 2.11's compiler gets the gradient wrong through the out= write below (a
+            # Function output written by out=); the compiler fuses the copy anyway
+            return (y_t * r.view(B, 1, C)).to(x.dtype).contiguous()
         # written straight in the attention's (B, HW, C) layout: a transposed view would be
         # copied to a contiguous one by the op (one more pass over x's size)
-        B, C = x.shape[:2]
         y = torch.empty(B, xc[0, 0].numel(), C, dtype=x.dtype, device=x.device)
-        return torch.mul(xc.flatten(2).transpose(1, 2), r.view(B, 1, C), out=y)
+        return torch.mul(y_t, r.view(B, 1, C), out=y)
 
     @staticmethod
     def backward(ctx, grad):
