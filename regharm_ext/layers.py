@@ -163,7 +163,7 @@ class PTL(nn.Module):
                                                self.eps, self.min_mass, backend=self.backend)
         c_f = masked_norm(x, m, self.eps, backend=self.backend)                  # (B, HW, C)
         valid = mass >= self.min_mass
-        key_bias = torch.where(valid, mass.new_zeros(()), float("-inf"))  # mass's dtype
+        key_bias = torch.where(valid, 0.0, float("-inf"))  # float32: one launch, no fill first
         query_mask = (m > 0).flatten(1)
         return m, c_f, content, torch.cat([mu, sigma], -1), key_bias, query_mask, valid
 
