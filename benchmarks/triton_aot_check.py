@@ -103,7 +103,7 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def capture_launches():
-    """Every launch of both ops' forward and backward at the shapes that matter."""
+    """Every launch of the ops' forwards and backwards at the shapes that matter."""
     log = []
     cap = _Capture(log)
     ta.launcher = tp.launcher = tn.launcher = cap

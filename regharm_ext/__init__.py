@@ -1,7 +1,8 @@
 """regharm_ext: image harmonization by matching regional references (PTL and LTL layers).
 
-``regharm_ext.ops`` holds the two ops (``patch_stats``, ``masked_attention``),
-``regharm_ext.backends()`` says which backends can run them, ``PTL`` and ``LTL`` are the layers.
+``regharm_ext.ops`` holds the two ops of the SPEC (``patch_stats``, ``masked_attention``) and
+PTL's masked instance norm (``masked_norm``), ``regharm_ext.backends()`` says which backends can
+run them, ``PTL`` and ``LTL`` are the layers.
 """
 from .backends import BackendUnavailable, backends
 from .layers import LTL, PTL, SelfAttention, masked_instance_norm, resize_mask

@@ -1,4 +1,5 @@
-"""The two ops of the SPEC, dispatched to a backend (see :mod:`regharm_ext.backends`)."""
+"""The two ops of the SPEC and PTL's masked instance norm, dispatched to a backend (see
+:mod:`regharm_ext.backends`)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple

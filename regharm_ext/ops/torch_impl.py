@@ -1,4 +1,4 @@
-"""The `torch` backend: memory-light PyTorch composites of the two ops, autograd by PyTorch.
+"""The `torch` backend: memory-light PyTorch composites of the ops, autograd by PyTorch.
 
 - ``patch_stats`` never builds the blocks: every output is a window sum (``Σbg``, ``Σbg·x``,
   ``Σbg·x²``, ``Σweight·bg``, ``Σweight·bg·x``), taken by strided pooling / convolution over
@@ -6,6 +6,7 @@
   ``Σbg·x² - mass·mu²``).
 - ``masked_attention`` gathers the active queries of each image (padded to the batch's largest
   count) and runs ``F.scaled_dot_product_attention`` on them with the key bias as an additive mask.
+- ``masked_norm`` is the composite of :mod:`regharm_ext.ops.norm_composite`.
 """
 from __future__ import annotations
 
