@@ -93,7 +93,7 @@ xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
 export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 compilers in each
 if [ "${TESTS:-1}" = 1 ]; then
-step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py \
+step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py tests/test_masked_norm.py \
   tests/test_crash_safety.py tests/test_native.py -k "cuda or libstdcxx" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
 fi
 
