@@ -45,15 +45,25 @@ from regharm_ext.backends import unavailable_reason  # noqa: E402
 from regharm_ext.ops import masked_attention, patch_stats  # noqa: E402
 from benchlib import git_commit  # noqa: E402
 
-BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles")
+BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles",
+            "native_norm_composite", "triton_norm_composite")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
 # cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
-# kernels instead of the register kernels: run 1's kernels, the comparison for both).
+# kernels instead of the register kernels: run 1's kernels, the comparison for both),
+# *_norm_composite (PTL's masked norm as torch ops instead of the op's kernels: before/after of
+# PERF_NOTES item 9, on the PTL benchmarks only).
+_COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
-            "native_tiles": ("native", {"REGHARM_CUDA_ATTENTION": "tiles"})}
+            "native_tiles": ("native", {"REGHARM_CUDA_ATTENTION": "tiles"}),
+            "native_norm_composite": ("native", _COMPOSITE_NORM),
+            "triton_norm_composite": ("triton", _COMPOSITE_NORM)}
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
-                  "native_tiles": (torch.float32, torch.float16, torch.bfloat16)}
+                  "native_tiles": (torch.float32, torch.float16, torch.bfloat16),
+                  "native_norm_composite": (torch.float32, torch.bfloat16),
+                  "triton_norm_composite": (torch.float32, torch.bfloat16)}
+VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
+                   "triton_norm_composite": ("ptl", "ptl_bf16")}
 
 
 @contextlib.contextmanager
@@ -86,7 +96,7 @@ def split_backend(backend):
     return base, impl, env, compiled
 
 
-def variant_skip_reason(backend, device, dtype):
+def variant_skip_reason(backend, device, dtype, bench=None):
     """Why a variant is not timed here (None: it is)."""
     if backend not in VARIANTS:
         return None
@@ -94,6 +104,8 @@ def variant_skip_reason(backend, device, dtype):
         return "a CUDA-only setting"
     if dtype not in VARIANT_DTYPES[backend]:
         return f"a setting for {', '.join(str(d) for d in VARIANT_DTYPES[backend])} only"
+    if bench is not None and bench not in VARIANT_BENCHES.get(backend, (bench,)):
+        return f"a setting of the {', '.join(VARIANT_BENCHES[backend])} benchmarks only"
     return None
 
 
@@ -497,7 +509,7 @@ def main(argv=None):
         for backend in candidates:
             base, impl, env, compiled = split_backend(backend)
             if backend != "sdpa":
-                reason = variant_skip_reason(base, device, dtype) or unavailable_reason(impl, device)
+                reason = variant_skip_reason(base, device, dtype, name) or unavailable_reason(impl, device)
                 if compiled and builder is not layer_case:
                     reason = reason or "compiled variants time the layers only"
                 if device.type == "cpu" and backend == "triton":

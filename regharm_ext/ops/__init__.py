@@ -2,6 +2,7 @@
 :mod:`regharm_ext.backends`)."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -99,6 +100,14 @@ def masked_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
 
     _checks.check_masked_norm(x, weight, eps)
     impl = resolve(backend, x.device)
-    if weight.requires_grad:
+    if weight.requires_grad or _composite_norm_asked():
         return composite(x, weight, float(eps))
     return impl.masked_norm(x, weight, float(eps))
+
+
+def _composite_norm_asked() -> bool:
+    """``REGHARM_MASKED_NORM=composite``: every backend runs the composite of torch ops instead of
+    its kernels (eager calls; read on each call), so that a benchmark can time PTL both ways on
+    one machine (benchmarks/gpu_bench.py's ``*_norm_composite`` rows)."""
+    return (not torch.compiler.is_compiling()
+            and os.environ.get("REGHARM_MASKED_NORM", "") == "composite")
