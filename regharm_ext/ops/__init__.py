@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _checks
+from .norm_composite import composite
 
 __all__ = ["patch_stats", "masked_attention", "masked_norm"]
 
@@ -96,7 +97,6 @@ def masked_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
         y (Tensor[B, H*W, C]) in x's dtype, contiguous: ``(x - mu) / sqrt(var + eps)``.
     """
     from ..backends import resolve
-    from .norm_composite import composite
 
     _checks.check_masked_norm(x, weight, eps)
     impl = resolve(backend, x.device)

@@ -66,7 +66,7 @@ class CompositeNorm(torch.autograd.Function):
             return (y_t * r.view(B, 1, C)).to(x.dtype).contiguous()
         # written straight in the attention's (B, HW, C) layout: a transposed view would be
         # copied to a contiguous one by the op (one more pass over x's size)
-        y = torch.empty(B, xc[0, 0].numel(), C, dtype=x.dtype, device=x.device)
+        y = torch.empty(B, x.shape[2] * x.shape[3], C, dtype=x.dtype, device=x.device)
         return torch.mul(y_t, r.view(B, 1, C), out=y)
 
     @staticmethod

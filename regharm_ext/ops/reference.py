@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import norm_composite as _norm
+from .norm_composite import composite
 
 
 def unavailable(device: torch.device):
@@ -82,6 +82,4 @@ def masked_attention(
     return out.to(q.dtype)
 
 
-def masked_norm(x, weight, eps: float):
-    """See :func:`regharm_ext.ops.masked_norm`: the composite of torch ops."""
-    return _norm.composite(x, weight, eps)
+masked_norm = composite  # see regharm_ext.ops.masked_norm: the composite of torch ops

@@ -15,16 +15,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import norm_composite as _norm
+from .norm_composite import acc_dtype as _acc_dtype, composite
 
 
 def unavailable(device: torch.device):
     """Runs wherever PyTorch runs."""
     return None
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[int, int],
@@ -96,6 +92,4 @@ def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scal
     return out.scatter(1, order[..., None].expand(-1, -1, oa.shape[-1]), oa)
 
 
-def masked_norm(x, weight, eps: float):
-    """See :func:`regharm_ext.ops.masked_norm`: the composite of torch ops."""
-    return _norm.composite(x, weight, eps)
+masked_norm = composite  # see regharm_ext.ops.masked_norm: the composite of torch ops
