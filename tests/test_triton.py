@@ -211,3 +211,16 @@ def test_unavailable_explains_devices():
     assert reason is not None and "TRITON_INTERPRET" in reason
     assert "mps" in triton_backend.unavailable(torch.device("mps"))
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_launch_integer_helpers_match_triton():
+    """The launchers' plain-Python cdiv and next_pow2 (Triton's are slow ConstexprFunctions) give
+    Triton's grid sizes and block widths."""
+    import triton
+
+    from regharm_ext.ops._triton_util import cdiv, next_pow2
+    for n in range(1, 4100):
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 31, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

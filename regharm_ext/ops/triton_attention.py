@@ -33,7 +33,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._eager import eager_grad, register_autograd
-from ._triton_util import acc_dtype, interpreting, launcher
+from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -264,7 +264,7 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _fit(budget: int, per_row: int, hi: int = 64) -> int:
@@ -348,7 +348,7 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B, L, device=q.device, dtype=acc)
     BD, BE = _pow2(int(D)), _pow2(int(E))
     BM, BN, warps = _blocks(BD, BE, q.dtype)["fwd"]
-    launcher(_attn_fwd)[(triton.cdiv(L, BM), B)](
+    launcher(_attn_fwd)[(cdiv(L, BM), B)](
         q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale, **_flags(q, query_mask),
         BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
     return out, lse, idx, cnt
@@ -375,7 +375,7 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     BD, BE = _pow2(int(D)), _pow2(int(E))
     blocks = _blocks(BD, BE, q.dtype)
     bm = blocks["dq"][0]
-    launcher(_attn_bwd_delta)[(triton.cdiv(L, bm), B)](out, do, delta, L, E, BM=bm, BE=BE,
+    launcher(_attn_bwd_delta)[(cdiv(L, bm), B)](out, do, delta, L, E, BM=bm, BE=BE,
                                                         num_warps=4)
     # float32 values wider than 128 are streamed in chunks of 128 for dP = dO·Vᵀ (see _abt):
     # at E = 512 that cuts sm_90 spills from ~7 KB to <= 1.3 KB per thread; 16-bit values
@@ -383,11 +383,11 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     ec = min(BE, 128) if q.dtype == torch.float32 else BE
     flags = dict(_flags(q, query_mask), BD=BD, BE=BE, EC=ec, num_stages=2)
     BM, BN, warps = blocks["dkdv"]
-    launcher(_attn_bwd_dkdv)[(triton.cdiv(N, BN), B)](
+    launcher(_attn_bwd_dkdv)[(cdiv(N, BN), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, scale,
         BM=BM, BN=BN, num_warps=warps, **flags)
     BM, BN, warps = blocks["dq"]
-    launcher(_attn_bwd_dq)[(triton.cdiv(L, BM), B)](
+    launcher(_attn_bwd_dq)[(cdiv(L, BM), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, D, E, scale,
         BM=BM, BN=BN, num_warps=warps, **flags)
     return dq, dk, dv

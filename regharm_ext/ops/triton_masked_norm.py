@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._eager import eager_grad, register_autograd
-from ._triton_util import acc_dtype, interpreting, launcher
+from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2
 from .norm_composite import op_autograd
 
 
@@ -121,7 +121,7 @@ def _norm_dx(G, X, W, MU, RSTD, SUMS, INV, DX, C, HW, BC: tl.constexpr, BL: tl.c
 
 def _blocks(C: int):
     """(channels, positions) of a sweep program and of a tile program."""
-    c2 = triton.next_power_of_2(max(int(C), 1))
+    c2 = next_pow2(max(int(C), 1))
     if interpreting():  # numpy: fewer, larger programs
         return (min(c2, 64), 1024), (min(c2, 64), 256)
     return (min(c2, 16), 256), (min(c2, 32), 64)
@@ -141,9 +141,9 @@ def masked_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
     rstd = torch.empty(B, C, device=x.device, dtype=acc)
     if B and C and HW:
         (sc, sl), (tc, tl_) = _blocks(C)
-        launcher(_norm_stats)[(triton.cdiv(C, sc), B)](x, w, mu, rstd, C, HW, eps, BC=sc, BL=sl,
+        launcher(_norm_stats)[(cdiv(C, sc), B)](x, w, mu, rstd, C, HW, eps, BC=sc, BL=sl,
                                                        num_warps=4)
-        launcher(_norm_tokens)[(triton.cdiv(HW, tl_), triton.cdiv(C, tc), B)](
+        launcher(_norm_tokens)[(cdiv(HW, tl_), cdiv(C, tc), B)](
             x, mu, rstd, y, C, HW, BC=tc, BL=tl_, num_warps=4)
     else:
         mu.zero_()
@@ -167,9 +167,9 @@ def masked_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, m
     inv = torch.empty(B, device=x.device, dtype=acc)
     if B and C and HW:
         (sc, sl), (tc, tl_) = _blocks(C)
-        launcher(_norm_grad_sums)[(triton.cdiv(C, sc), B)](g, x, w, mu, rstd, sums, inv, C, HW,
+        launcher(_norm_grad_sums)[(cdiv(C, sc), B)](g, x, w, mu, rstd, sums, inv, C, HW,
                                                            BC=sc, BL=sl, num_warps=4)
-        launcher(_norm_dx)[(triton.cdiv(HW, tl_), triton.cdiv(C, tc), B)](
+        launcher(_norm_dx)[(cdiv(HW, tl_), cdiv(C, tc), B)](
             g, x, w, mu, rstd, sums, inv, dx, C, HW, BC=tc, BL=tl_, num_warps=4)
     return dx
 

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._eager import eager_grad, register_autograd
-from ._triton_util import acc_dtype, interpreting, launcher
+from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -194,7 +194,7 @@ def _ps_bwd_pixel(X, BG, W, ABG, GX, C, H, Wd, Kh, Kw, K, sh, sw,
 def _blocks(C: int):
     """(patch tile, channel tile, pixel tile, pixel-kernel channel tile). Small patch tiles give
     the 132 SMs of an H100 ~3 programs each at the paper's size (K = 841, C = 64, B = 4 -> 432)."""
-    c2 = triton.next_power_of_2(int(C))
+    c2 = next_pow2(int(C))
     if interpreting():  # numpy: fewer, larger programs
         return 256, c2, 1024, c2
     return 32, min(16, c2), 64, min(16, c2)
@@ -220,7 +220,7 @@ def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bia
     mass = torch.empty(B, K, device=x.device, dtype=acc)
     BK, BC, _, _ = _blocks(C)
     if B and C:
-        launcher(_ps_fwd)[(triton.cdiv(K, BK), triton.cdiv(C, BC), B)](
+        launcher(_ps_fwd)[(cdiv(K, BK), cdiv(C, BC), B)](
             x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, sh, sw, eps, min_mass,
             PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
     return mu, sigma, content, mass
@@ -240,16 +240,16 @@ def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_conten
     abg = torch.empty(B, K, 3, C, device=x.device, dtype=acc)   # alpha, beta, gamma
     grad_x = torch.empty_like(x)
     BK, BC, BP, BCP = _blocks(C)
-    tiles = (triton.cdiv(K, BK), triton.cdiv(C, BC), B)
+    tiles = (cdiv(K, BK), cdiv(C, BC), B)
     P = ph * pw
     partial = torch.empty(tiles[0] * tiles[1] * B, P + 1, device=x.device, dtype=acc)
     if B and C:
         launcher(_ps_bwd_patch)[tiles](
             x, bg, weight, mu, sigma, mass, *grads, abg, partial,
             C, H, W, Kw, K, sh, sw, min_mass, PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
-        launcher(_ps_bwd_pixel)[(triton.cdiv(H * W, BP), triton.cdiv(C, BCP), B)](
+        launcher(_ps_bwd_pixel)[(cdiv(H * W, BP), cdiv(C, BCP), B)](
             x, bg, weight, abg, grad_x, C, H, W, Kh, Kw, K, sh, sw, PH=ph, PW=pw,
-            NI=triton.cdiv(ph, sh), NJ=triton.cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
+            NI=cdiv(ph, sh), NJ=cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
     else:
         grad_x.zero_()
         partial.zero_()
