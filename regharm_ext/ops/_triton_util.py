@@ -2,7 +2,8 @@
 kernel launcher that makes a launch visible to ``torch.compile``."""
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -83,9 +84,41 @@ def _interpreter_problem() -> Optional[str]:
 INTERPRETER_PROBLEM = _interpreter_problem()
 
 
+class _Launches(threading.local):
+    direct = False  # inside eager_body: no tracing wrapper
+
+
+_LAUNCHES = _Launches()
+
+
 def launcher(kernel):
     """``wrap_triton(kernel)`` for compiled kernels; interpreted ones are launched directly
-    (``wrap_triton`` of torch < 2.13 rejects them and the compiler never sees them anyway)."""
-    if _wrap_triton is None or is_interpreted(kernel):
+    (``wrap_triton`` of torch < 2.13 rejects them and the compiler never sees them anyway), and
+    so is every kernel of an :func:`eager_body`."""
+    if _wrap_triton is None or is_interpreted(kernel) or _LAUNCHES.direct:
         return kernel
     return _wrap_triton(kernel)
+
+
+def eager_body(fn: Callable) -> Callable:
+    """``fn`` (a ``triton_op``'s Python body) for plain eager calls (``_eager.Direct``): its
+    kernels launch as they are, as ``triton_op`` itself runs them for real tensors."""
+    def body(*args):
+        prev, _LAUNCHES.direct = _LAUNCHES.direct, True
+        try:
+            return fn(*args)
+        finally:
+            _LAUNCHES.direct = prev
+    return body
+
+
+def traced_op(name: str):
+    """``torch.library.triton_op(name, mutates_args=())`` (the op ``torch.compile`` sees into),
+    keeping the body for plain eager calls as the op's ``eager_body``."""
+    from torch.library import triton_op
+
+    def dec(fn):
+        op = triton_op(name, mutates_args=())(fn)
+        op.eager_body = eager_body(fn)
+        return op
+    return dec

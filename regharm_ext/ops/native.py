@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import no_gpu_reason
-from ._eager import eager_grad, register_autograd
+from ._eager import Direct, eager_grad, register_autograd
 from .norm_composite import op_autograd
 
 try:
@@ -120,6 +120,10 @@ def _register() -> None:
     def _(grad_out, q, k, v, key_bias, query_mask, out, lse, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
+    # below the autograd key where nothing can tell (_eager.Direct): the C++ kernel, no Python
+    _patch_stats_backward = Direct(torch.ops.regharm.patch_stats_backward)
+    _masked_attention_backward = Direct(torch.ops.regharm.masked_attention_backward)
+
     def patch_setup(ctx, inputs, output):
         x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass = inputs
         mu, sigma, _, mass = output
@@ -132,8 +136,7 @@ def _register() -> None:
         x, bg, weight, mu, sigma, mass = ctx.saved_tensors
         grads = [g if g is not None else torch.zeros_like(mu)
                  for g in (grad_mu, grad_sigma, grad_content)]
-        gx, gw, gb = torch.ops.regharm.patch_stats_backward(*grads, x, bg, weight, mu, sigma, mass,
-                                                            *ctx.args)
+        gx, gw, gb = _patch_stats_backward(*grads, x, bg, weight, mu, sigma, mass, *ctx.args)
         return gx, None, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
 
     # the backend's own eager calls use the Functions: the same setup and backward, without
@@ -152,7 +155,7 @@ def _register() -> None:
         q, k, v, key_bias, query_mask, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.regharm.masked_attention_backward(
+        dq, dk, dv = _masked_attention_backward(
             grad_out, q, k, v, key_bias, query_mask, out, lse, ctx.scale)
         return dq, dk, dv, None, None, None
 
@@ -169,7 +172,7 @@ def _register() -> None:
         return x.new_empty(x.shape)
 
     global _MaskedNorm
-    setup, backward = op_autograd(torch.ops.regharm.masked_norm_backward)
+    setup, backward = op_autograd(Direct(torch.ops.regharm.masked_norm_backward))
     _MaskedNorm = register_autograd(lib + "masked_norm", backward, setup)
 
 

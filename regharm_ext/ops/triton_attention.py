@@ -30,10 +30,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from ._eager import eager_grad, register_autograd
-from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2
+from ._eager import Direct, eager_grad, register_autograd
+from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2, traced_op
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -325,7 +324,7 @@ def _dense(q, k, v, key_bias):
     return tuple(t.contiguous() for t in (q, k, v, key_bias))
 
 
-@triton_op("regharm_triton::masked_attention", mutates_args=())
+@traced_op("regharm_triton::masked_attention")
 def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          key_bias: torch.Tensor, query_mask: Optional[torch.Tensor],
                          scale: float
@@ -354,7 +353,7 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse, idx, cnt
 
 
-@triton_op("regharm_triton::masked_attention_backward", mutates_args=())
+@traced_op("regharm_triton::masked_attention_backward")
 def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, key_bias: torch.Tensor,
                          query_mask: Optional[torch.Tensor], out: torch.Tensor,
@@ -400,16 +399,21 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+_masked_attention_backward = Direct(torch.ops.regharm_triton.masked_attention_backward,
+                                    masked_attention_bwd.eager_body)
+
+
 def _backward(ctx, grad_out, grad_lse, grad_idx, grad_cnt):
     q, k, v, key_bias, query_mask, out, lse, idx, cnt = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = masked_attention_bwd(grad_out, q, k, v, key_bias, query_mask, out, lse, idx,
-                                      cnt, ctx.scale)
+    dq, dk, dv = _masked_attention_backward(grad_out, q, k, v, key_bias, query_mask, out, lse,
+                                            idx, cnt, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
-_MaskedAttention = register_autograd("regharm_triton::masked_attention", _backward, _setup_context)
+_MaskedAttention = register_autograd("regharm_triton::masked_attention", _backward, _setup_context,
+                                     masked_attention_fwd.eager_body)
 
 
 def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:

@@ -18,10 +18,9 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from ._eager import eager_grad, register_autograd
-from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2
+from ._eager import Direct, eager_grad, register_autograd
+from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2, traced_op
 from .norm_composite import op_autograd
 
 
@@ -127,7 +126,7 @@ def _blocks(C: int):
     return (min(c2, 16), 256), (min(c2, 32), 64)
 
 
-@triton_op("regharm_triton::masked_norm", mutates_args=())
+@traced_op("regharm_triton::masked_norm")
 def masked_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (Tensor[B, HW, C], x's dtype), mu and rstd (Tensor[B, C], the accumulation dtype)."""
@@ -151,7 +150,7 @@ def masked_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
     return y, mu, rstd
 
 
-@triton_op("regharm_triton::masked_norm_backward", mutates_args=())
+@traced_op("regharm_triton::masked_norm_backward")
 def masked_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mu: torch.Tensor,
                     rstd: torch.Tensor) -> torch.Tensor:
     """dx (Tensor[B, C, H, W], x's dtype)."""
@@ -174,8 +173,9 @@ def masked_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, m
     return dx
 
 
-_setup, _backward = op_autograd(torch.ops.regharm_triton.masked_norm_backward)
-_MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup)
+_setup, _backward = op_autograd(Direct(torch.ops.regharm_triton.masked_norm_backward,
+                                      masked_norm_bwd.eager_body))
+_MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup, masked_norm_fwd.eager_body)
 
 
 def masked_norm(x, weight, eps: float) -> torch.Tensor:

@@ -32,10 +32,9 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from ._eager import eager_grad, register_autograd
-from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2
+from ._eager import Direct, eager_grad, register_autograd
+from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2, traced_op
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -205,7 +204,7 @@ def _grid_sizes(H, W, ph, pw, sh, sw):
     return Kh, Kw, Kh * Kw
 
 
-@triton_op("regharm_triton::patch_stats", mutates_args=())
+@traced_op("regharm_triton::patch_stats")
 def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                     ph: int, pw: int, sh: int, sw: int, eps: float, min_mass: float
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,7 +225,7 @@ def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bia
     return mu, sigma, content, mass
 
 
-@triton_op("regharm_triton::patch_stats_backward", mutates_args=())
+@traced_op("regharm_triton::patch_stats_backward")
 def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_content: torch.Tensor,
                     x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, mu: torch.Tensor,
                     sigma: torch.Tensor, mass: torch.Tensor, ph: int, pw: int, sh: int, sw: int,
@@ -265,16 +264,20 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype
 
 
+_patch_stats_backward = Direct(torch.ops.regharm_triton.patch_stats_backward, patch_stats_bwd.eager_body)
+
+
 def _backward(ctx, g_mu, g_sigma, g_content, g_mass):
     x, bg, weight, mu, sigma, mass = ctx.saved_tensors
     g_mu, g_sigma, g_content = (torch.zeros_like(mu) if g is None else g
                                 for g in (g_mu, g_sigma, g_content))
-    gx, gw, gb = torch.ops.regharm_triton.patch_stats_backward(
+    gx, gw, gb = _patch_stats_backward(
         g_mu, g_sigma, g_content, x, bg, weight, mu, sigma, mass, *ctx.args)
     return gx, None, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
 
 
-_PatchStats = register_autograd("regharm_triton::patch_stats", _backward, _setup_context)
+_PatchStats = register_autograd("regharm_triton::patch_stats", _backward, _setup_context,
+                                patch_stats_fwd.eager_body)
 
 
 def patch_stats(x, bg, weight, bias, patch_size, stride, eps: float, min_mass: float):
