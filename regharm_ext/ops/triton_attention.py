@@ -375,7 +375,7 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     blocks = _blocks(BD, BE, q.dtype)
     bm = blocks["dq"][0]
     launcher(_attn_bwd_delta)[(cdiv(L, bm), B)](out, do, delta, L, E, BM=bm, BE=BE,
-                                                        num_warps=4)
+                                                num_warps=4)
     # float32 values wider than 128 are streamed in chunks of 128 for dP = dO·Vᵀ (see _abt):
     # at E = 512 that cuts sm_90 spills from ~7 KB to <= 1.3 KB per thread; 16-bit values
     # spill less kept in registers

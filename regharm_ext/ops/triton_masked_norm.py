@@ -141,7 +141,7 @@ def masked_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
     if B and C and HW:
         (sc, sl), (tc, tl_) = _blocks(C)
         launcher(_norm_stats)[(cdiv(C, sc), B)](x, w, mu, rstd, C, HW, eps, BC=sc, BL=sl,
-                                                       num_warps=4)
+                                                num_warps=4)
         launcher(_norm_tokens)[(cdiv(HW, tl_), cdiv(C, tc), B)](
             x, mu, rstd, y, C, HW, BC=tc, BL=tl_, num_warps=4)
     else:
@@ -167,7 +167,7 @@ def masked_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, m
     if B and C and HW:
         (sc, sl), (tc, tl_) = _blocks(C)
         launcher(_norm_grad_sums)[(cdiv(C, sc), B)](g, x, w, mu, rstd, sums, inv, C, HW,
-                                                           BC=sc, BL=sl, num_warps=4)
+                                                    BC=sc, BL=sl, num_warps=4)
         launcher(_norm_dx)[(cdiv(HW, tl_), cdiv(C, tc), B)](
             g, x, w, mu, rstd, sums, inv, dx, C, HW, BC=tc, BL=tl_, num_warps=4)
     return dx
@@ -175,7 +175,8 @@ def masked_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, m
 
 _setup, _backward = op_autograd(Direct(torch.ops.regharm_triton.masked_norm_backward,
                                       masked_norm_bwd.eager_body))
-_MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup, masked_norm_fwd.eager_body)
+_MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup,
+                                masked_norm_fwd.eager_body)
 
 
 def masked_norm(x, weight, eps: float) -> torch.Tensor:
