@@ -2,6 +2,7 @@
 
     python -m regharm_ext.evaluate [--checkpoint RUN_DIR_OR_FILE] [--data-root DIR]
         [--subsets HCOCO ...] [--split test] [--method model|composite|reinhard|reinhard-cielab ...] [--json OUT]
+        [--samples SHEET.png [--samples-count N]]
 
 Without ``--data-root`` the embedded validation split is scored (synthetic composites of the 15
 validation photos, 120 images); with it, the iHarmony4 tree at DIR (the subsets present, or those
@@ -9,6 +10,9 @@ named). Without ``--checkpoint`` the packaged default weights are used. Every me
 images: composite, mask and real image at 256² (bilinear, soft mask), metrics of
 :mod:`regharm_ext.metrics`. A model whose training resolution differs runs at that resolution and
 its residual is upsampled to 256² (:mod:`regharm_ext.inference`), as ``harmonize`` does.
+
+``--samples`` also writes a picture of N images spread over the dataset: composite (mask
+outlined), each method's result with its fMSE, real (:mod:`regharm_ext.samples`).
 
 JSON (``--json``): ``{"method": ..., "subsets": {"<Subset>": {"n", "mse", "fmse", "psnr"}, ...,
 "All": {...}}}``; a list of such objects when several methods are given.
@@ -35,6 +39,16 @@ METHODS = ("model", "composite", "reinhard", "reinhard-cielab")
 EVAL_SIZE = 256
 
 
+def method_fn(method: Union[str, torch.nn.Module]):
+    """``fn(image, mask) -> O`` for a model (run as :mod:`regharm_ext.inference` does) or the
+    name of a baseline."""
+    if isinstance(method, str):
+        if method not in BASELINES:
+            raise ValueError(f"unknown method {method!r}: choose a model or one of {sorted(BASELINES)}")
+        return BASELINES[method]
+    return lambda image, mask: harmonize_tensor(method, image, mask)
+
+
 def evaluate(method: Union[str, torch.nn.Module], dataset: Dataset, device="cpu", batch_size: int = 8,
              peak="target", progress: bool = True, name: str = None, num_workers: int = 0) -> Dict:
     """Mean MSE, fMSE, PSNR per subset and over all images.
@@ -51,13 +65,8 @@ def evaluate(method: Union[str, torch.nn.Module], dataset: Dataset, device="cpu"
 
     Returns: ``{"method": str, "subsets": {subset: {"n", "mse", "fmse", "psnr"}, ..., "All": {...}}}``.
     """
-    if isinstance(method, str):
-        if method not in BASELINES:
-            raise ValueError(f"unknown method {method!r}: choose a model or one of {sorted(BASELINES)}")
-        fn, label, model = BASELINES[method], method, None
-    else:
-        model, label = method, "model"
-        fn = lambda image, mask: harmonize_tensor(model, image, mask)  # noqa: E731
+    fn = method_fn(method)
+    label, model = (method, None) if isinstance(method, str) else ("model", method)
     if len(dataset) == 0:
         raise ValueError("the dataset holds no images to evaluate (empty list file?)")
     device = torch.device(device)
@@ -151,6 +160,9 @@ def main(argv=None) -> int:
                    help="images of the embedded validation split (default 120)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--samples", default=None, type=Path, metavar="PNG",
+                   help="also write a sheet of composite | each method | real for a few images here")
+    p.add_argument("--samples-count", type=int, default=8, metavar="N", help="rows of --samples (default 8)")
     a = p.parse_args(argv)
     peak = a.peak
     if peak != "target":
@@ -161,11 +173,17 @@ def main(argv=None) -> int:
     try:
         device = _device(a.device)
         dataset = build_dataset(a.data_root, a.split, a.subsets, a.size, a.val_length)
-        results = []
-        for m in dict.fromkeys(a.method):
-            target = _load_model(a.checkpoint, device) if m == "model" else m
-            results.append(evaluate(target, dataset, device, a.batch_size, peak,
-                                    progress=not a.no_progress, name=m, num_workers=a.workers))
+        if a.samples is not None and a.samples.suffix.lower() != ".png":
+            raise ValueError(f"--samples writes a PNG: give a path ending in .png, got {a.samples}")
+        targets = {m: _load_model(a.checkpoint, device) if m == "model" else m for m in a.method}
+        results = [evaluate(t, dataset, device, a.batch_size, peak, progress=not a.no_progress, name=m,
+                            num_workers=a.workers) for m, t in targets.items()]
+        if a.samples is not None:
+            from .samples import sample_sheet, save_sheet
+            # the sheet's first column is the composite already
+            methods = [(m, method_fn(t)) for m, t in targets.items() if m != "composite"]
+            sheet = sample_sheet(dataset, methods, a.samples_count, device, peak)
+            print(f"samples: {save_sheet(sheet, a.samples)}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one line for the user, no traceback

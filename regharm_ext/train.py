@@ -12,8 +12,9 @@ Presets (every :class:`TrainConfig` field can be overridden, e.g. ``--lr 1e-3 --
 
 A run directory holds everything the run writes: ``config.json``, ``log.jsonl`` (one JSON line per
 epoch), ``checkpoints/`` + ``latest.json`` (a checkpoint every epoch, see
-:mod:`regharm_ext.checkpoint`), ``val.json`` (the final table: model vs composite vs Reinhard) and
-``tensorboard/`` when TensorBoard is installed. ``--resume`` continues from the latest checkpoint at
+:mod:`regharm_ext.checkpoint`), ``val.json`` (the final table: model vs composite vs Reinhard), ``samples.png`` (a few validation
+images as composite | model | real, rewritten at every validation; the final one adds Reinhard)
+and ``tensorboard/`` when TensorBoard is installed. ``--resume`` continues from the latest checkpoint at
 the same step, with the same data order and RNG states, so its next loss is the one the
 uninterrupted run would have had.
 
@@ -43,8 +44,9 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -325,6 +327,7 @@ def final_validation(model, val, cfg: TrainConfig, device: torch.device, run_dir
     for baseline in ("composite", "reinhard"):
         results.append(evaluate(baseline, val, device=str(device), batch_size=cfg.eval_batch_size))
     print(format_table(results), flush=True)
+    write_samples(model, val, device, run_dir, baselines=("reinhard",))
     fm = [r["subsets"]["All"]["fmse"] for r in results]
     out = {"checkpoint": checkpoint, "results": results, "fmse_vs_composite": fm[0] / fm[1] if fm[1] else None,
            "fmse_vs_reinhard": fm[0] / fm[2] if fm[2] else None}
@@ -344,6 +347,33 @@ def _set_lr(opt, cfg: TrainConfig, state: Dict, elapsed: float) -> None:
     lr = cfg.lr * cfg.lr_gamma ** state["lr_drops"]
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+SAMPLE_ROWS = 6   # validation images in the run folder's samples.png
+
+
+def write_samples(model, val, device: torch.device, run_dir: Path, baselines: Sequence[str] = (),
+                  writer=None, step: int = 0) -> Optional[Path]:
+    """``run_dir/samples.png``: the first columns of the validation table as pictures (composite |
+    model | baselines | real, :mod:`regharm_ext.samples`), also to TensorBoard when it logs. A
+    failure to write it is reported and training goes on: a picture is not worth a run."""
+    from .evaluate import method_fn
+    from .samples import sample_sheet, save_sheet
+
+    was_training = model.training
+    model.eval()
+    try:
+        methods = [("model", method_fn(model))] + [(b, method_fn(b)) for b in baselines]
+        sheet = sample_sheet(val, methods, SAMPLE_ROWS, device)
+        path = save_sheet(sheet, run_dir / "samples.png")
+        if writer is not None:
+            writer.add_image("samples", np.asarray(sheet), step, dataformats="HWC")
+        return path
+    except Exception as exc:  # noqa: BLE001 - reported, never fatal
+        print(f"warning: could not write {run_dir / 'samples.png'}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        model.train(was_training)
 
 
 def _quick_val(model, val, cfg: TrainConfig, device: torch.device) -> float:
@@ -520,6 +550,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 with open(run_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             checkpoint(best)
+            if main and "val_fmse" in record:
+                write_samples(model, val_ds, device, run_dir, writer=writer, step=state["step"])
             if main:
                 bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
                           f"{record['seconds']:.0f} s")
