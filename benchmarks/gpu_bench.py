@@ -13,6 +13,10 @@ bias (a dense masked attention).
     python benchmarks/gpu_bench.py --out DIR
     python benchmarks/gpu_bench.py --device cpu --quick   # smoke test: tiny shapes
 
+After timing, every entry but ``reference``'s is checked (``benchmarks/bench_check.py``): its
+outputs and input gradients at the timed sizes against the float64 reference; a criterion holds
+only where that check passed.
+
 Results are written after every measurement, so a crash keeps what was measured; errors are
 recorded per entry. ``python benchmarks/collect_gpu.py OUT`` files the JSON of a GPU run under
 benchmarks/results/ and regenerates the README's tables.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -44,6 +49,7 @@ from regharm_ext import LTL, PTL  # noqa: E402
 from regharm_ext.backends import unavailable_reason  # noqa: E402
 from regharm_ext.ops import masked_attention, patch_stats  # noqa: E402
 from benchlib import git_commit  # noqa: E402
+import bench_check  # noqa: E402
 
 BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles",
             "native_norm_composite", "triton_norm_composite")
@@ -211,7 +217,9 @@ def patch_case(s, device, dtype):
         return x, bg, w, b
 
     def run_with(backend):
-        return lambda x, bg, w, b: patch_stats(x, bg, w, b, ph, st, backend=backend)[:3]
+        run = lambda x, bg, w, b: patch_stats(x, bg, w, b, ph, st, backend=backend)[:3]  # noqa: E731
+        run.reference64 = lambda x, bg, w, b: patch_stats(x, bg, w, b, ph, st, backend="reference")[:3]
+        return run
 
     return make, run_with
 
@@ -313,8 +321,11 @@ def attention_case(s, device, dtype):
 
     def run_with(backend):
         if backend == "sdpa":
-            return sdpa_baseline
-        return lambda q, k, v, kb, qm: masked_attention(q, k, v, kb, qm, backend=backend)
+            run = lambda *inputs: sdpa_baseline(*inputs)  # noqa: E731
+        else:
+            run = lambda q, k, v, kb, qm: masked_attention(q, k, v, kb, qm, backend=backend)  # noqa: E731
+        run.reference64 = lambda q, k, v, kb, qm: masked_attention(q, k, v, kb, qm, backend="reference")
+        return run
 
     return make, run_with
 
@@ -336,7 +347,16 @@ def layer_case(s, device, dtype):
             mod = LTL(C, backend=backend)
         mod = mod.to(device, dtype)
         modules[backend] = mod
-        return lambda x, m: mod(x, m)
+        run = lambda x, m: mod(x, m)  # noqa: E731
+
+        def reference64(x, m):  # the timed module's weights, in float64 on the reference backend
+            ref = copy.deepcopy(mod).double()
+            for layer in (ref, *ref.modules()):
+                if hasattr(layer, "backend"):
+                    layer.backend = "reference"
+            return ref(x, m)
+        run.reference64 = reference64
+        return run
 
     return make, run_with
 
@@ -413,20 +433,32 @@ CRITERIA = (
 )
 
 
+def check_summary(entry) -> str:
+    """"ok", "fails (...)" or "not run" for an entry's bench_check result."""
+    c = entry.get("check") if entry else None
+    if not c:
+        return "not run"
+    if c.get("ok"):
+        return "ok"
+    return "fails (" + (c.get("error") or f"{c.get('worst')}: {c.get('excess')}x the tolerance") + ")"
+
+
 def acceptance(results):
-    """Each criterion the entries measured: the ratio measured/baseline and whether it holds."""
-    def get(name, backend, key):
+    """Each criterion the entries measured: the ratio measured/baseline and whether it holds (the
+    ratio within the bound, and the measured backend's results checked correct at that setting)."""
+    def find(name, backend, key):
         for r in results:
             if r["bench"] == name and r["backend"] == backend and r.get(key) is not None:
-                return r[key]
+                return r
         return None
 
     out = {}
     for label, bench, backend, base, key, bound in CRITERIA:
-        value, ref = get(bench, backend, key), get(bench, base, key)
-        if value is not None and ref:
-            out[label] = dict(ratio=round(value / ref, 4), bound=round(bound, 4),
-                              holds=value / ref <= bound)
+        entry, ref = find(bench, backend, key), find(bench, base, key)
+        if entry is not None and ref is not None and ref[key]:
+            ratio, checked = entry[key] / ref[key], check_summary(entry)
+            out[label] = dict(ratio=round(ratio, 4), bound=round(bound, 4), checked=checked,
+                              holds=ratio <= bound and checked == "ok")
     return out
 
 
@@ -524,7 +556,8 @@ def main(argv=None):
                     if backend == "sdpa":
                         entry["sdpa_kernel"] = sdpa_kernel_used(inputs)
                     run = run_with(impl)
-                    fwd, fwd_bwd = _fwd_bwd(inputs, torch.compile(run) if compiled else run)
+                    timed = torch.compile(run) if compiled else run
+                    fwd, fwd_bwd = _fwd_bwd(inputs, timed)
                     entry["fwd_ms"], entry["fwd_peak_mb"], entry["fwd_reps"] = timer.measure(fwd)
                     entry["fwd_bwd_ms"], entry["fwd_bwd_peak_mb"], entry["fwd_bwd_reps"] = timer.measure(fwd_bwd)
                     if name in PROFILED and device.type == "cuda":
@@ -537,6 +570,11 @@ def main(argv=None):
                                 entry["fwd_bwd_host_profile"] = host_profile(fwd_bwd)
                         except Exception as exc:  # noqa: BLE001
                             entry["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                    if backend != "reference":  # the expected values come from reference in float64
+                        try:
+                            entry["check"] = bench_check.check(make, timed, run.reference64, dtype)
+                        except Exception as exc:  # noqa: BLE001 - recorded: an unchecked entry holds no line
+                            entry["check"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
             except Exception as exc:  # keep going: one backend failing must not lose the rest
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 entry["traceback"] = traceback.format_exc()[-4000:]
@@ -544,7 +582,8 @@ def main(argv=None):
                     torch.cuda.empty_cache()
             report["results"].append(entry)
             print(json.dumps({k: v for k, v in entry.items()
-                              if k not in ("traceback", "fwd_bwd_profile", "fwd_bwd_host_profile")}),
+                              if k not in ("traceback", "fwd_bwd_profile", "fwd_bwd_host_profile", "check")}
+                              | {"check": check_summary(entry)}),
                   flush=True)
             write_report(report, path)
     write_report(report, path)   # the skips and settings of benchmarks that timed nothing

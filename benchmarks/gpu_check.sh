@@ -3,7 +3,8 @@
 #     REGHARM_COMMIT=<hash> bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/run)
 # 1. env: GPU, versions, commit (into steps.log)  2. build: editable install with the CUDA ops for sm_90
 # 2b. throw: benchmarks/cuda_throw_check.py (errors raised in the CUDA glue), into diagnose.log
-# 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers)
+# 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers, each
+#    timed entry's results checked against float64 at the timed sizes: benchmarks/bench_check.py)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
 # 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
 #    and Nsight Compute (benchmarks/ncu_kernels.py), both into OUT_DIR/diagnose.log
@@ -85,7 +86,7 @@ fi
 # the acceptance numbers first: they are what a GPU session is for (BENCH_LAST=1: after the
 # tests and the sanitizer instead, for a rerun that checks fixes first)
 # shellcheck disable=SC2086
-bench() { step bench 200 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}; }
+bench() { step bench 240 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}; }
 [ "${BENCH_LAST:-0}" = 1 ] || bench
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
@@ -125,8 +126,11 @@ try:
 except OSError:
     sys.exit("no gpu_bench.json")
 for label, a in report.get("acceptance", {}).items():
-    print(f"{'HOLDS' if a['holds'] else 'FAILS'}  {label}: ratio {a['ratio']} (bound {a['bound']})")
+    print(f"{'HOLDS' if a['holds'] else 'FAILS'}  {label}: ratio {a['ratio']} (bound {a['bound']}), "
+          f"result check {a.get('checked', 'not run')}")
 for r in report["results"]:
     if "error" in r:
         print("ERROR", r["bench"], r["backend"], r["error"][:300])
+    elif r.get("check") and not r["check"].get("ok"):
+        print("WRONG RESULT", r["bench"], r["backend"], json.dumps(r["check"])[:300])
 EOF

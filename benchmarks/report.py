@@ -292,6 +292,16 @@ def _short(kernel: str) -> str:
     return (name.split("::")[-1] or kernel)[:60]
 
 
+def _check_cell(r: Dict) -> str:
+    """An entry's ``benchmarks/bench_check.py`` result in a table cell."""
+    c = r.get("check")
+    if not c:
+        return "—"
+    if c.get("ok"):
+        return f"ok ({c['excess']:.2g} of tol.)"
+    return "**wrong**: " + cell(c.get("error") or f"{c.get('worst')} {c.get('excess')}× tol.")[:60]
+
+
 def acceptance_section(gb: Dict) -> str:
     """One ``benchmarks/gpu_bench.py`` JSON: the issues' settings per backend and the criteria."""
     env = gb.get("environment", {})
@@ -303,24 +313,29 @@ def acceptance_section(gb: Dict) -> str:
              f"({'CUDA events' if env.get('device', '').startswith('cuda') else 'perf_counter'}); "
              f"peak = extra memory of one call above what was allocated before it.", ""]
     rows = []
+    checked = any("check" in r for r in gb.get("results", []))  # runs before the check had none
     for r in gb.get("results", []):
         sizes = gb.get("settings", {}).get(r["bench"], {})
         size = ", ".join(f"{k}={v}" for k, v in sizes.items() if k not in ("dtype", "layer"))
         if "error" in r:
             rows.append([f"`{r['bench']}`", size, f"`{r['backend']}`", r.get("dtype", "").replace("torch.", ""),
-                         "error: " + cell(r["error"].splitlines()[0][:80]), "", ""])
+                         "error: " + cell(r["error"].splitlines()[0][:80]), "", ""] + [""] * checked)
             continue
         mb = r.get("fwd_bwd_peak_mb")
         kernel = f" ({r['sdpa_kernel']})" if r.get("sdpa_kernel") else ""
         rows.append([f"`{r['bench']}`", size, f"`{r['backend']}`{kernel}", r.get("dtype", "").replace("torch.", ""),
                      fmt_time(r["fwd_ms"] / 1e3), fmt_time(r["fwd_bwd_ms"] / 1e3),
-                     "—" if mb is None else fmt_mib(mb * MiB)])
-    lines.append(table(["setting", "sizes", "backend", "dtype", "forward", "fwd+bwd", "fwd+bwd peak MiB"], rows))
+                     "—" if mb is None else fmt_mib(mb * MiB)] + ([_check_cell(r)] if checked else []))
+    lines.append(table(["setting", "sizes", "backend", "dtype", "forward", "fwd+bwd", "fwd+bwd peak MiB"]
+                       + (["result vs float64"] if checked else []), rows))
     crit = gb.get("acceptance", {})
     if crit:
-        lines += ["", table(["criterion", "measured / baseline", "bound", "holds"],
-                            [[label, f"{a['ratio']:.3g}", f"{a['bound']:.3g}", "yes" if a["holds"] else "**no**"]
-                             for label, a in crit.items()])]
+        with_check = any("checked" in a for a in crit.values())
+        lines += ["", table(["criterion", "measured / baseline", "bound"] + (["checked"] if with_check else [])
+                            + ["holds"],
+                            [[label, f"{a['ratio']:.3g}", f"{a['bound']:.3g}"]
+                             + ([cell(a.get("checked", "—"))] if with_check else [])
+                             + ["yes" if a["holds"] else "**no**"] for label, a in crit.items()])]
     shares = []
     for r in gb.get("results", []):
         prof = r.get("fwd_bwd_profile")

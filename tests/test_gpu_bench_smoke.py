@@ -62,7 +62,7 @@ def test_collect_files_a_run_and_the_readme_shows_it(tmp_path):
     text = readme.read_text()
     report = json.loads((run / "gpu_bench.json").read_text())
     assert f"### Acceptance settings on {report['environment']['device_name']}" in text
-    assert "| `ptl` |" in text and "| criterion | measured / baseline | bound | holds |" in text
+    assert "| `ptl` |" in text and "| criterion | measured / baseline | bound | checked | holds |" in text
     assert "- `ptl` on `native`: `" in text   # where the time goes
     assert "No GPU result yet" in text          # a CPU run is not a GPU result
     assert "\nold\n" not in text and text.endswith("## After\n")
@@ -143,3 +143,52 @@ def test_compiled_layer_variants(tmp_path):
     assert ("masked_attention", "native") in rows
     skipped = {(s["bench"], s["backend"]): s["reason"] for s in report["skipped"]}
     assert skipped[("masked_attention", "native+compile")] == "compiled variants time the layers only"
+
+
+def _attention_case(bench):
+    import torch
+    return bench.attention_case(dict(B=2, L=64, N=16, D=8, E=8, fg=0.3), torch.device("cpu"), torch.float32)
+
+
+def test_bench_check_passes_right_results_and_names_a_wrong_one():
+    """The check behind every timed entry: right results pass; an output or a gradient that is
+    wrong on the last image only (where batch offsets are largest) fails, named."""
+    import torch
+    bench = _load()
+    import bench_check  # importable once gpu_bench is (it puts benchmarks/ on the path)
+    make, run_with = _attention_case(bench)
+    run = run_with("native")
+    good = bench_check.check(make, run, run.reference64, torch.float32)
+    assert good["ok"] and good["excess"] <= 1 and "grad of input 1" in good["compared"]
+
+    def wrong_output(q, k, v, kb, qm):
+        out = run(q, k, v, kb, qm)
+        return torch.cat([out[:-1], out[-1:] * 1.01])
+    bad = bench_check.check(make, wrong_output, run.reference64, torch.float32)
+    assert not bad["ok"] and bad["worst"] == "output 0" and bad["excess"] > 1
+
+    def make_wrong_grad():
+        q, k, v, kb, qm = make()
+        k.register_hook(lambda g: g * 1.01)
+        return q, k, v, kb, qm
+    bad = bench_check.check(make_wrong_grad, run, run.reference64, torch.float32)
+    assert not bad["ok"] and bad["worst"] == "grad of input 1"
+
+    # the layers compare with a float64 copy of the timed module (same weights)
+    make, run_with = bench.layer_case(dict(layer="ptl", B=2, C=4, H=16, patch=4, stride=2, fg=0.3),
+                                      torch.device("cpu"), torch.float32)
+    run = run_with("native")
+    assert bench_check.check(make, run, run.reference64, torch.float32)["ok"]
+
+
+def test_a_criterion_holds_only_where_its_backend_was_checked():
+    bench = _load()
+    entry = dict(bench="ptl", backend="triton", fwd_bwd_ms=1.0)
+    base = dict(bench="ptl", backend="torch", fwd_bwd_ms=10.0)
+    label = "triton PTL fwd+bwd >= 2x faster than torch (fp32)"
+    for check, holds, shown in ((dict(ok=True), True, "ok"), (None, False, "not run"),
+                                (dict(ok=False, worst="output 0", excess=3.0), False, "fails (output 0: 3.0x"),
+                                (dict(ok=False, error="OutOfMemoryError"), False, "fails (OutOfMemoryError")):
+        e = dict(entry, **({"check": check} if check else {}))
+        a = bench.acceptance([e, base])[label]
+        assert a["ratio"] == 0.1 and a["holds"] is holds and a["checked"].startswith(shown)
