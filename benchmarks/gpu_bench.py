@@ -351,7 +351,7 @@ def layer_case(s, device, dtype):
 
         def reference64(x, m):  # the timed module's weights, in float64 on the reference backend
             ref = copy.deepcopy(mod).double()
-            for layer in (ref, *ref.modules()):
+            for layer in ref.modules():
                 if hasattr(layer, "backend"):
                     layer.backend = "reference"
             return ref(x, m)

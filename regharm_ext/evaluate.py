@@ -164,6 +164,8 @@ def main(argv=None) -> int:
                    help="also write a sheet of composite | each method | real for a few images here")
     p.add_argument("--samples-count", type=int, default=8, metavar="N", help="rows of --samples (default 8)")
     a = p.parse_args(argv)
+    if a.samples_count < 1:
+        p.error(f"--samples-count must be at least 1, got {a.samples_count}")
     peak = a.peak
     if peak != "target":
         try:

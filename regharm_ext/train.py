@@ -12,11 +12,11 @@ Presets (every :class:`TrainConfig` field can be overridden, e.g. ``--lr 1e-3 --
 
 A run directory holds everything the run writes: ``config.json``, ``log.jsonl`` (one JSON line per
 epoch), ``checkpoints/`` + ``latest.json`` (a checkpoint every epoch, see
-:mod:`regharm_ext.checkpoint`), ``val.json`` (the final table: model vs composite vs Reinhard), ``samples.png`` (a few validation
-images as composite | model | real, rewritten at every validation; the final one adds Reinhard)
-and ``tensorboard/`` when TensorBoard is installed. ``--resume`` continues from the latest checkpoint at
-the same step, with the same data order and RNG states, so its next loss is the one the
-uninterrupted run would have had.
+:mod:`regharm_ext.checkpoint`), ``val.json`` (the final table: model vs composite vs Reinhard),
+``samples.png`` (a few validation images as composite | model | real, rewritten at every
+validation; the final one adds Reinhard) and ``tensorboard/`` when TensorBoard is installed.
+``--resume`` continues from the latest checkpoint at the same step, with the same data order and
+RNG states, so its next loss is the one the uninterrupted run would have had.
 
 Reliability and scale-out (README, "Training on several GPUs and nodes"):
 
