@@ -15,10 +15,24 @@ from .ops.norm_composite import composite
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
 
-def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Mask (Tensor[B, 1, H, W]) at a feature size by area averaging; soft values stay weights."""
+def resize_mask(mask: torch.Tensor, size: Tuple[int, int], batch: Optional[int] = None) -> torch.Tensor:
+    """Mask (Tensor[B, 1, H, W]) at a feature size by area averaging; soft values stay weights.
+
+    A float mask holds weights in [0, 1]; a bool mask is taken as 0/1. Integer masks are refused
+    (an 8-bit picture's 255 would be a weight of 255). ``batch``: the B the mask must have (the
+    features' batch), checked so that a mismatch is named here rather than inside an op."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor (B, 1, H, W), got {type(mask).__name__}")
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"mask must have shape (B, 1, H, W), got {tuple(mask.shape)}")
+    if batch is not None and mask.shape[0] != batch:
+        raise ValueError(f"mask holds {mask.shape[0]} image(s) but x holds {batch}: give one mask per "
+                         f"image, shape ({batch}, 1, H, W)")
+    if mask.dtype == torch.bool:
+        mask = mask.float()
+    elif not mask.is_floating_point():
+        raise TypeError(f"mask must be a float tensor of weights in [0, 1] (or bool), got {mask.dtype}; "
+                        f"for an 8-bit mask picture use mask.float() / 255")
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
     return F.interpolate(mask, size=size, mode="area")
@@ -155,7 +169,7 @@ class PTL(nn.Module):
     def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor):
         """The pieces of the forward pass; :meth:`contribution` reuses them."""
         B, C, H, W = x.shape
-        m = resize_mask(mask, (H, W)).to(x.dtype)
+        m = resize_mask(mask, (H, W), B).to(x.dtype)
         bg = 1 - m
         ps, st = self.patch_size(H, W), self.stride_size(H, W)
         weight, bias = self._params(*ps, x)
@@ -256,7 +270,7 @@ class LTL(nn.Module):
         B, C, H, W = x.shape
         z = F.instance_norm(x + self.attn(x))
         t = z.flatten(2).transpose(1, 2)                                    # (B, HW, C)
-        m = resize_mask(mask, (H, W)).to(x.dtype)
+        m = resize_mask(mask, (H, W), B).to(x.dtype)
         mf = m.flatten(1).detach()
         key_bias = torch.log1p(-mf.float().clamp(0, 1))                      # -inf at pure foreground
         t_r = masked_attention(t, t, t, key_bias, mf > 0, backend=self.backend)

@@ -202,6 +202,11 @@ class Harmonizer(nn.Module):
                 or mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"mask must have shape (B, 1, H, W) = {(image.shape[0], 1, *image.shape[-2:])} "
                              f"to match image, got {tuple(mask.shape)}")
+        for name, t in (("image", image), ("mask", mask)):
+            if not (t.is_floating_point() or (name == "mask" and t.dtype == torch.bool)):
+                raise TypeError(f"{name} must be a float tensor with values in [0, 1]"
+                                f"{' (or a bool mask)' if name == 'mask' else ''}, got {t.dtype}; "
+                                f"for 8-bit data use .float() / 255")
         step = 2 ** (len(self.channels) - 1)
         if image.shape[-2] % step or image.shape[-1] % step:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of {step}; "

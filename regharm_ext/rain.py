@@ -43,7 +43,7 @@ class RAIN(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"RAIN({self.channels}) expects x of shape (B, {self.channels}, H, W), "
                              f"got {tuple(x.shape)}")
-        m = resize_mask(mask, tuple(x.shape[-2:])).to(x.dtype)
+        m = resize_mask(mask, tuple(x.shape[-2:]), x.shape[0]).to(x.dtype)
         xf = x.float()
         mu_f, sd_f, mass_f = _masked_stats(xf, m.float(), self.eps)
         mu_b, sd_b, mass_b = _masked_stats(xf, 1 - m.float(), self.eps)

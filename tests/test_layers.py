@@ -175,6 +175,20 @@ def test_layers_reject_wrong_channels_and_sizes():
         ptl(torch.zeros(1, 8, 64, 64), torch.zeros(1, 1, 64, 64))
 
 
+@pytest.mark.parametrize("layer", [PTL, LTL])
+def test_layers_take_bool_masks_and_name_bad_ones(layer):
+    x, mask = _inputs()
+    mask = (mask > 0.5).float()
+    mod = layer(8)
+    assert torch.equal(mod(x, mask > 0.5), mod(x, mask))          # bool: 0/1 weights
+    with pytest.raises(ValueError, match=r"mask holds 1 image\(s\) but x holds 2.*\(2, 1, H, W\)"):
+        mod(x, mask[:1])
+    with pytest.raises(TypeError, match=r"got torch.uint8; for an 8-bit mask picture use mask.float\(\) / 255"):
+        mod(x, (mask * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        mod(x, mask.numpy())
+
+
 def _norm_inputs(dtype=torch.float64):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, 7, 5, generator=g, dtype=dtype)

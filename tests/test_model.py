@@ -1,6 +1,7 @@
 """The generator (SPEC §5): every Table 2 variant, the output equations, sizes and parameter counts."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from regharm_ext.model import VARIANTS, Harmonizer, parse_variant
 from regharm_ext.rain import RAIN
@@ -138,6 +139,18 @@ def test_bad_arguments_are_clear():
         model(torch.rand(1, 3, 96, 96), torch.ones(1, 1, 96, 96))
     with pytest.raises(ValueError, match="mask must have shape"):
         model(image, mask[:, :, :32])
+    with pytest.raises(TypeError, match=r"mask must be a float tensor.*got torch.uint8"):
+        model(image, (mask * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match=r"image must be a float tensor.*got torch.uint8"):
+        model((image * 255).to(torch.uint8), mask)
+    model.eval()
+    assert torch.equal(model(image, mask > 0.5), model(image, (mask > 0.5).float()))
+    # at another resolution too (inference resizes the mask first)
+    from regharm_ext.inference import harmonize_tensor
+    big, big_mask = F.interpolate(image, size=(96, 96)), F.interpolate(mask, size=(96, 96)) > 0.5
+    assert torch.equal(harmonize_tensor(model, big, big_mask), harmonize_tensor(model, big, big_mask.float()))
+    with pytest.raises(TypeError, match="8-bit mask picture"):
+        harmonize_tensor(model, big, big_mask.to(torch.uint8))
 
 
 def test_rain_moves_foreground_to_background_statistics():
