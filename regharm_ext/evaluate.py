@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .baselines import composite, reinhard, reinhard_cielab
 from .errors import one_line
-from .inference import harmonize_tensor
+from .inference import harmonize_tensor, pick_device
 from .metrics import MetricTable, image_metrics
 
 BASELINES = {"composite": composite, "reinhard": reinhard, "reinhard-cielab": reinhard_cielab}
@@ -112,12 +112,6 @@ def format_table(results: Union[Dict, Sequence[Dict]]) -> str:
     return "\n".join(lines)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_dataset(data_root=None, split="test", subsets=None, size=EVAL_SIZE, val_length=None):
     """The evaluation set: iHarmony4 at ``data_root`` (missing subsets skipped, with a note on
     stderr) or, without a root, the embedded validation split."""
@@ -173,7 +167,7 @@ def main(argv=None) -> int:
         except ValueError:
             p.error(f"--peak must be 'target' or a number, got {a.peak!r}")
     try:
-        device = _device(a.device)
+        device = pick_device(a.device)
         dataset = build_dataset(a.data_root, a.split, a.subsets, a.size, a.val_length)
         if a.samples is not None and a.samples.suffix.lower() != ".png":
             raise ValueError(f"--samples writes a PNG: give a path ending in .png, got {a.samples}")

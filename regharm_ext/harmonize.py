@@ -49,7 +49,7 @@ from PIL import Image, ImageFilter
 
 from .data.image_file import ImageFileError, check_memory, image_size, read_mask, read_rgb
 from .errors import one_line
-from .inference import model_size, resize
+from .inference import model_size, pick_device, resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # piecewise-linear "inferno"-like colormap: value -> RGB
@@ -253,12 +253,6 @@ def folder_pairs(input_dir: Path):
     return [(p.stem, p, masks.get(p.stem)) for p in files if not p.stem.endswith("_mask")]
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m regharm_ext.harmonize",
                                 description="Harmonize a composite (image + foreground mask) of any size.")
@@ -286,7 +280,7 @@ def main(argv=None) -> int:
     if single and a.explain_dir is not None or folder and a.explain is not None:
         p.error("--explain is for one image, --explain-dir for folder mode")
     try:
-        device = _device(a.device)
+        device = pick_device(a.device)
         if single:
             # bad inputs fail before a model is loaded
             img, mask = load_pair(a.image, a.mask, max_pixels, a.explain is not None)

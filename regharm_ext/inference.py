@@ -14,6 +14,23 @@ import torch
 import torch.nn.functional as F
 
 
+def pick_device(name: str) -> torch.device:
+    """The ``--device`` of the command-line tools: "auto" (a GPU when one is usable, else the
+    CPU), "cpu", "cuda" or "cuda:N". A GPU asked for where none is usable is refused in words."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 ...)")
+    return dev
+
+
 def model_size(model) -> Optional[Tuple[int, int]]:
     """The (H, W) a model runs at (``input_size``), or None for a model without one."""
     s = getattr(model, "input_size", None)

@@ -594,3 +594,22 @@ def test_empty_and_full_masks_keep_loss_and_metrics_finite(tmp_path):
     assert all(torch.isfinite(v).all() for v in metrics.values()) and metrics["fmse"][0] == 0
     res = evaluate("composite", ds, batch_size=2, progress=False)
     assert res["subsets"]["All"]["n"] == 2 and np.isfinite(res["subsets"]["All"]["fmse"])
+
+
+@pytest.mark.parametrize("cli", ["harmonize", "evaluate"])
+def test_cli_device_errors_are_one_line(cli, tmp_path, capsys, monkeypatch):
+    """--device: a GPU asked for where none is usable, or a name that is no device, is refused in
+    words before any work (both CLIs share regharm_ext.inference.pick_device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    img, mask = tmp_path / "c.png", tmp_path / "m.png"
+    Image.new("RGB", (64, 64)).save(img)
+    Image.new("L", (64, 64), 255).save(mask)
+    args = {"harmonize": ["--image", str(img), "--mask", str(mask), "--out", str(tmp_path / "o.png")],
+            "evaluate": ["--val-length", "2", "--no-progress"]}[cli]
+    main = hz.main if cli == "harmonize" else evaluate_main
+    for device, words in (("cuda", "PyTorch sees no CUDA GPU (use --device cpu)"),
+                          ("gpu", "'gpu' is not a device: use cpu, cuda, cuda:N or auto")):
+        assert main(args + ["--device", device]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
