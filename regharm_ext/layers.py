@@ -111,8 +111,11 @@ class PTL(nn.Module):
             at least 1), or a pair of them. Defaults 1/8 and 1/32: 16 and 4 at 128².
         eps: variance epsilon of every normalization.
         scale: attention scale; ``"auto"`` is ``C ** -0.5``, ``1.0`` the printed equation.
-        feature_size: (H, W) of the input; only needed to create ``weight`` at construction when
-            ``patch`` is a fraction (otherwise it is created on the first forward).
+        feature_size: (H, W) of the input, to size ``weight`` at construction when ``patch`` is a
+            fraction. Without it ``weight`` and ``bias`` are ``nn.UninitializedParameter``s until
+            the first forward sizes them, as in torch's lazy modules: an optimizer built before
+            that trains them, ``load_state_dict`` sizes them, ``torch.compile(fullgraph=True)``
+            needs them sized first (one eager forward, or ``feature_size``).
         min_mass: patches with less background mass are ignored.
         backend: op backend (None picks; see :mod:`regharm_ext.backends`).
 
@@ -137,9 +140,12 @@ class PTL(nn.Module):
             self.weight = nn.Parameter(torch.empty(ph * pw))
             self.bias = nn.Parameter(torch.empty(1))
             self.reset_parameters()
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        else:  # sized on the first forward; in parameters() (optimizers, .to()) from now on
+            self.weight = nn.UninitializedParameter()
+            self.bias = nn.UninitializedParameter()
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, patch={self.patch}, stride={self.stride}, backend={self.backend!r}"
 
     def patch_size(self, h: int, w: int) -> Tuple[int, int]:
         return (_resolve_size(self.patch[0], h, "patch"), _resolve_size(self.patch[1], w, "patch"))
@@ -149,14 +155,17 @@ class PTL(nn.Module):
 
     def reset_parameters(self) -> None:
         # like nn.Linear(ph*pw, 1): uniform weights would give content 0 (SPEC §2)
+        if isinstance(self.weight, nn.UninitializedParameter):
+            return  # done when the first forward sizes it
         bound = 1 / math.sqrt(self.weight.numel())
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
     def _params(self, ph: int, pw: int, x: torch.Tensor):
-        if self.weight is None:  # first forward of a fractional patch: size is known now
-            self.weight = nn.Parameter(torch.empty(ph * pw, device=x.device))
-            self.bias = nn.Parameter(torch.empty(1, device=x.device))
+        if isinstance(self.weight, nn.UninitializedParameter):  # a fractional patch's first forward
+            with torch.no_grad():  # the same Parameter objects: an optimizer built earlier keeps them
+                self.weight.materialize((ph * pw,))
+                self.bias.materialize((1,))
             self.reset_parameters()
         if self.weight.numel() != ph * pw:
             raise ValueError(
@@ -165,6 +174,34 @@ class PTL(nn.Module):
                 f"or give integer patch/stride sizes"
             )
         return self.weight, self.bias
+
+    # state_dict of a PTL that has not sized its weight yet, and loading into one, as torch's
+    # lazy modules do: a sized weight loaded into an unsized PTL sizes it; unsized into unsized
+    # leaves it unsized.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not isinstance(self.weight, nn.UninitializedParameter):
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in self._parameters.items():
+            destination[prefix + name] = value
+        for name, buf in self._buffers.items():
+            if buf is not None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = buf if keep_vars else buf.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        unsized = []
+        for name in ("weight", "bias"):
+            key, param = prefix + name, self._parameters[name]
+            if key in state_dict and isinstance(param, nn.UninitializedParameter):
+                if isinstance(state_dict[key], nn.UninitializedParameter):
+                    state_dict.pop(key)
+                    unsized.append(key)
+                else:
+                    with torch.no_grad():
+                        param.materialize(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        missing_keys[:] = [k for k in missing_keys if k not in unsized]
 
     def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor):
         """The pieces of the forward pass; :meth:`contribution` reuses them."""

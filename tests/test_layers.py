@@ -21,7 +21,7 @@ def _inputs(B=2, C=8, H=24, W=20, seed=0):
 def test_ptl_default_sizes_follow_the_paper():
     ptl = PTL(64)
     assert ptl.patch_size(128, 128) == (16, 16) and ptl.stride_size(128, 128) == (4, 4)
-    assert ptl.weight is None  # fractional patch: created at the first forward
+    assert isinstance(ptl.weight, torch.nn.UninitializedParameter)  # fractional patch: sized at the first forward
     x = torch.randn(1, 64, 128, 128)
     mask = torch.zeros(1, 1, 128, 128)
     mask[..., 40:80, 50:90] = 1
@@ -187,6 +187,23 @@ def test_layers_take_bool_masks_and_name_bad_ones(layer):
         mod(x, (mask * 255).to(torch.uint8))
     with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
         mod(x, mask.numpy())
+
+
+def test_ptl_fractional_weights_train_and_load_before_their_first_forward():
+    x, mask = _inputs()
+    ptl = PTL(8)   # fractional patch, no feature_size: the weights are sized by the first forward
+    opt = torch.optim.SGD(ptl.parameters(), lr=1.0)   # the usual order: optimizer first
+    ptl(x, mask).sum().backward()
+    before = ptl.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, ptl.weight.detach())
+    fresh = PTL(8)
+    fresh.load_state_dict(ptl.state_dict())           # sizes the fresh layer's weights
+    assert torch.equal(fresh(x, mask), ptl(x, mask))
+    blank = PTL(8)
+    blank.load_state_dict(PTL(8).state_dict())        # unsized into unsized: stays unsized
+    assert isinstance(blank.weight, torch.nn.UninitializedParameter)
+    assert "patch=(0.125, 0.125)" in repr(blank)
 
 
 def _norm_inputs(dtype=torch.float64):
