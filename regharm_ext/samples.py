@@ -1,7 +1,7 @@
 """Sample sheets: a few composites beside each method's result and the real image, with the
 mask's outline and each result's fMSE, for people who would rather look than read a table.
 
-``train`` writes one into the run folder (``samples.png``) at every validation, ``evaluate
+``train`` writes one into the run folder (``samples.png``) after every epoch, ``evaluate
 --samples PATH`` on request. Rows are spread evenly over the dataset, so the same images come
 back in every sheet of a run and for every checkpoint scored on one dataset.
 """

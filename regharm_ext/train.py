@@ -13,8 +13,8 @@ Presets (every :class:`TrainConfig` field can be overridden, e.g. ``--lr 1e-3 --
 A run directory holds everything the run writes: ``config.json``, ``log.jsonl`` (one JSON line per
 epoch), ``checkpoints/`` + ``latest.json`` (a checkpoint every epoch, see
 :mod:`regharm_ext.checkpoint`), ``val.json`` (the final table: model vs composite vs Reinhard),
-``samples.png`` (a few validation images as composite | model | real, rewritten at every
-validation; the final one adds Reinhard) and ``tensorboard/`` when TensorBoard is installed.
+``samples.png`` (a few validation images as composite | model | real, rewritten after every
+epoch; the final validation's adds Reinhard) and ``tensorboard/`` when TensorBoard is installed.
 ``--resume`` continues from the latest checkpoint at the same step, with the same data order and
 RNG states, so its next loss is the one the uninterrupted run would have had.
 
@@ -550,7 +550,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 with open(run_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             checkpoint(best)
-            if main and "val_fmse" in record:
+            if main:   # six images through the model: cheap next to an epoch
                 write_samples(model, val_ds, device, run_dir, writer=writer, step=state["step"])
             if main:
                 bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "

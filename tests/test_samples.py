@@ -100,3 +100,24 @@ def test_training_writes_samples_and_survives_a_failed_write(tmp_path, monkeypat
     result = train(preset_config("smoke", **cfg), tmp_path / "full")
     assert result["stopped"] == "done" and result["val"] is not None
     assert "could not write" in capsys.readouterr().err and not (tmp_path / "full" / "samples.png").exists()
+
+
+def test_training_sends_the_sheet_to_tensorboard(tmp_path, monkeypatch):
+    """With TensorBoard installed the sheet also goes to its event file (a stand-in writer here:
+    TensorBoard is optional and CI does not install it)."""
+    calls = []
+
+    class Writer:
+        def add_scalar(self, *a, **k):
+            pass
+
+        def add_image(self, tag, img, step, dataformats):
+            calls.append((tag, img.shape, img.dtype, step, dataformats))
+
+        def close(self):
+            pass
+    monkeypatch.setattr("regharm_ext.train._tensorboard", lambda run_dir: Writer())
+    train(preset_config("smoke", epochs=2, validate=False), tmp_path)
+    assert [c[0] for c in calls] == ["samples", "samples"] and [c[3] for c in calls] == [2, 4]
+    tag, shape, dtype, _, fmt = calls[0]
+    assert fmt == "HWC" and shape[2] == 3 and dtype == np.uint8
