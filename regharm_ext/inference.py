@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .layers import mask_weights
+
 
 def pick_device(name: str) -> torch.device:
     """The ``--device`` of the command-line tools: "auto" (a GPU when one is usable, else the
@@ -47,23 +49,12 @@ def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def mask_weights(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """A float (or bool) mask as weights in image's dtype; integer masks are refused (an 8-bit
-    picture's 255 would be a weight of 255)."""
-    if mask.dtype == torch.bool or (mask.is_floating_point() and mask.dtype != image.dtype):
-        return mask.to(image.dtype)
-    if not mask.is_floating_point():
-        raise TypeError(f"mask must be a float tensor of weights in [0, 1] (or bool), got {mask.dtype}; "
-                        f"for an 8-bit mask picture use mask.float() / 255")
-    return mask
-
-
 @torch.no_grad()
 def predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Î at the image's resolution: computed at ``model.input_size`` and upsampled.
 
     image (Tensor[B, 3, H, W]) in [0, 1], mask (Tensor[B, 1, H, W]) -> Tensor[B, 3, H, W]."""
-    mask = mask_weights(mask, image)
+    mask = mask_weights(mask, image.dtype)
     size = model_size(model)
     if size is None or tuple(image.shape[-2:]) == size:
         return model.predict_raw(image, mask)
@@ -77,7 +68,7 @@ def harmonize_tensor(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
     ``model`` is a Harmonizer (``predict_raw``, ``compose``, ``input_size``); any other module
     with ``forward(image, mask) -> O`` is called directly."""
-    mask = mask_weights(mask, image)
+    mask = mask_weights(mask, image.dtype)
     if not (hasattr(model, "predict_raw") and hasattr(model, "compose")):
         return model(image, mask)
     return model.compose(image, predict_raw_at(model, image, mask), mask)

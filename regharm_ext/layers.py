@@ -15,11 +15,21 @@ from .ops.norm_composite import composite
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
 
+def mask_weights(mask: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A mask as weights: a float mask as it is (in ``dtype`` when given), a bool mask as 0/1.
+    Integer masks are refused (an 8-bit picture's 255 would be a weight of 255)."""
+    if mask.dtype == torch.bool:
+        return mask.to(dtype or torch.float32)
+    if not mask.is_floating_point():
+        raise TypeError(f"mask must be a float tensor of weights in [0, 1] (or bool), got {mask.dtype}; "
+                        f"for an 8-bit mask picture use mask.float() / 255")
+    return mask if dtype is None else mask.to(dtype)
+
+
 def resize_mask(mask: torch.Tensor, size: Tuple[int, int], batch: Optional[int] = None) -> torch.Tensor:
     """Mask (Tensor[B, 1, H, W]) at a feature size by area averaging; soft values stay weights.
 
-    A float mask holds weights in [0, 1]; a bool mask is taken as 0/1. Integer masks are refused
-    (an 8-bit picture's 255 would be a weight of 255). ``batch``: the B the mask must have (the
+    Float or bool masks (:func:`mask_weights`). ``batch``: the B the mask must have (the
     features' batch), checked so that a mismatch is named here rather than inside an op."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor (B, 1, H, W), got {type(mask).__name__}")
@@ -28,11 +38,7 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int], batch: Optional[int] 
     if batch is not None and mask.shape[0] != batch:
         raise ValueError(f"mask holds {mask.shape[0]} image(s) but x holds {batch}: give one mask per "
                          f"image, shape ({batch}, 1, H, W)")
-    if mask.dtype == torch.bool:
-        mask = mask.float()
-    elif not mask.is_floating_point():
-        raise TypeError(f"mask must be a float tensor of weights in [0, 1] (or bool), got {mask.dtype}; "
-                        f"for an 8-bit mask picture use mask.float() / 255")
+    mask = mask_weights(mask)
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
     return F.interpolate(mask, size=size, mode="area")

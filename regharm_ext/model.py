@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LTL, PTL, SelfAttention
+from .layers import LTL, PTL, SelfAttention, mask_weights
 from .rain import RAIN
 
 VARIANTS = ("base", "rbase", "rbase+ltl", "rbase+sa", "rbase+adain", "rbase+ptl", "rbase+ltl+ptl")
@@ -202,11 +202,9 @@ class Harmonizer(nn.Module):
                 or mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"mask must have shape (B, 1, H, W) = {(image.shape[0], 1, *image.shape[-2:])} "
                              f"to match image, got {tuple(mask.shape)}")
-        for name, t in (("image", image), ("mask", mask)):
-            if not (t.is_floating_point() or (name == "mask" and t.dtype == torch.bool)):
-                raise TypeError(f"{name} must be a float tensor with values in [0, 1]"
-                                f"{' (or a bool mask)' if name == 'mask' else ''}, got {t.dtype}; "
-                                f"for 8-bit data use .float() / 255")
+        if not image.is_floating_point():
+            raise TypeError(f"image must be a float tensor with values in [0, 1], got {image.dtype}; "
+                            f"for 8-bit data use .float() / 255")
         step = 2 ** (len(self.channels) - 1)
         if image.shape[-2] % step or image.shape[-1] % step:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of {step}; "
@@ -217,7 +215,7 @@ class Harmonizer(nn.Module):
 
     def _run(self, image: torch.Tensor, mask: torch.Tensor, stop_at_patch: bool = False):
         self._check(image, mask)
-        mask = mask.to(image.dtype)
+        mask = mask_weights(mask, image.dtype)
         skips = [self.stem(torch.cat([image * 2 - 1, mask], 1))]
         for blk in self.down:
             skips.append(blk(skips[-1]))
@@ -244,7 +242,7 @@ class Harmonizer(nn.Module):
 
         Works at any resolution: ``image`` and ``mask`` (Tensor[B, 3|1, H, W]) may be the full
         resolution originals and ``raw`` an upsampled prediction (Tensor[B, 3, H, W])."""
-        mask = mask.to(image.dtype)
+        mask = mask_weights(mask, image.dtype)
         if self.residual:
             return image + raw * mask
         return image * (1 - mask) + raw * mask
