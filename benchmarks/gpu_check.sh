@@ -21,6 +21,9 @@
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
 # A rerun that checks fixes first (build, tests, sanitizer, then some acceptance numbers, ~4 min):
 #     BENCH_LAST=1 NCU=0 SUITE=0 DEADLINE_S=240 BENCH_ARGS="--only ptl,masked_attention" bash benchmarks/gpu_check.sh "$OUT"
+# The Triton kernels alone, no build (tests, the sanitizer on the Triton driver, their numbers):
+#     SKIP_BUILD=1 THROW=0 NCU=0 SUITE=0 BENCH_LAST=1 SANITIZE_ARGS="--backend triton --tools memcheck,racecheck" \
+#     BENCH_ARGS="--only patch_stats,ptl --backends reference,torch,triton" bash benchmarks/gpu_check.sh "$OUT"
 # A focused rerun (build + some acceptance numbers, ~3 min):
 #     TESTS=0 SANITIZE=0 NCU=0 SUITE=0 BENCH_ARGS="--only ptl --backends torch,native,native_tf32x3" bash benchmarks/gpu_check.sh "$OUT"
 set -u
@@ -102,7 +105,8 @@ fi
 # out-of-bounds accesses, shared-memory races, barrier misuse, uninitialized reads
 # (compute-sanitizer; the CPU emulator cannot see these), then where their time goes (ncu)
 if [ "${SANITIZE:-1}" = 1 ]; then
-step --log diagnose.log sanitize 120 bash -c '"$0" benchmarks/sanitize_cuda.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"
+# shellcheck disable=SC2086
+step --log diagnose.log sanitize 120 bash -c '"$0" benchmarks/sanitize_cuda.py --budget $(( STEP_LIMIT_S - 10 )) '"${SANITIZE_ARGS:-}" "$PY"
 fi
 if [ "${NCU:-1}" = 1 ]; then
 step --log diagnose.log ncu 75 bash -c '"$0" benchmarks/ncu_kernels.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"

@@ -5,11 +5,16 @@ memory nothing wrote (initcheck). benchmarks/gpu_check.sh runs it as its `saniti
 
     python benchmarks/sanitize_cuda.py [--tools memcheck,racecheck] [--budget 150]
     python benchmarks/sanitize_cuda.py --run [--device cpu]     # the driver alone, no sanitizer
+    python benchmarks/sanitize_cuda.py --backend triton --rounds 5 --tools memcheck,racecheck
 
 The driver (``--run``) calls every kernel of the ops once per dtype and float32 mode — forward
 and backward of patch_stats, masked_attention and masked_norm on small odd inputs with soft
 masks, removed keys, inactive queries and an image with every key removed — and compares each
 result with the reference computed in float64 on the CPU, so a race that changes values fails too.
+Before each run the allocator's free memory is filled with 0xFF bytes, so an output element no
+kernel writes (or an index read from one) is NaN or -1 rather than a lucky zero. ``--backend
+triton`` runs the same driver on the Triton kernels, with a stress test of the query compaction
+(a GPU run once hit an intermittent illegal address in the Triton attention).
 Every tool runs the driver in a child process with PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor
 is then its own allocation, and memcheck sees an access one element past a tensor. Exit status:
 0 when every tool ran clean and every value matched, 1 otherwise, 2 when nothing could be
@@ -33,8 +38,38 @@ from cuda_tools import cuda_available, find_tool, run_tool  # noqa: E402
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
 
-def _driver(device_name: str) -> int:
-    """Runs the kernels; returns the number of mismatches."""
+def _poison(device) -> None:
+    """Fills the caching allocator's free memory with 0xFF bytes (-1 as an index, NaN as a
+    float), so an output element a kernel never writes, or an index read from it, shows up."""
+    import torch
+    if device.type == "cuda":
+        torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(255)
+
+
+def _compaction_stress(device, rounds: int) -> int:
+    """The Triton query compaction against torch on random masks (poisoned memory each time):
+    every index written once, active queries first, the counts right. Returns the mismatches."""
+    import torch
+    from regharm_ext.ops.triton_attention import _compact
+    g = torch.Generator().manual_seed(0)
+    bad = 0
+    shapes = [(2, 70), (4, 16384), (3, 1), (1, 1025), (5, 333)]
+    for r in range(rounds):
+        B, L = shapes[r % len(shapes)]
+        qm = torch.rand(B, L, generator=g) < float(torch.rand(1, generator=g))
+        _poison(device)
+        idx, cnt = _compact(qm.to(device))
+        want = torch.sort((~qm).to(torch.int8), dim=1, stable=True).indices  # actives first
+        if not (torch.equal(idx.cpu().long(), want) and torch.equal(cnt.cpu().long(), qm.sum(1))):
+            bad += 1
+            print(f"MISMATCH  compaction {B, L} round {r}", flush=True)
+    print(f"{'ok' if not bad else 'FAILED'}        compaction: {rounds} random masks", flush=True)
+    return bad
+
+
+def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
+    """Runs the kernels of ``backend`` ``rounds`` times on poisoned memory; returns the number
+    of mismatches."""
     import torch
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
     from helpers import assert_close, make_attention_inputs, make_norm_inputs, make_patch_inputs
@@ -47,6 +82,10 @@ def _driver(device_name: str) -> int:
     # tile kernels
     modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + \
         [("", d) for d in dtypes[1:]] + [("tiles", torch.bfloat16), ("tiles", torch.float32)]
+    if backend != "native":  # the settings are the native kernels'
+        # (Triton's CPU interpreter has no bfloat16 arithmetic)
+        dtypes = [d for d in dtypes if device.type == "cuda" or d != torch.bfloat16]
+        modes = [("", d) for d in dtypes]
     settings = {"simt": {"REGHARM_CUDA_FP32_MATH": "simt"},
                 "tf32x3": {"REGHARM_CUDA_FP32_MATH": "tf32x3"},
                 "tiles": {"REGHARM_CUDA_ATTENTION": "tiles"}, "": {}}
@@ -57,10 +96,11 @@ def _driver(device_name: str) -> int:
                    dict(B=1, C=2, H=92, W=96, patch=(16, 16), stride=(4, 4))]
     attn_cases = [(dict(B=2, L=150, N=70, D=24, E=40), True),
                   (dict(B=3, L=37, N=23, D=3, E=6, active=1.0), False)]
-    failures = 0
+    failures = _compaction_stress(device, 40 * rounds) if backend == "triton" else 0
 
     def run(fn, leaves, others, dev, dtype, backend, seed):
         """Outputs and the gradients of sum(output * fixed cotangent) w.r.t. the leaves."""
+        _poison(torch.device(dev))
         ls = [t.to(dev, dtype).requires_grad_(True) for t in leaves]
         outs = fn(*ls, *[o.to(dev) if o is not None else None for o in others], backend)
         g = torch.Generator().manual_seed(seed)
@@ -89,12 +129,12 @@ def _driver(device_name: str) -> int:
                 return patch_stats(x_, bg_.to(x_.dtype), w_, b_, case["patch"], case["stride"],
                                    backend=backend)[:3]
 
-            got, n = run(ps, (x, w, b), (bg,), device, dtype, "native", seed=1)
+            got, n = run(ps, (x, w, b), (bg,), device, dtype, backend, seed=1)
             want, _ = run(ps, (x, w, b), (bg,), "cpu", torch.float64, "reference", seed=1)
             compare(f"patch_stats {case['B'], case['C'], case['H'], case['W']} {dtype}", got, want,
                     n, dtype)
 
-    for case, masked in attn_cases:
+    for case, masked in attn_cases * rounds:
         for mode, dtype in modes:
             for name in ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION"):
                 os.environ.pop(name, None)
@@ -105,7 +145,7 @@ def _driver(device_name: str) -> int:
                 def ma(q_, k_, v_, kb_, qm_, backend):
                     return (masked_attention(q_, k_, v_, kb_, qm_, backend=backend),)
 
-                got, n = run(ma, (q, k, v), (kb, mask), device, dtype, "native", seed=2)
+                got, n = run(ma, (q, k, v), (kb, mask), device, dtype, backend, seed=2)
                 want, _ = run(ma, (q, k, v), (kb.double(), mask), "cpu", torch.float64,
                               "reference", seed=2)
                 label = " ".join([f"masked_attention {tuple(case.values())} {dtype}",
@@ -122,7 +162,7 @@ def _driver(device_name: str) -> int:
             def mn(x_, w_, backend):
                 return (masked_norm(x_, w_.to(x_.device), backend=backend),)
 
-            got, n = run(mn, (x,), (w,), device, dtype, "native", seed=3)
+            got, n = run(mn, (x,), (w,), device, dtype, backend, seed=3)
             want, _ = run(mn, (x,), (w.double(),), "cpu", torch.float64, "reference", seed=3)
             compare(f"masked_norm {shape} {dtype}", got, want, n, dtype)
     if device.type == "cuda":
@@ -142,16 +182,21 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="the driver's device (cpu to check it alone)")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"default: {','.join(TOOLS)}")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds for all tools together")
+    ap.add_argument("--backend", default="native", choices=("native", "triton"),
+                    help="whose kernels (triton: the compaction stress test too)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the attention cases (an intermittent fault needs several tries)")
     args = ap.parse_args(argv)
     if args.run:
-        return 1 if _driver(args.device) else 0
+        return 1 if _driver(args.device, args.backend, args.rounds) else 0
 
     print(f"sanitize: budget {args.budget:.0f} s", flush=True)
     if args.device.startswith("cuda"):
         if not cuda_available():
             print("no CUDA device here: nothing to sanitize (--device cpu checks the driver alone)")
             return 2
-    this = [sys.executable, os.path.abspath(__file__), "--run", "--device", args.device]
+    this = [sys.executable, os.path.abspath(__file__), "--run", "--device", args.device,
+            "--backend", args.backend, "--rounds", str(args.rounds)]
     sanitizer = find_tool("compute-sanitizer", "COMPUTE_SANITIZER")
     if sanitizer is None:
         print("compute-sanitizer not found (COMPUTE_SANITIZER, PATH, $CUDA_HOME/bin, "

@@ -50,7 +50,8 @@ def assert_close(actual, expected, dtype, grad=False, msg=""):
     atol, rtol = (GRAD_TOL if grad else TOL)[dtype]
     # +100 offsets scale the values: tolerances are relative to the reference's magnitude
     scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().float(), expected.detach().float(),
+    # compared in float64: float32's rounding (1.2e-7 relative) is coarser than float64's rtol
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(),
                                atol=atol * scale, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
 
 

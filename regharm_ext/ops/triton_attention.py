@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2, traced_op
+from ._triton_util import (acc_dtype, cdiv, interpreting, launcher, next_pow2, split_f32,
+                           traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -80,13 +81,14 @@ def _abt(A, ra, oka, Bm, rb, okb, E, acc, USE_DOT: tl.constexpr, PREC: tl.conste
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale,
+def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale, scale_lo,
               HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = LSE.dtype.element_ty
-    scale = tl.cast(scale, acc_t)  # torch.compile passes Python floats as fp64, a launch as fp32
+    # torch.compile passes Python floats as fp64, a launch as fp32 (hence split_f32)
+    scale = tl.cast(scale, acc_t) + tl.cast(scale_lo, acc_t)
     rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -159,14 +161,14 @@ def _attn_bwd_delta(O, DO, DELTA, L, E, BM: tl.constexpr, BE: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, scale,
+def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, scale, scale_lo,
                    HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                    EC: tl.constexpr):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
-    scale = tl.cast(scale, acc_t)
+    scale = tl.cast(scale, acc_t) + tl.cast(scale_lo, acc_t)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
     offs_d = tl.arange(0, BD)
@@ -215,14 +217,14 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale,
+def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale, scale_lo,
                  HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                  EC: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
-    scale = tl.cast(scale, acc_t)
+    scale = tl.cast(scale, acc_t) + tl.cast(scale_lo, acc_t)
     rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -348,7 +350,8 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     BD, BE = _pow2(int(D)), _pow2(int(E))
     BM, BN, warps = _blocks(BD, BE, q.dtype)["fwd"]
     launcher(_attn_fwd)[(cdiv(L, BM), B)](
-        q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, scale, **_flags(q, query_mask),
+        q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, *split_f32(scale),
+        **_flags(q, query_mask),
         BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
     return out, lse, idx, cnt
 
@@ -383,11 +386,11 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     flags = dict(_flags(q, query_mask), BD=BD, BE=BE, EC=ec, num_stages=2)
     BM, BN, warps = blocks["dkdv"]
     launcher(_attn_bwd_dkdv)[(cdiv(N, BN), B)](
-        q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, scale,
+        q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, *split_f32(scale),
         BM=BM, BN=BN, num_warps=warps, **flags)
     BM, BN, warps = blocks["dq"]
     launcher(_attn_bwd_dq)[(cdiv(L, BM), B)](
-        q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, D, E, scale,
+        q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, D, E, *split_f32(scale),
         BM=BM, BN=BN, num_warps=warps, **flags)
     return dq, dk, dv
 

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2, traced_op
+from ._triton_util import (acc_dtype, cdiv, interpreting, launcher, next_pow2, split_f32,
+                           traced_op)
 from .norm_composite import op_autograd
 
 
@@ -36,9 +37,10 @@ def _inverse_mass(W, b, HW, acc_t: tl.constexpr, BL: tl.constexpr):
 
 
 @triton.jit
-def _norm_stats(X, W, MU, RSTD, C, HW, eps, BC: tl.constexpr, BL: tl.constexpr):
+def _norm_stats(X, W, MU, RSTD, C, HW, eps, eps_lo, BC: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     acc_t = MU.dtype.element_ty
+    eps = tl.cast(eps, acc_t) + tl.cast(eps_lo, acc_t)  # a launch passes floats as fp32: split_f32
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     c_ok = c < C
     rows = X + (b * C + c[:, None]) * HW
@@ -140,8 +142,8 @@ def masked_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float
     rstd = torch.empty(B, C, device=x.device, dtype=acc)
     if B and C and HW:
         (sc, sl), (tc, tl_) = _blocks(C)
-        launcher(_norm_stats)[(cdiv(C, sc), B)](x, w, mu, rstd, C, HW, eps, BC=sc, BL=sl,
-                                                num_warps=4)
+        launcher(_norm_stats)[(cdiv(C, sc), B)](x, w, mu, rstd, C, HW, *split_f32(eps),
+                                                BC=sc, BL=sl, num_warps=4)
         launcher(_norm_tokens)[(cdiv(HW, tl_), cdiv(C, tc), B)](
             x, mu, rstd, y, C, HW, BC=tc, BL=tl_, num_warps=4)
     else:

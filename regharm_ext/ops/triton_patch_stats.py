@@ -1,11 +1,12 @@
 """Triton ``patch_stats`` (SPEC §2): window sums per tile of patches, gather backward, one file.
 
-Forward (``_ps_fwd``): a program owns a tile of patches × a tile of channels and walks the
-``ph*pw`` positions of its patches once, accumulating ``Σbg``, ``Σweight·bg`` and, per channel,
-``Σbg·x``, ``Σbg·x²``, ``Σweight·bg·x``. The blocks are never stored. ``x`` is shifted by the
-value at each patch's top-left pixel before accumulating, so ``Σbg·x² - mass·mu²`` does not
-cancel catastrophically for inputs offset by +100 (any per-patch constant leaves the statistics
-unchanged; a local one keeps the sums as small as the patch's own spread).
+Forward (``_ps_fwd``): a program owns a tile of patches × a tile of channels and sweeps the
+``ph*pw`` positions of its patches twice: first ``Σbg`` and ``Σbg·x`` (the mean), then, centred
+on that mean, ``Σbg·(x - mu)²``, ``Σweight·bg`` and ``Σweight·bg·(x - mu)``. The blocks are never
+stored. ``x`` is shifted by the value at each patch's top-left pixel before the first sweep, so the
+sums stay small for inputs offset by +100. One sweep of raw moments (``Σbg·x² - mass·mu²``) lost
+the variance of patches whose spread is small next to their distance from the shift (a few soft
+background pixels at the foreground's edge), and the backward divides by ``sigma³``.
 
 Backward, per valid patch n and channel c (SPEC §2 / COMMON brief), with ``a_u = weight_r·bg_u``,
 ``Ws = Σa``, ``D = Σa(x - mu)``:
@@ -14,11 +15,12 @@ Backward, per valid patch n and channel c (SPEC §2 / COMMON brief), with ``a_u 
 ``grad_x_u = Σ_{n ∋ u} bg_u (α_n + β_n x_u) + γ_n a_u``,
 ``grad_weight_r = Σ_{b,n,c} γ bg_u (x_u - mu)``, ``grad_bias = Σ g_content`` (valid patches).
 
-- ``_ps_bwd_patch``: one more pass over the patches (same tiling as the forward) recomputes
-  ``Ws`` and ``D`` from the saved ``mu`` and writes ``α, β, γ``; in the same pass it reduces
-  ``γ·bg·(x - mu)`` over its tile for each position r into a per-program partial row, which torch
-  sums over programs (a second kernel is unnecessary: the partials are ``programs × ph*pw``
-  values, deterministic, no atomics).
+- ``_ps_bwd_patch``: the same tiling as the forward; recomputes ``mu`` in the forward's shifted
+  coordinates (a first sweep), then ``Ws`` and ``D`` centred on it (``D`` from the saved, rounded
+  ``mu`` is off by ``ulp(mu)·Ws``, amplified by ``1/sigma³``), and writes ``α, β, γ``; in the
+  second sweep it reduces ``γ·bg·(x - mu)`` over its tile for each position r into a
+  per-program partial row, which torch sums over programs (a second kernel is unnecessary: the
+  partials are ``programs × ph*pw`` values, deterministic, no atomics).
 - ``_ps_bwd_pixel``: each program owns a tile of pixels × channels and gathers from the at most
   ``ceil(ph/sh)·ceil(pw/sw)`` patches that cover each pixel: one writer per gradient value.
 
@@ -34,7 +36,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import acc_dtype, cdiv, interpreting, launcher, next_pow2, traced_op
+from ._triton_util import (acc_dtype, cdiv, interpreting, launcher, next_pow2, split_f32,
+                           traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -51,14 +54,14 @@ def _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK: tl.constexpr, BC: tl.constexpr
 
 
 @triton.jit
-def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, min_mass,
+def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, eps_lo, min_mass,
             PH: tl.constexpr, PW: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     acc_t = MU.dtype.element_ty
-    # torch.compile passes Python floats as fp64, a direct launch as fp32
-    eps = tl.cast(eps, acc_t)
+    # torch.compile passes Python floats as fp64, a direct launch as fp32 (hence split_f32)
+    eps = tl.cast(eps, acc_t) + tl.cast(eps_lo, acc_t)
     min_mass = tl.cast(min_mass, acc_t)
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
@@ -66,31 +69,37 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, mi
     gb = BG + b * H * Wd
     shift = tl.load(xb + top[:, None], mask=m2, other=0.0).to(acc_t)
     mass = tl.zeros((BK,), acc_t)
-    ws = tl.zeros((BK,), acc_t)
     s1 = tl.zeros((BK, BC), acc_t)
+    # the inner loops are unrolled: a row's PW loads are in flight together
+    for dy in range(0, PH):
+        for dx in tl.static_range(PW):
+            off = top + dy * Wd + dx
+            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
+            xs = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift
+            mass += g
+            s1 += g[:, None] * xs
+    valid = mass >= min_mass
+    safe = tl.where(valid, mass, 1.0)[:, None]
+    mu_s = s1 / safe
+    # second sweep, centred on the patch mean: Σbg·x² - mass·mu² cancels when a patch's spread is
+    # small next to its distance from the shift (a few soft background pixels), and the backward
+    # divides by sigma³
+    ws = tl.zeros((BK,), acc_t)
     s2 = tl.zeros((BK, BC), acc_t)
-    wx = tl.zeros((BK, BC), acc_t)
-    # the inner loop is unrolled: a row's PW loads are in flight together
+    d = tl.zeros((BK, BC), acc_t)
     for dy in range(0, PH):
         for dx in tl.static_range(PW):
             off = top + dy * Wd + dx
             w = tl.load(W + dy * PW + dx).to(acc_t)
             g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
-            xs = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift
-            gx = g[:, None] * xs
-            mass += g
+            xc = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift - mu_s
+            gx = g[:, None] * xc
             ws += w * g
-            s1 += gx
-            s2 += gx * xs
-            wx += w * gx
-    valid = mass >= min_mass
-    safe = tl.where(valid, mass, 1.0)[:, None]
-    mu_s = s1 / safe
-    var = tl.maximum(s2 / safe - mu_s * mu_s, 0.0)
-    sigma = tl.sqrt(var + eps)
+            s2 += gx * xc
+            d += w * gx
+    sigma = tl.sqrt(s2 / safe + eps)
     bias = tl.load(BIAS).to(acc_t)
-    # Σ_u a_u (x_u - mu) = Σ a·xs - mu_s·Σ a (the shift cancels)
-    content = bias + (wx - mu_s * ws[:, None]) / sigma
+    content = bias + d / sigma   # Σ_u a_u (x_u - mu) / sigma, a_u = weight_r·bg_u
     v2 = valid[:, None]
     out = b * K * C + n[:, None] * C + c[None, :]
     tl.store(MU + out, tl.where(v2, mu_s + shift, 0.0), mask=m2)
@@ -123,6 +132,16 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
     g_sig = tl.load(GSIG + st, mask=m2, other=0.0).to(acc_t)
     g_con = tl.load(GCON + st, mask=m2, other=0.0).to(acc_t)
     gamma = tl.where(valid, g_con / sigma, 0.0)
+    # mu in the forward's shifted coordinates, summed as the forward sums it: D = Σ a·(x - mu)
+    # from the saved (rounded) mu is off by ulp(mu)·Σa, which g_content·D/(Mσ³) amplifies
+    shift = tl.load(xb + top[:, None], mask=m2, other=0.0).to(acc_t)
+    s1 = tl.zeros((BK, BC), acc_t)
+    for dy in range(0, PH):
+        for dx in tl.static_range(PW):
+            off = top + dy * Wd + dx
+            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
+            s1 += g[:, None] * (tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift)
+    mu_s = s1 / tl.where(valid, mass[:, None], 1.0)
     ws = tl.zeros((BK,), acc_t)
     d = tl.zeros((BK, BC), acc_t)
     # this program's row of partial sums: grad_weight's PH * PW, then grad_bias's one
@@ -132,7 +151,7 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
             off = top + dy * Wd + dx
             w = tl.load(W + dy * PW + dx).to(acc_t)
             g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
-            xc = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - mu
+            xc = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift - mu_s
             ws += w * g
             d += (w * g)[:, None] * xc
             gw = tl.sum(tl.sum(gamma * g[:, None] * xc, 1), 0)
@@ -220,7 +239,8 @@ def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bia
     BK, BC, _, _ = _blocks(C)
     if B and C:
         launcher(_ps_fwd)[(cdiv(K, BK), cdiv(C, BC), B)](
-            x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, sh, sw, eps, min_mass,
+            x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, sh, sw, *split_f32(eps),
+            min_mass,
             PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
     return mu, sigma, content, mass
 
