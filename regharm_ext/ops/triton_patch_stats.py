@@ -54,6 +54,24 @@ def _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK: tl.constexpr, BC: tl.constexpr
 
 
 @triton.jit
+def _first_sweep(xb, gb, top, n_ok, m2, Wd, acc_t: tl.constexpr, PH: tl.constexpr,
+                 PW: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """Each patch's shift (its top-left pixel), mass and Σbg·(x - shift): the forward's first
+    sweep, repeated by the backward so that both centre on the same mean."""
+    shift = tl.load(xb + top[:, None], mask=m2, other=0.0).to(acc_t)
+    mass = tl.zeros((BK,), acc_t)
+    s1 = tl.zeros((BK, BC), acc_t)
+    # the inner loops are unrolled: a row's PW loads are in flight together
+    for dy in range(0, PH):
+        for dx in tl.static_range(PW):
+            off = top + dy * Wd + dx
+            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
+            mass += g
+            s1 += g[:, None] * (tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift)
+    return shift, mass, s1
+
+
+@triton.jit
 def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, eps_lo, min_mass,
             PH: tl.constexpr, PW: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
@@ -67,17 +85,7 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, ep
     m2 = n_ok[:, None] & c_ok[None, :]
     xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
     gb = BG + b * H * Wd
-    shift = tl.load(xb + top[:, None], mask=m2, other=0.0).to(acc_t)
-    mass = tl.zeros((BK,), acc_t)
-    s1 = tl.zeros((BK, BC), acc_t)
-    # the inner loops are unrolled: a row's PW loads are in flight together
-    for dy in range(0, PH):
-        for dx in tl.static_range(PW):
-            off = top + dy * Wd + dx
-            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
-            xs = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift
-            mass += g
-            s1 += g[:, None] * xs
+    shift, mass, s1 = _first_sweep(xb, gb, top, n_ok, m2, Wd, acc_t, PH, PW, BK, BC)
     valid = mass >= min_mass
     safe = tl.where(valid, mass, 1.0)[:, None]
     mu_s = s1 / safe
@@ -134,13 +142,7 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
     gamma = tl.where(valid, g_con / sigma, 0.0)
     # mu in the forward's shifted coordinates, summed as the forward sums it: D = Σ a·(x - mu)
     # from the saved (rounded) mu is off by ulp(mu)·Σa, which g_content·D/(Mσ³) amplifies
-    shift = tl.load(xb + top[:, None], mask=m2, other=0.0).to(acc_t)
-    s1 = tl.zeros((BK, BC), acc_t)
-    for dy in range(0, PH):
-        for dx in tl.static_range(PW):
-            off = top + dy * Wd + dx
-            g = tl.load(gb + off, mask=n_ok, other=0.0).to(acc_t)
-            s1 += g[:, None] * (tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift)
+    shift, _, s1 = _first_sweep(xb, gb, top, n_ok, m2, Wd, acc_t, PH, PW, BK, BC)
     mu_s = s1 / tl.where(valid, mass[:, None], 1.0)
     ws = tl.zeros((BK,), acc_t)
     d = tl.zeros((BK, BC), acc_t)
