@@ -4,7 +4,8 @@
 # 1. env: GPU, versions, commit (into steps.log)  2. build: editable install with the CUDA ops for sm_90
 # 2b. throw: benchmarks/cuda_throw_check.py (errors raised in the CUDA glue), into diagnose.log
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers, each
-#    timed entry's results checked against float64 at the timed sizes: benchmarks/bench_check.py)
+#    timed entry's results checked against float64 at the timed sizes: benchmarks/bench_check.py;
+#    then each time criterion as BENCH_PAIRS (5) alternating ours/baseline pairs in one process)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
 # 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
 #    and Nsight Compute (benchmarks/ncu_kernels.py), both into OUT_DIR/diagnose.log
@@ -89,7 +90,7 @@ fi
 # the acceptance numbers first: they are what a GPU session is for (BENCH_LAST=1: after the
 # tests and the sanitizer instead, for a rerun that checks fixes first)
 # shellcheck disable=SC2086
-bench() { step bench 240 "$PY" benchmarks/gpu_bench.py --isolate --out "$OUT_DIR" ${BENCH_ARGS:-}; }
+bench() { step bench 300 "$PY" benchmarks/gpu_bench.py --isolate --pairs "${BENCH_PAIRS:-5}" --out "$OUT_DIR" ${BENCH_ARGS:-}; }
 [ "${BENCH_LAST:-0}" = 1 ] || bench
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
@@ -130,7 +131,9 @@ try:
 except OSError:
     sys.exit("no gpu_bench.json")
 for label, a in report.get("acceptance", {}).items():
-    print(f"{'HOLDS' if a['holds'] else 'FAILS'}  {label}: ratio {a['ratio']} (bound {a['bound']}), "
+    pairs = (f" = median of {a['pairs']} pairs, range {a['ratio_range']}, separate runs "
+             f"{a['ratio_separate']}") if a.get("pairs") else ""
+    print(f"{'HOLDS' if a['holds'] else 'FAILS'}  {label}: ratio {a['ratio']}{pairs} (bound {a['bound']}), "
           f"result check {a.get('checked', 'not run')}")
 for r in report["results"]:
     if "error" in r:

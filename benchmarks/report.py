@@ -302,6 +302,16 @@ def _check_cell(r: Dict) -> str:
     return "**wrong**: " + cell(c.get("error") or f"{c.get('worst')} {c.get('excess')}× tol.")[:60]
 
 
+def _ratio_cell(a: Dict) -> str:
+    """A criterion's ratio; with ``--pairs``, the median of the alternating pairs, their range
+    and the ratio of the separate runs."""
+    if not a.get("pairs"):
+        return f"{a['ratio']:.3g}"
+    lo, hi = a["ratio_range"]
+    return (f"{a['ratio']:.3g} ({lo:.3g}–{hi:.3g} over {a['pairs']} pairs; "
+            f"separate runs {a['ratio_separate']:.3g})")
+
+
 def acceptance_section(gb: Dict) -> str:
     """One ``benchmarks/gpu_bench.py`` JSON: the issues' settings per backend and the criteria."""
     env = gb.get("environment", {})
@@ -333,7 +343,7 @@ def acceptance_section(gb: Dict) -> str:
         with_check = any("checked" in a for a in crit.values())
         lines += ["", table(["criterion", "measured / baseline", "bound"] + (["checked"] if with_check else [])
                             + ["holds"],
-                            [[label, f"{a['ratio']:.3g}", f"{a['bound']:.3g}"]
+                            [[label, _ratio_cell(a), f"{a['bound']:.3g}"]
                              + ([cell(a.get("checked", "—"))] if with_check else [])
                              + ["yes" if a["holds"] else "**no**"] for label, a in crit.items()])]
     shares = []

@@ -192,3 +192,28 @@ def test_a_criterion_holds_only_where_its_backend_was_checked():
         e = dict(entry, **({"check": check} if check else {}))
         a = bench.acceptance([e, base])[label]
         assert a["ratio"] == 0.1 and a["holds"] is holds and a["checked"].startswith(shown)
+
+
+def test_pairs_time_each_criterion_alternately(tmp_path):
+    """--pairs (gpu_check.sh passes 5): each time criterion is timed again in one process as
+    alternating ours/baseline pairs, and its ratio becomes their median, the range and the
+    separate runs' ratio kept beside it (and shown in the README's criteria table)."""
+    bench = _load()
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--isolate",
+                       "--pairs", "2", "--backends", "reference,sdpa,native",
+                       "--only", "masked_attention"]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    label = "native masked_attention fwd+bwd >= 2x faster than SDPA (bf16 on GPU)"
+    pair = report["paired"][label]
+    assert len(pair["ratios"]) == 2 and len(pair["ms"]["native"]) == len(pair["ms"]["sdpa"]) == 2
+    for r, a, b in zip(pair["ratios"], pair["ms"]["native"], pair["ms"]["sdpa"]):
+        assert abs(r - a / b) <= 1e-3 * r
+    crit = report["acceptance"][label]
+    assert crit["pairs"] == 2 and crit["ratio"] == round(sum(pair["ratios"]) / 2, 4)
+    assert crit["ratio_range"] == [min(pair["ratios"]), max(pair["ratios"])]
+    times = {r["backend"]: r["fwd_bwd_ms"] for r in report["results"] if r["bench"] == "masked_attention"}
+    assert crit["ratio_separate"] == round(times["native"] / times["sdpa"], 4)
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import report as report_md
+    assert "over 2 pairs; separate runs" in report_md.acceptance_section(report)
