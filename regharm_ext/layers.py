@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .backends import preload
 from .ops import masked_attention, masked_norm, patch_stats
@@ -69,6 +70,7 @@ class _Blend(torch.autograd.Function):
         return torch.lerp(x, t_fb, m)
 
     @staticmethod
+    @once_differentiable  # out= writes: a second backward raises rather than going wrong
     def backward(ctx, grad):
         c_f, v, m = ctx.saved_tensors
         B, C, H, W = grad.shape

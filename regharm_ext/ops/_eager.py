@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # nn.Parameter only turns __torch_function__ off; anything else may override dispatch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -65,7 +66,11 @@ def register_autograd(qualname: str, backward, setup_context, body: Optional[Cal
     """``torch.library.register_autograd(qualname, backward, setup_context=setup_context)``, and
     the autograd.Function for eager calls that runs the op (:class:`Direct`, ``body`` for an op
     written in Python) with the very same setup and backward (named after the op:
-    ``regharm::patch_stats`` gives ``_PatchStats``)."""
+    ``regharm::patch_stats`` gives ``_PatchStats``). The backward ops have no derivative of their
+    own: ``once_differentiable`` makes a second backward through them (``create_graph=True``)
+    raise instead of returning zeros, which is what the dispatcher's fallback does (with a
+    warning)."""
+    backward = once_differentiable(backward)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     namespace, name = qualname.split("::")
     op = Direct(getattr(getattr(torch.ops, namespace), name), body)

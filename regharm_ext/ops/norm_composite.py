@@ -17,6 +17,7 @@ in torch ops it is ~14 launches forward and ~12 backward (benchmarks/glue_traffi
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -70,6 +71,7 @@ class CompositeNorm(torch.autograd.Function):
         return torch.mul(y_t, r.view(B, 1, C), out=y)
 
     @staticmethod
+    @once_differentiable  # the statistics are saved without history: no second derivative
     def backward(ctx, grad):
         x, mu, r, w_norm = ctx.saved_tensors
         if ctx.tokens:  # (B, HW, C) -> x's (B, C, H, W), a view
