@@ -29,10 +29,10 @@ def eager_grad(*tensors) -> bool:
 
 
 def direct_ok(args) -> bool:
-    """True where skipping the dispatcher changes nothing: grad mode off (a create_graph
-    backward keeps the backward ops' autograd key), no compiler, no dispatch or function mode
-    (fake tensors, memory trackers, ``torch.device`` contexts), no functorch transform, plain
-    tensors."""
+    """True where skipping the dispatcher changes nothing: grad mode off (the registered
+    backwards run without it, see :func:`register_autograd`), no compiler, no dispatch or
+    function mode (fake tensors, memory trackers, ``torch.device`` contexts), no functorch
+    transform, plain tensors."""
     if (torch.is_grad_enabled() or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):

@@ -40,6 +40,13 @@ def split_f32(v: float) -> Tuple[float, float]:
     return hi, v - hi
 
 
+@triton.jit
+def join_f32(hi, lo, acc_t: tl.constexpr):
+    """A scalar from :func:`split_f32`'s pair, in the accumulation dtype (torch.compile passes
+    Python floats as float64, a launch as float32: either way hi + lo is the value)."""
+    return tl.cast(hi, acc_t) + tl.cast(lo, acc_t)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
     return 1 << max(int(n) - 1, 0).bit_length()

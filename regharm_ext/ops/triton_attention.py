@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, interpreting, launcher, next_pow2, split_f32,
-                           traced_op)
+from ._triton_util import (acc_dtype, cdiv, interpreting, join_f32, launcher, next_pow2,
+                           split_f32, traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -87,8 +87,7 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale, scale_lo,
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = LSE.dtype.element_ty
-    # torch.compile passes Python floats as fp64, a launch as fp32 (hence split_f32)
-    scale = tl.cast(scale, acc_t) + tl.cast(scale_lo, acc_t)
+    scale = join_f32(scale, scale_lo, acc_t)
     rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -168,7 +167,7 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
-    scale = tl.cast(scale, acc_t) + tl.cast(scale_lo, acc_t)
+    scale = join_f32(scale, scale_lo, acc_t)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
     offs_d = tl.arange(0, BD)
@@ -224,7 +223,7 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale, s
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
-    scale = tl.cast(scale, acc_t) + tl.cast(scale_lo, acc_t)
+    scale = join_f32(scale, scale_lo, acc_t)
     rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, interpreting, launcher, next_pow2, split_f32,
-                           traced_op)
+from ._triton_util import (acc_dtype, cdiv, interpreting, join_f32, launcher, next_pow2,
+                           split_f32, traced_op)
 from .norm_composite import op_autograd
 
 
@@ -40,7 +40,7 @@ def _inverse_mass(W, b, HW, acc_t: tl.constexpr, BL: tl.constexpr):
 def _norm_stats(X, W, MU, RSTD, C, HW, eps, eps_lo, BC: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     acc_t = MU.dtype.element_ty
-    eps = tl.cast(eps, acc_t) + tl.cast(eps_lo, acc_t)  # a launch passes floats as fp32: split_f32
+    eps = join_f32(eps, eps_lo, acc_t)
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     c_ok = c < C
     rows = X + (b * C + c[:, None]) * HW

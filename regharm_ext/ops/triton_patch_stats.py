@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, interpreting, launcher, next_pow2, split_f32,
-                           traced_op)
+from ._triton_util import (acc_dtype, cdiv, interpreting, join_f32, launcher, next_pow2,
+                           split_f32, traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -78,8 +78,7 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, ep
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     acc_t = MU.dtype.element_ty
-    # torch.compile passes Python floats as fp64, a direct launch as fp32 (hence split_f32)
-    eps = tl.cast(eps, acc_t) + tl.cast(eps_lo, acc_t)
+    eps = join_f32(eps, eps_lo, acc_t)
     min_mass = tl.cast(min_mass, acc_t)
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
