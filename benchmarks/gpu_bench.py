@@ -57,24 +57,33 @@ from benchlib import git_commit  # noqa: E402
 import bench_check  # noqa: E402
 
 BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles",
-            "native_norm_composite", "triton_norm_composite")
+            "native_norm_composite", "triton_norm_composite", "native_dq_kernel",
+            "native_dq_atomic")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
 # cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
 # kernels instead of the register kernels: run 1's kernels, the comparison for both),
 # *_norm_composite (PTL's masked norm as torch ops instead of the op's kernels: before/after of
-# PERF_NOTES item 9, on the PTL benchmarks only).
+# PERF_NOTES item 9, on the PTL benchmarks only), native_dq_kernel / native_dq_atomic (dQ by its
+# own kernel, or added up with atomics by the dK/dV kernel: the path the default does not take
+# for the dtype; PERF_NOTES item 11).
 _COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
             "native_tiles": ("native", {"REGHARM_CUDA_ATTENTION": "tiles"}),
             "native_norm_composite": ("native", _COMPOSITE_NORM),
-            "triton_norm_composite": ("triton", _COMPOSITE_NORM)}
+            "triton_norm_composite": ("triton", _COMPOSITE_NORM),
+            "native_dq_kernel": ("native", {"REGHARM_CUDA_DQ": "kernel"}),
+            "native_dq_atomic": ("native", {"REGHARM_CUDA_DQ": "atomic"})}
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "native_tiles": (torch.float32, torch.float16, torch.bfloat16),
                   "native_norm_composite": (torch.float32, torch.bfloat16),
-                  "triton_norm_composite": (torch.float32, torch.bfloat16)}
+                  "triton_norm_composite": (torch.float32, torch.bfloat16),
+                  "native_dq_kernel": (torch.float32,),
+                  "native_dq_atomic": (torch.float16, torch.bfloat16)}
 VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
-                   "triton_norm_composite": ("ptl", "ptl_bf16")}
+                   "triton_norm_composite": ("ptl", "ptl_bf16"),
+                   "native_dq_kernel": ("ptl",),
+                   "native_dq_atomic": ("masked_attention", "ptl_bf16")}
 
 
 @contextlib.contextmanager

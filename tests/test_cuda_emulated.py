@@ -41,9 +41,10 @@ def emu():
 
 @pytest.fixture
 def configured(emu):
-    def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9):
+    def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9,
+                  dq_atomic=None):
         emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
-                      cc_major=cc_major)
+                      cc_major=cc_major, dq_atomic=dq_atomic)
         return emu
     configure()
     return configure
@@ -213,6 +214,49 @@ def test_cuda_emulated_attention_one_block_per_key_tile(configured, order, tiles
     the others (a missing barrier before the reload gives wrong dK, dV)."""
     inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=torch.float16)
     _check_attention(configured(sms=1, order=order, tiles=tiles), inputs)
+
+
+# ---- dQ: added up with atomics by the dK/dV kernel, or by its own kernel ----------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_cuda_emulated_attention_dq_other_path(configured, case, dtype):
+    """The dQ path the glue does not take by default for this dtype (float32: its own kernel,
+    as under torch.use_deterministic_algorithms; 16-bit: REGHARM_CUDA_DQ=atomic); the default
+    one runs in test_cuda_emulated_masked_attention."""
+    atomic = dtype != torch.float32
+    emu = configured(dq_atomic=atomic)
+    _check_attention(emu, make_attention_inputs(**ATTN_CASES[case], dtype=dtype))
+    if not atomic:
+        assert emu.take_atomic_count() == 0
+
+
+@pytest.mark.parametrize("dtype,tf32x3,atomic", [
+    (torch.float32, False, None), (torch.float32, True, None), (torch.float32, False, False),
+    (torch.bfloat16, False, None), (torch.bfloat16, False, True)],
+    ids=["fp32", "tf32x3", "fp32_kernel", "bf16", "bf16_atomic"])
+def test_cuda_emulated_attention_dq_path_taken(configured, dtype, tf32x3, atomic):
+    """Atomics add dQ exactly when asked, or by default for float32; at PTL's D and E with D
+    padded (60 -> 64), rows beyond a tile's active ones and removed keys."""
+    emu = configured(tf32x3=tf32x3, dq_atomic=atomic)
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=60, E=128, active=0.3, removed=0.2,
+                                   dtype=dtype)
+    _check_attention(emu, inputs)
+    assert emu.take_register_products() > 0 or emu.take_tf32_mma_count() > 0
+    want = dtype == torch.float32 if atomic is None else atomic
+    assert (emu.take_atomic_count() > 0) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_cuda_emulated_atomic_dq_with_warps_ahead(configured, order, dtype):
+    """One multiprocessor, so one block runs every query tile of its keys: a warp that reads dS
+    before every warp wrote it, or writes the next tile's dS while another still reads, gives
+    wrong dQ (shared memory starts as NaN in the emulator)."""
+    emu = configured(sms=1, order=order, dq_atomic=True)
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=24, E=40, dtype=dtype)
+    _check_attention(emu, inputs)
+    assert emu.take_atomic_count() > 0
 
 
 # ---- which kernels run: registers (mma.sync, or float32 FMAs) where they fit, else tiles -----

@@ -266,8 +266,26 @@ def test_cuda_native_tf32x3_keeps_float32_accuracy(monkeypatch):
 
 
 @needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_dq_paths_agree(dtype, monkeypatch):
+    """REGHARM_CUDA_DQ: dQ added up with atomics by the dK/dV kernel (float32's default) or by
+    its own kernel (16-bit's default, and under deterministic algorithms): both held to the
+    reference at PTL's sizes, and to each other."""
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=dtype, device="cuda")
+    runs = {}
+    for mode in ("atomic", "kernel"):
+        monkeypatch.setenv("REGHARM_CUDA_DQ", mode)
+        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+        _check_attention(got, got_g, want, want_g, dtype, qm, kb, f"ptl dq {mode}")
+        runs[mode] = got_g
+    for a, e in zip(runs["atomic"], runs["kernel"]):
+        assert_close(a, e, dtype, grad=True)
+
+
+@needs_native_cuda
 @pytest.mark.parametrize("setting,says", [("REGHARM_CUDA_FP32_MATH", "must be 'simt'"),
-                                          ("REGHARM_CUDA_ATTENTION", "must be 'auto'")])
+                                          ("REGHARM_CUDA_ATTENTION", "must be 'auto'"),
+                                          ("REGHARM_CUDA_DQ", "must be 'auto'")])
 def test_cuda_native_attention_settings_are_checked(setting, says, monkeypatch):
     monkeypatch.setenv(setting, "fast")
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")
@@ -311,16 +329,26 @@ def test_cuda_native_opcheck_all_four_ops(dtype):
 
 
 @needs_native_cuda
-def test_cuda_native_is_deterministic():
-    """No atomics: two runs give the same bits."""
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+def test_cuda_native_is_deterministic(dtype):
+    """No atomics: two runs give the same bits. bfloat16 by default; float32's default adds dQ
+    with atomics, so it is deterministic under torch.use_deterministic_algorithms (which the
+    dQ kernel then serves)."""
     x, bg, w, b = make_patch_inputs(2, 16, 64, 64, (16, 16), (4, 4), device="cuda")
-    q, k, v, kb, qm = make_attention_inputs(B=2, L=700, N=841, D=64, E=128, dtype=BF16,
+    q, k, v, kb, qm = make_attention_inputs(B=2, L=700, N=841, D=64, E=128, dtype=dtype,
                                             device="cuda")
-    runs = []
-    for _ in range(2):
-        (pg, pgg), _ = _both(_patch_fn((16, 16), (4, 4)), (x, bg, w, b), (0, 2, 3), seed=1)
-        (ag, agg), _ = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
-        runs.append([*pg, *pgg, *ag, *agg])
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    # warn_only: the reference that _both also runs may use ops without a deterministic kernel
+    torch.use_deterministic_algorithms(dtype == F32, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            (pg, pgg), _ = _both(_patch_fn((16, 16), (4, 4)), (x, bg, w, b), (0, 2, 3), seed=1)
+            (ag, agg), _ = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+            runs.append([*pg, *pgg, *ag, *agg])
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     for a, e in zip(*runs):
         assert torch.equal(a, e)
 

@@ -48,12 +48,13 @@ def test_driver_matches_the_reference_on_every_case():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "MISMATCH"))]
-    # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 7
+    # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 9
     # settings: float32 simt and tf32x3, float16, bfloat16, float64, bfloat16 and float32 on
-    # the tile kernels; two masked_norm cases in 4 dtypes
-    assert len(lines) == 2 * 4 + 2 * 7 + 2 * 4 and all(ln.startswith("ok") for ln in lines)
+    # the tile kernels, float32 with dQ by its kernel and bfloat16 with atomic dQ; two
+    # masked_norm cases in 4 dtypes
+    assert len(lines) == 2 * 4 + 2 * 9 + 2 * 4 and all(ln.startswith("ok") for ln in lines)
     assert sum(ln.startswith("ok        masked_norm") for ln in lines) == 8
-    assert sum("no mask" in ln for ln in lines) == 7
+    assert sum("no mask" in ln for ln in lines) == 9
     assert sum("setting tiles" in ln for ln in lines) == 4
     assert "driver: 0 mismatch(es)" in proc.stdout
 
@@ -87,9 +88,9 @@ def test_driver_reports_a_wrong_kernel(monkeypatch, capsys):
         return out * 1.3 if backend == "native" else out
 
     monkeypatch.setattr(ops, "masked_attention", wrong)
-    assert mod._driver("cpu") == 14   # every attention case; patch_stats stays right
+    assert mod._driver("cpu") == 18   # every attention case; patch_stats stays right
     out = capsys.readouterr().out
-    assert out.count("MISMATCH  masked_attention") == 14 and "MISMATCH  patch_stats" not in out
+    assert out.count("MISMATCH  masked_attention") == 18 and "MISMATCH  patch_stats" not in out
 
 
 # Runs what follows ncu's own options (the interpreter onwards) and prints a summary line.

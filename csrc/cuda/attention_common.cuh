@@ -46,6 +46,7 @@ struct BwdArgs {
   A* dk_part;           // (nsplit, B, N, D), scaled
   A* dv_part;           // (nsplit, B, N, E)
   int nsplit;
+  float* dq_acc;        // (B, L, D) zeroed, or null: where the dK/dV kernel adds dQ (dq_atomic)
   T* dq;
   T* dk;
   T* dv;

@@ -13,7 +13,10 @@
 // Same semantics, masking and skipping as the tile kernels (SPEC §3): query tiles run over the
 // compacted query order, key tiles whose keys are all removed are skipped, inactive queries get
 // zeros and lse = -inf, and the key-tile kernel writes per-split partial sums that
-// attn_bwd_reduce_kernel adds in a fixed order (deterministic, no atomics).
+// attn_bwd_reduce_kernel adds in a fixed order (deterministic). dQ comes either from its own
+// kernel over query tiles (deterministic; it recomputes S and dP, a third of the backward's
+// products at PTL's D 64, E 128) or, with BwdArgs::dq_acc, from the key-tile kernel, which has
+// dS already: one more product per tile and float32 atomics (FlashAttention-2's choice).
 //
 // Sizes: DP, EP (D and E padded with zeros to 64 or 128) are template parameters, so the
 // fragment arrays are fixed-size and stay in registers. Every streamed tile sits row-major in
@@ -77,10 +80,34 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const typename M::I
   }
 }
 
+// acc[n] += A · M[k-step, 8n : 8n + 8] for one k-step, A's fragment in pa and the matrix m
+// row-major in shared memory (pitch ldm) at that k-step's first row. The results are only
+// stored: element c of a lane's pair in acc[n] is column M::out_col(n, t, c), which for
+// M::kPairedOutputs groups n-tiles by two (NN even).
+template <typename M, int NN>
+__device__ __forceinline__ void mma_am_step(float (&acc)[NN][4], const typename M::FragA& pa,
+                                            const typename M::In* mk, int ldm) {
+  if constexpr (M::kPairedOutputs) {
+    static_assert(NN % 2 == 0, "paired outputs need an even number of n-tiles");
+#pragma unroll
+    for (int n = 0; n < NN; n += 2) {
+      typename M::FragB b0, b1;
+      M::load_b_trans2(b0, b1, mk + n * 8, ldm);
+      M::mma(acc[n], pa, b0);
+      M::mma(acc[n + 1], pa, b1);
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < NN; ++n) {
+      typename M::FragB bf;
+      M::load_b_trans(bf, mk + n * 8, ldm);
+      M::mma(acc[n], pa, bf);
+    }
+  }
+}
+
 // acc[n] += P · M[:, 8n : 8n + 8] with P (16 x 8 NP) the accumulator fragments p (as A
 // operands: P·V, dS·K, Pᵀ·dO, dSᵀ·Q) and the matrix m row-major in shared memory (pitch ldm).
-// The results are only stored: element c of a lane's pair in acc[n] is column M::out_col(n, t,
-// c), which for M::kPairedOutputs groups n-tiles by two (NN even).
 template <typename M, int NP, int NN>
 __device__ __forceinline__ void mma_pm(float (&acc)[NN][4], const float (&p)[NP][4],
                                        const typename M::In* m, int ldm) {
@@ -89,24 +116,20 @@ __device__ __forceinline__ void mma_pm(float (&acc)[NN][4], const float (&p)[NP]
   for (int kk = 0; kk < NP / PER; ++kk) {
     typename M::FragA pa;
     M::acc_to_a(pa, &p[kk * PER]);
-    const typename M::In* mk = m + kk * K * ldm;
-    if constexpr (M::kPairedOutputs) {
-      static_assert(NN % 2 == 0, "paired outputs need an even number of n-tiles");
+    mma_am_step<M>(acc, pa, m + kk * K * ldm, ldm);
+  }
+}
+
+// The same with A's 16 rows read from shared memory (pitch lda), KS k-steps: dS·K of the
+// dK/dV kernel's atomic dQ, whose dS rows come from all four warps.
+template <typename M, int KS, int NN>
+__device__ __forceinline__ void mma_sm(float (&acc)[NN][4], const typename M::In* a, int lda,
+                                       const typename M::In* m, int ldm) {
 #pragma unroll
-      for (int n = 0; n < NN; n += 2) {
-        typename M::FragB b0, b1;
-        M::load_b_trans2(b0, b1, mk + n * 8, ldm);
-        M::mma(acc[n], pa, b0);
-        M::mma(acc[n + 1], pa, b1);
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < NN; ++n) {
-        typename M::FragB bf;
-        M::load_b_trans(bf, mk + n * 8, ldm);
-        M::mma(acc[n], pa, bf);
-      }
-    }
+  for (int kk = 0; kk < KS; ++kk) {
+    typename M::FragA af;
+    M::load_a(af, a, lda, kk * M::K);
+    mma_am_step<M>(acc, af, m + kk * M::K * ldm, ldm);
   }
 }
 
@@ -367,12 +390,51 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward: dK, dV over query tiles -------------------------------------------------------
 
-// The dK/dV kernel's: K and V of 64 keys held, Q and dO of 32 query rows streamed.
+// The dK/dV kernel's: K and V of 64 keys held, Q and dO of 32 query rows streamed, and the
+// query tile's dS (32 queries x 64 keys, row-major) for the atomic dQ.
 template <typename T>
 struct RegDkdvSmem : RegBwdSmem<T> {
+  T* ds;
+  int ldds;
   __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP)
-      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegQueries, kRegRows, kRegQueries) {}
+      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegQueries, kRegRows, kRegQueries) {
+    SmemCarver c(base);
+    c.offset = this->bytes;
+    ldds = reg_pitch<T>(kRegRows);
+    ds = c.take<T>(size_t(kRegQueries) * ldds);
+    this->bytes = c.offset;
+  }
 };
+
+// dQ += scale · dS K of one query tile, added to g.dq_acc with atomics: dS (kRegQueries x
+// kRegRows keys) in shared memory from all four warps, K the block's keys. Warp w takes query
+// rows 16 (w & 1) .. + 16 and the columns of half (w >> 1) of DP.
+template <typename M, int DP, typename T, typename A>
+__device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
+                                              const T* ds, int ldds, const T* sk, int ldk,
+                                              const float* lse_s, int64_t b, int64_t q0,
+                                              int rows) {
+  static_assert(kRegQueries == 32 && kThreads == 128, "4 warps: 2 row halves x 2 column halves");
+  constexpr int NH = DP / 16;  // n-tiles of a column half
+  const int warp = threadIdx.x >> 5, gr = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int r0 = (warp & 1) * 16, c0 = (warp >> 1) * (DP / 2);
+  float acc[NH][4] = {};
+  mma_sm<M, kRegRows / M::K>(acc, ds + r0 * ldds, ldds, sk + c0, ldk);
+  float* dq_b = g.dq_acc + b * a.L * a.D;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + gr + 8 * h;
+    if (r >= rows || !(lse_s[r] > -INFINITY)) continue;  // nothing attended: dS is 0
+    float* dq_row = dq_b + query_at(a, b, q0 + r) * a.D;
+#pragma unroll
+    for (int n = 0; n < NH; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = c0 + M::out_col(n, t, c);
+        if (col < a.D) atomicAdd(dq_row + col, acc[n][2 * h + c] * a.scale);
+      }
+  }
+}
 
 // dV = Pᵀ dO and dK = scale · dSᵀ Q of 64 keys (16 per warp, as rows: the scores come out
 // transposed, Sᵀ = K Qᵀ) from the query tiles qt = split, split + nsplit, ...; a.BM =
@@ -430,10 +492,16 @@ __global__ void __launch_bounds__(kThreads)
                               : 0.0f;
           st[j][c] = p;                                // Pᵀ
           dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
+          if (g.dq_acc)  // dS[query qi][key], for the dQ product of all 64 keys below
+            sm.ds[qi * sm.ldds + warp * 16 + gr + 8 * (c >> 1)] = from_acc<T>(dpt[j][c]);
         }
       mma_pm<M>(dv, st, sdo, lde);   // dV += Pᵀ dO
       mma_pm<M>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
-      __syncthreads();  // done with q, dout, lse and delta before the next tile's loads
+      if (g.dq_acc) {
+        __syncthreads();  // every warp's dS is in shared memory
+        add_dq_atomic<M, DP>(a, g, sm.ds, sm.ldds, sk, ldk, sm.lse, b, q0, rows);
+      }
+      __syncthreads();  // done with q, dout, lse, delta and ds before the next tile's loads
     }
   }
   float* dk_p = g.dk_part + ((split * a.B + b) * a.N + k0) * a.D;

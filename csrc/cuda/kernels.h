@@ -62,6 +62,10 @@ struct AttnShape {
   // 16-bit inputs (and float32 with tf32x3) with D, E <= 128 on sm_80+ run kernels that keep
   // their tiles in registers (mma.sync); true asks for the shared-memory tile kernels instead.
   bool tiles = false;
+  // Register kernels: dQ added up with float32 atomics by the dK/dV kernel (which computes dS
+  // anyway) instead of a kernel that recomputes S and dP over query tiles. Not deterministic
+  // (the order of the additions varies); the glue asks for it (REGHARM_CUDA_DQ).
+  bool dq_atomic = false;
 };
 
 // A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.

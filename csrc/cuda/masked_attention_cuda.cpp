@@ -59,6 +59,21 @@ bool tile_kernels_asked(const char* op) {
   return mode == "tiles";
 }
 
+// REGHARM_CUDA_DQ picks how the register kernels get dQ: "auto" (the default: "atomic" for
+// float32, whose CUDA-core products make the dQ kernel's recomputation of S and dP the costliest
+// part of the backward, "kernel" for 16-bit), "atomic" (the dK/dV kernel adds dQ up with float32
+// atomics: not deterministic) or "kernel" (its own kernel over query tiles: deterministic).
+// torch.use_deterministic_algorithms(True) always gets "kernel". Read on every call.
+bool dq_atomic_asked(const at::Tensor& q, const char* op) {
+  const char* env = std::getenv("REGHARM_CUDA_DQ");
+  const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "atomic" || mode == "kernel", op,
+              ": REGHARM_CUDA_DQ must be 'auto', 'atomic' (dQ added up with atomics by the dK/dV "
+              "kernel) or 'kernel' (dQ by its own deterministic kernel), got '", mode, "'");
+  if (at::globalContext().deterministicAlgorithms() || mode == "kernel") return false;
+  return mode == "atomic" || q.scalar_type() == at::kFloat;
+}
+
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
@@ -72,6 +87,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   s.D = int(d.D), s.E = int(d.E);
   s.tf32x3 = fp32_on_tensor_cores(q, op);
   s.tiles = tile_kernels_asked(op);
+  s.dq_atomic = dq_atomic_asked(q, op);
   return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

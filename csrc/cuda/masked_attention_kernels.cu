@@ -14,7 +14,8 @@
 // dS = P ∘ (dO Vᵀ - Δ)), once in a kernel over query tiles (dQ = scale·dS K). Each output element
 // has one writer: the key-tile kernel may split the queries over several blocks (the PTL case
 // has few keys and many queries), each writing its own partial sums, which a last kernel adds in
-// a fixed order. No atomics: results are deterministic.
+// a fixed order. No atomics: results are deterministic. (The register kernels can instead add
+// dQ up in the key-tile kernel with atomics, AttnShape::dq_atomic: not deterministic.)
 //
 // Products of tiles go through block_mm (tensor cores for 16-bit inputs; CUDA cores for float32,
 // or tensor cores as 3xTF32 when AttnShape::tf32x3 asks; CUDA cores for float64); everything
@@ -678,8 +679,9 @@ inline int num_splits(const AttnShape& s, const Tiles& t) {
 template <typename A>
 struct BwdWorkspace {
   A *delta, *lse, *dk_part, *dv_part;
+  float* dq_acc;  // float32 dQ of 16-bit inputs under dq_atomic (float32 adds into dq itself)
   size_t bytes;
-  BwdWorkspace(void* base, const AttnShape& s, int nsplit) {
+  BwdWorkspace(void* base, const AttnShape& s, int nsplit, bool dq_buffer = false) {
     unsigned char* p = static_cast<unsigned char*>(base);
     size_t off = OrderSpace(nullptr, s).bytes;  // the query order comes first
     auto take = [&](size_t count) {
@@ -691,15 +693,28 @@ struct BwdWorkspace {
     lse = take(std::is_same<A, double>::value ? size_t(s.B * s.L) : 0);
     dk_part = take(size_t(nsplit) * s.B * s.N * s.D);
     dv_part = take(size_t(nsplit) * s.B * s.N * s.E);
+    dq_acc = reinterpret_cast<float*>(
+        take(dq_buffer ? (size_t(s.B * s.L) * s.D * sizeof(float) + sizeof(A) - 1) / sizeof(A)
+                       : 0));
     bytes = off;
   }
 };
+
+// Whether the register kernels' dK/dV kernel adds dQ itself (AttnShape::dq_atomic).
+template <typename T> bool dq_atomic(const AttnShape& s) {
+  return has_registers<T>() && s.dq_atomic && use_registers<T>(s);
+}
+// ... and needs a float32 buffer for it (16-bit dq).
+template <typename T> bool dq_buffer(const AttnShape& s) {
+  return dq_atomic<T>(s) && !std::is_same<T, float>::value;
+}
 
 template <typename T>
 size_t workspace_impl(const AttnShape& s) {
   using A = acc_t<T>;
   if constexpr (has_registers<T>()) {
-    if (use_registers<T>(s)) return BwdWorkspace<A>(nullptr, s, reg_num_splits<T>(s)).bytes;
+    if (use_registers<T>(s))
+      return BwdWorkspace<A>(nullptr, s, reg_num_splits<T>(s), dq_buffer<T>(s)).bytes;
   }
   const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, uses_tc<T>(s),
                                    size_t(max_dynamic_smem()));
@@ -718,12 +733,26 @@ cudaError_t launch_reduce(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g, const
   return cudaGetLastError();
 }
 
-// The register kernels' dK/dV (then the split sums) and dQ; Δ is in g.delta already.
+// dq = the float32 dQ that the dK/dV kernel added up (16-bit dq under dq_atomic).
+template <typename T>
+__global__ void __launch_bounds__(256) attn_dq_cast_kernel(const float* __restrict__ src,
+                                                           T* __restrict__ dst, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = from_acc<T>(src[i]);
+}
+
+// The register kernels' dK/dV (then the split sums) and dQ: by its own kernel, or added up by
+// the dK/dV kernel (g.dq_acc, zeroed first); Δ is in g.delta already.
 template <typename T>
 cudaError_t backward_registers(AttnArgs<T, float> a, const BwdArgs<T, float>& g,
                                const AttnShape& s, cudaStream_t stream) {
   const RegKernelSet<T> rk = reg_kernels<T>(s);
+  const int64_t nq = s.B * s.L * s.D;
   cudaError_t err;
+  if (g.dq_acc != nullptr && nq > 0 &&
+      (err = cudaMemsetAsync(g.dq_acc, 0, size_t(nq) * sizeof(float), stream)) != cudaSuccess)
+    return err;
   if (s.B * s.N > 0) {
     a.BM = kRegQueries, a.BN = kRegRows;
     if ((err = allow_smem(reinterpret_cast<const void*>(rk.dkdv), rk.dkdv_smem)) != cudaSuccess)
@@ -732,6 +761,17 @@ cudaError_t backward_registers(AttnArgs<T, float> a, const BwdArgs<T, float>& g,
     REGHARM_LAUNCH(rk.dkdv, grid, dim3(kThreads), rk.dkdv_smem, stream, a, g);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if ((err = launch_reduce(a, g, s, stream)) != cudaSuccess) return err;
+  }
+  if (g.dq_acc != nullptr) {
+    if constexpr (!std::is_same<T, float>::value) {  // float32 added into dq itself
+      if (nq > 0) {
+        const int64_t blocks = std::min<int64_t>((nq + 255) / 256, 1 << 16);
+        REGHARM_LAUNCH(attn_dq_cast_kernel<T>, dim3(unsigned(blocks)), dim3(256), 0, stream,
+                       g.dq_acc, g.dq, nq);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+    }
+    return cudaSuccess;
   }
   if (s.B * s.L > 0) {
     a.BM = kRegRows, a.BN = kRegKeys;
@@ -762,7 +802,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   if constexpr (has_registers<T>()) {
     if (regs) nsplit = reg_num_splits<T>(s);
   }
-  const BwdWorkspace<A> ws(workspace, s, nsplit);
+  const BwdWorkspace<A> ws(workspace, s, nsplit, dq_buffer<T>(s));
   cudaError_t err;
   if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
 
@@ -779,6 +819,9 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   g.dk_part = ws.dk_part;
   g.dv_part = ws.dv_part;
   g.nsplit = nsplit;
+  g.dq_acc = !dq_atomic<T>(s)              ? nullptr
+             : std::is_same<T, float>::value ? static_cast<float*>(dq)
+                                             : ws.dq_acc;
   g.dq = static_cast<T*>(dq);
   g.dk = static_cast<T*>(dk);
   g.dv = static_cast<T*>(dv);

@@ -39,6 +39,13 @@ long long emu_take_simt_product_count() {
   return n;
 }
 
+// float32 atomic additions (the dK/dV kernel's dQ under dq_atomic) since the last call.
+long long emu_take_atomic_count() {
+  const long long n = emu::atomic_count();
+  emu::atomic_count() = 0;
+  return n;
+}
+
 // Everything the emulator found wrong since the last call (empty: nothing).
 const char* emu_take_errors() {
   static std::string last;
@@ -86,11 +93,12 @@ int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const 
                                   min_mass, workspace, grad_x, grad_wb, nullptr));
 }
 
-static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3, tiles
+static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3, tiles, dq_atomic
   AttnShape a{};
   a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
   a.tf32x3 = s[5] != 0;
   a.tiles = s[6] != 0;
+  a.dq_atomic = s[7] != 0;
   return a;
 }
 

@@ -468,6 +468,21 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int
 template <typename T> inline T __shfl_sync(unsigned, T v, int src_lane, int = 32) {
   return ::emu::shfl_from(v, [src_lane](int) { return src_lane; });
 }
+
+// Fibers switch only at barriers and shuffles, so a read-modify-write is atomic here; the count
+// tells the tests which dQ path ran.
+namespace emu {
+inline long long& atomic_count() {
+  static long long n = 0;
+  return n;
+}
+}  // namespace emu
+inline float atomicAdd(float* p, float v) {
+  ++::emu::atomic_count();
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
 template <typename T> inline T __ldg(const T* p) {
   if (sizeof(T) == 16) ::emu::check_aligned(p, 16, "__ldg of a 16-byte vector");
   return *p;

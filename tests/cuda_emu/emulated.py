@@ -129,21 +129,32 @@ class Emulator:
         self.lib.emu_take_tf32_mma_count.restype = ctypes.c_longlong
         self.lib.emu_take_mma_sync_count.restype = ctypes.c_longlong
         self.lib.emu_take_simt_product_count.restype = ctypes.c_longlong
+        self.lib.emu_take_atomic_count.restype = ctypes.c_longlong
         self.tf32x3 = False
         self.tiles = False
+        self.dq_atomic = None
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
-                  tiles=False, cc_major=9):
+                  tiles=False, cc_major=9, dq_atomic=None):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
         with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
-        GPU generation the launchers see (the register kernels need 8 or more)."""
+        GPU generation the launchers see (the register kernels need 8 or more); dq_atomic: the
+        register kernels' dK/dV kernel adds dQ up with atomics (REGHARM_CUDA_DQ=atomic), False
+        gives dQ its own kernel (=kernel), None does what the glue does by default (atomic for
+        float32 only)."""
         self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major)
         self.tf32x3 = tf32x3
         self.tiles = tiles
+        self.dq_atomic = dq_atomic
         self.take_tf32_mma_count()
         self.take_mma_sync_count()
         self.take_simt_product_count()
+        self.take_atomic_count()
+
+    def take_atomic_count(self) -> int:
+        """float32 atomic additions (the atomic dQ) since the last call."""
+        return int(self.lib.emu_take_atomic_count())
 
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
@@ -161,8 +172,9 @@ class Emulator:
         """Warp-level products of the register kernels (either policy) since the last call."""
         return self.take_mma_sync_count() + self.take_simt_product_count()
 
-    def _attn_shape(self, B, L, N, D, E) -> ctypes.Array:
-        return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles)])
+    def _attn_shape(self, B, L, N, D, E, dtype) -> ctypes.Array:
+        dq_atomic = dtype == torch.float32 if self.dq_atomic is None else self.dq_atomic
+        return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic)])
 
     def _done(self, rc: int, what: str) -> None:
         errors = self.lib.emu_take_errors().decode()
@@ -223,7 +235,7 @@ class Emulator:
 
     def attention_fits(self, dtype, shape5) -> tuple[bool, int]:
         need = ctypes.c_int64(0)
-        ok = self.lib.emu_attention_fits(DTYPE_TAG[dtype], self._attn_shape(*shape5),
+        ok = self.lib.emu_attention_fits(DTYPE_TAG[dtype], self._attn_shape(*shape5, dtype),
                                          ctypes.byref(need))
         return bool(ok), need.value
 
@@ -231,7 +243,7 @@ class Emulator:
         B, L, D = q.shape
         N, E = k.shape[1], v.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        shape = self._attn_shape(B, L, N, D, E)
+        shape = self._attn_shape(B, L, N, D, E, q.dtype)
         qd, kd, vd = (_strided_guarded(_dense_rows(t)) for t in (q, k, v))
         bias, _ = _guarded(key_bias.to(acc).contiguous())
         mask = query_mask.contiguous() if query_mask is not None else None
@@ -251,7 +263,7 @@ class Emulator:
         B, L, D = q.shape
         N, E = k.shape[1], v.shape[2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        shape = self._attn_shape(B, L, N, D, E)
+        shape = self._attn_shape(B, L, N, D, E, q.dtype)
         tensors = [_strided_guarded(_dense_rows(t)) for t in (grad_out.to(q.dtype), q, k, v,
                                                               out.to(q.dtype))]
         bias, _ = _guarded(key_bias.to(acc).contiguous())
