@@ -60,6 +60,10 @@ PATCH_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind
     "pixels": ((1, 3, 6, 5), (1, 1), (1, 1), 0.0, "soft"),
     # PTL's patch and stride (16, 4): the sweep's rotated columns (patch_stats_kernels.cu)
     "ptl_like": ((1, 2, 44, 48), (16, 16), (4, 4), 0.0, "soft"),
+    # the gather's blocks: W rounded up to warps (100 -> 128 threads, the last warp partly
+    # past the row), and rows wider than a block (290 -> two blocks of 256)
+    "row_100": ((1, 2, 7, 100), (4, 4), (3, 4), 0.0, "soft"),
+    "row_290": ((1, 1, 5, 290), (3, 4), (2, 3), 0.0, "soft"),
 }
 
 
@@ -426,15 +430,18 @@ def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):
 
 # ---- masked_norm ------------------------------------------------------------------------------
 
-NORM_EMU_CASES = {**NORM_CASES, "tiles": ((2, 40, 9, 11), 0.0, "soft")}  # ragged 32 x 32 tiles
+NORM_EMU_CASES = {**NORM_CASES, "tiles": ((2, 40, 9, 11), 0.0, "soft"),  # ragged 32 x 32 tiles
+                  # the backward's partial sums over 3 chunks of 256 positions, the last ragged
+                  "chunks": ((2, 40, 23, 29), 100.0, "soft")}
 
 
-def _check_norm(emu, x, w, seed=1):
+def _check_norm(emu, x, w, seed=1, grad_mean=0.0):
     from regharm_ext.ops.norm_composite import composite
     y, mu, rstd = emu.masked_norm(x, w, 1e-5)
     xd = x.double().requires_grad_()
     y_ref = composite(xd, w.double(), 1e-5)
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad = grad + grad_mean * torch.linspace(0, 2, y.shape[1], dtype=torch.float64)[:, None]
     (dx_ref,) = torch.autograd.grad(y_ref, xd, grad)
     dx = emu.masked_norm_backward(grad.to(x.dtype), x, w, mu, rstd)
     assert_close(y, y_ref, x.dtype, msg="y")
@@ -448,6 +455,16 @@ def test_cuda_emulated_masked_norm(configured, case, dtype):
     shape, offset, kind = NORM_EMU_CASES[case]
     x, w = make_norm_inputs(*shape, dtype=dtype, offset=offset, kind=kind)
     _check_norm(configured(), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_emulated_masked_norm_backward_sums(configured, dtype):
+    """A gradient with a mean that grows along the positions makes Σg and Σg·y most of dx
+    (zero-mean noise leaves them within float32's tolerance at this size), and differently in
+    every chunk of the partial sums: each must count."""
+    shape, offset, kind = NORM_EMU_CASES["chunks"]
+    x, w = make_norm_inputs(*shape, dtype=dtype, offset=offset, kind=kind)
+    _check_norm(configured(), x, w, grad_mean=3.0)
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])

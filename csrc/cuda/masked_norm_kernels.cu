@@ -4,9 +4,10 @@
 // Forward: a block per (image, channel) row sums over the contiguous row twice (the mean, then
 // the centred variance: exact for inputs offset by +100), and a tile kernel writes the tokens,
 // transposing 32 x 32 tiles through shared memory so that both the read of x and the write of
-// y are coalesced. Backward: a block per row sums Σg and Σg·y (g read down a column of the
-// tokens: strided, but the blocks of neighbouring channels run together and share the sectors in
-// L2), and the tile kernel writes dx in x's layout. No atomics: results are deterministic.
+// y are coalesced. Backward: Σg and Σg·y per row from 32 x 32 tiles of g and x (both read
+// coalesced) in partial sums over chunks of positions, added up in a fixed order by a small
+// kernel, then the tile kernel writes dx in x's layout. No atomics: results are deterministic.
+#include <algorithm>
 #include <cmath>
 
 #include "device_utils.cuh"
@@ -71,36 +72,83 @@ __global__ void __launch_bounds__(kTile * kTileRows)
   }
 }
 
-// Σg and Σg·y of one (image, channel) row into sums[2 bc], sums[2 bc + 1]; the channel-0 block
-// of each image also writes 1 / Σw (0 without weight) to inv_mass[b].
+// Partial Σg and Σg·y over the positions [chunk · span, + span) of 32 channels of one image,
+// into part[chunk][2 (b C + c)], [.. + 1]; the blocks of channel tile 0 also sum the weights into
+// part[chunk][2 B C + b]. g (tokens, channels fastest) and x (positions fastest) are both read
+// by coalesced 32 x 32 tiles through shared memory. Run 2 (H100) measured the row-per-block
+// version at 64 µs at PTL's setting: each block read its channel's column of g, 4 bytes of every
+// 32-byte sector.
 template <typename T, typename A>
+__global__ void __launch_bounds__(kTile * kTileRows)
+    norm_grad_partial_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                             const A* __restrict__ w, const A* __restrict__ mu,
+                             const A* __restrict__ rstd, int64_t C, int64_t HW, int64_t span,
+                             A* __restrict__ part) {
+  __shared__ A gt[kTile][kTile + 1];  // [position][channel]
+  __shared__ A xt[kTile][kTile + 1];  // [channel][position]
+  __shared__ A red[3][kTileRows][kTile];
+  const int64_t b = blockIdx.z, c0 = int64_t(blockIdx.y) * kTile, chunk = blockIdx.x;
+  const int64_t l_begin = chunk * span, l_end = min(HW, l_begin + span);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c_mine = c0 + tx;  // the channel this thread sums
+  const A m = c_mine < C ? mu[b * C + c_mine] : A(0);
+  const A r = c_mine < C ? rstd[b * C + c_mine] : A(0);
+  const bool weights = blockIdx.y == 0;  // uniform per block
+  const int channels = C - c0 < kTile ? int(C - c0) : kTile;
+  const T* g_b = g + (b * HW + l_begin) * C + c0;  // g[b, l_begin, c0]
+  const T* x_b = x + (b * C + c0) * HW + l_begin;  // x[b, c0, l_begin]
+  const A* w_b = w + b * HW + l_begin;
+  const int len = int(l_end - l_begin);  // span <= HW / 256 + 32 fits an int
+  A sg = 0, sgy = 0, mass = 0;
+  for (int l0 = 0; l0 < len; l0 += kTile) {
+    const int valid = min(kTile, len - l0);
+    for (int i = ty; i < kTile; i += kTileRows) {  // g: rows positions, lanes channels
+      gt[i][tx] = (i < valid && tx < channels) ? to_acc<A>(g_b[int64_t(l0 + i) * C + tx]) : A(0);
+      // x: rows channels, lanes positions
+      xt[i][tx] = (i < channels && tx < valid) ? to_acc<A>(x_b[int64_t(i) * HW + l0 + tx]) : A(0);
+    }
+    if (weights && ty == 0 && tx < valid) mass += w_b[l0 + tx];
+    __syncthreads();
+    for (int i = ty; i < valid; i += kTileRows) {
+      const A gl = gt[i][tx];
+      sg += gl;
+      sgy += gl * (xt[tx][i] - m) * r;
+    }
+    __syncthreads();  // the tiles are rewritten next
+  }
+  red[0][ty][tx] = sg;
+  red[1][ty][tx] = sgy;
+  red[2][ty][tx] = mass;
+  __syncthreads();
+  if (ty == 0) {  // a fixed order: deterministic
+    A a0 = 0, a1 = 0;
+    for (int j = 0; j < kTileRows; ++j) a0 += red[0][j][tx], a1 += red[1][j][tx];
+    A* p = part + chunk * (2 * gridDim.z * C + gridDim.z);
+    if (c_mine < C) {
+      p[2 * (b * C + c_mine)] = a0;
+      p[2 * (b * C + c_mine) + 1] = a1;
+    }
+    if (weights && tx == 0) {
+      A s = 0;
+      for (int j = 0; j < kTile; ++j) s += red[2][0][j];
+      p[2 * gridDim.z * C + b] = s;
+    }
+  }
+}
+
+// sums[i] = Σ_chunk part[chunk][i] for the 2 B C sums; inv_mass[b] = 1 / Σ_chunk (mass), or 0
+// without weight.
+template <typename A>
 __global__ void __launch_bounds__(kRowThreads)
-    norm_grad_sums_kernel(const T* __restrict__ g, const T* __restrict__ x,
-                          const A* __restrict__ w, const A* __restrict__ mu,
-                          const A* __restrict__ rstd, int64_t C, int64_t HW,
-                          A* __restrict__ sums, A* __restrict__ inv_mass) {
-  __shared__ A scratch[32];
-  const int64_t bc = blockIdx.x, b = bc / C, c = bc % C;
-  const T* xr = x + bc * HW;
-  const T* gc = g + b * HW * C + c;
-  const A m = mu[bc], r = rstd[bc];
-  A sg = 0, sgy = 0;
-  for (int64_t l = threadIdx.x; l < HW; l += blockDim.x) {
-    const A gl = to_acc<A>(gc[l * C]);
-    sg += gl;
-    sgy += gl * (to_acc<A>(xr[l]) - m) * r;
-  }
-  sg = block_sum(sg, scratch);
-  sgy = block_sum(sgy, scratch);
-  if (threadIdx.x == 0) {
-    sums[2 * bc] = sg;
-    sums[2 * bc + 1] = sgy;
-  }
-  if (c == 0) {  // uniform per block
-    A mass = 0;
-    for (int64_t l = threadIdx.x; l < HW; l += blockDim.x) mass += w[b * HW + l];
-    mass = block_sum(mass, scratch);
-    if (threadIdx.x == 0) inv_mass[b] = mass > A(0) ? A(1) / mass : A(0);
+    norm_grad_finish_kernel(const A* __restrict__ part, int64_t chunks, int64_t B, int64_t C,
+                            A* __restrict__ sums, A* __restrict__ inv_mass) {
+  const int64_t n = 2 * B * C + B;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    A s = 0;
+    for (int64_t k = 0; k < chunks; ++k) s += part[k * n + i];
+    if (i < 2 * B * C) sums[i] = s;
+    else inv_mass[i - 2 * B * C] = s > A(0) ? A(1) / s : A(0);
   }
 }
 
@@ -155,9 +203,20 @@ cudaError_t forward_impl(const void* x, const void* weight, const NormShape& s, 
   return cudaGetLastError();
 }
 
+// Positions per block of norm_grad_partial_kernel: 256 (8 tiles; PTL's 128² in 64 chunks, 512
+// blocks), more on maps so large that the partial sums would outgrow 256 chunks.
+inline int64_t grad_span(const NormShape& s) {
+  const int64_t span = std::max<int64_t>(8 * kTile, (s.HW + 255) / 256);
+  return (span + kTile - 1) / kTile * kTile;
+}
+inline int64_t grad_chunks(const NormShape& s) {
+  return std::max<int64_t>(1, (s.HW + grad_span(s) - 1) / grad_span(s));
+}
+
+// The sums (2 B C) and 1 / Σ weight (B), then the chunks' partial sums of both.
 template <typename T>
 size_t workspace_impl(const NormShape& s) {
-  return size_t(2 * s.B * s.C + s.B) * sizeof(acc_t<T>);
+  return size_t((2 * s.B * s.C + s.B) * (1 + grad_chunks(s))) * sizeof(acc_t<T>);
 }
 
 template <typename T>
@@ -171,10 +230,18 @@ cudaError_t backward_impl(const void* grad, const void* x, const void* weight, c
   const A *mp = static_cast<const A*>(mu), *rp = static_cast<const A*>(rstd);
   A* sums = static_cast<A*>(workspace);
   A* inv = sums + 2 * s.B * s.C;
-  REGHARM_LAUNCH((norm_grad_sums_kernel<T, A>), dim3(unsigned(s.B * s.C)), dim3(kRowThreads), 0,
-                 stream, gp, xp, wp, mp, rp, s.C, s.HW, sums, inv);
+  A* part = inv + s.B;
+  const int64_t chunks = grad_chunks(s), n = 2 * s.B * s.C + s.B;
+  REGHARM_LAUNCH((norm_grad_partial_kernel<T, A>),
+                 dim3(unsigned(chunks), unsigned((s.C + kTile - 1) / kTile), unsigned(s.B)),
+                 dim3(kTile, kTileRows), 0, stream, gp, xp, wp, mp, rp, s.C, s.HW, grad_span(s),
+                 part);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  REGHARM_LAUNCH((norm_grad_finish_kernel<A>),
+                 dim3(unsigned(std::min<int64_t>((n + kRowThreads - 1) / kRowThreads, 1024))),
+                 dim3(kRowThreads), 0, stream, part, chunks, s.B, s.C, sums, inv);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   REGHARM_LAUNCH((norm_dx_kernel<T, A>), tile_grid(s), dim3(kTile, kTileRows), 0, stream, gp, xp,
                  wp, mp, rp, sums, inv, s.C, s.HW, static_cast<T*>(dx));
   return cudaGetLastError();

@@ -473,8 +473,10 @@ cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const voi
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   auto gather_kern = patch_stats_gather_kernel<T, A>;
-  // threads along a row (W <= 64 takes 64 threads: fewer idle lanes on small maps)
-  const int threads = s.W <= 64 ? 64 : kThreads;
+  // threads along a row: W rounded up to whole warps (at least 2, at most kThreads). A fixed
+  // 256 left half of every block idle at PTL's W = 128, and an SM holds 8 such blocks (2048
+  // threads): 32 working warps instead of 64 to hide the coefficient loads' latency.
+  const int threads = int(std::min<int64_t>(kThreads, std::max<int64_t>(64, (s.W + 31) / 32 * 32)));
   const int col_blocks = int((s.W + threads - 1) / threads);
   const int64_t planes = s.B * s.C;
   const dim3 rows(unsigned(s.H * col_blocks), unsigned(std::min<int64_t>(planes, 65535)));
