@@ -86,6 +86,7 @@ NORM_CASES = {
     "binary": ((2, 3, 16, 16), 0.0, "binary"),
     "thin": ((2, 1, 1, 13), 0.0, "soft"),
     "wide_c": ((1, 70, 5, 3), 0.0, "binary"),     # more channels than one tile
+    "splits": ((1, 3, 42, 50), 100.0, "soft"),    # the backward's sums over several splits
 }
 
 

@@ -50,6 +50,24 @@ def test_masked_norm_matches_the_composite(backend, device, case, dtype):
 
 
 @pytest.mark.parametrize("backend, device", RUNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_norm_backward_counts_every_split(backend, device, dtype):
+    """A gradient whose mean grows along the positions makes Σg and Σg·y most of dx, and
+    differently in each split of the positions that the kernels sum separately (zero-mean noise
+    leaves them within float32's tolerance at this size)."""
+    _skip(backend, device)
+    shape, offset, kind = NORM_CASES["splits"]
+    x, w = make_norm_inputs(*shape, dtype=dtype, offset=offset, kind=kind, device=device)
+    x.requires_grad_()
+    y = masked_norm(x, w, 1e-5, backend=backend)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grad = grad + 3.0 * torch.linspace(0, 2, y.shape[1], dtype=torch.float64)[:, None]
+    (dx,) = torch.autograd.grad(y, x, grad.to(device, dtype))
+    _, dx_ref = _expected(x, w, 1e-5, grad.to(device))
+    assert_close(dx, dx_ref, dtype, grad=True, msg=f"{backend} dx")
+
+
+@pytest.mark.parametrize("backend, device", RUNS)
 def test_masked_norm_reads_strided_x(backend, device):
     _skip(backend, device)
     x, w = make_norm_inputs(2, 6, 8, 10, device=device)
