@@ -552,7 +552,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
             checkpoint(best)
             if main:   # six images through the model: cheap next to an epoch
                 write_samples(model, val_ds, device, run_dir, writer=writer, step=state["step"])
-            if main:
                 bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
                           f"{record['seconds']:.0f} s")
     except NonFiniteLoss as exc:

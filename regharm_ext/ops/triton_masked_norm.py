@@ -33,6 +33,12 @@ from .norm_composite import op_autograd
 
 
 @triton.jit
+def _inverse(total):
+    """1 / Σ weight, 0 without weight (w_n = 0: mu = var = 0)."""
+    return tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+
+
+@triton.jit
 def _norm_stats(X, W, MU, RSTD, C, HW, eps, eps_lo, BC: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     acc_t = MU.dtype.element_ty
@@ -48,8 +54,7 @@ def _norm_stats(X, W, MU, RSTD, C, HW, eps, eps_lo, BC: tl.constexpr, BL: tl.con
         x = tl.load(rows + l[None, :], mask=c_ok[:, None] & (l < HW)[None, :], other=0.0)
         mass += w
         s1 += tl.sum(x.to(acc_t) * w[None, :], 1)
-    total = tl.sum(mass, 0)
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # no weight: 0
+    inv = _inverse(tl.sum(mass, 0))
     mu = s1 * inv
     s2 = tl.zeros([BC], acc_t)
     for start in range(0, HW, BL):
@@ -126,8 +131,7 @@ def _norm_dx(G, X, W, MU, RSTD, PART, DX, C, HW, NSPLIT, BC: tl.constexpr, BL: t
     s_ok = (sp < NSPLIT)[:, None] & c_ok[None, :]
     sg = tl.sum(tl.load(starts[:, None] + (b * C + c[None, :]) * 2, mask=s_ok, other=0.0), 0)
     sgy = tl.sum(tl.load(starts[:, None] + (b * C + c[None, :]) * 2 + 1, mask=s_ok, other=0.0), 0)
-    total = tl.sum(tl.load(starts + 2 * n_b * C + b, mask=sp < NSPLIT, other=0.0), 0)
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    inv = _inverse(tl.sum(tl.load(starts + 2 * n_b * C + b, mask=sp < NSPLIT, other=0.0), 0))
     wn = tl.load(W + b * HW + l, mask=l < HW, other=0.0).to(acc_t) * inv
     g = tl.load(G + (b * HW + l[None, :]) * C + c[:, None], mask=ok, other=0.0).to(acc_t)
     x = tl.load(X + (b * C + c[:, None]) * HW + l[None, :], mask=ok, other=0.0).to(acc_t)

@@ -142,7 +142,8 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
     # mu in the forward's shifted coordinates, summed as the forward sums it: D = Σ a·(x - mu)
     # from the saved (rounded) mu is off by ulp(mu)·Σa, which g_content·D/(Mσ³) amplifies
     shift, _, s1 = _first_sweep(xb, gb, top, n_ok, m2, Wd, acc_t, PH, PW, BK, BC)
-    mu_s = s1 / tl.where(valid, mass[:, None], 1.0)
+    safe = tl.where(valid, mass[:, None], 1.0)
+    mu_s = s1 / safe
     ws = tl.zeros((BK,), acc_t)
     d = tl.zeros((BK, BC), acc_t)
     # this program's row of partial sums: grad_weight's PH * PW, then grad_bias's one
@@ -158,7 +159,6 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
             gw = tl.sum(tl.sum(gamma * g[:, None] * xc, 1), 0)
             tl.store(GWP + row + dy * PW + dx, gw)
     tl.store(GWP + row + PH * PW, tl.sum(tl.sum(tl.where(valid, g_con, 0.0), 1), 0))
-    safe = tl.where(valid, mass[:, None], 1.0)
     ms = safe * sigma
     beta = tl.where(valid, g_sig / ms - g_con * d / (ms * sigma * sigma), 0.0)
     alpha = tl.where(valid, g_mu / safe - g_con * ws[:, None] / ms - beta * mu, 0.0)
