@@ -58,7 +58,7 @@ import bench_check  # noqa: E402
 
 BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles",
             "native_norm_composite", "triton_norm_composite", "native_dq_kernel",
-            "native_dq_atomic")
+            "native_dq_atomic", "native_unfused", "triton_unfused")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
 # cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
@@ -66,24 +66,32 @@ BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "
 # *_norm_composite (PTL's masked norm as torch ops instead of the op's kernels: before/after of
 # PERF_NOTES item 9, on the PTL benchmarks only), native_dq_kernel / native_dq_atomic (dQ by its
 # own kernel, or added up with atomics by the dK/dV kernel: the path the default does not take
-# for the dtype; PERF_NOTES item 11).
+# for the dtype; PERF_NOTES item 11), *_unfused (PTL's ops as four autograd nodes instead of one:
+# before/after of PERF_NOTES item 15, on the PTL benchmarks only).
 _COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
+_UNFUSED = {"REGHARM_PTL_NODE": "0"}
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
             "native_tiles": ("native", {"REGHARM_CUDA_ATTENTION": "tiles"}),
             "native_norm_composite": ("native", _COMPOSITE_NORM),
             "triton_norm_composite": ("triton", _COMPOSITE_NORM),
             "native_dq_kernel": ("native", {"REGHARM_CUDA_DQ": "kernel"}),
-            "native_dq_atomic": ("native", {"REGHARM_CUDA_DQ": "atomic"})}
+            "native_dq_atomic": ("native", {"REGHARM_CUDA_DQ": "atomic"}),
+            "native_unfused": ("native", _UNFUSED),
+            "triton_unfused": ("triton", _UNFUSED)}
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "native_tiles": (torch.float32, torch.float16, torch.bfloat16),
                   "native_norm_composite": (torch.float32, torch.bfloat16),
                   "triton_norm_composite": (torch.float32, torch.bfloat16),
                   "native_dq_kernel": (torch.float32,),
-                  "native_dq_atomic": (torch.float16, torch.bfloat16)}
+                  "native_dq_atomic": (torch.float16, torch.bfloat16),
+                  "native_unfused": (torch.float32, torch.bfloat16),
+                  "triton_unfused": (torch.float32, torch.bfloat16)}
 VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
                    "triton_norm_composite": ("ptl", "ptl_bf16"),
                    "native_dq_kernel": ("ptl",),
-                   "native_dq_atomic": ("masked_attention", "ptl_bf16")}
+                   "native_dq_atomic": ("masked_attention", "ptl_bf16"),
+                   "native_unfused": ("ptl", "ptl_bf16"),
+                   "triton_unfused": ("ptl", "ptl_bf16")}
 
 
 @contextlib.contextmanager
@@ -243,13 +251,10 @@ def kernel_profile(fn, device, top=8):
     self time; ([(name, calls, total µs)] largest first, the sum over all of them in µs). On a
     GPU, that sum well under the measured time means the host (launches, Python) sets the pace.
     For the next optimisation step, read from the JSON."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
     from torch.autograd import DeviceType
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
+    prof = _profile_one(fn, [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU], cuda)
     if not cuda:
         rows = _self_cpu_rows(prof)
         return rows[:top], round(sum(us for _, _, us in rows), 1)
@@ -260,6 +265,22 @@ def kernel_profile(fn, device, top=8):
             totals[e.name] = (calls + 1, us + e.time_range.elapsed_us())
     rows = sorted(((n[:100], c, round(us, 1)) for n, (c, us) in totals.items()), key=lambda r: -r[2])
     return rows[:top], round(sum(us for _, us in totals.values()), 1)
+
+
+def _profile_one(fn, activities, cuda: bool):
+    """torch.profiler over one call of ``fn``, after a call the same session runs unrecorded: run
+    2's host profile charged a single ``aten::sub``, the first op of PTL's forward, with 0.6 ms
+    of self time in both dtypes, what a session's start-up looks like, not the op (the
+    ``ProfilerStep*`` row holds the Python between the recorded ops)."""
+    from torch.profiler import profile, schedule
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1),
+                 acc_events=True) as prof:
+        for _ in range(2):
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            prof.step()
+    return prof
 
 
 def _self_cpu_rows(prof):
@@ -273,10 +294,8 @@ def host_profile(fn, top=10):
     activity only) [(name, calls, µs)] largest first. A custom op's self time holds its Python
     wrapper and its kernel launches; where the kernels take a small share of the measured time
     (see kernel_profile) this says which of them to cut. (On CPU, kernel_profile is this.)"""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return _self_cpu_rows(prof)[:top]
+    from torch.profiler import ProfilerActivity
+    return _self_cpu_rows(_profile_one(fn, [ProfilerActivity.CPU], False))[:top]
 
 
 def enqueue_ms(fn, reps=5):

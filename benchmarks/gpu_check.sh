@@ -99,7 +99,7 @@ xdist=()
 export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 compilers in each
 if [ "${TESTS:-1}" = 1 ]; then
 step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py tests/test_masked_norm.py \
-  tests/test_crash_safety.py tests/test_native.py -k "cuda or libstdcxx" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
+  tests/test_crash_safety.py tests/test_native.py tests/test_ptl_node.py -k "cuda or libstdcxx" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
 fi
 
 # the GPU's own view of the CUDA kernels, both into diagnose.log (8 files come back at most):

@@ -7,11 +7,11 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .backends import preload
-from .ops import masked_attention, masked_norm, patch_stats
+from .ops import _checks, masked_attention, masked_norm, patch_stats
 from .ops.norm_composite import composite
+from .ptl_node import Blend, PTLNode, attention_keys, blend_weight, node_steps
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
@@ -53,41 +53,6 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     Gradients flow to ``x``; a ``weight`` that needs a gradient takes the plain autograd formula.
     """
     return composite(x, weight, eps, tokens=False)
-
-
-class _Blend(torch.autograd.Function):
-    """PTL's output ``lerp(x, T_fb, m)``, ``T_fb = C_f * V + A`` (SPEC §4 step 6), with the
-    backward written out: autograd of the three ops it replaces ran nine full-size kernels
-    (addcmul's own backward scales by its unit value twice, split's backward concatenates) where
-    four do (benchmarks/glue_traffic.py). PTL's fwd+bwd is host- and glue-bound on a GPU."""
-
-    @staticmethod
-    def forward(ctx, x, av, c_f, m):
-        B, C, H, W = x.shape
-        a, v = av.split(C, dim=-1)
-        t_fb = torch.addcmul(a, c_f, v).transpose(1, 2).view(B, C, H, W)
-        ctx.save_for_backward(c_f, v, m)
-        return torch.lerp(x, t_fb, m)
-
-    @staticmethod
-    @once_differentiable  # out= writes: a second backward raises rather than going wrong
-    def backward(ctx, grad):
-        c_f, v, m = ctx.saved_tensors
-        B, C, H, W = grad.shape
-        gx = torch.addcmul(grad, grad, m, value=-1) if ctx.needs_input_grad[0] else None
-        gav = gcf = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # dA = m·g, in the attention's (B, HW, C) layout; dV = dA·C_f, dC_f = dA·V
-            g_t, m_t = grad.flatten(2).transpose(1, 2), m.view(B, H * W, 1)
-            if torch.compiler.is_compiling():  # dynamo takes no strided out=; the compiler fuses
-                ga = g_t * m_t
-                gav = torch.cat([ga, ga * c_f], -1)
-            else:  # written in place: no concatenation pass
-                gav = torch.empty(B, H * W, 2 * C, dtype=v.dtype, device=v.device)
-                ga = torch.mul(g_t, m_t, out=gav[..., :C])
-                torch.mul(ga, c_f, out=gav[..., C:])
-            gcf = ga * v if ctx.needs_input_grad[2] else None
-        return gx, gav, gcf, None
 
 
 def _resolve_size(value, extent: int, name: str) -> int:
@@ -213,32 +178,40 @@ class PTL(nn.Module):
 
     def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor):
         """The pieces of the forward pass; :meth:`contribution` reuses them."""
+        return self._attention_inputs(x, *self._prepare(x, mask))
+
+    def _prepare(self, x: torch.Tensor, mask: torch.Tensor):
+        """m (the mask at x's size, in x's dtype), the patch and stride sizes, weight and bias."""
         B, C, H, W = x.shape
         m = resize_mask(mask, (H, W), B).to(x.dtype)
-        bg = 1 - m
         ps, st = self.patch_size(H, W), self.stride_size(H, W)
-        weight, bias = self._params(*ps, x)
-        mu, sigma, content, mass = patch_stats(x, bg, weight.to(x.dtype), bias.to(x.dtype), ps, st,
+        return (m, ps, st) + tuple(self._params(*ps, x))
+
+    def _attention_inputs(self, x, m, ps, st, weight, bias):
+        mu, sigma, content, mass = patch_stats(x, 1 - m, weight.to(x.dtype), bias.to(x.dtype), ps, st,
                                                self.eps, self.min_mass, backend=self.backend)
         c_f = masked_norm(x, m, self.eps, backend=self.backend)                  # (B, HW, C)
-        valid = mass >= self.min_mass
-        key_bias = torch.where(valid, 0.0, float("-inf"))  # float32: one launch, no fill first
-        query_mask = (m > 0).flatten(1)
-        return m, c_f, content, torch.cat([mu, sigma], -1), key_bias, query_mask, valid
+        valid, key_bias, query_mask, values = attention_keys(m, mu, sigma, mass, self.min_mass)
+        return m, c_f, content, values, key_bias, query_mask, valid
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"PTL({self.channels}) expects x of shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
         B, C, H, W = x.shape
-        m, c_f, content, values, key_bias, query_mask, valid = self.attention_inputs(x, mask)
+        prepared = self._prepare(x, mask)
+        m, ps, st, weight, bias = prepared
+        steps = node_steps(self.backend, x, m, weight, bias)
+        if steps is not None:  # one autograd node for the kernel backends (ptl_node.py)
+            geometry = _checks.check_patch_stats(x, m, weight, bias, ps, st, self.eps, self.min_mass)
+            return PTLNode.apply(x, weight, bias, m, steps, geometry, float(self.eps),
+                                 float(self.min_mass), self.scale)
+        m, c_f, content, values, key_bias, query_mask, valid = self._attention_inputs(x, *prepared)
         av = masked_attention(c_f, content, values, key_bias, query_mask, self.scale, backend=self.backend)
-        # no valid background patch: nothing to match, the input passes through unchanged (the
-        # attention gives 0 there, so lerp with weight 0 returns x exactly)
-        m = torch.where(valid.any(1).view(B, 1, 1, 1), m, 0.0)
-        if m.requires_grad:  # a mask that learns: _Blend treats m as data
+        m = blend_weight(m, valid)
+        if m.requires_grad:  # a mask that learns: Blend treats m as data
             a, v = av.split(C, dim=-1)
             return torch.lerp(x, torch.addcmul(a, c_f, v).transpose(1, 2).reshape(B, C, H, W), m)
-        return _Blend.apply(x, av, c_f, m)  # (1 - m) x + m T_fb
+        return Blend.apply(x, av, c_f, m)  # (1 - m) x + m T_fb
 
     @torch.no_grad()
     def contribution(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

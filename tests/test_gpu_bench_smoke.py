@@ -100,7 +100,8 @@ def test_host_overhead_script_runs_without_a_gpu():
                            "--reps", "3"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if "host side" in ln]
-    assert [ln.split()[0] for ln in lines] == ["masked_attention", "patch_stats"], proc.stdout
+    assert [ln.split(" fwd+bwd")[0].strip() for ln in lines] == \
+        ["masked_attention", "patch_stats", "PTL (one node)", "PTL (unfused)"], proc.stdout
 
 
 def test_profiles_name_the_ops_and_their_time():

@@ -85,3 +85,37 @@ def register_autograd(qualname: str, backward, setup_context, body: Optional[Cal
 
     return type("_" + name.title().replace("_", ""), (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+class Step:
+    """One autograd.Function of ours run inside another Function's node (PTL's single node,
+    :mod:`regharm_ext.ptl_node`): its own ``forward`` and ``backward`` on this stand-in ctx,
+    which offers what they use (``save_for_backward``, ``saved_tensors``, ``needs_input_grad``,
+    attributes). The owner saves :attr:`saved` with its own ``ctx.save_for_backward`` (version
+    checks, saved-tensor hooks) and gives them back with :meth:`restore` before
+    :meth:`backward`."""
+
+    def __init__(self, fn, needs_input_grad=()):
+        self.fn, self.needs_input_grad, self.saved = fn, tuple(needs_input_grad), ()
+
+    def forward(self, *inputs):
+        return self.fn.forward(self, *inputs)
+
+    def backward(self, *grads):
+        return self.fn.backward(self, *grads)
+
+    def save_for_backward(self, *tensors):
+        self.saved = tensors
+
+    def set_materialize_grads(self, value: bool):  # the owner passes None for unused outputs
+        pass
+
+    @property
+    def saved_tensors(self):
+        return self.saved
+
+    def restore(self, tensors):
+        self.saved = tuple(tensors)
+
+    def release(self):
+        self.saved = ()

@@ -171,9 +171,14 @@ def _register() -> None:
     def _(grad, x, weight, mu, rstd):
         return x.new_empty(x.shape)
 
-    global _MaskedNorm
+    global _MaskedNorm, PTL_STEPS
     setup, backward = op_autograd(Direct(torch.ops.regharm.masked_norm_backward))
     _MaskedNorm = register_autograd(lib + "masked_norm", backward, setup)
+    PTL_STEPS = (_PatchStats, _MaskedNorm, _MaskedAttention)
+
+
+# the ops' eager Functions, run by PTL's single autograd node (regharm_ext/ptl_node.py)
+PTL_STEPS = None
 
 
 if _IMPORT_ERROR is None:

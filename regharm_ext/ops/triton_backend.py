@@ -21,8 +21,11 @@ try:
     from . import triton_patch_stats as _patch_stats
     from ._triton_util import INTERPRETER_PROBLEM, interpreting
     _IMPORT_ERROR: Optional[str] = None
+    # the ops' eager Functions, run by PTL's single autograd node (regharm_ext/ptl_node.py)
+    PTL_STEPS = (_patch_stats._PatchStats, _masked_norm._MaskedNorm, _attention._MaskedAttention)
 except ImportError as exc:  # triton missing (or too old for the APIs used)
     _IMPORT_ERROR = f"triton is not installed or unusable ({exc}); pip install 'triton>=3.2'"
+    PTL_STEPS = None
 
 
 def unavailable(device: torch.device) -> Optional[str]:
