@@ -3,6 +3,7 @@ that it gives the unfused layer's outputs and gradients, and that it keeps autog
 (in-place checks, saved-tensor hooks, no second derivative)."""
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from regharm_ext import PTL
 from regharm_ext.backends import unavailable_reason
@@ -150,6 +151,10 @@ def test_ptl_node_keeps_autograd_guarantees():
     (gx,) = torch.autograd.grad(out, xr, torch.ones_like(out))
     (want,) = torch.autograd.grad(ptl(xr, mask), xr, torch.ones_like(out))
     torch.testing.assert_close(gx, want)
+    # activation checkpointing (saved-tensor hooks underneath) recomputes the node: same gradient
+    out = torch.utils.checkpoint.checkpoint(ptl, xr, mask, use_reentrant=False)
+    (gc,) = torch.autograd.grad(out, xr, torch.ones_like(out))
+    torch.testing.assert_close(gc, want)
     # no second derivative: a second backward raises instead of returning zeros
     (g,) = torch.autograd.grad((ptl(xr, mask) ** 3).sum(), xr, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
