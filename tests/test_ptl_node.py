@@ -151,6 +151,10 @@ def test_ptl_node_keeps_autograd_guarantees():
     (gx,) = torch.autograd.grad(out, xr, torch.ones_like(out))
     (want,) = torch.autograd.grad(ptl(xr, mask), xr, torch.ones_like(out))
     torch.testing.assert_close(gx, want)
+    # retain_graph: the node gives its saved tensors back to its steps on every backward
+    out = ptl(xr, mask)
+    first = torch.autograd.grad(out, xr, torch.ones_like(out), retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(out, xr, torch.ones_like(out))[0], first, rtol=0, atol=0)
     # activation checkpointing (saved-tensor hooks underneath) recomputes the node: same gradient
     out = torch.utils.checkpoint.checkpoint(ptl, xr, mask, use_reentrant=False)
     (gc,) = torch.autograd.grad(out, xr, torch.ones_like(out))
