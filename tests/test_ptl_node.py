@@ -201,22 +201,23 @@ def _cuda_skip(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_ptl_node_on_cuda_gives_the_unfused_results_and_memory(backend, dtype, monkeypatch):
     """On the GPU the same: outputs equal, gradients up to the order of x's three terms, and the
-    peak of the allocator no higher (the output gradient is a real tensor, as in training)."""
+    peak of live tensor storages no higher (the output gradient is a real tensor, as in training;
+    counted by the benchmarks' tracker: the caching allocator's statistics count whole cached
+    blocks, up to 1 MB more than a tensor asks for, which would drown a difference of one x)."""
     _cuda_skip(backend)
+    from test_bench_report import benchlib
+
     x, mask = _inputs(dtype, B=2, C=32, H=64, W=56)
     x, mask = x.cuda(), mask.cuda()
     ptl = PTL(32, patch=8, stride=4, backend=backend).cuda().to(dtype)
     grad = torch.randn(x.shape, device="cuda").to(dtype)
     results, peaks = {}, {}
-    for flag in ("1", "0", "1"):  # the first call of each path pays one-off costs
+    for flag in ("1", "0"):
         name, results[flag] = _run(ptl, x, mask, grad, monkeypatch, node=flag == "1")
         assert name == ("PTLNodeBackward" if flag == "1" else "BlendBackward")
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        _run(ptl, x, mask, grad, monkeypatch, node=flag == "1")
-        torch.cuda.synchronize()
-        peaks[flag] = torch.cuda.max_memory_allocated() - base
+        with benchlib.TensorMemoryTracker() as tracker:
+            _run(ptl, x, mask, grad, monkeypatch, node=flag == "1")
+        peaks[flag] = tracker.peak
     got, want = results["1"], results["0"]
     assert torch.equal(got[0], want[0])
     tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
