@@ -94,16 +94,16 @@ def node_steps(backend, x, mask, weight, bias) -> Optional[Tuple]:
 class PTLNode(torch.autograd.Function):
     """PTL (SPEC §4) from x, the patch parameters and the resized mask m, as :class:`PTL`'s
     unfused path computes it, and the backward of its four Functions in reverse order. x's
-    gradient through the blend, ``g·(1 - m)``, is added last: the unfused graph freed the
-    output gradient after the blend's backward, which a node cannot (its arguments live to its
-    end), and deferring that term keeps the attention's backward, the peak of PTL's memory, at
-    the unfused size."""
+    gradient through the blend, ``g·(1 - m)``, is added last and C_f's after the attention's
+    backward: the unfused graph freed the output gradient after the blend's backward, which a
+    node cannot (its arguments live to its end), and deferring those terms keeps the
+    attention's backward, the peak of PTL's memory, no larger than unfused."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, steps, geometry, eps, min_mass, scale):
         (ph, pw), (sh, sw) = geometry
         ps, norm, attn = (Step(fn) for fn in steps)
-        blend = Step(Blend, (False, True, True, False))  # dx of the blend: see backward
+        blend = Step(Blend, (False, True, False, False))  # dx and dC_f of the blend: backward
         stats = ps.forward(x, 1 - m, as_dtype(weight, x.dtype), as_dtype(bias, x.dtype), ph, pw,
                            sh, sw, eps, min_mass)
         mu, sigma, content, mass = (as_dtype(t, x.dtype) for t in stats)  # Triton's are float32
@@ -128,15 +128,16 @@ class PTLNode(torch.autograd.Function):
         for s, n in zip(ctx.steps, ctx.counts):
             s.restore(islice(saved, n))
         ps, norm, attn, blend = ctx.steps
-        _, gav, gcf, _ = blend.backward(grad)
+        gav = blend.backward(grad)[1]  # [dA | dV] = [m·g | m·g·C_f]
         dq, dk, dv = attn.backward(gav, *[None] * (ctx.attn_outputs - 1))[:3]
-        del gav
-        gcf += dq  # c_f feeds the attention and the blend
-        del dq
+        C = grad.shape[1]
+        # c_f feeds the attention and the blend (dC_f = dA·V there): added into dq in one pass,
+        # and after the attention's backward, so that it does not hold another x-size tensor
+        gcf = dq.addcmul_(gav[..., :C], blend.saved[1])
+        del gav, dq
         need = ctx.needs_input_grad
         gx = norm.backward(gcf, None, None)[0] if need[0] else None
         del gcf
-        C = grad.shape[1]
         g_mu, g_sigma = dv.split(C, -1)  # values = [mu | sigma]
         grads = [as_dtype(g, dt) for g, dt in zip((g_mu, g_sigma, dk), ctx.stat_dtypes)]
         gxp, _, gw, gb = ps.backward(*grads, None)[:4]

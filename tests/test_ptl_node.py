@@ -167,8 +167,9 @@ def test_ptl_node_keeps_autograd_guarantees():
 
 def test_ptl_node_peaks_no_higher_than_the_unfused_layer(monkeypatch):
     """The node keeps every saved tensor to the end of its backward, and its output gradient
-    (a real tensor in training, as here); the unfused graph freed each op's share after its
-    backward. Measured with the benchmarks' CPU tracker of tensor storages."""
+    (a real tensor in training, as here), where the unfused graph freed each op's share after
+    its backward; it adds the blend's terms of dx and dC_f late instead, and so peaks at least
+    one x-size lower. Measured with the benchmarks' CPU tracker of tensor storages."""
     _skip("native")
     from test_bench_report import benchlib
 
@@ -185,7 +186,7 @@ def test_ptl_node_peaks_no_higher_than_the_unfused_layer(monkeypatch):
             x.grad = None
 
         peaks[flag] = benchlib.peak_memory(fwd_bwd, torch.device("cpu"))
-    assert peaks["1"] <= peaks["0"], peaks
+    assert peaks["1"] <= peaks["0"] - x.numel() * x.element_size(), peaks
 
 
 def _cuda_skip(backend):
