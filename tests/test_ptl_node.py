@@ -165,7 +165,7 @@ def test_ptl_node_keeps_autograd_guarantees():
         g.sum().backward()
 
 
-def test_ptl_node_peaks_no_higher_than_the_unfused_layer(monkeypatch):
+def test_ptl_node_peaks_lower_than_the_unfused_layer(monkeypatch):
     """The node keeps every saved tensor to the end of its backward, and its output gradient
     (a real tensor in training, as here), where the unfused graph freed each op's share after
     its backward; it adds the blend's terms of dx and dC_f late instead, and so peaks at least
