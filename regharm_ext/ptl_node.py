@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .backends import resolve
+from .ops import _composite_norm_asked
 from .ops._eager import Step
 from .ops.norm_composite import as_dtype
 
@@ -78,9 +80,6 @@ def node_steps(backend, x, mask, weight, bias) -> Optional[Tuple]:
     """The backend's (patch_stats, masked_norm, masked_attention) Functions where PTL's call runs
     as one node, else None: an eager call that records a backward (not compiling, no functorch
     transform), a mask that is data, the masked norm on its kernels, and a kernel backend."""
-    from .backends import resolve
-    from .ops import _composite_norm_asked
-
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
         return None
     if (mask.requires_grad or torch.compiler.is_compiling()
@@ -133,7 +132,8 @@ class PTLNode(torch.autograd.Function):
         C = grad.shape[1]
         # c_f feeds the attention and the blend (dC_f = dA·V there): added into dq in one pass,
         # and after the attention's backward, so that it does not hold another x-size tensor
-        gcf = dq.addcmul_(gav[..., :C], blend.saved[1])
+        _, v, m = blend.saved  # Blend keeps (C_f, V, m)
+        gcf = dq.addcmul_(gav[..., :C], v)
         del gav, dq
         need = ctx.needs_input_grad
         gx = norm.backward(gcf, None, None)[0] if need[0] else None
@@ -144,7 +144,7 @@ class PTLNode(torch.autograd.Function):
         if gx is not None:
             gx += gxp
             del gxp
-            gx.addcmul_(grad, 1 - blend.saved[2])  # the blend's (1 - m)·g
+            gx.addcmul_(grad, 1 - m)  # the blend's (1 - m)·g
         for s in ctx.steps:
             s.release()
         w_dtype, b_dtype = ctx.param_dtypes
