@@ -36,6 +36,9 @@ sys.path.insert(0, HERE)
 from cuda_tools import cuda_available, find_tool, run_tool  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+# the native attention's environment switches (csrc/cuda/masked_attention_cuda.cpp)
+_SETTINGS = ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_DQ",
+             "REGHARM_CUDA_SIMT_LANES")
 
 
 def _poison(device) -> None:
@@ -79,10 +82,12 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
     # (attention setting, dtype): float32 on CUDA cores and as 3xTF32, the 16-bit dtypes on the
     # register kernels (the default), bfloat16 and float32 once more on the shared-memory tile
-    # kernels, and each on the dQ path its default does not take (float32: atomic dQ)
+    # kernels, each on the dQ path its default does not take (float32: atomic dQ), and float32
+    # in mma.sync's lane order
     modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + \
         [("", d) for d in dtypes[1:]] + [("tiles", torch.bfloat16), ("tiles", torch.float32)] + \
-        [("dq_kernel", torch.float32), ("dq_atomic", torch.bfloat16)]
+        [("dq_kernel", torch.float32), ("dq_atomic", torch.bfloat16),
+         ("mma_lanes", torch.float32)]
     if backend != "native":  # the settings are the native kernels'
         # (Triton's CPU interpreter has no bfloat16 arithmetic)
         dtypes = [d for d in dtypes if device.type == "cuda" or d != torch.bfloat16]
@@ -91,6 +96,7 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
                 "tf32x3": {"REGHARM_CUDA_FP32_MATH": "tf32x3"},
                 "tiles": {"REGHARM_CUDA_ATTENTION": "tiles"},
                 "dq_kernel": {"REGHARM_CUDA_DQ": "kernel"}, "dq_atomic": {"REGHARM_CUDA_DQ": "atomic"},
+                "mma_lanes": {"REGHARM_CUDA_SIMT_LANES": "mma"},
                 "": {}}
     # few launches (every one is slow under a sanitizer), every path: odd sizes, several tiles
     # and query splits, masks and no mask, one image with every key removed (make_*_inputs)
@@ -139,7 +145,7 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
 
     for case, masked in attn_cases * rounds:
         for mode, dtype in modes:
-            for name in ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_DQ"):
+            for name in _SETTINGS:
                 os.environ.pop(name, None)
             os.environ.update(settings[mode])
             q, k, v, kb, qm = make_attention_inputs(**case, dtype=dtype)
@@ -155,7 +161,7 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
                                   *([f"setting {mode}"] if mode else []),
                                   *(["no mask"] if mask is None else [])])
                 compare(label, got, want, n, dtype)
-    for name in ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_DQ"):
+    for name in _SETTINGS:
         os.environ.pop(name, None)
 
     for shape in ((2, 40, 9, 11), (1, 3, 1, 37)):  # ragged 32 x 32 tiles; one row

@@ -42,9 +42,9 @@ def emu():
 @pytest.fixture
 def configured(emu):
     def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9,
-                  dq_atomic=None):
+                  dq_atomic=None, simt_lanes="paired"):
         emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
-                      cc_major=cc_major, dq_atomic=dq_atomic)
+                      cc_major=cc_major, dq_atomic=dq_atomic, simt_lanes=simt_lanes)
         return emu
     configure()
     return configure
@@ -407,6 +407,48 @@ def test_cuda_emulated_attention_float32_layouts_and_schedules(configured, layou
     emu = configured(order=order)
     _check_attention(emu, inputs, layout=layout)
     assert emu.take_simt_product_count() > 0
+
+
+# ---- float32 on CUDA cores: the order of the lanes (simt_products.cuh) ------------------------
+
+def _attention_fwd_bwd(emu, inputs):
+    """out, lse, dq, dk, dv, and the forward's and the backward's shared-load models."""
+    q, k, v, kb, qm = inputs
+    scale = q.shape[-1] ** -0.5
+    out, lse = emu.attention(q, k, v, kb, qm, scale)
+    fwd = emu.take_shared_load_model()
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(q.dtype)
+    grads = emu.attention_backward(cot, q, k, v, kb, qm, out, lse, scale)
+    return (out, lse, *grads), (fwd, emu.take_shared_load_model())
+
+
+@pytest.mark.parametrize("dq_atomic", [True, False], ids=["atomic_dq", "dq_kernel"])
+def test_cuda_emulated_simt_lane_orders_give_the_same_bits(configured, dq_atomic):
+    """PairedLanes only moves which lane computes an element: every sum keeps its terms and
+    their order, so both orders give identical bits (and mma.sync's order stays right)."""
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=60, E=128, active=0.3, removed=0.2,
+                                   dtype=torch.float32)
+    _check_attention(configured(simt_lanes="mma", dq_atomic=dq_atomic), inputs)
+    got = {lanes: _attention_fwd_bwd(configured(simt_lanes=lanes, dq_atomic=dq_atomic), inputs)[0]
+           for lanes in ("paired", "mma")}
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got["paired"], got["mma"]):
+        assert torch.equal(a, b), name
+
+
+def test_cuda_emulated_simt_loads_pair_lanes(configured):
+    """In the emulator's model of shared memory (emu_runtime.h: a 16-byte load costs a warp
+    4 cycles, 2 where lanes n and n ^ 1 or n and n ^ 2 read the same address), every load of
+    the PairedLanes kernels is paired, and mma.sync's order leaves the B loads (most of them)
+    unpaired. At PTL's D and E the model's cycles halve, forward and backward alike."""
+    inputs = make_attention_inputs(B=1, L=128, N=128, D=64, E=128, dtype=torch.float32)
+    model = {lanes: _attention_fwd_bwd(configured(simt_lanes=lanes), inputs)[1]
+             for lanes in ("paired", "mma")}
+    for part in (0, 1):  # forward, backward
+        paired, mma = model["paired"][part], model["mma"][part]
+        assert paired["loads"] == mma["loads"] > 0
+        assert paired["paired"] == paired["loads"]
+        assert mma["paired"] < mma["loads"] / 4
+        assert paired["cycles"] < 0.6 * mma["cycles"], (part, paired, mma)
 
 
 def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):

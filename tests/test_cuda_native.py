@@ -283,9 +283,28 @@ def test_cuda_native_dq_paths_agree(dtype, monkeypatch):
 
 
 @needs_native_cuda
+def test_cuda_native_simt_lane_orders_agree(monkeypatch):
+    """REGHARM_CUDA_SIMT_LANES: float32's CUDA-core kernels in PairedLanes order (the default)
+    or mma.sync's compute every element as the same sum in the same order, on another lane: with
+    dQ by its own kernel (no atomics), identical bits; both held to the reference at PTL's
+    sizes."""
+    monkeypatch.setenv("REGHARM_CUDA_DQ", "kernel")
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=F32, device="cuda")
+    runs = {}
+    for lanes in ("paired", "mma"):
+        monkeypatch.setenv("REGHARM_CUDA_SIMT_LANES", lanes)
+        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+        _check_attention(got, got_g, want, want_g, F32, qm, kb, f"ptl lanes {lanes}")
+        runs[lanes] = (got[0], *got_g)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), runs["paired"], runs["mma"]):
+        assert torch.equal(a, e), name
+
+
+@needs_native_cuda
 @pytest.mark.parametrize("setting,says", [("REGHARM_CUDA_FP32_MATH", "must be 'simt'"),
                                           ("REGHARM_CUDA_ATTENTION", "must be 'auto'"),
-                                          ("REGHARM_CUDA_DQ", "must be 'auto'")])
+                                          ("REGHARM_CUDA_DQ", "must be 'auto'"),
+                                          ("REGHARM_CUDA_SIMT_LANES", "must be 'paired'")])
 def test_cuda_native_attention_settings_are_checked(setting, says, monkeypatch):
     monkeypatch.setenv(setting, "fast")
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")

@@ -1,8 +1,8 @@
 // The register attention kernels (attention_registers.cuh) as the launchers of
 // masked_attention_kernels.cu see them: one set of three kernels and their shared-memory sizes
-// per dtype and padded D, E, compiled in attention_registers_{f16,bf16,f32,tf32x3}.cu (units
-// that build in parallel, each heavy with unrolled fragment code: float32 on CUDA cores alone
-// took 40 s of nvcc on a CI core).
+// per dtype and padded D, E, compiled in attention_registers_*.cu (units that build in parallel,
+// each heavy with unrolled fragment code: float32 on CUDA cores alone took 40 s of nvcc on a CI
+// core).
 #pragma once
 
 #include <cstddef>
@@ -35,8 +35,9 @@ template <typename T> RegKernelSet<T> reg_kernels(const AttnShape& s);
 template <> RegKernelSet<float> reg_kernels<float>(const AttnShape& s);
 template <> RegKernelSet<__half> reg_kernels<__half>(const AttnShape& s);
 template <> RegKernelSet<__nv_bfloat16> reg_kernels<__nv_bfloat16>(const AttnShape& s);
-RegKernelSet<float> reg_kernels_tf32x3(const AttnShape& s);  // what reg_kernels<float> returns
-                                                             // under tf32x3
+// What reg_kernels<float> returns under tf32x3, and under simt_mma_lanes.
+RegKernelSet<float> reg_kernels_tf32x3(const AttnShape& s);
+RegKernelSet<float> reg_kernels_f32_mma_lanes(const AttnShape& s);
 
 }  // namespace cuda
 }  // namespace regharm

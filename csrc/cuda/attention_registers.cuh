@@ -41,14 +41,16 @@ template <typename T> __host__ __device__ constexpr int reg_pitch(int cols) {
   return cols + int(16 / sizeof(T));
 }
 
-// Max and sum over the 4 lanes (one quad) that hold a row of an accumulator fragment.
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+// Max and sum over the 4 lanes that hold a row of an accumulator fragment (policy M's Lanes).
+template <typename M>
+__device__ __forceinline__ float row_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, M::Lanes::kRowXor0));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, M::Lanes::kRowXor1));
 }
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+template <typename M>
+__device__ __forceinline__ float row_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, M::Lanes::kRowXor0);
+  return v + __shfl_xor_sync(0xffffffffu, v, M::Lanes::kRowXor1);
 }
 
 // The warp's products, each lane holding its fragments (policy M):
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   const int e0 = blockIdx.y * EC;
   const int rows = int(min(int64_t(kRegRows), a.L - q0));
   const int ecols = min(EC, a.E - e0);
-  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, g = M::Lanes::g(), t = M::Lanes::t();
   T* out_b = out + b * a.L * a.E + e0;
   float* lse_b = lse + b * a.L;
 
@@ -221,7 +223,7 @@ __global__ void __launch_bounds__(kThreads)
     float alpha[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m[h], quad_max(tmax[h]));
+      const float m_new = fmaxf(m[h], row_max<M>(tmax[h]));
       alpha[h] = m_new == -INFINITY ? 1.0f : fast_exp(m[h] - m_new);  // 0 when m was -inf
       m[h] = m_new;
     }
@@ -247,7 +249,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float lsum = quad_sum(l[h]);
+    const float lsum = row_sum<M>(l[h]);
     const int r = warp * 16 + g + 8 * h;
     if (r >= rows) continue;
     const bool act = sm.act[r] && lsum > 0.0f;
@@ -315,7 +317,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
   const int rows = int(min(int64_t(kRegRows), a.L - q0));
-  const int tid = threadIdx.x, warp = tid >> 5, gr = (tid & 31) >> 2, t = tid & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
 
   float dq[ND][4] = {};
   if (load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) {  // else: nothing attended, 0
@@ -416,7 +418,7 @@ __device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const Bwd
                                               int rows) {
   static_assert(kRegQueries == 32 && kThreads == 128, "4 warps: 2 row halves x 2 column halves");
   constexpr int NH = DP / 16;  // n-tiles of a column half
-  const int warp = threadIdx.x >> 5, gr = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int warp = threadIdx.x >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
   const int r0 = (warp & 1) * 16, c0 = (warp >> 1) * (DP / 2);
   float acc[NH][4] = {};
   mma_sm<M, kRegRows / M::K>(acc, ds + r0 * ldds, ldds, sk + c0, ldk);
@@ -455,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
   const int split = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.x) * kRegRows;
   const int keys = int(min(int64_t(kRegRows), a.N - k0));
-  const int tid = threadIdx.x, warp = tid >> 5, gr = (tid & 31) >> 2, t = tid & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
 
   float dk[ND][4] = {}, dv[NE][4] = {};
   if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, kRegRows)) {  // else: removed, 0

@@ -66,6 +66,9 @@ struct AttnShape {
   // anyway) instead of a kernel that recomputes S and dP over query tiles. Not deterministic
   // (the order of the additions varies); the glue asks for it (REGHARM_CUDA_DQ).
   bool dq_atomic = false;
+  // float32 on CUDA cores: the register kernels' lanes in mma.sync's order instead of
+  // PairedLanes (simt_products.cuh); the glue asks for it (REGHARM_CUDA_SIMT_LANES).
+  bool simt_mma_lanes = false;
 };
 
 // A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.

@@ -74,6 +74,19 @@ bool dq_atomic_asked(const at::Tensor& q, const char* op) {
   return mode == "atomic" || q.scalar_type() == at::kFloat;
 }
 
+// REGHARM_CUDA_SIMT_LANES picks the lane order of the float32 CUDA-core register kernels:
+// "paired" (the default: lanes that read the same shared-memory address sit next to each other,
+// simt_products.cuh) or "mma" (mma.sync's order, the kernels of GPU run 2), so that one process
+// can time both. Read on every call.
+bool simt_mma_lanes_asked(const char* op) {
+  const char* env = std::getenv("REGHARM_CUDA_SIMT_LANES");
+  const std::string mode = (env == nullptr || *env == '\0') ? "paired" : env;
+  TORCH_CHECK(mode == "paired" || mode == "mma", op,
+              ": REGHARM_CUDA_SIMT_LANES must be 'paired' (the default) or 'mma' (mma.sync's lane "
+              "order), got '", mode, "'");
+  return mode == "mma";
+}
+
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
@@ -88,6 +101,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   s.tf32x3 = fp32_on_tensor_cores(q, op);
   s.tiles = tile_kernels_asked(op);
   s.dq_atomic = dq_atomic_asked(q, op);
+  s.simt_mma_lanes = simt_mma_lanes_asked(op);
   return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

@@ -259,9 +259,20 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (*c)[4]) 
 // What attention_registers.cuh calls, for tensor cores: fragment types, the k-step, and the five
 // operations above. simt_products.cuh has the same interface for float32 on CUDA cores, with
 // the same accumulator layout, so the kernels' softmax and masking code is shared.
+// Which (g, t) of the accumulator layout a lane holds: rows g and g + 8, columns 2t and 2t + 1 of
+// every 8-column n-tile. mma.sync fixes it for tensor cores (g = lane / 4, t = lane % 4); the
+// lanes that share a row differ in the bits of row_xor.
+struct MmaLanes {
+  static __device__ __forceinline__ int g() { return (threadIdx.x & 31) >> 2; }
+  static __device__ __forceinline__ int t() { return threadIdx.x & 3; }
+  static __device__ __forceinline__ int lane(int g, int t) { return 4 * g + t; }
+  static constexpr int kRowXor0 = 1, kRowXor1 = 2;
+};
+
 template <typename T>
 struct TensorCores {
   using In = T;
+  using Lanes = MmaLanes;
   using FragA = uint32_t[4];
   using FragB = uint32_t[2];
   static constexpr int K = Mma<T>::K;

@@ -39,6 +39,14 @@ long long emu_take_simt_product_count() {
   return n;
 }
 
+// The CUDA-core products' 16-byte shared-memory loads since the last call (emu_runtime.h's
+// model): out[0] warp instructions, out[1] of them with paired lanes, out[2] modelled cycles.
+void emu_take_shared_load_model(long long* out) {
+  emu::SharedLoadModel& m = emu::shared_load_model();
+  out[0] = m.loads, out[1] = m.paired, out[2] = m.cycles;
+  m = emu::SharedLoadModel{};
+}
+
 // float32 atomic additions (the dK/dV kernel's dQ under dq_atomic) since the last call.
 long long emu_take_atomic_count() {
   const long long n = emu::atomic_count();
@@ -93,12 +101,14 @@ int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const 
                                   min_mass, workspace, grad_x, grad_wb, nullptr));
 }
 
-static AttnShape attn_shape(const int64_t* s) {  // B, L, N, D, E, tf32x3, tiles, dq_atomic
+// B, L, N, D, E, tf32x3, tiles, dq_atomic, simt_mma_lanes
+static AttnShape attn_shape(const int64_t* s) {
   AttnShape a{};
   a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
   a.tf32x3 = s[5] != 0;
   a.tiles = s[6] != 0;
   a.dq_atomic = s[7] != 0;
+  a.simt_mma_lanes = s[8] != 0;
   return a;
 }
 

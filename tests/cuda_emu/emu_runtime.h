@@ -94,6 +94,7 @@ struct Block {
   std::vector<uint64_t> exchange;
   std::vector<std::array<uint32_t, 10>> mma;  // one lane's a, b, c registers (mma_m16n8k16)
   std::vector<int> votes;
+  std::vector<std::vector<uintptr_t>> loads16;  // each lane's 16-byte shared-memory loads
   std::function<void()>* body = nullptr;
 };
 
@@ -165,6 +166,49 @@ inline long long& mma_sync_count() {  // mma.sync products run (the register ker
 inline long long& simt_product_count() {  // float32 CUDA-core warp products (register kernels)
   static long long n = 0;
   return n;
+}
+
+// The CUDA-core products' 16-byte shared-memory loads (simt_products.cuh's ld4), as warp
+// instructions, and what they cost in a model of the SM's shared memory: it returns 128 bytes
+// (one register of a warp) per cycle, so a 16-byte load takes 4 cycles, or 2 where lanes n and
+// n ^ 1 (or n and n ^ 2) all read the same address (NVIDIA's forum, sm_70/75). Bank conflicts
+// are not modelled: the kernels' pitches are chosen to have none.
+struct SharedLoadModel {
+  long long loads = 0, cycles = 0, paired = 0;
+};
+inline SharedLoadModel& shared_load_model() {
+  static SharedLoadModel m;
+  return m;
+}
+inline void note_shared_load16(const void* p) {
+  blk().loads16[cur().linear].push_back(reinterpret_cast<uintptr_t>(p));
+}
+// Adds up a finished block's loads warp instruction by warp instruction (a lane's i-th load
+// and its warp's other lanes' i-th are one instruction: the products run the same loads on
+// every lane).
+inline void account_shared_loads(Block& b) {
+  const int n = int(b.fibers.size());
+  for (int w = 0; w * 32 < n; ++w) {
+    const size_t count = b.loads16[w * 32].size();
+    for (int l = 1; l < 32; ++l)
+      if (b.loads16[w * 32 + l].size() != count) {
+        fail("lanes of a warp made different numbers of 16-byte shared-memory loads");
+        return;
+      }
+    for (size_t i = 0; i < count; ++i) {
+      auto addr = [&](int lane) { return b.loads16[w * 32 + lane][i]; };
+      bool pair1 = true, pair2 = true;
+      for (int l = 0; l < 32; ++l) {
+        pair1 = pair1 && addr(l) == addr(l ^ 1);
+        pair2 = pair2 && addr(l) == addr(l ^ 2);
+      }
+      SharedLoadModel& m = shared_load_model();
+      ++m.loads;
+      m.paired += pair1 || pair2;
+      m.cycles += (pair1 || pair2) ? 2 : 4;
+    }
+  }
+  for (auto& v : b.loads16) v.clear();
 }
 
 inline long long& tf32_mma_count();
@@ -417,6 +461,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
   b.exchange.assign(n, 0);
   b.mma.assign(n, {});
   b.votes.assign(n, 0);
+  b.loads16.assign(n, {});
   b.body = &body;
   for (int i = 0; i < n; ++i) {
     b.fibers[i].linear = i;
@@ -441,6 +486,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
           block_ptr() = nullptr;
           return;
         }
+        account_shared_loads(b);
         for (unsigned char* p = raw.data(); p < base; ++p)
           if (*p != 0xA5) { fail("write before the dynamic shared memory"); break; }
         for (unsigned char* p = base + smem; p < raw.data() + raw.size(); ++p)

@@ -133,24 +133,38 @@ class Emulator:
         self.tf32x3 = False
         self.tiles = False
         self.dq_atomic = None
+        self.simt_lanes = "paired"
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
-                  tiles=False, cc_major=9, dq_atomic=None):
+                  tiles=False, cc_major=9, dq_atomic=None, simt_lanes="paired"):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
         with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
         GPU generation the launchers see (the register kernels need 8 or more); dq_atomic: the
         register kernels' dK/dV kernel adds dQ up with atomics (REGHARM_CUDA_DQ=atomic), False
         gives dQ its own kernel (=kernel), None does what the glue does by default (atomic for
-        float32 only)."""
+        float32 only); simt_lanes: the lane order of the float32 CUDA-core kernels, "paired"
+        (the default) or "mma" (REGHARM_CUDA_SIMT_LANES=mma)."""
+        if simt_lanes not in ("paired", "mma"):
+            raise ValueError(f"simt_lanes must be 'paired' or 'mma', got {simt_lanes!r}")
         self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major)
         self.tf32x3 = tf32x3
         self.tiles = tiles
         self.dq_atomic = dq_atomic
+        self.simt_lanes = simt_lanes
+        self.take_shared_load_model()
         self.take_tf32_mma_count()
         self.take_mma_sync_count()
         self.take_simt_product_count()
         self.take_atomic_count()
+
+    def take_shared_load_model(self) -> dict:
+        """The float32 CUDA-core products' 16-byte shared-memory loads since the last call:
+        warp instructions, how many had paired lanes, and their cycles in emu_runtime.h's model
+        of the SM's shared memory (4 per load, 2 with paired lanes)."""
+        out = (ctypes.c_longlong * 3)()
+        self.lib.emu_take_shared_load_model(out)
+        return {"loads": int(out[0]), "paired": int(out[1]), "cycles": int(out[2])}
 
     def take_atomic_count(self) -> int:
         """float32 atomic additions (the atomic dQ) since the last call."""
@@ -174,7 +188,8 @@ class Emulator:
 
     def _attn_shape(self, B, L, N, D, E, dtype) -> ctypes.Array:
         dq_atomic = dtype == torch.float32 if self.dq_atomic is None else self.dq_atomic
-        return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic)])
+        return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic),
+                     int(self.simt_lanes == "mma")])
 
     def _done(self, rc: int, what: str) -> None:
         errors = self.lib.emu_take_errors().decode()
