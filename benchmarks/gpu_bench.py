@@ -58,7 +58,8 @@ import bench_check  # noqa: E402
 
 BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles",
             "native_norm_composite", "triton_norm_composite", "native_dq_kernel",
-            "native_dq_atomic", "native_unfused", "triton_unfused", "native_mma_lanes")
+            "native_dq_atomic", "native_unfused", "triton_unfused", "native_mma_lanes",
+            "native_fwd_whole")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
 # cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
@@ -69,7 +70,8 @@ BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "
 # for the dtype; PERF_NOTES item 11), *_unfused (PTL's ops as four autograd nodes instead of one:
 # before/after of PERF_NOTES item 15, on the PTL benchmarks only), native_mma_lanes (float32's
 # CUDA-core kernels with mma.sync's lane order instead of PairedLanes: before/after of PERF_NOTES
-# item 16).
+# item 16), native_fwd_whole (float32's forward with one block per query tile instead of two key
+# halves: before/after of PERF_NOTES item 17).
 _COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
 _UNFUSED = {"REGHARM_PTL_NODE": "0"}
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
@@ -80,7 +82,8 @@ VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
             "native_dq_atomic": ("native", {"REGHARM_CUDA_DQ": "atomic"}),
             "native_unfused": ("native", _UNFUSED),
             "triton_unfused": ("triton", _UNFUSED),
-            "native_mma_lanes": ("native", {"REGHARM_CUDA_SIMT_LANES": "mma"})}
+            "native_mma_lanes": ("native", {"REGHARM_CUDA_SIMT_LANES": "mma"}),
+            "native_fwd_whole": ("native", {"REGHARM_CUDA_FWD_SPLIT": "off"})}
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "native_tiles": (torch.float32, torch.float16, torch.bfloat16),
                   "native_norm_composite": (torch.float32, torch.bfloat16),
@@ -89,14 +92,16 @@ VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "native_dq_atomic": (torch.float16, torch.bfloat16),
                   "native_unfused": (torch.float32, torch.bfloat16),
                   "triton_unfused": (torch.float32, torch.bfloat16),
-                  "native_mma_lanes": (torch.float32,)}
+                  "native_mma_lanes": (torch.float32,),
+                  "native_fwd_whole": (torch.float32,)}
 VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
                    "triton_norm_composite": ("ptl", "ptl_bf16"),
                    "native_dq_kernel": ("ptl",),
                    "native_dq_atomic": ("masked_attention", "ptl_bf16"),
                    "native_unfused": ("ptl", "ptl_bf16"),
                    "triton_unfused": ("ptl", "ptl_bf16"),
-                   "native_mma_lanes": ("masked_attention", "ptl")}
+                   "native_mma_lanes": ("masked_attention", "ptl"),
+                   "native_fwd_whole": ("masked_attention", "ptl")}
 
 
 @contextlib.contextmanager

@@ -40,13 +40,15 @@ def _workload(device_name: str, only: str | None = None) -> None:
     device = torch.device(device_name)
     cases = gpu_bench.settings(quick=device.type != "cuda", device=device)
     # masked_attention in bf16 (register kernels), bf16 on the tile kernels, float32 on CUDA
-    # cores (register kernels in PairedLanes and in mma.sync's lane order, then tile kernels)
-    # and as 3xTF32; patch_stats
+    # cores (register kernels in PairedLanes and in mma.sync's lane order, with the forward's
+    # keys unsplit, then tile kernels) and as 3xTF32; patch_stats
     runs = [("masked_attention", None), ("masked_attention", "tiles"),
             ("masked_attention", "simt"), ("masked_attention", "simt+mma_lanes"),
+            ("masked_attention", "simt+fwd_whole"),
             ("masked_attention", "simt+tiles"), ("masked_attention", "tf32x3"),
             ("patch_stats", None)]
-    settings = ("REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_SIMT_LANES")
+    settings = ("REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_SIMT_LANES",
+                "REGHARM_CUDA_FWD_SPLIT")
     if only is not None:  # e.g. "simt,simt+mma_lanes"
         runs = [r for r in runs if (r[1] or "") in only.split(",")]
     for name, setting in runs:
@@ -58,6 +60,8 @@ def _workload(device_name: str, only: str | None = None) -> None:
                 os.environ["REGHARM_CUDA_ATTENTION"] = "tiles"
             elif part == "mma_lanes":
                 os.environ["REGHARM_CUDA_SIMT_LANES"] = "mma"
+            elif part == "fwd_whole":
+                os.environ["REGHARM_CUDA_FWD_SPLIT"] = "off"
             elif part:
                 dtype = torch.float32
                 os.environ["REGHARM_CUDA_FP32_MATH"] = part

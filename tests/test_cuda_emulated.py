@@ -42,9 +42,10 @@ def emu():
 @pytest.fixture
 def configured(emu):
     def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9,
-                  dq_atomic=None, simt_lanes="paired"):
+                  dq_atomic=None, simt_lanes="paired", fwd_split=None, reverse_blocks=False):
         emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
-                      cc_major=cc_major, dq_atomic=dq_atomic, simt_lanes=simt_lanes)
+                      cc_major=cc_major, dq_atomic=dq_atomic, simt_lanes=simt_lanes,
+                      fwd_split=fwd_split, reverse_blocks=reverse_blocks)
         return emu
     configure()
     return configure
@@ -449,6 +450,42 @@ def test_cuda_emulated_simt_loads_pair_lanes(configured):
         assert paired["paired"] == paired["loads"]
         assert mma["paired"] < mma["loads"] / 4
         assert paired["cycles"] < 0.6 * mma["cycles"], (part, paired, mma)
+
+
+# ---- float32 forward: each query tile's keys over two blocks (REGHARM_CUDA_FWD_SPLIT) ---------
+
+SPLIT_CASES = {"tiles": ATTN_CASES["tiles"],                      # halves of 64 and 6 keys
+               "mostly_removed": EDGE_ATTN_CASES["mostly_removed"],  # a half with no key left
+               "ptl_like": dict(B=2, L=150, N=300, D=64, E=128, active=0.3, removed=0.2)}
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_cuda_emulated_forward_key_split(configured, case):
+    """float32's register forward splits each query tile's keys over two blocks (the default):
+    held to the reference, one flag published per query tile with an active query, and the same
+    bits whichever block finishes first (blocks in reverse order: the other half writes first
+    and the first one combines)."""
+    inputs = make_attention_inputs(**SPLIT_CASES[case], dtype=torch.float32)
+    q, k, v, kb, qm = inputs
+    emu = configured()
+    _check_attention(emu, inputs)
+    tiles = sum((int(n) + 63) // 64 for n in qm.sum(1))
+    assert emu.take_flag_count() == tiles > 0
+    scale = q.shape[-1] ** -0.5
+    first = configured().attention(q, k, v, kb, qm, scale)
+    swapped = configured(reverse_blocks=True).attention(q, k, v, kb, qm, scale)
+    for a, b in zip(first, swapped):
+        assert torch.equal(a, b)
+    emu = configured(fwd_split=False)
+    _check_attention(emu, inputs)
+    assert emu.take_flag_count() == 0
+
+
+def test_cuda_emulated_forward_key_split_float32_only(configured):
+    """16-bit outputs cannot hold a half's rows exactly: their forward never splits."""
+    emu = configured()
+    _check_attention(emu, make_attention_inputs(**SPLIT_CASES["ptl_like"], dtype=torch.bfloat16))
+    assert emu.take_flag_count() == 0
 
 
 def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):

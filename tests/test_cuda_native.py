@@ -301,10 +301,26 @@ def test_cuda_native_simt_lane_orders_agree(monkeypatch):
 
 
 @needs_native_cuda
+def test_cuda_native_forward_key_split(monkeypatch):
+    """REGHARM_CUDA_FWD_SPLIT: float32's forward with each query tile's keys over two blocks
+    (the default) or one: both held to the reference at PTL's sizes, and the split's result the
+    same bits in every run, whichever of the two blocks finishes first."""
+    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=F32, device="cuda")
+    for mode in ("off", "auto"):
+        monkeypatch.setenv("REGHARM_CUDA_FWD_SPLIT", mode)
+        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+        _check_attention(got, got_g, want, want_g, F32, qm, kb, f"ptl fwd split {mode}")
+    runs = [torch.ops.regharm.masked_attention(q, k, v, kb, qm, 0.125) for _ in range(8)]
+    for out, lse in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+
+
+@needs_native_cuda
 @pytest.mark.parametrize("setting,says", [("REGHARM_CUDA_FP32_MATH", "must be 'simt'"),
                                           ("REGHARM_CUDA_ATTENTION", "must be 'auto'"),
                                           ("REGHARM_CUDA_DQ", "must be 'auto'"),
-                                          ("REGHARM_CUDA_SIMT_LANES", "must be 'paired'")])
+                                          ("REGHARM_CUDA_SIMT_LANES", "must be 'paired'"),
+                                          ("REGHARM_CUDA_FWD_SPLIT", "must be 'auto'")])
 def test_cuda_native_attention_settings_are_checked(setting, says, monkeypatch):
     monkeypatch.setenv(setting, "fast")
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")

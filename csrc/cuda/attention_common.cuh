@@ -32,6 +32,9 @@ struct AttnArgs {
   A scale;
   bool vec_q, vec_k, vec_v;
   bool tc;              // float32 products on tensor cores (3xTF32); shapes the smem pitches
+  // The register forward's key splits (gridDim.y > 1): per (image, query tile) an arrival
+  // count, then per (image, query tile) a ready flag, zeroed before the launch; else null.
+  int* fwd_sync;
 };
 
 template <typename T, typename A>

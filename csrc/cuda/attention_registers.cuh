@@ -141,7 +141,7 @@ template <typename T>
 struct RegFwdSmem {
   T *q, *k, *v;
   float* bias;
-  int* act;
+  int *act, *role;
   int ldq, ldv;
   size_t bytes;
   __host__ __device__ RegFwdSmem(unsigned char* base, int DP, int EC) {
@@ -153,11 +153,52 @@ struct RegFwdSmem {
     v = c.take<T>(size_t(kRegKeys) * ldv);
     bias = c.take<float>(kRegKeys);
     act = c.take<int>(kRegRows);
+    role = c.take<int>(1);
     bytes = c.offset;
   }
 };
 
-// One block per 64 positions of the query order x EC value columns x image; a.BM = kRegRows.
+// Waits until another block has set *flag (it got there first and is running: no deadlock).
+__device__ __forceinline__ void wait_for_flag(int* flag) {
+#if defined(REGHARM_CUDA_EMULATION)
+  // blocks run one after another there: the other one has finished
+  if (*flag == 0) ::emu::fail("forward key split: the first block of a query tile never finished");
+#else
+  while (atomicAdd(flag, 0) == 0) {
+  }
+#endif
+  __threadfence();
+}
+
+// The rows of one query tile from two halves of the keys, each (o, lse) normalized as if alone:
+// both rows weighted by exp(lse - max) and renormalized. Symmetric in its two operands, rounding
+// included (no contraction into FMAs), so the result does not depend on which block finished
+// first.
+struct SplitMix {
+  float w_own = 1.0f, w_other = 0.0f, inv = 1.0f, lse = -INFINITY;
+  __device__ __forceinline__ SplitMix(float lse_own, float lse_other) {
+    const float mx = fmaxf(lse_own, lse_other);
+    if (mx == -INFINITY) {  // nothing attended in either half
+      w_own = 0.0f;
+      return;
+    }
+    w_own = fast_exp(lse_own - mx);  // exp(-inf) = 0
+    w_other = fast_exp(lse_other - mx);
+    const float sum = __fadd_rn(w_own, w_other);
+    inv = 1.0f / sum;
+    lse = mx + acc_log(sum);
+  }
+  __device__ __forceinline__ float operator()(float own, float other) const {
+    return __fmul_rn(__fadd_rn(__fmul_rn(own, w_own), __fmul_rn(other, w_other)), inv);
+  }
+};
+
+// One block per 64 positions of the query order x key split x image; a.BM = kRegRows. With
+// key splits (gridDim.y = 2, a.fwd_sync; float32, whose output holds a partial result exactly),
+// split y takes the y-th half of the key tiles, so that the ~1.6 blocks per SM of PTL's setting
+// (20 % of 4 x 16384 queries on 132 SMs) become ~3 with all SMs busy; the first block of a
+// query tile to finish writes its rows as if it were alone, the second waits for them and
+// writes both halves combined (SplitMix).
 template <typename M, int DP, int EC, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_reg_kernel(AttnArgs<T, float> a, T* __restrict__ out, float* __restrict__ lse) {
@@ -166,11 +207,11 @@ __global__ void __launch_bounds__(kThreads)
   const RegFwdSmem<T> sm(raw, DP, EC);
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
-  const int e0 = blockIdx.y * EC;
+  const int split = blockIdx.y, nsplit = gridDim.y;
   const int rows = int(min(int64_t(kRegRows), a.L - q0));
-  const int ecols = min(EC, a.E - e0);
+  const int ecols = min(EC, a.E);
   const int tid = threadIdx.x, warp = tid >> 5, g = M::Lanes::g(), t = M::Lanes::t();
-  T* out_b = out + b * a.L * a.E + e0;
+  T* out_b = out + b * a.L * a.E;
   float* lse_b = lse + b * a.L;
 
   int any = 0;
@@ -180,10 +221,10 @@ __global__ void __launch_bounds__(kThreads)
     any |= act;
   }
   if (!__syncthreads_or(any)) {  // no active query: exact zeros, nothing attended
+    if (split > 0) return;
     for (int idx = tid; idx < rows * ecols; idx += blockDim.x)
       out_b[query_at(a, b, q0 + idx / ecols) * a.E + idx % ecols] = from_acc<T>(0.0f);
-    if (blockIdx.y == 0)
-      for (int r = tid; r < rows; r += blockDim.x) lse_b[query_at(a, b, q0 + r)] = -INFINITY;
+    for (int r = tid; r < rows; r += blockDim.x) lse_b[query_at(a, b, q0 + r)] = -INFINITY;
     return;
   }
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
@@ -200,9 +241,11 @@ __global__ void __launch_bounds__(kThreads)
   float o[NE][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const T* k_b = a.k + b * a.ks.b;
-  const T* v_b = a.v + b * a.vs.b + e0;
+  const T* v_b = a.v + b * a.vs.b;
   const float* bias_b = a.bias + b * a.N;
-  for (int64_t k0 = 0; k0 < a.N; k0 += kRegKeys) {
+  const int64_t per = ((a.N + kRegKeys - 1) / kRegKeys + nsplit - 1) / nsplit;  // key tiles
+  const int64_t k_end = min(a.N, (split + 1) * per * kRegKeys);
+  for (int64_t k0 = split * per * kRegKeys; k0 < k_end; k0 += kRegKeys) {
     const int keys = int(min(int64_t(kRegKeys), a.N - k0));
     if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;  // every key removed
     load_tile(sm.k, sm.ldq, k_b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP, a.vec_k);
@@ -247,6 +290,25 @@ __global__ void __launch_bounds__(kThreads)
     mma_pm<M>(o, s, sm.v, sm.ldv);  // O += P V
     __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
   }
+  bool combine = false;  // the second block of a split query tile: combines
+  int* arrivals = nullptr;
+  if (nsplit > 1) {
+    arrivals = a.fwd_sync + b * gridDim.x + blockIdx.x;
+    if (tid == 0) *sm.role = atomicAdd(arrivals, 1);
+    __syncthreads();
+    combine = *sm.role != 0;
+    if (combine && tid == 0) wait_for_flag(arrivals + a.B * gridDim.x);
+    __syncthreads();
+  }
+  float lse_other[2] = {-INFINITY, -INFINITY};  // the first block's rows, read before replaced
+  if (combine) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 16 + g + 8 * h;
+      if (r < rows) lse_other[h] = __ldcg(lse_b + query_at(a, b, q0 + r));
+    }
+    __syncwarp();  // every lane of a row has read its lse before lane t = 0 overwrites it
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float lsum = row_sum<M>(l[h]);
@@ -255,14 +317,24 @@ __global__ void __launch_bounds__(kThreads)
     const bool act = sm.act[r] && lsum > 0.0f;
     const float inv = act ? 1.0f / lsum : 0.0f;
     const int64_t qrow = query_at(a, b, q0 + r);
+    const float lse_own = act ? m[h] + acc_log(lsum) : -INFINITY;
+    const SplitMix mix(lse_own, lse_other[h]);
 #pragma unroll
     for (int e = 0; e < NE; ++e)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = M::out_col(e, t, c);
-        if (col < ecols) out_b[qrow * a.E + col] = from_acc<T>(o[e][2 * h + c] * inv);
+        if (col >= ecols) continue;
+        T* dst = out_b + qrow * a.E + col;
+        const float own = o[e][2 * h + c] * inv;
+        *dst = from_acc<T>(combine ? mix(own, to_acc<float>(__ldcg(dst))) : own);
       }
-    if (blockIdx.y == 0 && t == 0) lse_b[qrow] = act ? m[h] + acc_log(lsum) : -INFINITY;
+    if (t == 0) lse_b[qrow] = combine ? mix.lse : lse_own;
+  }
+  if (nsplit > 1 && !combine) {  // publish the rows (every thread's stores), then the flag
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) atomicExch(arrivals + a.B * gridDim.x, 1);
   }
 }
 

@@ -69,6 +69,10 @@ struct AttnShape {
   // float32 on CUDA cores: the register kernels' lanes in mma.sync's order instead of
   // PairedLanes (simt_products.cuh); the glue asks for it (REGHARM_CUDA_SIMT_LANES).
   bool simt_mma_lanes = false;
+  // float32 register forward: each query tile's keys in two halves, two blocks, the second to
+  // finish combining both (attention_registers.cuh); the glue asks for it
+  // (REGHARM_CUDA_FWD_SPLIT).
+  bool fwd_key_split = false;
 };
 
 // A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.
@@ -82,7 +86,7 @@ constexpr int kMaxValueDim = 512;
 // query_mask: contiguous bool (B, L) or null (every query active). Outputs: out (B, L, E) in
 // dt, lse (B, L) float32 (-inf for inactive queries and rows with every key removed).
 // workspace: masked_attention_forward_workspace(s) bytes, 16-byte aligned (the order of the
-// queries, active ones first, when there is a mask).
+// queries, active ones first, when there is a mask; the key splits' flags).
 cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
                                      RowStrides ks, const void* v, RowStrides vs,
                                      const void* key_bias, const bool* query_mask,

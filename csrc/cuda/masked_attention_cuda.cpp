@@ -87,6 +87,18 @@ bool simt_mma_lanes_asked(const char* op) {
   return mode == "mma";
 }
 
+// REGHARM_CUDA_FWD_SPLIT picks whether the float32 register forward splits each query tile's
+// keys over two blocks: "auto" (the default: yes) or "off" (one block per query tile, the
+// kernels of GPU run 2). Read on every call.
+bool fwd_key_split_asked(const at::Tensor& q, const char* op) {
+  const char* env = std::getenv("REGHARM_CUDA_FWD_SPLIT");
+  const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "off", op,
+              ": REGHARM_CUDA_FWD_SPLIT must be 'auto' (float32's forward splits the keys over "
+              "two blocks) or 'off', got '", mode, "'");
+  return mode == "auto" && q.scalar_type() == at::kFloat;
+}
+
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
@@ -102,6 +114,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   s.tiles = tile_kernels_asked(op);
   s.dq_atomic = dq_atomic_asked(q, op);
   s.simt_mma_lanes = simt_mma_lanes_asked(op);
+  s.fwd_key_split = fwd_key_split_asked(q, op);
   return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

@@ -590,6 +590,7 @@ AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides
   a.bias = static_cast<const A*>(key_bias);
   a.qmask = query_mask;
   a.qorder = a.qcount = nullptr;
+  a.fwd_sync = nullptr;
   a.B = s.B, a.L = s.L, a.N = s.N;
   a.D = s.D, a.E = s.E;
   a.Dp = round16(s.D);
@@ -616,6 +617,26 @@ struct OrderSpace {
     bytes = align_up(count_at + size_t(s.B) * sizeof(int), 256);
   }
 };
+
+// The register forward's key-split flags (AttnArgs::fwd_sync), after the query order in the
+// forward's workspace: an arrival count and a ready flag per (image, query tile).
+struct FwdSyncSpace {
+  int* flags;
+  size_t count, bytes;
+  FwdSyncSpace(void* base, const AttnShape& s) {
+    const size_t at = OrderSpace(nullptr, s).bytes;
+    count = 2 * size_t(s.B) * size_t((s.L + kRegRows - 1) / kRegRows);
+    flags = base ? reinterpret_cast<int*>(static_cast<unsigned char*>(base) + at) : nullptr;
+    bytes = at + align_up(count * sizeof(int), 256);
+  }
+};
+
+// Key splits of the register forward: two for float32 where asked (AttnShape::fwd_key_split)
+// and there are two key tiles to split; its output holds a half's rows exactly until the other
+// half combines them.
+template <typename T> int fwd_key_splits(const AttnShape& s) {
+  return std::is_same<T, float>::value && s.fwd_key_split && s.N > kRegKeys ? 2 : 1;
+}
 
 // Puts the active queries first (a.qorder, a.qcount) when there is a mask; L beyond int range
 // keeps raster order (the kernels then read the mask itself).
@@ -647,7 +668,14 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
       cudaError_t err = allow_smem(reinterpret_cast<const void*>(rk.fwd), rk.fwd_smem);
       if (err != cudaSuccess) return err;
       if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
-      const dim3 grid(unsigned((s.L + kRegRows - 1) / kRegRows), 1u, unsigned(s.B));
+      const int splits = fwd_key_splits<T>(s);
+      if (splits > 1) {
+        const FwdSyncSpace sync(workspace, s);
+        a.fwd_sync = sync.flags;
+        err = cudaMemsetAsync(sync.flags, 0, sync.count * sizeof(int), stream);
+        if (err != cudaSuccess) return err;
+      }
+      const dim3 grid(unsigned((s.L + kRegRows - 1) / kRegRows), unsigned(splits), unsigned(s.B));
       REGHARM_LAUNCH(rk.fwd, grid, dim3(kThreads), rk.fwd_smem, stream, a, static_cast<T*>(out),
                      lse);
       return cudaGetLastError();
@@ -908,7 +936,7 @@ cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, con
 }
 
 size_t masked_attention_forward_workspace(const AttnShape& s) {
-  return OrderSpace(nullptr, s).bytes;
+  return FwdSyncSpace(nullptr, s).bytes;
 }
 
 bool masked_attention_fits(DType dt, const AttnShape& s, size_t* need, size_t* have) {

@@ -9,7 +9,9 @@ extern "C" {
 
 // smem_optin: opt-in shared memory per block (bytes); sm_count: multiprocessors; order: fiber
 // schedule (0 forward, 1 reverse, 2 shuffled); cc_major: the compute capability's major.
-void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int cc_major) {
+void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int cc_major,
+                   int reverse_blocks) {
+  emu::config().reverse_blocks = reverse_blocks != 0;
   emu::config().smem_optin = smem_optin;
   emu::config().cc_major = cc_major;
   emu::config().sm_count = sm_count;
@@ -45,6 +47,13 @@ void emu_take_shared_load_model(long long* out) {
   emu::SharedLoadModel& m = emu::shared_load_model();
   out[0] = m.loads, out[1] = m.paired, out[2] = m.cycles;
   m = emu::SharedLoadModel{};
+}
+
+// Flags published with atomicExch (the forward's key splits) since the last call.
+long long emu_take_flag_count() {
+  const long long n = emu::flag_count();
+  emu::flag_count() = 0;
+  return n;
 }
 
 // float32 atomic additions (the dK/dV kernel's dQ under dq_atomic) since the last call.
@@ -101,7 +110,7 @@ int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const 
                                   min_mass, workspace, grad_x, grad_wb, nullptr));
 }
 
-// B, L, N, D, E, tf32x3, tiles, dq_atomic, simt_mma_lanes
+// B, L, N, D, E, tf32x3, tiles, dq_atomic, simt_mma_lanes, fwd_key_split
 static AttnShape attn_shape(const int64_t* s) {
   AttnShape a{};
   a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
@@ -109,6 +118,7 @@ static AttnShape attn_shape(const int64_t* s) {
   a.tiles = s[6] != 0;
   a.dq_atomic = s[7] != 0;
   a.simt_mma_lanes = s[8] != 0;
+  a.fwd_key_split = s[9] != 0;
   return a;
 }
 

@@ -57,6 +57,7 @@ struct Config {
   int cc_major = 9;             // compute capability (the register kernels need 8 or more)
   int order = 0;                // 0 forward, 1 reverse, 2 shuffled every round
   unsigned seed = 1;
+  bool reverse_blocks = false;  // blocks of a launch from the last one back
 };
 inline Config& config() {
   static Config c;
@@ -473,9 +474,12 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
   base += (128 - reinterpret_cast<uintptr_t>(base) % 128) % 128;
   std::mt19937 rng(config().seed);
   block_ptr() = &b;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
+  const bool rev = config().reverse_blocks;
+  for (unsigned zi = 0; zi < grid.z; ++zi)
+    for (unsigned yi = 0; yi < grid.y; ++yi)
+      for (unsigned xi = 0; xi < grid.x; ++xi) {
+        const unsigned z = rev ? grid.z - 1 - zi : zi, y = rev ? grid.y - 1 - yi : yi,
+                       x = rev ? grid.x - 1 - xi : xi;
         std::memset(raw.data(), 0xA5, raw.size());
         std::memset(base, 0xFF, smem);  // NaN in every float format
         b.smem = base;
@@ -529,6 +533,34 @@ inline float atomicAdd(float* p, float v) {
   *p = old + v;
   return old;
 }
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+namespace emu {
+inline long long& flag_count() {  // atomicExch calls: the forward's key splits publishing
+  static long long n = 0;
+  return n;
+}
+}  // namespace emu
+inline int atomicExch(int* p, int v) {
+  ++::emu::flag_count();
+  const int old = *p;
+  *p = v;
+  return old;
+}
+inline void __threadfence() {}
+// round-to-nearest float arithmetic that nvcc never contracts into an FMA
+inline float __fadd_rn(float a, float b) {
+  volatile float r = a + b;
+  return r;
+}
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 template <typename T> inline T __ldg(const T* p) {
   if (sizeof(T) == 16) ::emu::check_aligned(p, 16, "__ldg of a 16-byte vector");
   return *p;

@@ -130,13 +130,16 @@ class Emulator:
         self.lib.emu_take_mma_sync_count.restype = ctypes.c_longlong
         self.lib.emu_take_simt_product_count.restype = ctypes.c_longlong
         self.lib.emu_take_atomic_count.restype = ctypes.c_longlong
+        self.lib.emu_take_flag_count.restype = ctypes.c_longlong
         self.tf32x3 = False
         self.tiles = False
         self.dq_atomic = None
         self.simt_lanes = "paired"
+        self.fwd_split = None
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
-                  tiles=False, cc_major=9, dq_atomic=None, simt_lanes="paired"):
+                  tiles=False, cc_major=9, dq_atomic=None, simt_lanes="paired",
+                  fwd_split=None, reverse_blocks=False):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
         with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
@@ -144,15 +147,20 @@ class Emulator:
         register kernels' dK/dV kernel adds dQ up with atomics (REGHARM_CUDA_DQ=atomic), False
         gives dQ its own kernel (=kernel), None does what the glue does by default (atomic for
         float32 only); simt_lanes: the lane order of the float32 CUDA-core kernels, "paired"
-        (the default) or "mma" (REGHARM_CUDA_SIMT_LANES=mma)."""
+        (the default) or "mma" (REGHARM_CUDA_SIMT_LANES=mma); fwd_split: the float32 register
+        forward splits each query tile's keys over two blocks (None: what the glue does by
+        default, float32 only; False: REGHARM_CUDA_FWD_SPLIT=off); reverse_blocks: every
+        launch runs its blocks from the last one back (the emulator runs blocks one at a time)."""
         if simt_lanes not in ("paired", "mma"):
             raise ValueError(f"simt_lanes must be 'paired' or 'mma', got {simt_lanes!r}")
-        self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major)
+        self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major, int(reverse_blocks))
         self.tf32x3 = tf32x3
         self.tiles = tiles
         self.dq_atomic = dq_atomic
         self.simt_lanes = simt_lanes
+        self.fwd_split = fwd_split
         self.take_shared_load_model()
+        self.take_flag_count()
         self.take_tf32_mma_count()
         self.take_mma_sync_count()
         self.take_simt_product_count()
@@ -165,6 +173,10 @@ class Emulator:
         out = (ctypes.c_longlong * 3)()
         self.lib.emu_take_shared_load_model(out)
         return {"loads": int(out[0]), "paired": int(out[1]), "cycles": int(out[2])}
+
+    def take_flag_count(self) -> int:
+        """Flags published with atomicExch (the forward's key splits) since the last call."""
+        return int(self.lib.emu_take_flag_count())
 
     def take_atomic_count(self) -> int:
         """float32 atomic additions (the atomic dQ) since the last call."""
@@ -188,8 +200,9 @@ class Emulator:
 
     def _attn_shape(self, B, L, N, D, E, dtype) -> ctypes.Array:
         dq_atomic = dtype == torch.float32 if self.dq_atomic is None else self.dq_atomic
+        fwd_split = dtype == torch.float32 if self.fwd_split is None else self.fwd_split
         return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic),
-                     int(self.simt_lanes == "mma")])
+                     int(self.simt_lanes == "mma"), int(fwd_split)])
 
     def _done(self, rc: int, what: str) -> None:
         errors = self.lib.emu_take_errors().decode()
