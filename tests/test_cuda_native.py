@@ -265,20 +265,28 @@ def test_cuda_native_tf32x3_keeps_float32_accuracy(monkeypatch):
     assert not torch.allclose(one_tf32.double(), want, **bound)
 
 
+def _ptl_attention_under(monkeypatch, setting, modes, dtype):
+    """({mode: (out, dq, dk, dv)}, inputs): `native` at PTL's sizes with the environment switch
+    ``setting`` at each of ``modes``, every run held to the reference."""
+    inputs = make_attention_inputs(**ATTN_CASES["ptl"], dtype=dtype, device="cuda")
+    q, k, v, kb, qm = inputs
+    runs = {}
+    for mode in modes:
+        monkeypatch.setenv(setting, mode)
+        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
+        _check_attention(got, got_g, want, want_g, dtype, qm, kb, f"ptl {setting}={mode}")
+        runs[mode] = (got[0], *got_g)
+    return runs, inputs
+
+
 @needs_native_cuda
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 def test_cuda_native_dq_paths_agree(dtype, monkeypatch):
     """REGHARM_CUDA_DQ: dQ added up with atomics by the dK/dV kernel (float32's default) or by
     its own kernel (16-bit's default, and under deterministic algorithms): both held to the
     reference at PTL's sizes, and to each other."""
-    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=dtype, device="cuda")
-    runs = {}
-    for mode in ("atomic", "kernel"):
-        monkeypatch.setenv("REGHARM_CUDA_DQ", mode)
-        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
-        _check_attention(got, got_g, want, want_g, dtype, qm, kb, f"ptl dq {mode}")
-        runs[mode] = got_g
-    for a, e in zip(runs["atomic"], runs["kernel"]):
+    runs, _ = _ptl_attention_under(monkeypatch, "REGHARM_CUDA_DQ", ("atomic", "kernel"), dtype)
+    for a, e in zip(runs["atomic"][1:], runs["kernel"][1:]):
         assert_close(a, e, dtype, grad=True)
 
 
@@ -289,13 +297,7 @@ def test_cuda_native_simt_lane_orders_agree(monkeypatch):
     dQ by its own kernel (no atomics), identical bits; both held to the reference at PTL's
     sizes."""
     monkeypatch.setenv("REGHARM_CUDA_DQ", "kernel")
-    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=F32, device="cuda")
-    runs = {}
-    for lanes in ("paired", "mma"):
-        monkeypatch.setenv("REGHARM_CUDA_SIMT_LANES", lanes)
-        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
-        _check_attention(got, got_g, want, want_g, F32, qm, kb, f"ptl lanes {lanes}")
-        runs[lanes] = (got[0], *got_g)
+    runs, _ = _ptl_attention_under(monkeypatch, "REGHARM_CUDA_SIMT_LANES", ("paired", "mma"), F32)
     for name, a, e in zip(("out", "dq", "dk", "dv"), runs["paired"], runs["mma"]):
         assert torch.equal(a, e), name
 
@@ -305,11 +307,8 @@ def test_cuda_native_forward_key_split(monkeypatch):
     """REGHARM_CUDA_FWD_SPLIT: float32's forward with each query tile's keys over two blocks
     (the default) or one: both held to the reference at PTL's sizes, and the split's result the
     same bits in every run, whichever of the two blocks finishes first."""
-    q, k, v, kb, qm = make_attention_inputs(**ATTN_CASES["ptl"], dtype=F32, device="cuda")
-    for mode in ("off", "auto"):
-        monkeypatch.setenv("REGHARM_CUDA_FWD_SPLIT", mode)
-        (got, got_g), (want, want_g) = _both(_attn_fn(kb, qm), (q, k, v), (0, 1, 2), seed=2)
-        _check_attention(got, got_g, want, want_g, F32, qm, kb, f"ptl fwd split {mode}")
+    _, (q, k, v, kb, qm) = _ptl_attention_under(monkeypatch, "REGHARM_CUDA_FWD_SPLIT",
+                                                ("off", "auto"), F32)
     runs = [torch.ops.regharm.masked_attention(q, k, v, kb, qm, 0.125) for _ in range(8)]
     for out, lse in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])

@@ -9,9 +9,11 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cuda_glue.h"
 #include "dense_attention.h"
@@ -30,73 +32,78 @@ struct Checked {
   bool tiled;  // false: the tiled kernels cannot hold these sizes, use the dense path
 };
 
-// REGHARM_CUDA_FP32_MATH picks how float32 tile products run: "simt" (the default: CUDA cores)
-// or "tf32x3" (tensor cores, three tf32 products per float32 one: float32-grade accuracy, as
-// cuBLAS/CUTLASS "fast fp32" and the Triton backend's tf32x3). GPUs before sm_80 have no tf32
-// tensor cores and stay on CUDA cores. Read on every call, so it can be switched at run time.
+// An environment switch of the attention kernels, read on every call so that it can change at
+// run time (the benchmarks time both sides of each in one process): its value, or the first
+// choice when unset or empty; anything else is an error that lists the choices and their
+// meanings.
+using Choice = std::pair<const char*, const char*>;  // value, what it means
+std::string env_choice(const char* name, std::initializer_list<Choice> choices, const char* op) {
+  const char* env = std::getenv(name);
+  const std::string mode = (env == nullptr || *env == '\0') ? choices.begin()->first : env;
+  std::string list;
+  size_t i = 0;
+  for (const Choice& c : choices) {
+    if (mode == c.first) return mode;
+    list += std::string(i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + "'" + c.first +
+            "' (" + c.second + ")";
+    ++i;
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be ", list, ", got '", mode, "'");
+  return mode;  // not reached
+}
+
+// REGHARM_CUDA_FP32_MATH: how float32 tile products run. tf32x3 (three tf32 products per
+// float32 one: float32-grade accuracy, as cuBLAS/CUTLASS "fast fp32" and the Triton backend's
+// tf32x3) needs sm_80's tensor cores; older GPUs stay on CUDA cores.
 bool fp32_on_tensor_cores(const at::Tensor& q, const char* op) {
-  const char* env = std::getenv("REGHARM_CUDA_FP32_MATH");
-  const std::string mode = (env == nullptr || *env == '\0') ? "simt" : env;
-  TORCH_CHECK(mode == "simt" || mode == "tf32x3", op,
-              ": REGHARM_CUDA_FP32_MATH must be 'simt' (CUDA cores) or 'tf32x3' (tensor cores), "
-              "got '", mode, "'");
+  const std::string mode = env_choice(
+      "REGHARM_CUDA_FP32_MATH", {{"simt", "CUDA cores"}, {"tf32x3", "tensor cores"}}, op);
   if (q.scalar_type() != at::kFloat || mode != "tf32x3") return false;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   return major >= 8;
 }
 
-// REGHARM_CUDA_ATTENTION picks the kernels of 16-bit and float32 inputs: "auto" (the default:
-// tiles in registers where D, E <= 128, attention_registers.cuh: mma.sync on sm_80+ for 16-bit
-// and tf32x3, float32 FMAs on any GPU) or "tiles" (the shared-memory tile kernels,
-// masked_attention_kernels.cu). Read on every call.
+// REGHARM_CUDA_ATTENTION: the kernels of 16-bit and float32 inputs, tiles in registers where
+// D, E <= 128 (attention_registers.cuh: mma.sync on sm_80+ for 16-bit and tf32x3, float32 FMAs
+// on any GPU) or the shared-memory tile kernels (masked_attention_kernels.cu).
 bool tile_kernels_asked(const char* op) {
-  const char* env = std::getenv("REGHARM_CUDA_ATTENTION");
-  const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "tiles", op,
-              ": REGHARM_CUDA_ATTENTION must be 'auto' (register kernels where they apply) or "
-              "'tiles' (shared-memory tile kernels), got '", mode, "'");
-  return mode == "tiles";
+  return env_choice("REGHARM_CUDA_ATTENTION",
+                    {{"auto", "register kernels where they apply"},
+                     {"tiles", "shared-memory tile kernels"}},
+                    op) == "tiles";
 }
 
-// REGHARM_CUDA_DQ picks how the register kernels get dQ: "auto" (the default: "atomic" for
-// float32, whose CUDA-core products make the dQ kernel's recomputation of S and dP the costliest
-// part of the backward, "kernel" for 16-bit), "atomic" (the dK/dV kernel adds dQ up with float32
-// atomics: not deterministic) or "kernel" (its own kernel over query tiles: deterministic).
-// torch.use_deterministic_algorithms(True) always gets "kernel". Read on every call.
+// REGHARM_CUDA_DQ: how the register kernels get dQ. "auto" takes "atomic" for float32, whose
+// CUDA-core products make the dQ kernel's recomputation of S and dP the costliest part of the
+// backward, and "kernel" for 16-bit; atomics are not deterministic, so
+// torch.use_deterministic_algorithms(True) always gets "kernel".
 bool dq_atomic_asked(const at::Tensor& q, const char* op) {
-  const char* env = std::getenv("REGHARM_CUDA_DQ");
-  const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "atomic" || mode == "kernel", op,
-              ": REGHARM_CUDA_DQ must be 'auto', 'atomic' (dQ added up with atomics by the dK/dV "
-              "kernel) or 'kernel' (dQ by its own deterministic kernel), got '", mode, "'");
+  const std::string mode = env_choice(
+      "REGHARM_CUDA_DQ",
+      {{"auto", "atomics for float32"}, {"atomic", "dQ added up with atomics by the dK/dV kernel"},
+       {"kernel", "dQ by its own deterministic kernel"}},
+      op);
   if (at::globalContext().deterministicAlgorithms() || mode == "kernel") return false;
   return mode == "atomic" || q.scalar_type() == at::kFloat;
 }
 
-// REGHARM_CUDA_SIMT_LANES picks the lane order of the float32 CUDA-core register kernels:
-// "paired" (the default: lanes that read the same shared-memory address sit next to each other,
-// simt_products.cuh) or "mma" (mma.sync's order, the kernels of GPU run 2), so that one process
-// can time both. Read on every call.
+// REGHARM_CUDA_SIMT_LANES: the lane order of the float32 CUDA-core register kernels, PairedLanes
+// (lanes that read the same shared-memory address sit next to each other, simt_products.cuh) or
+// mma.sync's order (the kernels of GPU run 2).
 bool simt_mma_lanes_asked(const char* op) {
-  const char* env = std::getenv("REGHARM_CUDA_SIMT_LANES");
-  const std::string mode = (env == nullptr || *env == '\0') ? "paired" : env;
-  TORCH_CHECK(mode == "paired" || mode == "mma", op,
-              ": REGHARM_CUDA_SIMT_LANES must be 'paired' (the default) or 'mma' (mma.sync's lane "
-              "order), got '", mode, "'");
-  return mode == "mma";
+  return env_choice("REGHARM_CUDA_SIMT_LANES",
+                    {{"paired", "the default"}, {"mma", "mma.sync's lane order"}}, op) == "mma";
 }
 
-// REGHARM_CUDA_FWD_SPLIT picks whether the float32 register forward splits each query tile's
-// keys over two blocks: "auto" (the default: yes) or "off" (one block per query tile, the
-// kernels of GPU run 2). Read on every call.
+// REGHARM_CUDA_FWD_SPLIT: whether the float32 register forward splits each query tile's keys
+// over two blocks (attention_registers.cuh) or runs one block per query tile (GPU run 2's).
 bool fwd_key_split_asked(const at::Tensor& q, const char* op) {
-  const char* env = std::getenv("REGHARM_CUDA_FWD_SPLIT");
-  const std::string mode = (env == nullptr || *env == '\0') ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "off", op,
-              ": REGHARM_CUDA_FWD_SPLIT must be 'auto' (float32's forward splits the keys over "
-              "two blocks) or 'off', got '", mode, "'");
-  return mode == "auto" && q.scalar_type() == at::kFloat;
+  return env_choice("REGHARM_CUDA_FWD_SPLIT",
+                    {{"auto", "float32's forward splits the keys over two blocks"},
+                     {"off", "one block per query tile"}},
+                    op) == "auto" &&
+         q.scalar_type() == at::kFloat;
 }
 
 // Called under a guard on q's device (the shared-memory check asks that device).
