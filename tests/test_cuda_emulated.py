@@ -481,6 +481,16 @@ def test_cuda_emulated_forward_key_split(configured, case):
     assert emu.take_flag_count() == 0
 
 
+def test_cuda_emulated_forward_key_split_without_mask(configured):
+    """Every query active (no mask, raster order): every query tile splits, including the
+    image whose keys are all removed (both halves attend nothing)."""
+    inputs = list(make_attention_inputs(B=2, L=100, N=150, D=16, E=24, dtype=torch.float32))
+    inputs[4] = None
+    emu = configured()
+    _check_attention(emu, inputs)
+    assert emu.take_flag_count() == 2 * 2  # two 64-row tiles per image
+
+
 def test_cuda_emulated_forward_key_split_float32_only(configured):
     """16-bit outputs cannot hold a half's rows exactly: their forward never splits."""
     emu = configured()
