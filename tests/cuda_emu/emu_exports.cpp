@@ -8,7 +8,8 @@ using namespace regharm::cuda;
 extern "C" {
 
 // smem_optin: opt-in shared memory per block (bytes); sm_count: multiprocessors; order: fiber
-// schedule (0 forward, 1 reverse, 2 shuffled); cc_major: the compute capability's major.
+// schedule (0 forward, 1 reverse, 2 shuffled); cc_major: the compute capability's major;
+// reverse_blocks: every launch runs its blocks from the last one back.
 void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int cc_major,
                    int reverse_blocks) {
   emu::config().reverse_blocks = reverse_blocks != 0;
