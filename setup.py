@@ -75,7 +75,7 @@ def extensions():
     _set_cuda_home()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
+    sources = _rel("csrc/ops.cpp") + _rel("csrc/ptl_node.cpp") + _rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17"]
     link = _shared_libstdcxx()
     if cuda_wanted() and _rel("csrc/cuda/*.cu"):

@@ -9,7 +9,10 @@ before and after a change on the same machine; the numbers are not GPU times.
     python benchmarks/host_overhead.py [--reps 200]
 
 The PTL rows time the layer's fwd+bwd on `triton` the same way, as one autograd node
-(regharm_ext/ptl_node.py) and unfused (``REGHARM_PTL_NODE=0``).
+(regharm_ext/ptl_node.py) and unfused (``REGHARM_PTL_NODE=0``). The `native` PTL rows run its
+CPU kernels (nothing to stub: C++ calls them), at a size where they take little of the time: the
+node in C++ (csrc/ptl_node.cpp), the same node from Python (``REGHARM_PTL_NODE=python``) and
+unfused.
 """
 from __future__ import annotations
 
@@ -79,17 +82,32 @@ def main(argv=None) -> int:
     def layer():
         ptl(xl, mask).sum().backward()
 
-    def unfused():
-        os.environ["REGHARM_PTL_NODE"] = "0"
-        try:
-            layer()
-        finally:
-            os.environ.pop("REGHARM_PTL_NODE")
+    xn = torch.randn(2, 8, 16, 16, requires_grad=True)
+    mask_n = torch.zeros(2, 1, 16, 16)
+    mask_n[:, :, 4:11, 3:12] = 1.0
+    ptl_native = PTL(8, patch=4, stride=2, backend="native")
 
-    for name, step in (("masked_attention", attention), ("patch_stats", patch_stats),
-                       ("PTL (one node)", layer), ("PTL (unfused)", unfused)):
-        print(f"{name:17s} fwd+bwd host side: {_time(step, args.reps) * 1e6:7.1f} µs "
-              f"(launches stubbed, CPU tensors, {torch.__version__})")
+    def native():
+        ptl_native(xn, mask_n).sum().backward()
+
+    def under(node, step):
+        def run():
+            os.environ["REGHARM_PTL_NODE"] = node
+            try:
+                step()
+            finally:
+                os.environ.pop("REGHARM_PTL_NODE")
+        return run
+
+    stubbed = f"launches stubbed, CPU tensors, {torch.__version__}"
+    with_cpu = f"CPU kernels included, B 2, C 8, 16², {torch.__version__}"
+    for name, step, note in (
+            ("masked_attention", attention, stubbed), ("patch_stats", patch_stats, stubbed),
+            ("PTL (one node)", layer, stubbed), ("PTL (unfused)", under("0", layer), stubbed),
+            ("PTL native (C++ node)", native, with_cpu),
+            ("PTL native (Python node)", under("python", native), with_cpu),
+            ("PTL native (unfused)", under("0", native), with_cpu)):
+        print(f"{name:24s} fwd+bwd host side: {_time(step, args.reps) * 1e6:7.1f} µs ({note})")
     return 0
 
 

@@ -31,4 +31,12 @@ TORCH_LIBRARY(regharm, m) {
   m.def("masked_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("masked_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor mu, Tensor rstd) "
         "-> Tensor");
+  // PTL (SPEC §4) in one op each way for the native backend (csrc/ptl_node.cpp): the output,
+  // then the tensors the backward needs; the backward returns the gradients of x (None when
+  // need_x is false), weight and bias
+  m.def("ptl_forward(Tensor x, Tensor m, Tensor weight, Tensor bias, int ph, int pw, int sh, "
+        "int sw, float eps, float min_mass, float scale) -> Tensor[]");
+  m.def("ptl_backward(Tensor grad, Tensor x, Tensor m, Tensor weight, Tensor[] saved, int ph, "
+        "int pw, int sh, int sw, float eps, float min_mass, float scale, bool need_x) "
+        "-> (Tensor?, Tensor, Tensor)");
 }

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from .backends import preload
 from .ops import _checks, masked_attention, masked_norm, patch_stats
 from .ops.norm_composite import composite
-from .ptl_node import Blend, PTLNode, attention_keys, blend_weight, node_steps
+from .ptl_node import (Blend, FusedPTLNode, PTLNode, attention_keys, blend_weight, node_ops,
+                       node_steps)
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
@@ -203,8 +204,11 @@ class PTL(nn.Module):
         steps = node_steps(self.backend, x, m, weight, bias)
         if steps is not None:  # one autograd node for the kernel backends (ptl_node.py)
             geometry = _checks.check_patch_stats(x, m, weight, bias, ps, st, self.eps, self.min_mass)
-            return PTLNode.apply(x, weight, bias, m, steps, geometry, float(self.eps),
-                                 float(self.min_mass), self.scale)
+            args = (geometry, float(self.eps), float(self.min_mass), self.scale)
+            ops = node_ops(self.backend, x, m, weight, bias)
+            if ops is not None:  # the same node in C++ (csrc/ptl_node.cpp)
+                return FusedPTLNode.apply(x, weight, bias, m, ops, *args)
+            return PTLNode.apply(x, weight, bias, m, steps, *args)
         m, c_f, content, values, key_bias, query_mask, valid = self._attention_inputs(x, *prepared)
         av = masked_attention(c_f, content, values, key_bias, query_mask, self.scale, backend=self.backend)
         m = blend_weight(m, valid)

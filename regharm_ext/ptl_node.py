@@ -6,8 +6,16 @@ added x's three gradients and c_f's two between them, and each op checked its ar
 :class:`PTLNode` runs the same four Functions as :class:`~regharm_ext.ops._eager.Step`s of one
 node with the layer's glue between them: the same kernels and saved tensors, one node, and the
 gradients added in place in a fixed order. It applies to eager calls that record a backward on
-the `native` and `triton` backends (:func:`node_steps`); ``REGHARM_PTL_NODE=0`` turns it off
-(read on every call, so that the benchmarks time the layer both ways in one process).
+the `native` and `triton` backends (:func:`node_steps`).
+
+On `native`, :class:`FusedPTLNode` goes further (item 18): the same steps in C++, one op each
+way (``regharm::ptl_forward`` / ``ptl_backward``, csrc/ptl_node.cpp), so the host runs one
+Python call where PTLNode ran ~40 (:func:`node_ops`). Where a dispatch or function mode is on
+(memory trackers, fake tensors) PTLNode runs instead, so such a mode still sees every op.
+
+``REGHARM_PTL_NODE`` (read on every call, so that the benchmarks time the layer every way in
+one process): ``0`` the op-by-op graph, ``python`` PTLNode on every kernel backend, otherwise
+the fastest node the backend has.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .backends import resolve
 from .ops import _composite_norm_asked
-from .ops._eager import Step
+from .ops._eager import _PLAIN, Step
 from .ops.norm_composite import as_dtype
 
 ENV = "REGHARM_PTL_NODE"
@@ -90,6 +98,17 @@ def node_steps(backend, x, mask, weight, bias) -> Optional[Tuple]:
     return getattr(resolve(backend, x.device), "PTL_STEPS", None)
 
 
+def node_ops(backend, *tensors) -> Optional[Tuple]:
+    """The backend's (ptl_forward, ptl_backward) ops where :class:`FusedPTLNode` may run a call
+    that :func:`node_steps` put on one node: plain tensors and no dispatch or function mode
+    (a mode would see one op where PTLNode shows it every kernel and temporary)."""
+    if (os.environ.get(ENV, "1") == "python" or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or any(type(t) not in _PLAIN for t in tensors)):
+        return None
+    return getattr(resolve(backend, tensors[0].device), "PTL_OPS", None)
+
+
 class PTLNode(torch.autograd.Function):
     """PTL (SPEC §4) from x, the patch parameters and the resized mask m, as :class:`PTL`'s
     unfused path computes it, and the backward of its four Functions in reverse order. x's
@@ -147,6 +166,35 @@ class PTLNode(torch.autograd.Function):
             gx.addcmul_(grad, 1 - m)  # the blend's (1 - m)·g
         for s in ctx.steps:
             s.release()
+        w_dtype, b_dtype = ctx.param_dtypes
+        return (gx, as_dtype(gw, w_dtype) if need[1] else None,
+                as_dtype(gb, b_dtype) if need[2] else None, None, None, None, None, None, None)
+
+
+class FusedPTLNode(torch.autograd.Function):
+    """:class:`PTLNode`'s forward and backward as one op each (``ops``: the backend's
+    ``PTL_OPS``), which run the same ops in the same order in C++: identical outputs and
+    gradients (tests/test_ptl_node.py). The saved tensors still go through
+    ``save_for_backward`` (version checks, saved-tensor hooks)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, ops, geometry, eps, min_mass, scale):
+        (ph, pw), (sh, sw) = geometry
+        forward_op, ctx.backward_op = ops
+        w = as_dtype(weight, x.dtype)
+        out, *saved = forward_op(x, m, w, as_dtype(bias, x.dtype), ph, pw, sh, sw, eps, min_mass,
+                                 scale)
+        ctx.save_for_backward(x, m, w, *saved)
+        ctx.args = (ph, pw, sh, sw, eps, min_mass, scale)
+        ctx.param_dtypes = (weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the ops' backwards have no derivative of their own
+    def backward(ctx, grad):
+        x, m, w, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw, gb = ctx.backward_op(grad, x, m, w, saved, *ctx.args, need[0])
         w_dtype, b_dtype = ctx.param_dtypes
         return (gx, as_dtype(gw, w_dtype) if need[1] else None,
                 as_dtype(gb, b_dtype) if need[2] else None, None, None, None, None, None, None)

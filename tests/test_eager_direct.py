@@ -51,22 +51,32 @@ def _count_direct(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plain_eager_takes_the_direct_path_for_all_six_calls(backend, monkeypatch):
+    """PTL's six op calls on the Python node; on native's C++ node (its default) its two ops."""
+    monkeypatch.setenv("REGHARM_PTL_NODE", "python")
     calls = _count_direct(monkeypatch)
     _ptl_step(backend)
     ns = "regharm" if backend == "native" else "regharm_triton"
     expected = {f"{ns}::{op}" for op in ("patch_stats", "masked_norm", "masked_attention")}
     expected |= {name + "_backward" for name in expected}
     assert set(calls) == expected and len(calls) == 6
+    if backend == "native":
+        monkeypatch.delenv("REGHARM_PTL_NODE")
+        calls.clear()
+        _ptl_step(backend)
+        assert calls == ["regharm::ptl_forward", "regharm::ptl_backward"]
 
 
+@pytest.mark.parametrize("node", ["1", "python"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_direct_and_dispatched_calls_agree_exactly(backend, monkeypatch):
+def test_direct_and_dispatched_calls_agree_exactly(backend, node, monkeypatch):
+    monkeypatch.setenv("REGHARM_PTL_NODE", node)
     calls = _count_direct(monkeypatch)
     fast = _ptl_step(backend)
-    assert len(calls) == 6
+    direct = 2 if backend == "native" and node == "1" else 6
+    assert len(calls) == direct
     with OpNames() as mode:
         slow = _ptl_step(backend)
-    assert len(calls) == 6, "a dispatch mode must turn the fast path off"
+    assert len(calls) == direct, "a dispatch mode must turn the fast path off"
     ns = "regharm" if backend == "native" else "regharm_triton"
     assert f"{ns}::masked_attention_backward" in mode.names  # the mode saw our ops by name
     for a, b in zip(fast, slow):

@@ -101,7 +101,8 @@ def test_host_overhead_script_runs_without_a_gpu():
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if "host side" in ln]
     assert [ln.split(" fwd+bwd")[0].strip() for ln in lines] == \
-        ["masked_attention", "patch_stats", "PTL (one node)", "PTL (unfused)"], proc.stdout
+        ["masked_attention", "patch_stats", "PTL (one node)", "PTL (unfused)",
+         "PTL native (C++ node)", "PTL native (Python node)", "PTL native (unfused)"], proc.stdout
 
 
 def test_profiles_name_the_ops_and_their_time():

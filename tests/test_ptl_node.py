@@ -34,8 +34,15 @@ def _node_name(out):
     return type(out.grad_fn).__name__ if out.grad_fn is not None else None
 
 
-def _run(ptl, x, mask, grad, monkeypatch, node: bool):
-    monkeypatch.setenv(ENV, "1" if node else "0")
+def _node(backend):
+    """The node a kernel backend's PTL runs by default: native's is in C++ (csrc/ptl_node.cpp)."""
+    return "FusedPTLNodeBackward" if backend == "native" else "PTLNodeBackward"
+
+
+def _run(ptl, x, mask, grad, monkeypatch, node):
+    """out and the gradients of x and the learning parameters, with ``REGHARM_PTL_NODE`` set to
+    ``node`` ("1", "python" or "0"; True and False are "1" and "0")."""
+    monkeypatch.setenv(ENV, {True: "1", False: "0"}.get(node, node))
     xi = x.clone().requires_grad_()
     out = ptl(xi, mask)
     params = [p for p in (ptl.weight, ptl.bias) if p.requires_grad]
@@ -49,8 +56,10 @@ def test_ptl_runs_as_one_node_only_where_it_applies(backend, monkeypatch):
     x, mask = _inputs()
     ptl = PTL(5, patch=(4, 3), stride=(2, 3), backend=backend)
     xr = x.clone().requires_grad_()
+    assert _node_name(ptl(xr, mask)) == _node(backend)
+    assert _node_name(ptl(x, mask)) == _node(backend)  # the parameters still learn
+    monkeypatch.setenv(ENV, "python")
     assert _node_name(ptl(xr, mask)) == "PTLNodeBackward"
-    assert _node_name(ptl(x, mask)) == "PTLNodeBackward"  # the parameters still learn
     monkeypatch.setenv(ENV, "0")
     assert _node_name(ptl(xr, mask)) == "BlendBackward"
     monkeypatch.delenv(ENV)
@@ -90,14 +99,14 @@ def test_ptl_node_gives_the_unfused_outputs_and_gradients(backend, monkeypatch):
             if not x_learns:
                 monkeypatch.setenv(ENV, "1")
                 out = ptl(x, mask)
-                assert _node_name(out) == "PTLNodeBackward"
+                assert _node_name(out) == _node(backend)
                 got = [out] + list(torch.autograd.grad(out, (ptl.weight, ptl.bias), grad))
                 monkeypatch.setenv(ENV, "0")
                 out = ptl(x, mask)
                 want = [out] + list(torch.autograd.grad(out, (ptl.weight, ptl.bias), grad))
             else:
                 name, got = _run(ptl, x, mask, grad, monkeypatch, node=True)
-                assert name == "PTLNodeBackward"
+                assert name == _node(backend)
                 _, want = _run(ptl, x, mask, grad, monkeypatch, node=False)
             assert torch.equal(got[0][-1], x[-1]), "an image without a valid patch passes through"
             assert torch.equal(got[0], want[0]), "the forward runs the same kernels"
@@ -107,6 +116,81 @@ def test_ptl_node_gives_the_unfused_outputs_and_gradients(backend, monkeypatch):
                 scale = float(b.abs().max())
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale,
                                            msg=f"{dtype} patch {patch}: gradient {i}")
+
+
+def test_fused_node_gives_the_python_nodes_bits(monkeypatch):
+    """native's node in C++ runs PTLNode's ops in PTLNode's order: identical outputs and
+    gradients, in every dtype, with and without x learning."""
+    _skip("native")
+    for dtype in _cases("native"):
+        for offset, patch, stride, x_learns in ((0.0, (4, 3), (2, 3), True),
+                                                (100.0, 0.3, 0.2, True),
+                                                (0.0, (5, 4), (3, 2), False)):
+            x, mask = _inputs(dtype)
+            ptl = PTL(5, patch=patch, stride=stride, backend="native")
+            ptl(x[:1], mask[:1])  # sizes a fractional patch's weights (float32 parameters)
+            torch.nn.init.normal_(ptl.bias)
+            x = x + offset
+            grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+            results = {}
+            for flag in ("1", "python"):
+                monkeypatch.setenv(ENV, flag)
+                xi = x.clone().requires_grad_(x_learns)
+                out = ptl(xi, mask)
+                results[flag] = (_node_name(out), [out] + list(torch.autograd.grad(
+                    out, [t for t in (xi, ptl.weight, ptl.bias) if t.requires_grad], grad)))
+            assert results["1"][0] == "FusedPTLNodeBackward"
+            assert results["python"][0] == "PTLNodeBackward"
+            got, want = results["1"][1], results["python"][1]
+            assert len(got) == len(want) == 3 + x_learns
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{dtype} patch {patch}: result {i}"
+
+
+def test_fused_node_leaves_dispatch_modes_every_op(monkeypatch):
+    """A dispatch mode (the benchmarks' memory tracker, fake tensors) sees PTLNode's ops one by
+    one, not one C++ op that hides its temporaries."""
+    _skip("native")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, mask = _inputs()
+    ptl = PTL(5, patch=(4, 3), stride=(2, 3), backend="native")
+    with Names() as mode:
+        out = ptl(x.clone().requires_grad_(), mask)
+    assert _node_name(out) == "PTLNodeBackward"
+    assert any("regharm.masked_attention" in n for n in mode.names)
+    assert not any("ptl_forward" in n for n in mode.names)
+
+
+def test_fused_node_ops_opcheck():
+    """The two ops' schemas and fake kernels (their autograd is FusedPTLNode's, not the ops')."""
+    _skip("native")
+    from regharm_ext.ops import native
+
+    x, mask = _inputs(B=2)
+    mask = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="area")
+    w, b = torch.randn(12), torch.randn(1)
+    args = (x, mask, w, b, 4, 3, 2, 3, 1e-5, 0.5, 5 ** -0.5)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.regharm.ptl_forward.default, args, test_utils=tests)
+    out, *saved = torch.ops.regharm.ptl_forward(*args)
+    for need_x in (True, False):
+        bargs = (torch.randn_like(x), x, mask, w, saved) + args[4:] + (need_x,)
+        torch.library.opcheck(torch.ops.regharm.ptl_backward.default, bargs, test_utils=tests)
+    gx, gw, gb = torch.ops.regharm.ptl_backward(*bargs)
+    assert gx is None and gw.shape == w.shape and gb.shape == (1,)
+    assert native.PTL_OPS is not None
+    with pytest.raises(RuntimeError, match="saved tensors"):
+        torch.ops.regharm.ptl_backward(torch.randn_like(x), x, mask, w, saved[:-1], *args[4:], True)
 
 
 def test_ptl_node_gradcheck_float64():
@@ -120,15 +204,18 @@ def test_ptl_node_gradcheck_float64():
 
     def fn(t, weight, bias):
         out = torch.func.functional_call(ptl, {"weight": weight, "bias": bias}, (t, m))
-        assert _node_name(out) == "PTLNodeBackward"
+        assert _node_name(out) == _node("native")
         return out
 
     params = (ptl.weight.detach().clone(), ptl.bias.detach().clone())
     assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x,) + params))
 
 
-def test_ptl_node_keeps_autograd_guarantees():
+@pytest.mark.parametrize("flag", ["1", "python"])
+def test_ptl_node_keeps_autograd_guarantees(flag, monkeypatch):
     _skip("native")
+    monkeypatch.setenv(ENV, flag)
+    node = "PTLNodeBackward" if flag == "python" else _node("native")
     x, mask = _inputs()
     ptl = PTL(5, patch=(4, 3), stride=(2, 3), backend="native")
     # x modified in place after the forward: the backward would use the new values
@@ -147,7 +234,7 @@ def test_ptl_node_keeps_autograd_guarantees():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = ptl(xr, mask)
-    assert _node_name(out) == "PTLNodeBackward" and len(packed) >= 10
+    assert _node_name(out) == node and len(packed) >= 10
     (gx,) = torch.autograd.grad(out, xr, torch.ones_like(out))
     (want,) = torch.autograd.grad(ptl(xr, mask), xr, torch.ones_like(out))
     torch.testing.assert_close(gx, want)
@@ -215,7 +302,7 @@ def test_ptl_node_on_cuda_gives_the_unfused_results_and_memory(backend, dtype, m
     results, peaks = {}, {}
     for flag in ("1", "0"):
         name, results[flag] = _run(ptl, x, mask, grad, monkeypatch, node=flag == "1")
-        assert name == ("PTLNodeBackward" if flag == "1" else "BlendBackward")
+        assert name == (_node(backend) if flag == "1" else "BlendBackward")
         with benchlib.TensorMemoryTracker() as tracker:
             _run(ptl, x, mask, grad, monkeypatch, node=flag == "1")
         peaks[flag] = tracker.peak
@@ -225,3 +312,28 @@ def test_ptl_node_on_cuda_gives_the_unfused_results_and_memory(backend, dtype, m
     for i, (a, b) in enumerate(zip(got[1:], want[1:])):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()), msg=f"gradient {i}")
     assert peaks["1"] <= peaks["0"], peaks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_node_on_cuda_gives_the_python_nodes_bits_and_memory(dtype, monkeypatch):
+    """native's C++ node on the GPU: PTLNode's bits, and no more of the allocator's peak (the
+    caching allocator counts whole blocks, so equal ops in equal order give equal peaks; 1 MiB
+    of slack for the order in which two small blocks are reused)."""
+    _cuda_skip("native")
+    x, mask = _inputs(dtype, B=2, C=32, H=64, W=56)
+    x, mask = x.cuda(), mask.cuda()
+    ptl = PTL(32, patch=8, stride=4, backend="native").cuda()
+    grad = torch.randn(x.shape, device="cuda").to(dtype)
+    results, peaks = {}, {}
+    for flag in ("1", "python", "1"):  # the first call warms the allocator's cache
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        name, results[flag] = _run(ptl, x, mask, grad, monkeypatch, node=flag)
+        torch.cuda.synchronize()
+        peaks[flag] = torch.cuda.max_memory_allocated() - base
+        assert name == ("PTLNodeBackward" if flag == "python" else "FusedPTLNodeBackward")
+    for i, (a, b) in enumerate(zip(results["1"], results["python"])):
+        assert torch.equal(a, b), f"result {i}"
+    assert peaks["1"] <= peaks["python"] + 2 ** 20, peaks

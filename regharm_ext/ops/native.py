@@ -23,7 +23,7 @@ except (ImportError, OSError, RuntimeError) as exc:  # not built, or built for a
     _IMPORT_ERROR = exc
 
 _OPS = ("patch_stats", "patch_stats_backward", "masked_attention", "masked_attention_backward",
-        "masked_norm", "masked_norm_backward")
+        "masked_norm", "masked_norm_backward", "ptl_forward", "ptl_backward")
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _REASONS = {}  # device type -> reason (or None); the answer cannot change within a process
 
@@ -171,14 +171,36 @@ def _register() -> None:
     def _(grad, x, weight, mu, rstd):
         return x.new_empty(x.shape)
 
-    global _MaskedNorm, PTL_STEPS
+    global _MaskedNorm, PTL_STEPS, PTL_OPS
     setup, backward = op_autograd(Direct(torch.ops.regharm.masked_norm_backward))
     _MaskedNorm = register_autograd(lib + "masked_norm", backward, setup)
     PTL_STEPS = (_PatchStats, _MaskedNorm, _MaskedAttention)
 
+    # PTL's node in C++ (csrc/ptl_node.cpp); its autograd is FusedPTLNode's, in ptl_node.py
+    @torch.library.register_fake(lib + "ptl_forward")
+    def _(x, m, weight, bias, ph, pw, sh, sw, eps, min_mass, scale):
+        B, C, H, W = x.shape
+        K, L = ((H - ph) // sh + 1) * ((W - pw) // sw + 1), H * W
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = [x.new_empty(B, K, C) for _ in range(2)]
+        return [x.new_empty(B, C, H, W), m.new_empty(B, 1, H, W), *stats, x.new_empty(B, K),
+                x.new_empty(B, L, C), x.new_empty(B, C, dtype=acc), x.new_empty(B, C, dtype=acc),
+                x.new_empty(B, K, C), x.new_empty(B, K, 2 * C),
+                x.new_empty(B, K, dtype=torch.float32), x.new_empty(B, L, dtype=torch.bool),
+                x.new_empty(B, L, 2 * C), x.new_empty(B, L, dtype=torch.float32),
+                m.new_empty(B, 1, H, W)]
 
-# the ops' eager Functions, run by PTL's single autograd node (regharm_ext/ptl_node.py)
-PTL_STEPS = None
+    @torch.library.register_fake(lib + "ptl_backward")
+    def _(grad, x, m, weight, saved, ph, pw, sh, sw, eps, min_mass, scale, need_x):
+        return (x.new_empty(x.shape) if need_x else None, weight.new_empty(weight.shape),
+                x.new_empty(1))
+
+    PTL_OPS = (Direct(torch.ops.regharm.ptl_forward), Direct(torch.ops.regharm.ptl_backward))
+
+
+# the ops' eager Functions, run by PTL's single autograd node (regharm_ext/ptl_node.py), and
+# that node's forward and backward as two ops
+PTL_STEPS = PTL_OPS = None
 
 
 if _IMPORT_ERROR is None:
