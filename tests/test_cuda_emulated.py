@@ -100,6 +100,26 @@ def _check_patch(emu, inputs, patch, stride, layout=None):
         assert (o[~valid] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["odd", "ptl_like"])
+def test_cuda_emulated_patch_stats_reads_strided_gradients(configured, case, dtype):
+    """PTL's dmu and dsigma are the two halves of the attention's dV (B, K, 2C): the backward
+    reads them in place (rows 2C apart; the gaps are NaN here, so a wrong row stride poisons the
+    result) and gives the bits of contiguous copies."""
+    shape, patch, stride, offset, kind = PATCH_CASES[case]
+    x, bg, w, b = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
+    emu = configured()
+    cots = _cotangents(emu.patch_stats(x, bg, w, b, patch, stride), dtype)
+    C, K = x.shape[1], cots[0].shape[1]
+    dv = torch.cat(cots[:2], -1)  # (B, K, 2C), as the attention's backward writes it
+    halves = list(dv.split(C, -1))
+    assert [emulated._grad_rows(h, dtype, K, C)[1] for h in halves] == [2 * C, 2 * C]
+    got = emu.patch_stats_backward(halves + [cots[2]], x, bg, w, patch, stride)
+    want = emu.patch_stats_backward(cots, x, bg, w, patch, stride)
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert torch.equal(a, e), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=str)
 @pytest.mark.parametrize("case", PATCH_CASES)

@@ -41,14 +41,18 @@ bool patch_stats_fits(DType dt, const PatchShape& s, size_t* need, size_t* have)
 // Scratch bytes patch_stats_backward needs (per-patch coefficients and per-block partial sums).
 size_t patch_stats_backward_workspace(DType dt, const PatchShape& s);
 
-// grad_mu, grad_sigma, grad_content: acc, contiguous (B, K, C). Outputs: grad_x in dt,
-// contiguous (B, C, H, W); grad_wb in acc, ph*pw + 1 values: grad_weight then grad_bias.
+// Elements between consecutive rows (b, k) of each (B, K, C) gradient, whose columns are
+// contiguous: C for a contiguous one, 2C for a half of PTL's [dmu | dsigma].
+struct GradRows { int64_t mu, sigma, content; };
+
+// grad_mu, grad_sigma, grad_content: acc, (B, K, C) rows as `rows` says. Outputs: grad_x in dt,
+// contiguous (B, C, H, W); grad_w (ph*pw values) and grad_b (1) in acc.
 // workspace: patch_stats_backward_workspace(dt, s) bytes, 16-byte aligned.
 cudaError_t patch_stats_backward(DType dt, const void* grad_mu, const void* grad_sigma,
-                                 const void* grad_content, const void* x, XStrides xs,
-                                 const void* bg, BgStrides bs, const void* weight,
+                                 const void* grad_content, GradRows rows, const void* x,
+                                 XStrides xs, const void* bg, BgStrides bs, const void* weight,
                                  const PatchShape& s, double eps, double min_mass,
-                                 void* workspace, void* grad_x, void* grad_wb,
+                                 void* workspace, void* grad_x, void* grad_w, void* grad_b,
                                  cudaStream_t stream);
 
 // ---- masked_attention ----------------------------------------------------------------------

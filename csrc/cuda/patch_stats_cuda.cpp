@@ -45,6 +45,17 @@ XStrides strides_of_x(const at::Tensor& x) {
 }
 BgStrides strides_of_bg(const at::Tensor& bg) { return {bg.stride(0), bg.stride(2), bg.stride(3)}; }
 
+// A (B, K, C) gradient as the kernels read it: in acc, rows (b, k) a fixed stride apart and
+// columns contiguous. PTL's dmu and dsigma are the halves of the attention's dV (rows 2C apart)
+// and are read where they are: two copies fewer per PTL backward.
+std::pair<at::Tensor, int64_t> grad_rows(const at::Tensor& g, at::ScalarType acc, int64_t K,
+                                         int64_t C) {
+  if (g.scalar_type() == acc && (C == 1 || g.stride(2) == 1) && g.stride(1) >= C &&
+      g.stride(0) == K * g.stride(1))
+    return {g, g.stride(1)};
+  return {g.to(acc).contiguous(), C};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_stats_cuda(
     const at::Tensor& x, const at::Tensor& bg, const at::Tensor& weight, const at::Tensor& bias,
     int64_t ph, int64_t pw, int64_t sh, int64_t sw, double eps, double min_mass) {
@@ -84,23 +95,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cuda(
   const auto acc = acc_dtype(x);
   const auto bga = bg.to(acc);
   const auto wa = weight.to(acc).contiguous();
-  const auto gmu = grad_mu.to(acc).contiguous(), gsig = grad_sigma.to(acc).contiguous();
-  const auto gcon = grad_content.to(acc).contiguous();
+  const int64_t K = s.Kh * s.Kw;
+  const auto [gmu, mu_rows] = grad_rows(grad_mu, acc, K, s.C);
+  const auto [gsig, sigma_rows] = grad_rows(grad_sigma, acc, K, s.C);
+  const auto [gcon, content_rows] = grad_rows(grad_content, acc, K, s.C);
   const auto dt = dtype_tag(x);
   auto workspace = at::empty({int64_t(patch_stats_backward_workspace(dt, s))},
                              x.options().dtype(at::kByte));
   auto grad_x = at::empty({s.B, s.C, s.H, s.W}, x.options());
-  auto grad_wb = at::empty({int64_t(ph * pw) + 1}, x.options().dtype(acc));
+  auto grad_w = at::empty({ph * pw}, x.options().dtype(acc));
+  auto grad_b = at::empty({1}, x.options().dtype(acc));
   check_launch(patch_stats_backward(dt, gmu.data_ptr(), gsig.data_ptr(), gcon.data_ptr(),
-                                    x.data_ptr(), strides_of_x(x), bga.data_ptr(),
-                                    strides_of_bg(bga), wa.data_ptr(), s, eps, min_mass,
-                                    workspace.data_ptr(), grad_x.data_ptr(), grad_wb.data_ptr(),
+                                    GradRows{mu_rows, sigma_rows, content_rows}, x.data_ptr(),
+                                    strides_of_x(x), bga.data_ptr(), strides_of_bg(bga),
+                                    wa.data_ptr(), s, eps, min_mass, workspace.data_ptr(),
+                                    grad_x.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(),
                                     c10::cuda::getCurrentCUDAStream()),
                kOpBw);
-  // copies, so that the two outputs never share storage
-  auto grad_w = grad_wb.narrow(0, 0, ph * pw).to(weight.scalar_type(), false, true);
-  auto grad_b = grad_wb.narrow(0, ph * pw, 1).to(grad_content.scalar_type(), false, true);
-  return {grad_x, grad_w, grad_b};
+  return {grad_x, grad_w.to(weight.scalar_type()), grad_b.to(grad_content.scalar_type())};
 }
 
 }  // namespace

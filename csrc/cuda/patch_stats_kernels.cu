@@ -195,7 +195,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     patch_stats_coef_kernel(PatchArgs<T, A> a, const A* __restrict__ grad_mu,
                             const A* __restrict__ grad_sigma, const A* __restrict__ grad_content,
-                            Coef<A>* __restrict__ coef, A* __restrict__ partial) {
+                            GradRows rows, Coef<A>* __restrict__ coef, A* __restrict__ partial) {
   REGHARM_DYNAMIC_SMEM(raw);
   const TileSmem<A> sm(raw, a.tkh, a.tkw, a.ph, a.pw, a.sh, a.sw, a.w_smem);
   const Tile t = tile_of_block(a.Kh, a.Kw, a.tkh, a.tkw, a.tiles_w, a.ph, a.pw, a.sh, a.sw);
@@ -208,8 +208,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = int64_t(t.i0 + p / t.nj) * a.Kw + t.j0 + p % t.nj;
     Coef<A> cf{A(0), A(0), A(0), A(0)};
     if (m.valid) {
-      const int64_t o = (t.b * K + n) * a.C + t.c;
-      const A gm = grad_mu[o], gs = grad_sigma[o], gc = grad_content[o];
+      const int64_t row = t.b * K + n;
+      const A gm = grad_mu[row * rows.mu + t.c], gs = grad_sigma[row * rows.sigma + t.c];
+      const A gc = grad_content[row * rows.content + t.c];
       const A s = sqrt(m.var + a.eps), M = m.mass;
       cf.gamma = gc / s;
       cf.beta = gs / (M * s) - gc * m.d / (M * s * s * s);
@@ -245,18 +246,18 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[int64_t(P) * nblocks + blk] = gb;
 }
 
-// grad_wb[r] = Σ_blocks partial[r][block], one block per r (r = P is grad_bias); the order of
+// grad_w[r] = Σ_blocks partial[r][block], one block per r, and r = P is grad_b; the order of
 // the sum depends on the shapes only, so results are deterministic.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-    patch_stats_reduce_kernel(const A* __restrict__ partial, int64_t nblocks,
-                              A* __restrict__ grad_wb) {
+    patch_stats_reduce_kernel(const A* __restrict__ partial, int64_t nblocks, int P,
+                              A* __restrict__ grad_w, A* __restrict__ grad_b) {
   __shared__ A scratch[32];
   const A* row = partial + int64_t(blockIdx.x) * nblocks;
   A s = 0;
   for (int64_t k = threadIdx.x; k < nblocks; k += blockDim.x) s += row[k];
   s = block_sum(s, scratch);
-  if (threadIdx.x == 0) grad_wb[blockIdx.x] = s;
+  if (threadIdx.x == 0) (int(blockIdx.x) < P ? grad_w[blockIdx.x] : grad_b[0]) = s;
 }
 
 // grad_x of every pixel, gathered from the coefficients of the patches covering it. Block
@@ -439,14 +440,16 @@ size_t workspace_impl(const PatchShape& s) {
 
 template <typename T>
 cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const void* grad_content,
-                          const void* x, XStrides xs, const void* bg, BgStrides bs,
-                          const void* weight, const PatchShape& s, double eps, double min_mass,
-                          void* workspace, void* grad_x, void* grad_wb, cudaStream_t stream) {
+                          GradRows grad_rows, const void* x, XStrides xs, const void* bg,
+                          BgStrides bs, const void* weight, const PatchShape& s, double eps,
+                          double min_mass, void* workspace, void* grad_x, void* grad_w,
+                          void* grad_b, cudaStream_t stream) {
   using A = acc_t<T>;
   const int P = s.ph * s.pw;
   const int64_t total = s.B * s.C * s.H * s.W;
   if (empty(s)) {  // nothing to sum: zero gradients
-    cudaError_t err = cudaMemsetAsync(grad_wb, 0, sizeof(A) * (P + 1), stream);
+    cudaError_t err = cudaMemsetAsync(grad_w, 0, sizeof(A) * P, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(grad_b, 0, sizeof(A), stream);
     if (err == cudaSuccess && total > 0)
       err = cudaMemsetAsync(grad_x, 0, sizeof(T) * size_t(total), stream);
     return err;
@@ -462,14 +465,15 @@ cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const voi
   const dim3 grid(unsigned(tc.tiles_h * tc.tiles_w), unsigned(s.C), unsigned(s.B));
   REGHARM_LAUNCH(coef_kern, grid, dim3(kThreads), tc.smem, stream, a,
                  static_cast<const A*>(grad_mu), static_cast<const A*>(grad_sigma),
-                 static_cast<const A*>(grad_content), ws.coef, ws.partial);
+                 static_cast<const A*>(grad_content), grad_rows, ws.coef, ws.partial);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   auto reduce_kern = patch_stats_reduce_kernel<A>;
   // one warp per 32 partial sums, at most kThreads: few tiles (large patches) need few threads
   const int reduce_threads = int(std::min<int64_t>(kThreads, (nblocks + 31) / 32 * 32));
   REGHARM_LAUNCH(reduce_kern, dim3(unsigned(P + 1)), dim3(reduce_threads), 0, stream,
-                 static_cast<const A*>(ws.partial), nblocks, static_cast<A*>(grad_wb));
+                 static_cast<const A*>(ws.partial), nblocks, P, static_cast<A*>(grad_w),
+                 static_cast<A*>(grad_b));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   auto gather_kern = patch_stats_gather_kernel<T, A>;
@@ -512,13 +516,13 @@ size_t patch_stats_backward_workspace(DType dt, const PatchShape& s) {
 }
 
 cudaError_t patch_stats_backward(DType dt, const void* grad_mu, const void* grad_sigma,
-                                 const void* grad_content, const void* x, XStrides xs,
-                                 const void* bg, BgStrides bs, const void* weight,
+                                 const void* grad_content, GradRows rows, const void* x,
+                                 XStrides xs, const void* bg, BgStrides bs, const void* weight,
                                  const PatchShape& s, double eps, double min_mass,
-                                 void* workspace, void* grad_x, void* grad_wb,
+                                 void* workspace, void* grad_x, void* grad_w, void* grad_b,
                                  cudaStream_t stream) {
-  REGHARM_DISPATCH(dt, backward_impl, grad_mu, grad_sigma, grad_content, x, xs, bg, bs, weight,
-                   s, eps, min_mass, workspace, grad_x, grad_wb, stream)
+  REGHARM_DISPATCH(dt, backward_impl, grad_mu, grad_sigma, grad_content, rows, x, xs, bg, bs,
+                   weight, s, eps, min_mass, workspace, grad_x, grad_w, grad_b, stream)
   return cudaErrorInvalidValue;
 }
 

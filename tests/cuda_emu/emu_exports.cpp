@@ -101,14 +101,17 @@ int emu_patch_stats_fits(int dt, const int64_t* shape, int64_t* need) {
   return ok;
 }
 
+// rows: the three gradients' row strides (GradRows)
 int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const void* gcontent,
-                             const void* x, const int64_t* xs, const void* bg, const int64_t* bs,
-                             const void* weight, const int64_t* shape, double eps,
-                             double min_mass, void* workspace, void* grad_x, void* grad_wb) {
-  return int(patch_stats_backward(DType(dt), gmu, gsigma, gcontent, x,
+                             const int64_t* rows, const void* x, const int64_t* xs,
+                             const void* bg, const int64_t* bs, const void* weight,
+                             const int64_t* shape, double eps, double min_mass, void* workspace,
+                             void* grad_x, void* grad_w, void* grad_b) {
+  return int(patch_stats_backward(DType(dt), gmu, gsigma, gcontent,
+                                  GradRows{rows[0], rows[1], rows[2]}, x,
                                   XStrides{xs[0], xs[1], xs[2], xs[3]}, bg,
                                   BgStrides{bs[0], bs[1], bs[2]}, weight, patch_shape(shape), eps,
-                                  min_mass, workspace, grad_x, grad_wb, nullptr));
+                                  min_mass, workspace, grad_x, grad_w, grad_b, nullptr));
 }
 
 // B, L, N, D, E, tf32x3, tiles, dq_atomic, simt_mma_lanes, fwd_key_split

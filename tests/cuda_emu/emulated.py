@@ -241,23 +241,26 @@ class Emulator:
         (ph, pw), (sh, sw) = patch, stride
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         shape = _i64([B, C, H, W, ph, pw, sh, sw])
-        gs = [_guarded(g.to(acc).contiguous())[0] for g in grads]
+        K = ((H - ph) // sh + 1) * ((W - pw) // sw + 1)
+        gs = [_grad_rows(g, acc, K, C) for g in grads]
         xg = _strided_guarded(x)
         bga = _strided_guarded(bg.to(acc))
         wa, _ = _guarded(weight.to(acc).contiguous())
         workspace = _workspace(
             self.lib.emu_patch_stats_backward_workspace(DTYPE_TAG[x.dtype], shape))
         gx, gx_buf = _output((B, C, H, W), x.dtype)
-        gwb, gwb_buf = _output((ph * pw + 1,), acc)
+        gw, gw_buf = _output((ph * pw,), acc)
+        gb, gb_buf = _output((1,), acc)
         rc = self.lib.emu_patch_stats_backward(
-            DTYPE_TAG[x.dtype], *[_ptr(g) for g in gs], _ptr(xg), _i64(xg.stride()), _ptr(bga),
-            _i64([bga.stride(0), bga.stride(2), bga.stride(3)]), _ptr(wa), shape,
-            ctypes.c_double(eps), ctypes.c_double(min_mass), _ptr(workspace), _ptr(gx), _ptr(gwb))
+            DTYPE_TAG[x.dtype], *[_ptr(g) for g, _ in gs], _i64([r for _, r in gs]), _ptr(xg),
+            _i64(xg.stride()), _ptr(bga), _i64([bga.stride(0), bga.stride(2), bga.stride(3)]),
+            _ptr(wa), shape, ctypes.c_double(eps), ctypes.c_double(min_mass), _ptr(workspace),
+            _ptr(gx), _ptr(gw), _ptr(gb))
         self._done(rc, "patch_stats_backward")
         _check_guards(gx_buf, "grad_x")
-        _check_guards(gwb_buf, "grad_weight/bias")
-        P = ph * pw
-        return gx.clone(), gwb[:P].to(weight.dtype), gwb[P:].to(grads[2].dtype)
+        _check_guards(gw_buf, "grad_weight")
+        _check_guards(gb_buf, "grad_bias")
+        return gx.clone(), gw.to(weight.dtype), gb.to(grads[2].dtype)
 
     # ---- masked_attention: like csrc/cuda/masked_attention_cuda.cpp --------------------------
 
@@ -346,6 +349,15 @@ class Emulator:
 def _workspace(nbytes: int) -> torch.Tensor:
     """Scratch of nbytes, filled with NaN bytes (a read before a write shows)."""
     return torch.full((nbytes // 8 + 1,), float("nan"), dtype=torch.float64)
+
+
+def _grad_rows(g: torch.Tensor, acc: torch.dtype, K: int, C: int):
+    """(tensor, row stride) as csrc/cuda/patch_stats_cuda.cpp's grad_rows hands a (B, K, C)
+    gradient to the kernels: kept in place (gaps NaN) where its rows are evenly spaced."""
+    if (g.dtype == acc and (C == 1 or g.stride(2) == 1) and g.stride(1) >= C
+            and g.stride(0) == K * g.stride(1)):
+        return _strided_guarded(g), g.stride(1)
+    return _guarded(g.to(acc).contiguous())[0], C
 
 
 def _dense_rows(t: torch.Tensor) -> torch.Tensor:
