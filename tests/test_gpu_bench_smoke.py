@@ -219,3 +219,27 @@ def test_pairs_time_each_criterion_alternately(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import report as report_md
     assert "over 2 pairs; separate runs" in report_md.acceptance_section(report)
+
+
+def test_pairs_run_before_the_variant_rows(tmp_path, monkeypatch):
+    """A deadline that cuts gpu_check.sh's bench step short takes variant rows, not the pairs
+    that decide the acceptance lines: the pairs run right after the backends they name."""
+    bench = _load()
+    real, order = bench.subprocess.run, []
+
+    def run(cmd, *a, **k):
+        for flag in ("--pair", "--backends"):  # a child of gpu_bench.py (not git, say)
+            if flag in cmd:
+                order.append(cmd[cmd.index(flag) + 1])
+                break
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--isolate",
+                       "--pairs", "1", "--backends", "native_dq_atomic,sdpa,native",
+                       "--only", "masked_attention"]) == 0
+    pair = str(next(i for i, c in enumerate(bench.CRITERIA) if c[1] == "masked_attention"))
+    assert order == ["sdpa", "native", pair, "native_dq_atomic"], order
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    done = {r["backend"] for r in report["results"]} | {str(r) for r in report["skipped"]}
+    assert {"sdpa", "native"} <= done and any("native_dq_atomic" in d for d in done), report["skipped"]
