@@ -60,7 +60,7 @@ import bench_check  # noqa: E402
 BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "native_tiles",
             "native_norm_composite", "triton_norm_composite", "native_dq_kernel",
             "native_dq_atomic", "native_unfused", "triton_unfused", "native_mma_lanes",
-            "native_fwd_whole", "native_pynode")
+            "native_fwd_whole", "native_pynode", "native_aten_glue")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
 # cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
@@ -73,7 +73,8 @@ BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "
 # CUDA-core kernels with mma.sync's lane order instead of PairedLanes: before/after of PERF_NOTES
 # item 16), native_fwd_whole (float32's forward with one block per query tile instead of two key
 # halves: before/after of PERF_NOTES item 17), native_pynode (PTL's node run from Python, step
-# by step, instead of its two C++ ops: before/after of PERF_NOTES item 18).
+# by step, instead of its two C++ ops: before/after of PERF_NOTES item 18), native_aten_glue (PTL's
+# blend as torch ops in that node instead of its CUDA kernels: before/after of item 19).
 _COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
 _UNFUSED = {"REGHARM_PTL_NODE": "0"}
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
@@ -86,7 +87,8 @@ VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
             "triton_unfused": ("triton", _UNFUSED),
             "native_mma_lanes": ("native", {"REGHARM_CUDA_SIMT_LANES": "mma"}),
             "native_fwd_whole": ("native", {"REGHARM_CUDA_FWD_SPLIT": "off"}),
-            "native_pynode": ("native", {"REGHARM_PTL_NODE": "python"})}
+            "native_pynode": ("native", {"REGHARM_PTL_NODE": "python"}),
+            "native_aten_glue": ("native", {"REGHARM_CUDA_PTL_GLUE": "aten"})}
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "native_tiles": (torch.float32, torch.float16, torch.bfloat16),
                   "native_norm_composite": (torch.float32, torch.bfloat16),
@@ -97,7 +99,8 @@ VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "triton_unfused": (torch.float32, torch.bfloat16),
                   "native_mma_lanes": (torch.float32,),
                   "native_fwd_whole": (torch.float32,),
-                  "native_pynode": (torch.float32, torch.bfloat16)}
+                  "native_pynode": (torch.float32, torch.bfloat16),
+                  "native_aten_glue": (torch.float32, torch.bfloat16)}
 VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
                    "triton_norm_composite": ("ptl", "ptl_bf16"),
                    "native_dq_kernel": ("ptl",),
@@ -106,7 +109,8 @@ VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
                    "triton_unfused": ("ptl", "ptl_bf16"),
                    "native_mma_lanes": ("masked_attention", "ptl"),
                    "native_fwd_whole": ("masked_attention", "ptl"),
-                   "native_pynode": ("ptl", "ptl_bf16")}
+                   "native_pynode": ("ptl", "ptl_bf16"),
+                   "native_aten_glue": ("ptl", "ptl_bf16")}
 
 
 @contextlib.contextmanager

@@ -175,6 +175,27 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
             got, n = run(mn, (x,), (w,), device, dtype, backend, seed=3)
             want, _ = run(mn, (x,), (w.double(),), "cpu", torch.float64, "reference", seed=3)
             compare(f"masked_norm {shape} {dtype}", got, want, n, dtype)
+    # the PTL layer: on native, its C++ node and on CUDA the blend's kernels (ptl_glue_kernels.cu);
+    # 37 channels and 21 x 19 positions cross their 32 x 32 tiles, the second image is all
+    # foreground (no valid patch: it passes through)
+    from regharm_ext import PTL
+    from torch.func import functional_call
+
+    gen = torch.Generator().manual_seed(4)
+    x, mask = torch.randn(2, 37, 21, 19, generator=gen), torch.zeros(2, 1, 21, 19)
+    mask[0, :, 4:15, 3:11] = 0.5 + 0.5 * torch.rand(11, 8, generator=gen)
+    mask[1] = 1.0
+    weight, bias = torch.randn(20, generator=gen) / 4, torch.randn(1, generator=gen)
+    for dtype in dtypes:
+
+        def ptl(x_, w_, b_, mask_, backend):
+            layer = PTL(37, patch=(5, 4), stride=(2, 3), backend=backend)
+            return (functional_call(layer, {"weight": w_, "bias": b_}, (x_, mask_.to(x_.dtype))),)
+
+        got, n = run(ptl, (x, weight, bias), (mask,), device, dtype, backend, seed=5)
+        want, _ = run(ptl, (x, weight, bias), (mask.double(),), "cpu", torch.float64, "reference",
+                      seed=5)
+        compare(f"PTL (2, 37, 21, 19) {dtype}", got, want, n, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(f"driver: {failures} mismatch(es)", flush=True)

@@ -5,8 +5,10 @@
 // the same ops in the same order from Python (the `triton` backend's node, and what any dispatch
 // mode sees); tests hold the two to identical bits.
 //
-// Device-agnostic: the ATen ops and our three ops dispatch on the tensors' device, below the
-// autograd key (the Python autograd.Function that calls these records the graph).
+// The ATen ops and our three ops dispatch on the tensors' device, below the autograd key (the
+// Python autograd.Function that calls these records the graph). On CUDA the blend's three
+// formulas run as kernels of their own (csrc/cuda/ptl_glue_kernels.cu, PERF_NOTES item 19)
+// unless REGHARM_CUDA_PTL_GLUE=aten; they round each step as the ATen ops do.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -16,6 +18,10 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#ifdef REGHARM_WITH_CUDA
+#include "cuda/ptl_glue.h"
+#endif
 
 namespace regharm {
 namespace {
@@ -42,6 +48,16 @@ enum Saved : size_t {
 struct BelowAutograd {
   at::AutoDispatchBelowADInplaceOrView guard;
 };
+
+// Whether the blend's CUDA kernels take a call on x's device (they read x's layout as dense).
+bool glue_kernels(const Tensor& x) {
+#ifdef REGHARM_WITH_CUDA
+  return x.is_cuda() && x.is_contiguous() && cuda::ptl_glue_kernels_asked();
+#else
+  (void)x;
+  return false;
+#endif
+}
 
 Tensors ptl_forward(const Tensor& x, const Tensor& m, const Tensor& weight, const Tensor& bias,
                     int64_t ph, int64_t pw, int64_t sh, int64_t sw, double eps, double min_mass,
@@ -74,11 +90,17 @@ Tensors ptl_forward(const Tensor& x, const Tensor& m, const Tensor& weight, cons
   auto [attn_out, lse] =
       masked_attention.call(c_f, content, values, key_bias, query_mask, scale);
   // an image without a valid patch passes through: a blend weight of 0
-  Tensor blend_weight = at::where(valid.any(1).view({-1, 1, 1, 1}), m, 0.0);
+  Tensor blend_weight = at::where(valid.any(1).view({-1, 1, 1, 1}), m, 0.0).contiguous();
   // T_fb = C_f * V + A, out = lerp(x, T_fb, weight)
-  Tensor a = attn_out.narrow(-1, 0, C), v = attn_out.narrow(-1, C, C);
-  Tensor t_fb = at::addcmul(a, c_f, v).transpose(1, 2).view({B, C, H, W});
-  Tensor out = at::lerp(x, t_fb, blend_weight);
+  Tensor out;
+#ifdef REGHARM_WITH_CUDA
+  if (glue_kernels(x)) out = cuda::ptl_blend_forward(x, attn_out, c_f, blend_weight);
+#endif
+  if (!out.defined()) {
+    Tensor a = attn_out.narrow(-1, 0, C), v = attn_out.narrow(-1, C, C);
+    Tensor t_fb = at::addcmul(a, c_f, v).transpose(1, 2).view({B, C, H, W});
+    out = at::lerp(x, t_fb, blend_weight);
+  }
   Tensors result{out, bg, mu, sigma, mass, c_f, norm_mu, norm_rstd, content, values, key_bias,
                  query_mask, attn_out, lse, blend_weight};
   TORCH_INTERNAL_ASSERT(result.size() == kSavedCount + 1);
@@ -117,11 +139,21 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> ptl_backward(
   const Tensor& attn_out = saved[kAttnOut];
   const Tensor v = attn_out.narrow(-1, C, C);
 
-  // the blend: [dA | dV] = [w·g | w·g·C_f] in the attention's (B, HW, 2C) layout, in place
-  Tensor gav = at::empty({B, HW, 2 * C}, v.options());
-  Tensor ga = gav.narrow(-1, 0, C), gv = gav.narrow(-1, C, C);
-  at::mul_out(ga, grad.flatten(2).transpose(1, 2), blend_weight.view({B, HW, 1}));
-  at::mul_out(gv, ga, saved[kCf]);
+  // the blend: [dA | dV] = [w·g | w·g·C_f] in the attention's (B, HW, 2C) layout
+  [[maybe_unused]] const bool glue = glue_kernels(x);
+  Tensor gav;
+#ifdef REGHARM_WITH_CUDA
+  if (glue) gav = cuda::ptl_blend_backward(grad, blend_weight, saved[kCf]);
+#endif
+  Tensor ga, gv;
+  if (gav.defined()) {
+    ga = gav.narrow(-1, 0, C);
+  } else {  // written in place: no concatenation pass
+    gav = at::empty({B, HW, 2 * C}, v.options());
+    ga = gav.narrow(-1, 0, C), gv = gav.narrow(-1, C, C);
+    at::mul_out(ga, grad.flatten(2).transpose(1, 2), blend_weight.view({B, HW, 1}));
+    at::mul_out(gv, ga, saved[kCf]);
+  }
   auto [dq, dk, dv] = attention_backward.call(gav, saved[kCf], saved[kContent], saved[kValues],
                                               saved[kKeyBias], saved[kQueryMask], attn_out,
                                               saved[kLse], scale);
@@ -138,6 +170,12 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> ptl_backward(
                                            saved[kBg], weight, saved[kMu], saved[kSigma],
                                            saved[kMass], ph, pw, sh, sw, eps, min_mass);
   if (gx) {
+#ifdef REGHARM_WITH_CUDA
+    if (glue) {
+      cuda::ptl_grad_x_(*gx, gxp, grad, blend_weight);
+      return {gx, gw, gb};
+    }
+#endif
     gx->add_(gxp);
     gxp.reset();
     gx->addcmul_(grad, at::rsub(blend_weight, 1));

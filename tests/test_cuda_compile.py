@@ -2,8 +2,9 @@
 
 - every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no GPU, no torch CUDA libraries needed),
   with the flags torch's CUDAExtension adds (no implicit half/bfloat16 conversions);
-- the torch glue csrc/cuda/*.cpp with ``g++ -fsyntax-only`` against torch's headers (a CPU
-  wheel ships ATen/c10 CUDA headers) and the CUDA include directory.
+- the torch glue csrc/cuda/*.cpp and csrc/ptl_node.cpp (as the CUDA build compiles it) with
+  ``g++ -fsyntax-only`` against torch's headers (a CPU wheel ships ATen/c10 CUDA headers) and
+  the CUDA include directory.
 
 Skipped, with the reason, when nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin) or g++ is
 missing. All compilations start at once in a temporary directory, each .cu once with both
@@ -19,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc/cuda").glob("*.cu"))
-GLUE_FILES = sorted((ROOT / "csrc/cuda").glob("*.cpp"))
+# the torch glue, and PTL's native node, whose CUDA branch compiles only with REGHARM_WITH_CUDA
+GLUE_FILES = sorted((ROOT / "csrc/cuda").glob("*.cpp")) + [ROOT / "csrc/ptl_node.cpp"]
 GENCODES = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 

@@ -580,3 +580,90 @@ def test_cuda_emulated_masked_norm_backward_sums(configured, dtype):
 def test_cuda_emulated_masked_norm_schedules(configured, order):
     x, w = make_norm_inputs(2, 33, 6, 7, offset=100.0)
     _check_norm(configured(order=order), x, w)
+
+
+# ---- PTL's blend (the CUDA branch of csrc/ptl_node.cpp) ---------------------------------------
+
+BLEND_ULP = {torch.float32: 2.0 ** -22, torch.float64: 2.0 ** -50, torch.float16: 2.0 ** -9,
+             torch.bfloat16: 2.0 ** -6}  # two units in the last place: FMA contraction may differ
+
+
+def _blend_inputs(dtype, B=3, C=37, H=5, W=13, seed=0):
+    """Odd sizes across the 32 x 32 tiles; weights below, at and above 0.5 (lerp's two
+    formulas), and an image with weight 0 (no valid patch: it passes through)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g).to(dtype)
+    av = torch.randn(B, H * W, 2 * C, generator=g).to(dtype)
+    c_f = torch.randn(B, H * W, C, generator=g).to(dtype)
+    w = torch.rand(B, H * W, generator=g)
+    w[0, :3] = torch.tensor([0.0, 0.5, 1.0])
+    w[-1] = 0.0
+    return x, av, c_f, w.to(dtype)
+
+
+def _close_ulps(got, want, dtype, what):
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=BLEND_ULP[dtype], atol=BLEND_ULP[dtype] * scale,
+                               msg=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+def test_cuda_emulated_ptl_blend_matches_the_torch_ops(configured, dtype):
+    """The blend kernels against the torch ops PTLNode runs (ptl_node.Blend, its backward and
+    the node's last two additions), with the same roundings in between."""
+    emu = configured()
+    x, av, c_f, w = _blend_inputs(dtype)
+    B, C, H, W = x.shape
+    a, v = av.split(C, -1)
+    t_fb = torch.addcmul(a, c_f, v).transpose(1, 2).view(B, C, H, W)
+    want = torch.lerp(x, t_fb, w.view(B, 1, H, W))
+    got = emu.ptl_blend_forward(x, av, c_f, w)
+    _close_ulps(got, want, dtype, "blend forward")
+    assert torch.equal(got[-1], x[-1]), "weight 0: x passes through"
+    gen = torch.Generator().manual_seed(5)
+    grads = {"contiguous": torch.randn(B, C, H, W, generator=gen).to(dtype),
+             "channels_last": torch.randn(B, C, H, W, generator=gen).to(dtype).to(
+                 memory_format=torch.channels_last),
+             "expanded": torch.ones((), dtype=dtype).expand(B, C, H, W)}  # out.sum()'s gradient
+    for kind, grad in grads.items():
+        g_t = grad.flatten(2).transpose(1, 2)
+        ga = g_t * w.view(B, H * W, 1)
+        want_gav = torch.cat([ga, ga * c_f], -1)
+        _close_ulps(emu.ptl_blend_backward(grad, w, c_f), want_gav, dtype, f"blend backward ({kind})")
+        gx, gxp = (torch.randn(B, C, H, W, generator=gen).to(dtype) for _ in range(2))
+        want_gx = (gx + gxp).addcmul_(grad, 1 - w.view(B, 1, H, W))
+        _close_ulps(emu.ptl_grad_x(gx, gxp, grad, w), want_gx, dtype, f"grad x ({kind})")
+
+
+def _fma(a, b, c):
+    """float32 fma(a, b, c): the float32 product is exact in float64 (rounding the float64 sum
+    once more could differ from one rounding in about 2^-29 of the cases)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_emulated_ptl_blend_rounds_every_step_as_written(configured, dtype):
+    """Bit for bit against the kernels' arithmetic spelt out: the roundings to the dtype between
+    the steps and lerp's two formulas (a tolerance could not see either)."""
+    emu = configured()
+    x, av, c_f, w = _blend_inputs(dtype)
+    B, C, H, W = x.shape
+    f = lambda t: t.float()  # noqa: E731
+    rd = lambda t: t.to(dtype).float()  # noqa: E731  (the value as the dtype holds it)
+    a, v = (f(t).transpose(1, 2).reshape(B, C, H, W) for t in av.split(C, -1))
+    t = rd(_fma(f(c_f).transpose(1, 2).reshape(B, C, H, W), v, a))
+    s, wb = f(x), f(w).view(B, 1, H, W)
+    d = t - s
+    small = _fma(wb.expand_as(d), d, s)
+    large = _fma(-d, (1 - wb).expand_as(d), t)
+    want = torch.where(wb.abs() < 0.5, small, large).to(dtype)
+    assert torch.equal(emu.ptl_blend_forward(x, av, c_f, w), want)
+    gen = torch.Generator().manual_seed(7)
+    grad = torch.randn(B, C, H, W, generator=gen).to(dtype)
+    ga = rd(f(grad).flatten(2).transpose(1, 2) * f(w).view(B, H * W, 1))
+    want_gav = torch.cat([ga, ga * f(c_f)], -1).to(dtype)
+    assert torch.equal(emu.ptl_blend_backward(grad, w, c_f), want_gav)
+    gx, gxp = (torch.randn(B, C, H, W, generator=gen).to(dtype) for _ in range(2))
+    want_gx = _fma(f(grad), rd(1 - wb), rd(f(gx) + f(gxp))).to(dtype)
+    assert torch.equal(emu.ptl_grad_x(gx, gxp, grad, w), want_gx)

@@ -51,9 +51,11 @@ def test_driver_matches_the_reference_on_every_case():
     # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 11
     # settings: float32 simt and tf32x3, float16, bfloat16, float64, bfloat16 and float32 on
     # the tile kernels, float32 with dQ by its kernel, bfloat16 with atomic dQ, float32 in
-    # mma.sync's lane order and with its forward unsplit; two masked_norm cases in 4 dtypes
-    assert len(lines) == 2 * 4 + 2 * 11 + 2 * 4 and all(ln.startswith("ok") for ln in lines)
+    # mma.sync's lane order and with its forward unsplit; two masked_norm cases in 4 dtypes;
+    # the PTL layer (native's C++ node, on CUDA the blend's kernels) in 4 dtypes
+    assert len(lines) == 2 * 4 + 2 * 11 + 2 * 4 + 4 and all(ln.startswith("ok") for ln in lines)
     assert sum(ln.startswith("ok        masked_norm") for ln in lines) == 8
+    assert sum(ln.startswith("ok        PTL") for ln in lines) == 4
     assert sum("no mask" in ln for ln in lines) == 11
     assert sum("setting mma_lanes" in ln for ln in lines) == 2
     assert sum("setting tiles" in ln for ln in lines) == 4

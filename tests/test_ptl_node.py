@@ -317,23 +317,42 @@ def test_ptl_node_on_cuda_gives_the_unfused_results_and_memory(backend, dtype, m
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_node_on_cuda_gives_the_python_nodes_bits_and_memory(dtype, monkeypatch):
-    """native's C++ node on the GPU: PTLNode's bits, and no more of the allocator's peak (the
-    caching allocator counts whole blocks, so equal ops in equal order give equal peaks; 1 MiB
-    of slack for the order in which two small blocks are reused)."""
+    """native's C++ node on the GPU. With the blend's torch ops (REGHARM_CUDA_PTL_GLUE=aten):
+    PTLNode's bits. With its kernels (the default): the same roundings in the same order, so
+    at most FMA contraction apart (two units in the last place), an image without a valid patch
+    passing through exactly, and no more of the allocator's peak (the caching allocator counts
+    whole blocks: 1 MiB of slack for the order in which two small blocks are reused)."""
     _cuda_skip("native")
     x, mask = _inputs(dtype, B=2, C=32, H=64, W=56)
     x, mask = x.cuda(), mask.cuda()
     ptl = PTL(32, patch=8, stride=4, backend="native").cuda()
     grad = torch.randn(x.shape, device="cuda").to(dtype)
     results, peaks = {}, {}
-    for flag in ("1", "python", "1"):  # the first call warms the allocator's cache
+    for run in ("kernels", "python", "aten", "kernels"):  # the first call warms the cache
+        monkeypatch.setenv("REGHARM_CUDA_PTL_GLUE", "aten" if run == "aten" else "kernels")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        name, results[flag] = _run(ptl, x, mask, grad, monkeypatch, node=flag)
+        name, results[run] = _run(ptl, x, mask, grad, monkeypatch,
+                                  node="python" if run == "python" else "1")
         torch.cuda.synchronize()
-        peaks[flag] = torch.cuda.max_memory_allocated() - base
-        assert name == ("PTLNodeBackward" if flag == "python" else "FusedPTLNodeBackward")
-    for i, (a, b) in enumerate(zip(results["1"], results["python"])):
-        assert torch.equal(a, b), f"result {i}"
-    assert peaks["1"] <= peaks["python"] + 2 ** 20, peaks
+        peaks[run] = torch.cuda.max_memory_allocated() - base
+        assert name == ("PTLNodeBackward" if run == "python" else "FusedPTLNodeBackward")
+    for i, (a, b) in enumerate(zip(results["aten"], results["python"])):
+        assert torch.equal(a, b), f"result {i} with the blend's torch ops"
+    ulp = 2.0 ** -22 if dtype == torch.float32 else 2.0 ** -6
+    for i, (a, b) in enumerate(zip(results["kernels"], results["python"])):
+        scale = max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=ulp, atol=ulp * scale, msg=f"result {i}")
+    assert torch.equal(results["kernels"][0][-1], x[-1])
+    assert peaks["kernels"] <= peaks["python"] + 2 ** 20, peaks
+
+
+@pytest.mark.cuda
+def test_fused_node_on_cuda_refuses_a_bad_glue_setting(monkeypatch):
+    _cuda_skip("native")
+    x, mask = _inputs(B=2, C=8, H=16, W=16)
+    ptl = PTL(8, patch=4, stride=2, backend="native").cuda()
+    monkeypatch.setenv("REGHARM_CUDA_PTL_GLUE", "fast")
+    with pytest.raises(RuntimeError, match="REGHARM_CUDA_PTL_GLUE must be 'kernels'"):
+        ptl(x.cuda().requires_grad_(), mask.cuda())

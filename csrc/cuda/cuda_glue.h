@@ -5,6 +5,11 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
+#include <utility>
+
 #include "kernels.h"
 #include "op_args.h"
 
@@ -40,6 +45,27 @@ inline void check_grid_dim(int64_t v, const char* what, const char* op) {
 
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
+// An environment switch of the CUDA kernels, read on every call so that it can change at
+// run time (the benchmarks time both sides of each in one process): its value, or the first
+// choice when unset or empty; anything else is an error that lists the choices and their
+// meanings.
+using Choice = std::pair<const char*, const char*>;  // value, what it means
+inline std::string env_choice(const char* name, std::initializer_list<Choice> choices,
+                              const char* op) {
+  const char* env = std::getenv(name);
+  const std::string mode = (env == nullptr || *env == '\0') ? choices.begin()->first : env;
+  std::string list;
+  size_t i = 0;
+  for (const Choice& c : choices) {
+    if (mode == c.first) return mode;
+    list += std::string(i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + "'" + c.first +
+            "' (" + c.second + ")";
+    ++i;
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be ", list, ", got '", mode, "'");
+  return mode;  // not reached
 }
 
 }  // namespace cuda

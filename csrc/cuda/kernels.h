@@ -117,6 +117,30 @@ cudaError_t masked_attention_backward(DType dt, const void* grad_out, RowStrides
                                       void* workspace, void* dq, void* dk, void* dv,
                                       cudaStream_t stream);
 
+// ---- PTL's blend (the native node, csrc/ptl_node.cpp) ---------------------------------------
+
+struct BlendShape {
+  int64_t B, C, H, W;
+};
+
+// x: contiguous (B, C, H, W); av: contiguous (B, H*W, 2C) = [A | V]; c_f: contiguous (B, H*W, C);
+// weight: contiguous (B, H*W); all in dt. out (B, C, H, W) = lerp(x, A + C_f * V, weight), with
+// A + C_f * V rounded to dt first, as torch's addcmul then lerp round it.
+cudaError_t ptl_blend_forward(DType dt, const void* x, const void* av, const void* c_f,
+                              const void* weight, const BlendShape& s, void* out,
+                              cudaStream_t stream);
+
+// grad: (B, C, H, W) in dt, read through gs; weight and c_f as above. Output gav: contiguous
+// (B, H*W, 2C) = [g * weight | (g * weight) * C_f], g in the tokens' layout.
+cudaError_t ptl_blend_backward(DType dt, const void* grad, XStrides gs, const void* weight,
+                               const void* c_f, const BlendShape& s, void* gav,
+                               cudaStream_t stream);
+
+// gx, gxp: contiguous (B, C, H, W); grad read through gs; weight as above; all in dt. In place:
+// gx = (gx + gxp) + grad * (1 - weight), each step rounded as torch's add_, rsub and addcmul_.
+cudaError_t ptl_grad_x(DType dt, void* gx, const void* gxp, const void* grad, XStrides gs,
+                       const void* weight, const BlendShape& s, cudaStream_t stream);
+
 // ---- masked_norm ---------------------------------------------------------------------------
 
 struct NormShape {

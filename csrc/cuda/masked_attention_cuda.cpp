@@ -32,26 +32,6 @@ struct Checked {
   bool tiled;  // false: the tiled kernels cannot hold these sizes, use the dense path
 };
 
-// An environment switch of the attention kernels, read on every call so that it can change at
-// run time (the benchmarks time both sides of each in one process): its value, or the first
-// choice when unset or empty; anything else is an error that lists the choices and their
-// meanings.
-using Choice = std::pair<const char*, const char*>;  // value, what it means
-std::string env_choice(const char* name, std::initializer_list<Choice> choices, const char* op) {
-  const char* env = std::getenv(name);
-  const std::string mode = (env == nullptr || *env == '\0') ? choices.begin()->first : env;
-  std::string list;
-  size_t i = 0;
-  for (const Choice& c : choices) {
-    if (mode == c.first) return mode;
-    list += std::string(i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + "'" + c.first +
-            "' (" + c.second + ")";
-    ++i;
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be ", list, ", got '", mode, "'");
-  return mode;  // not reached
-}
-
 // REGHARM_CUDA_FP32_MATH: how float32 tile products run. tf32x3 (three tf32 products per
 // float32 one: float32-grade accuracy, as cuBLAS/CUTLASS "fast fp32" and the Triton backend's
 // tf32x3) needs sm_80's tensor cores; older GPUs stay on CUDA cores.

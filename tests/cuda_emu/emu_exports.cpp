@@ -166,6 +166,26 @@ int emu_attention_backward(int dt, const void* grad_out, const void* q, const vo
 }
 
 // shape: B, C, HW
+// PTL's blend: shape B, C, H, W; gs: grad's four strides
+int emu_ptl_blend_forward(int dt, const void* x, const void* av, const void* c_f, const void* w,
+                          const int64_t* shape, void* out) {
+  return int(ptl_blend_forward(DType(dt), x, av, c_f, w,
+                               BlendShape{shape[0], shape[1], shape[2], shape[3]}, out, nullptr));
+}
+
+int emu_ptl_blend_backward(int dt, const void* g, const int64_t* gs, const void* w,
+                           const void* c_f, const int64_t* shape, void* gav) {
+  return int(ptl_blend_backward(DType(dt), g, XStrides{gs[0], gs[1], gs[2], gs[3]}, w, c_f,
+                                BlendShape{shape[0], shape[1], shape[2], shape[3]}, gav,
+                                nullptr));
+}
+
+int emu_ptl_grad_x(int dt, void* gx, const void* gxp, const void* g, const int64_t* gs,
+                   const void* w, const int64_t* shape) {
+  return int(ptl_grad_x(DType(dt), gx, gxp, g, XStrides{gs[0], gs[1], gs[2], gs[3]}, w,
+                        BlendShape{shape[0], shape[1], shape[2], shape[3]}, nullptr));
+}
+
 int emu_masked_norm_forward(int dt, const void* x, const void* weight, const int64_t* shape,
                             double eps, void* y, void* mu, void* rstd) {
   return int(masked_norm_forward(DType(dt), x, weight, NormShape{shape[0], shape[1], shape[2]},

@@ -345,6 +345,53 @@ class Emulator:
         _check_guards(dx_buf, "dx")
         return dx.clone()
 
+    # ---- PTL's blend: like the CUDA branch of csrc/ptl_node.cpp ------------------------------
+
+    def ptl_blend_forward(self, x, av, c_f, weight):
+        """out (B, C, H, W) = lerp(x, A + C_f·V, weight); av (B, HW, 2C), weight (B, HW)."""
+        B, C, H, W = x.shape
+        ins = [_guarded(t.contiguous())[0] for t in (x, av, c_f, weight)]
+        out, buf = _output((B, C, H, W), x.dtype)
+        rc = self.lib.emu_ptl_blend_forward(DTYPE_TAG[x.dtype], *[_ptr(t) for t in ins],
+                                            _i64([B, C, H, W]), _ptr(out))
+        self._done(rc, "ptl_blend_forward")
+        _check_guards(buf, "out")
+        return out.clone()
+
+    def ptl_blend_backward(self, grad, weight, c_f):
+        """gav (B, HW, 2C) = [g·w | g·w·C_f]; grad (B, C, H, W) read through its strides."""
+        B, C, H, W = grad.shape
+        g = _strided_input(grad)
+        w, cf = (_guarded(t.contiguous())[0] for t in (weight, c_f))
+        gav, buf = _output((B, H * W, 2 * C), grad.dtype)
+        rc = self.lib.emu_ptl_blend_backward(DTYPE_TAG[grad.dtype], _ptr(g), _i64(g.stride()),
+                                             _ptr(w), _ptr(cf), _i64([B, C, H, W]), _ptr(gav))
+        self._done(rc, "ptl_blend_backward")
+        _check_guards(buf, "gav")
+        return gav.clone()
+
+    def ptl_grad_x(self, gx, gxp, grad, weight):
+        """(gx + gxp) + grad·(1 - weight), written over a copy of gx."""
+        B, C, H, W = gx.shape
+        out, buf = _output((B, C, H, W), gx.dtype)
+        out.copy_(gx)
+        g = _strided_input(grad)
+        gp, w = (_guarded(t.contiguous())[0] for t in (gxp, weight))
+        rc = self.lib.emu_ptl_grad_x(DTYPE_TAG[gx.dtype], _ptr(out), _ptr(gp), _ptr(g),
+                                     _i64(g.stride()), _ptr(w), _i64([B, C, H, W]))
+        self._done(rc, "ptl_grad_x")
+        _check_guards(buf, "gx")
+        return out.clone()
+
+
+def _strided_input(t: torch.Tensor) -> torch.Tensor:
+    """t with its strides as they are (zero strides of an expanded gradient too), its storage
+    span copied between NaN guard zones."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    buf = torch.full((span + 2 * GUARD,), float("nan"), dtype=t.dtype)
+    buf[GUARD:GUARD + span] = t.as_strided((span,), (1,))
+    return buf.as_strided(t.shape, t.stride(), GUARD)
+
 
 def _workspace(nbytes: int) -> torch.Tensor:
     """Scratch of nbytes, filled with NaN bytes (a read before a write shows)."""

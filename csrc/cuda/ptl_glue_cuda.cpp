@@ -1,0 +1,93 @@
+// Torch glue of PTL's blend kernels (ptl_glue_kernels.cu) for the native node: checks that the
+// node hands them what they read (contiguous tensors of one dtype on one device), allocation,
+// the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda_glue.h"
+#include "kernels.h"
+#include "ptl_glue.h"
+
+namespace regharm {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "regharm::ptl (CUDA blend)";
+
+BlendShape shape_of(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, kOp, ": expected (B, C, H, W), got ", x.sizes());
+  check_grid_dim(x.size(0), "batch size B", kOp);
+  check_grid_dim((x.size(1) + 31) / 32, "channel tiles (C + 31) / 32", kOp);
+  return BlendShape{x.size(0), x.size(1), x.size(2), x.size(3)};
+}
+
+void check_dense(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef sizes,
+                 const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type(), kOp, ": ",
+              name, " must be ", like.scalar_type(), " on ", like.device(), ", got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.sizes() == sizes && t.is_contiguous(), kOp, ": ", name,
+              " must be contiguous with shape ", sizes, ", got ", t.sizes());
+}
+
+XStrides strides_of(const at::Tensor& g) { return {g.stride(0), g.stride(1), g.stride(2), g.stride(3)}; }
+
+}  // namespace
+
+bool ptl_glue_kernels_asked() {
+  return env_choice("REGHARM_CUDA_PTL_GLUE",
+                    {{"kernels", "the blend's CUDA kernels"}, {"aten", "torch's ops"}},
+                    kOp) == "kernels";
+}
+
+at::Tensor ptl_blend_forward(const at::Tensor& x, const at::Tensor& attn_out,
+                             const at::Tensor& c_f, const at::Tensor& weight) {
+  const BlendShape s = shape_of(x);
+  const int64_t L = s.H * s.W;
+  check_dense(x, x, x.sizes(), "x");
+  check_dense(attn_out, x, {s.B, L, 2 * s.C}, "attn_out");
+  check_dense(c_f, x, {s.B, L, s.C}, "c_f");
+  check_dense(weight, x, {s.B, 1, s.H, s.W}, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty_like(x);
+  check_launch(cuda::ptl_blend_forward(dtype_tag(x), x.data_ptr(), attn_out.data_ptr(),
+                                       c_f.data_ptr(), weight.data_ptr(), s, out.data_ptr(),
+                                       c10::cuda::getCurrentCUDAStream()),
+               kOp);
+  return out;
+}
+
+at::Tensor ptl_blend_backward(const at::Tensor& grad, const at::Tensor& weight,
+                              const at::Tensor& c_f) {
+  const BlendShape s = shape_of(grad);
+  const int64_t L = s.H * s.W;
+  check_dense(weight, grad, {s.B, 1, s.H, s.W}, "weight");
+  check_dense(c_f, grad, {s.B, L, s.C}, "c_f");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto gav = at::empty({s.B, L, 2 * s.C}, c_f.options());
+  check_launch(cuda::ptl_blend_backward(dtype_tag(grad), grad.data_ptr(), strides_of(grad),
+                                        weight.data_ptr(), c_f.data_ptr(), s, gav.data_ptr(),
+                                        c10::cuda::getCurrentCUDAStream()),
+               kOp);
+  return gav;
+}
+
+void ptl_grad_x_(at::Tensor& gx, const at::Tensor& gxp, const at::Tensor& grad,
+                 const at::Tensor& weight) {
+  const BlendShape s = shape_of(gx);
+  check_dense(gx, gx, gx.sizes(), "gx");
+  check_dense(gxp, gx, gx.sizes(), "gxp");
+  check_dense(weight, gx, {s.B, 1, s.H, s.W}, "weight");
+  TORCH_CHECK(grad.sizes() == gx.sizes() && grad.scalar_type() == gx.scalar_type() &&
+                  grad.device() == gx.device(),
+              kOp, ": grad must match gx (", gx.sizes(), ", ", gx.scalar_type(), ")");
+  const c10::cuda::CUDAGuard guard(gx.device());
+  check_launch(cuda::ptl_grad_x(dtype_tag(gx), gx.data_ptr(), gxp.data_ptr(), grad.data_ptr(),
+                                strides_of(grad), weight.data_ptr(), s,
+                                c10::cuda::getCurrentCUDAStream()),
+               kOp);
+}
+
+}  // namespace cuda
+}  // namespace regharm
