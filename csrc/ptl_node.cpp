@@ -6,9 +6,10 @@
 // mode sees); tests hold the two to identical bits.
 //
 // The ATen ops and our three ops dispatch on the tensors' device, below the autograd key (the
-// Python autograd.Function that calls these records the graph). On CUDA the blend's three
-// formulas run as kernels of their own (csrc/cuda/ptl_glue_kernels.cu, PERF_NOTES item 19)
-// unless REGHARM_CUDA_PTL_GLUE=aten; they round each step as the ATen ops do.
+// Python autograd.Function that calls these records the graph). On CUDA the layer's small
+// steps and the blend's three formulas run as kernels of their own (PERF_NOTES item 19:
+// csrc/cuda/ptl_glue_kernels.cu) unless REGHARM_CUDA_PTL_GLUE=aten; they round each step as
+// the ATen ops do.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -66,7 +67,8 @@ Tensors ptl_forward(const Tensor& x, const Tensor& m, const Tensor& weight, cons
   static const auto patch_stats =
       op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                     const Tensor&, int64_t, int64_t, int64_t,
-                                                    int64_t, double, double)>("regharm::patch_stats");
+                                                    int64_t, double, double)>(
+          "regharm::patch_stats");
   static const auto masked_norm =
       op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double)>(
           "regharm::masked_norm");
@@ -77,24 +79,37 @@ Tensors ptl_forward(const Tensor& x, const Tensor& m, const Tensor& weight, cons
   TORCH_CHECK(x.dim() == 4, "regharm::ptl_forward: x must be (B, C, H, W), got ", x.sizes());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
 
-  Tensor bg = at::rsub(m, 1);
+  [[maybe_unused]] const bool glue = glue_kernels(x);
+  Tensor bg, query_mask;
+#ifdef REGHARM_WITH_CUDA
+  const Tensor mc = glue ? m.contiguous() : m;
+  if (glue) std::tie(bg, query_mask) = cuda::ptl_mask(mc);
+#endif
+  if (!bg.defined()) bg = at::rsub(m, 1);
   auto [mu, sigma, content, mass] =
       patch_stats.call(x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass);
   auto [c_f, norm_mu, norm_rstd] = masked_norm.call(x, m, eps);
-  // SPEC §4 step 4: the keys of patches with too little background are removed
-  Tensor valid = at::ge(mass, min_mass);
-  Tensor key_bias = at::where(valid, at::scalar_tensor(0.0, at::kFloat),
-                              at::scalar_tensor(-std::numeric_limits<double>::infinity(), at::kFloat));
-  Tensor query_mask = at::gt(m, 0).flatten(1);
-  Tensor values = at::cat({mu, sigma}, -1);
+  // SPEC §4 step 4: the keys of patches with too little background are removed, and an image
+  // without a valid patch passes through (a blend weight of 0)
+  Tensor key_bias, values, blend_weight;
+#ifdef REGHARM_WITH_CUDA
+  if (glue)
+    std::tie(key_bias, values, blend_weight) = cuda::ptl_keys(mass, mu, sigma, mc, min_mass);
+#endif
+  if (!key_bias.defined()) {
+    Tensor valid = at::ge(mass, min_mass);
+    key_bias = at::where(valid, at::scalar_tensor(0.0, at::kFloat),
+                         at::scalar_tensor(-std::numeric_limits<double>::infinity(), at::kFloat));
+    query_mask = at::gt(m, 0).flatten(1);
+    values = at::cat({mu, sigma}, -1);
+    blend_weight = at::where(valid.any(1).view({-1, 1, 1, 1}), m, 0.0).contiguous();
+  }
   auto [attn_out, lse] =
       masked_attention.call(c_f, content, values, key_bias, query_mask, scale);
-  // an image without a valid patch passes through: a blend weight of 0
-  Tensor blend_weight = at::where(valid.any(1).view({-1, 1, 1, 1}), m, 0.0).contiguous();
   // T_fb = C_f * V + A, out = lerp(x, T_fb, weight)
   Tensor out;
 #ifdef REGHARM_WITH_CUDA
-  if (glue_kernels(x)) out = cuda::ptl_blend_forward(x, attn_out, c_f, blend_weight);
+  if (glue) out = cuda::ptl_blend_forward(x, attn_out, c_f, blend_weight);
 #endif
   if (!out.defined()) {
     Tensor a = attn_out.narrow(-1, 0, C), v = attn_out.narrow(-1, C, C);

@@ -667,3 +667,39 @@ def test_cuda_emulated_ptl_blend_rounds_every_step_as_written(configured, dtype)
     gx, gxp = (torch.randn(B, C, H, W, generator=gen).to(dtype) for _ in range(2))
     want_gx = _fma(f(grad), rd(1 - wb), rd(f(gx) + f(gxp))).to(dtype)
     assert torch.equal(emu.ptl_grad_x(gx, gxp, grad, w), want_gx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+def test_cuda_emulated_ptl_keys_and_mask_equal_the_torch_ops(configured, dtype):
+    """The forward's small steps (ptl_node.attention_keys, blend_weight and 1 - m) bit for bit:
+    masses at min_mass and a hair on either side of it as the dtype holds it, an image without
+    a valid patch, soft masks with zeros; sizes across several blocks per image."""
+    emu = configured()
+    g = torch.Generator().manual_seed(3)
+    B, C, H, W, K = 3, 7, 30, 41, 1300
+    # just above 0.298828125, which float16 and bfloat16 hold: both round min_mass down, and
+    # torch compares in the tensor's dtype, so a mass of exactly that rounded value is valid
+    min_mass = 0.298838125
+    mass = torch.rand(B, K, generator=g).to(dtype)
+    edge = torch.tensor(min_mass, dtype=dtype)
+    mass[0, :3] = torch.stack([edge, torch.nextafter(edge, edge + 1), torch.nextafter(edge, edge - 1)])
+    mass[1] = 0.1
+    mass[1, -1] = 0.9  # one valid patch, the image's last: every block must see it
+    mass[-1] = 0.1  # no valid patch in the last image
+    mu, sigma = (torch.randn(B, K, C, generator=g).to(dtype) for _ in range(2))
+    m = torch.rand(B, 1, H, W, generator=g)
+    m[m < 0.3] = 0.0
+    m = m.to(dtype)
+    key_bias, values, weight = emu.ptl_keys(mass, mu, sigma, m, min_mass)
+    from regharm_ext.ptl_node import attention_keys, blend_weight
+    valid, want_bias, want_active, want_values = attention_keys(m, mu, sigma, mass, min_mass)
+    assert torch.equal(key_bias, want_bias) and key_bias.dtype == torch.float32
+    assert torch.equal(values, want_values)
+    assert torch.equal(weight, blend_weight(m, valid)) and (weight[-1] == 0).all()
+    assert torch.equal(weight[1], m[1])
+    assert bool(valid[0, 0]) and bool(valid[0, 1]) and not bool(valid[0, 2])
+    if dtype in (torch.float16, torch.bfloat16):
+        assert float(mass[0, 0]) < min_mass  # valid only as the dtype holds min_mass
+    bg, active = emu.ptl_mask(m)
+    assert torch.equal(bg, 1 - m) and torch.equal(active, want_active)

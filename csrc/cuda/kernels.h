@@ -123,6 +123,18 @@ struct BlendShape {
   int64_t B, C, H, W;
 };
 
+// m: contiguous (B, H*W) in dt, n = B*H*W. Outputs: bg = 1 - m (dt), active = m > 0.
+cudaError_t ptl_mask(DType dt, const void* m, int64_t n, void* bg, bool* active,
+                     cudaStream_t stream);
+
+// mass (B, K), mu and sigma (B, K, C), m (B, H*W): contiguous, in dt. Outputs: key_bias (B, K)
+// float32, 0 where mass >= min_mass (min_mass converted to dt, as torch compares) and -inf
+// elsewhere; values (B, K, 2C) = [mu | sigma]; weight (B, H*W) = m for an image with a valid
+// patch, 0 for one without.
+cudaError_t ptl_keys(DType dt, const void* mass, const void* mu, const void* sigma, const void* m,
+                     const BlendShape& s, int64_t K, double min_mass, float* key_bias,
+                     void* values, void* weight, cudaStream_t stream);
+
 // x: contiguous (B, C, H, W); av: contiguous (B, H*W, 2C) = [A | V]; c_f: contiguous (B, H*W, C);
 // weight: contiguous (B, H*W); all in dt. out (B, C, H, W) = lerp(x, A + C_f * V, weight), with
 // A + C_f * V rounded to dt first, as torch's addcmul then lerp round it.

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <tuple>
+
 #include "cuda_glue.h"
 #include "kernels.h"
 #include "ptl_glue.h"
@@ -31,7 +33,9 @@ void check_dense(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef si
               " must be contiguous with shape ", sizes, ", got ", t.sizes());
 }
 
-XStrides strides_of(const at::Tensor& g) { return {g.stride(0), g.stride(1), g.stride(2), g.stride(3)}; }
+XStrides strides_of(const at::Tensor& g) {
+  return {g.stride(0), g.stride(1), g.stride(2), g.stride(3)};
+}
 
 }  // namespace
 
@@ -39,6 +43,42 @@ bool ptl_glue_kernels_asked() {
   return env_choice("REGHARM_CUDA_PTL_GLUE",
                     {{"kernels", "the blend's CUDA kernels"}, {"aten", "torch's ops"}},
                     kOp) == "kernels";
+}
+
+std::tuple<at::Tensor, at::Tensor> ptl_mask(const at::Tensor& m) {
+  const BlendShape s = shape_of(m);
+  check_dense(m, m, {s.B, 1, s.H, s.W}, "m");
+  const c10::cuda::CUDAGuard guard(m.device());
+  auto bg = at::empty_like(m);
+  auto active = at::empty({s.B, s.H * s.W}, m.options().dtype(at::kBool));
+  check_launch(cuda::ptl_mask(dtype_tag(m), m.data_ptr(), m.numel(), bg.data_ptr(),
+                              active.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream()),
+               kOp);
+  return {bg, active};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ptl_keys(const at::Tensor& mass,
+                                                        const at::Tensor& mu,
+                                                        const at::Tensor& sigma,
+                                                        const at::Tensor& m, double min_mass) {
+  const BlendShape s = shape_of(m);
+  TORCH_CHECK(mu.dim() == 3 && mu.size(0) == s.B, kOp, ": mu must be (B, K, C), got ", mu.sizes());
+  const int64_t K = mu.size(1), C = mu.size(2);
+  check_dense(m, mu, {s.B, 1, s.H, s.W}, "m");
+  check_dense(mass, mu, {s.B, K}, "mass");
+  check_dense(mu, mu, {s.B, K, C}, "mu");
+  check_dense(sigma, mu, {s.B, K, C}, "sigma");
+  const c10::cuda::CUDAGuard guard(mu.device());
+  auto key_bias = at::empty({s.B, K}, mu.options().dtype(at::kFloat));
+  auto values = at::empty({s.B, K, 2 * C}, mu.options());
+  auto weight = at::empty_like(m);
+  const BlendShape ks{s.B, C, s.H, s.W};  // C: the statistics' channels
+  check_launch(cuda::ptl_keys(dtype_tag(mu), mass.data_ptr(), mu.data_ptr(), sigma.data_ptr(),
+                              m.data_ptr(), ks, K, min_mass, key_bias.data_ptr<float>(),
+                              values.data_ptr(), weight.data_ptr(),
+                              c10::cuda::getCurrentCUDAStream()),
+               kOp);
+  return {key_bias, values, weight};
 }
 
 at::Tensor ptl_blend_forward(const at::Tensor& x, const at::Tensor& attn_out,

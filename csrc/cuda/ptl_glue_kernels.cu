@@ -8,6 +8,8 @@
 // Each result is rounded as torch's ops round it (addcmul's output before lerp, mul's before the
 // next mul, add_ and rsub before addcmul_), with the same operations in A (float, double for
 // float64): the node's results stay those of the op-by-op formulas up to FMA contraction.
+#include <algorithm>
+
 #include "device_utils.cuh"
 
 namespace regharm {
@@ -110,6 +112,48 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// The inputs of patch_stats and the attention that come from the mask: bg = 1 - m and the
+// active queries m > 0 (torch's rsub and gt), m (B, HW).
+template <typename T, typename A>
+__global__ void __launch_bounds__(256)
+    mask_kernel(const T* __restrict__ m, int64_t n, T* __restrict__ bg, bool* __restrict__ active) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const A v = to_acc<A>(m[i]);
+    bg[i] = from_acc<T, A>(A(1) - v);
+    active[i] = v > A(0);
+  }
+}
+
+// What the attention and the blend take from patch_stats (SPEC §4 step 4): key_bias (B, K) float,
+// 0 for a patch with mass >= min_mass and -inf otherwise; values (B, K, 2C) = [mu | sigma]; and
+// the blend weight (B, HW), m for an image with a valid patch and 0 otherwise. min_mass as T
+// holds it: torch compares a tensor with a Python float in the tensor's dtype. Blocks
+// (blockIdx.x, image); each finds its image's "any valid" itself (K reads, from L2).
+template <typename T, typename A>
+__global__ void __launch_bounds__(256)
+    keys_kernel(const T* __restrict__ mass, const T* __restrict__ mu, const T* __restrict__ sigma,
+                const T* __restrict__ m, int64_t K, int64_t C, int64_t HW, A min_mass,
+                float* __restrict__ key_bias, T* __restrict__ values, T* __restrict__ weight) {
+  const int64_t b = blockIdx.y;
+  const T* mass_b = mass + b * K;
+  int found = 0;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) found |= to_acc<A>(mass_b[k]) >= min_mass;
+  const bool any = __syncthreads_or(found) != 0;
+  const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t k = start; k < K; k += step)
+    key_bias[b * K + k] = to_acc<A>(mass_b[k]) >= min_mass ? 0.0f : -INFINITY;
+  for (int64_t i = start; i < K * C; i += step) {
+    const int64_t row = i / C, c = i - row * C;
+    T* out = values + (b * K + row) * 2 * C + c;
+    out[0] = mu[b * K * C + i];
+    out[C] = sigma[b * K * C + i];
+  }
+  for (int64_t p = start; p < HW; p += step)
+    weight[b * HW + p] = any ? m[b * HW + p] : from_acc<T, A>(A(0));
+}
+
 inline bool empty(const BlendShape& s) { return s.B == 0 || s.C == 0 || s.H * s.W == 0; }
 
 inline dim3 tile_grid(const BlendShape& s) {
@@ -152,7 +196,57 @@ cudaError_t grad_x_impl(void* gx, const void* gxp, const void* grad, XStrides gs
   return cudaGetLastError();
 }
 
+// min_mass as torch compares a T tensor with a Python float: converted to T first (16-bit via
+// float), then compared in A
+template <typename T> double threshold_of(double v) { return double(static_cast<T>(v)); }
+template <> double threshold_of<__half>(double v) {
+  return __half2float(__float2half_rn(float(v)));
+}
+template <> double threshold_of<__nv_bfloat16>(double v) {
+  return __bfloat162float(__float2bfloat16_rn(float(v)));
+}
+
+template <typename T>
+cudaError_t mask_impl(const void* m, int64_t n, void* bg, bool* active, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 1 << 16);
+  REGHARM_LAUNCH((mask_kernel<T, acc_t<T>>), dim3(unsigned(blocks)), dim3(256), 0, stream,
+                 static_cast<const T*>(m), n, static_cast<T*>(bg), active);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t keys_impl(const void* mass, const void* mu, const void* sigma, const void* m,
+                      const BlendShape& s, int64_t K, double min_mass, float* key_bias,
+                      void* values, void* weight, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (s.B == 0) return cudaSuccess;
+  const int64_t most = std::max(K * s.C, s.H * s.W);
+  // a few blocks per image: each reads the image's K masses once more for its "any"
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((most + 1023) / 1024, 64));
+  const A threshold = A(threshold_of<T>(min_mass));
+  REGHARM_LAUNCH((keys_kernel<T, A>), dim3(unsigned(blocks), unsigned(s.B)), dim3(256), 0, stream,
+                 static_cast<const T*>(mass), static_cast<const T*>(mu),
+                 static_cast<const T*>(sigma), static_cast<const T*>(m), K, s.C, s.H * s.W,
+                 threshold, key_bias, static_cast<T*>(values), static_cast<T*>(weight));
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t ptl_mask(DType dt, const void* m, int64_t n, void* bg, bool* active,
+                     cudaStream_t stream) {
+  REGHARM_DISPATCH(dt, mask_impl, m, n, bg, active, stream)
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t ptl_keys(DType dt, const void* mass, const void* mu, const void* sigma, const void* m,
+                     const BlendShape& s, int64_t K, double min_mass, float* key_bias,
+                     void* values, void* weight, cudaStream_t stream) {
+  REGHARM_DISPATCH(dt, keys_impl, mass, mu, sigma, m, s, K, min_mass, key_bias, values, weight,
+                   stream)
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t ptl_blend_forward(DType dt, const void* x, const void* av, const void* c_f,
                               const void* weight, const BlendShape& s, void* out,

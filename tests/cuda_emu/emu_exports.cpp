@@ -167,6 +167,19 @@ int emu_attention_backward(int dt, const void* grad_out, const void* q, const vo
 
 // shape: B, C, HW
 // PTL's blend: shape B, C, H, W; gs: grad's four strides
+int emu_ptl_mask(int dt, const void* m, int64_t n, void* bg, bool* active) {
+  return int(ptl_mask(DType(dt), m, n, bg, active, nullptr));
+}
+
+// shape: B, C, H, W, K
+int emu_ptl_keys(int dt, const void* mass, const void* mu, const void* sigma, const void* m,
+                 const int64_t* shape, double min_mass, float* key_bias, void* values,
+                 void* weight) {
+  return int(ptl_keys(DType(dt), mass, mu, sigma, m,
+                      BlendShape{shape[0], shape[1], shape[2], shape[3]}, shape[4], min_mass,
+                      key_bias, values, weight, nullptr));
+}
+
 int emu_ptl_blend_forward(int dt, const void* x, const void* av, const void* c_f, const void* w,
                           const int64_t* shape, void* out) {
   return int(ptl_blend_forward(DType(dt), x, av, c_f, w,

@@ -347,6 +347,33 @@ class Emulator:
 
     # ---- PTL's blend: like the CUDA branch of csrc/ptl_node.cpp ------------------------------
 
+    def ptl_mask(self, m):
+        """bg = 1 - m and active = m > 0 of the mask m (B, 1, H, W)."""
+        mg, _ = _guarded(m.contiguous())
+        bg, bg_buf = _output(m.shape, m.dtype)
+        active = torch.zeros(m.numel() + 2 * GUARD, dtype=torch.bool)
+        rc = self.lib.emu_ptl_mask(DTYPE_TAG[m.dtype], _ptr(mg), ctypes.c_int64(m.numel()),
+                                   _ptr(bg), ctypes.c_void_p(active.data_ptr() + GUARD))
+        self._done(rc, "ptl_mask")
+        _check_guards(bg_buf, "bg")
+        assert not active[:GUARD].any() and not active[-GUARD:].any(), "kernel wrote outside active"
+        return bg.clone(), active[GUARD:-GUARD].view(m.shape[0], -1).clone()
+
+    def ptl_keys(self, mass, mu, sigma, m, min_mass):
+        """key_bias (B, K) float32, values (B, K, 2C), blend weight (B, 1, H, W)."""
+        B, K, C = mu.shape
+        H, W = m.shape[-2:]
+        ins = [_guarded(t.contiguous())[0] for t in (mass, mu, sigma, m)]
+        outs = [_output((B, K), torch.float32), _output((B, K, 2 * C), mu.dtype),
+                _output((B, 1, H, W), m.dtype)]
+        rc = self.lib.emu_ptl_keys(DTYPE_TAG[mu.dtype], *[_ptr(t) for t in ins],
+                                   _i64([B, C, H, W, K]), ctypes.c_double(min_mass),
+                                   *[_ptr(o) for o, _ in outs])
+        self._done(rc, "ptl_keys")
+        for (_, buf), name in zip(outs, ("key_bias", "values", "weight")):
+            _check_guards(buf, name)
+        return tuple(o.clone() for o, _ in outs)
+
     def ptl_blend_forward(self, x, av, c_f, weight):
         """out (B, C, H, W) = lerp(x, A + C_f·V, weight); av (B, HW, 2C), weight (B, HW)."""
         B, C, H, W = x.shape
