@@ -703,3 +703,19 @@ def test_cuda_emulated_ptl_keys_and_mask_equal_the_torch_ops(configured, dtype):
         assert float(mass[0, 0]) < min_mass  # valid only as the dtype holds min_mass
     bg, active = emu.ptl_mask(m)
     assert torch.equal(bg, 1 - m) and torch.equal(active, want_active)
+
+
+def test_cuda_emulated_attention_order_ranks_every_query(configured):
+    """attn_order_kernel: active queries first, then the others, each in raster order, as a
+    stable sort of ~mask gives them; several 32-query steps per warp, a partial last step, an
+    image all active and one with none."""
+    emu = configured()
+    g = torch.Generator().manual_seed(11)
+    for L in (1, 37, 1024, 5003):
+        mask = torch.rand(4, L, generator=g) < 0.3
+        mask[1] = True
+        mask[2] = False
+        order, count = emu.attention_order(mask)
+        want = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+        assert torch.equal(order, want), L
+        assert torch.equal(count, mask.sum(1).to(torch.int32)), L

@@ -86,6 +86,12 @@ struct RowStrides { int64_t b, r; };
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxValueDim = 512;
 
+// The query order both attention launchers compute first (L <= INT32_MAX): for each image the
+// positions of its active queries in raster order, then those of the others; count (B) the
+// active ones. query_mask: contiguous (B, L) bool; order: (B, L) int32.
+cudaError_t masked_attention_order(const bool* query_mask, int64_t B, int64_t L, int* order,
+                                   int* count, cudaStream_t stream);
+
 // q (B, L, D), k (B, N, D), v (B, N, E): dtype dt; key_bias: acc, contiguous (B, N);
 // query_mask: contiguous bool (B, L) or null (every query active). Outputs: out (B, L, E) in
 // dt, lse (B, L) float32 (-inf for inactive queries and rows with every key removed).

@@ -40,36 +40,50 @@ namespace cuda {
 namespace {
 
 // The queries of each image in compacted order, active ones first, then the others, each group
-// in raster order, and the number of active ones. One block per image: each thread counts the
-// active queries of its chunk of L, a block-wide scan turns the counts into offsets, and each
-// thread writes its chunk's positions. Every query gets exactly one position.
-constexpr int kOrderThreads = 256;
+// in raster order, and the number of active ones. One block per image; warp w takes the w-th of
+// kOrderWarps contiguous chunks of L in whole steps of 32 queries, read coalesced, and ranks
+// them with ballots: a first pass counts the chunk's active queries, the warps' counts give each
+// chunk its offsets, a second pass writes the positions. Every query gets exactly one position.
+// (Run 2 measured the version with a thread per chunk of L / 256, 64 strided flags each, at
+// 24 µs per call at PTL's setting, twice per fwd+bwd.)
+constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32;
 
 __global__ void __launch_bounds__(kOrderThreads)
     attn_order_kernel(const bool* __restrict__ qmask, int64_t L, int* __restrict__ order,
                       int* __restrict__ count) {
-  __shared__ int scan[kOrderThreads];
+  __shared__ int warp_active[kOrderWarps];
   const int64_t b = blockIdx.x;
   const bool* m = qmask + b * L;
   int* o = order + b * L;
-  const int tid = threadIdx.x;
-  const int64_t chunk = (L + kOrderThreads - 1) / kOrderThreads;
-  const int64_t lo = min(L, tid * chunk), hi = min(L, lo + chunk);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t per_warp = ((L + 31) / 32 + kOrderWarps - 1) / kOrderWarps * 32;
+  const int64_t lo = min(L, warp * per_warp), hi = min(L, lo + per_warp);  // uniform per warp
   int mine = 0;
-  for (int64_t i = lo; i < hi; ++i) mine += m[i] ? 1 : 0;
-  scan[tid] = mine;
-  __syncthreads();
-  for (int off = 1; off < kOrderThreads; off <<= 1) {  // inclusive scan (Hillis-Steele)
-    const int add = tid >= off ? scan[tid - off] : 0;
-    __syncthreads();
-    scan[tid] += add;
-    __syncthreads();
+#pragma unroll 4
+  for (int64_t base = lo; base < hi; base += 32) {
+    const int64_t i = base + lane;
+    mine += __popc(__ballot_sync(0xffffffffu, i < hi && m[i]));
   }
-  const int total = scan[kOrderThreads - 1];
-  int64_t act = scan[tid] - mine;    // active queries before this chunk
-  int64_t inact = total + lo - act;  // position of the chunk's first inactive query
-  for (int64_t i = lo; i < hi; ++i) o[m[i] ? act++ : inact++] = int(i);
-  if (tid == 0) count[b] = total;
+  if (lane == 0) warp_active[warp] = mine;
+  __syncthreads();
+  int before = 0, total = 0;
+  for (int w = 0; w < kOrderWarps; ++w) {
+    const int c = warp_active[w];
+    total += c;
+    before += w < warp ? c : 0;
+  }
+  int64_t act = before, inact = total + lo - before;  // the chunk's first positions
+  const unsigned below = (1u << lane) - 1u;
+  for (int64_t base = lo; base < hi; base += 32) {
+    const int64_t i = base + lane;
+    const bool here = i < hi, on = here && m[i];
+    const unsigned active = __ballot_sync(0xffffffffu, on);
+    const unsigned inactive = __ballot_sync(0xffffffffu, here) & ~active;
+    if (here) o[on ? act + __popc(active & below) : inact + __popc(inactive & below)] = int(i);
+    act += __popc(active);
+    inact += __popc(inactive);
+  }
+  if (threadIdx.x == 0) count[b] = total;
 }
 
 // Row padding of shared-memory tiles. WMMA operands need pitches that are multiples of 16
@@ -924,6 +938,14 @@ size_t largest_smem(const AttnShape& s) {
 }
 
 }  // namespace
+
+cudaError_t masked_attention_order(const bool* query_mask, int64_t B, int64_t L, int* order,
+                                   int* count, cudaStream_t stream) {
+  if (B == 0 || L == 0) return cudaSuccess;
+  REGHARM_LAUNCH(attn_order_kernel, dim3(unsigned(B)), dim3(kOrderThreads), 0, stream,
+                 query_mask, L, order, count);
+  return cudaGetLastError();
+}
 
 cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
                                      RowStrides ks, const void* v, RowStrides vs,

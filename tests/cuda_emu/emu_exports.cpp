@@ -166,6 +166,10 @@ int emu_attention_backward(int dt, const void* grad_out, const void* q, const vo
 }
 
 // shape: B, C, HW
+int emu_attention_order(const bool* mask, int64_t B, int64_t L, int* order, int* count) {
+  return int(masked_attention_order(mask, B, L, order, count, nullptr));
+}
+
 // PTL's blend: shape B, C, H, W; gs: grad's four strides
 int emu_ptl_mask(int dt, const void* m, int64_t n, void* bg, bool* active) {
   return int(ptl_mask(DType(dt), m, n, bg, active, nullptr));

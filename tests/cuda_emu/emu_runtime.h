@@ -156,6 +156,20 @@ template <typename T> T shfl_xor(T v, int lane_mask) {
   return shfl_from(v, [lane_mask](int lane) { return lane ^ lane_mask; });
 }
 
+// Bit l set where lane l of the calling warp passed a true pred (every lane must call it; lanes
+// past the end of the block count as false).
+inline unsigned ballot(int pred) {
+  Block& b = blk();
+  const int me = cur().linear, base = me & ~31;
+  b.exchange[me] = pred != 0;
+  warp_barrier();
+  unsigned out = 0;
+  for (int l = 0; l < 32 && base + l < int(b.fibers.size()); ++l)
+    out |= unsigned(b.exchange[base + l] != 0) << l;
+  warp_barrier();
+  return out;
+}
+
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -518,6 +532,8 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int
 template <typename T> inline T __shfl_sync(unsigned, T v, int src_lane, int = 32) {
   return ::emu::shfl_from(v, [src_lane](int) { return src_lane; });
 }
+inline unsigned __ballot_sync(unsigned, int pred) { return ::emu::ballot(pred); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
 // Fibers switch only at barriers and shuffles, so a read-modify-write is atomic here; the count
 // tells the tests which dQ path ran.

@@ -347,6 +347,19 @@ class Emulator:
 
     # ---- PTL's blend: like the CUDA branch of csrc/ptl_node.cpp ------------------------------
 
+    def attention_order(self, mask):
+        """(order (B, L) int32, count (B,) int32) of attn_order_kernel for a (B, L) bool mask."""
+        B, L = mask.shape
+        mg, _ = _guarded(mask.contiguous(), fill=True)
+        order, order_buf = _output((B, L), torch.int32)
+        count, count_buf = _output((B,), torch.int32)
+        rc = self.lib.emu_attention_order(_ptr(mg), ctypes.c_int64(B), ctypes.c_int64(L),
+                                          _ptr(order), _ptr(count))
+        self._done(rc, "attention_order")
+        _check_guards(order_buf, "order")
+        _check_guards(count_buf, "count")
+        return order.clone(), count.clone()
+
     def ptl_mask(self, m):
         """bg = 1 - m and active = m > 0 of the mask m (B, 1, H, W)."""
         mg, _ = _guarded(m.contiguous())
