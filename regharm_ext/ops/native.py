@@ -2,8 +2,9 @@
 
 C++ kernels run CPU tensors (csrc/cpu), CUDA kernels GPU tensors (csrc/cuda, when the extension
 was built with them). This module registers, in the pytorch/extension-cpp style, fake kernels for
-the six ops (shapes for ``torch.compile``) and autograd for the three forward ops, whose backward
-is itself an op. Importing it never fails: when ``_C`` is missing, :func:`unavailable` says why.
+the eight ops (shapes for ``torch.compile``) and autograd for the three forward ops, whose backward
+is itself an op; PTL's two ops (``ptl_forward``/``ptl_backward``) get theirs from
+:class:`regharm_ext.ptl_node.FusedPTLNode`. Importing it never fails: when ``_C`` is missing, :func:`unavailable` says why.
 """
 from __future__ import annotations
 
