@@ -356,3 +356,28 @@ def test_fused_node_on_cuda_refuses_a_bad_glue_setting(monkeypatch):
     monkeypatch.setenv("REGHARM_CUDA_PTL_GLUE", "fast")
     with pytest.raises(RuntimeError, match="REGHARM_CUDA_PTL_GLUE must be 'kernels'"):
         ptl(x.cuda().requires_grad_(), mask.cuda())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fused_node_takes_channels_last_x(device, monkeypatch):
+    """x in channels-last layout (a conv net's output may be) gives the contiguous x's results:
+    bit for bit on CPU; on CUDA within FMA contraction, as that layout takes the blend's torch
+    ops instead of its kernels (which read x as dense)."""
+    if device == "cuda":
+        _cuda_skip("native")
+    else:
+        _skip("native")
+    x, mask = _inputs(B=2, C=6, H=15, W=13)
+    x, mask = x.to(device), mask.to(device)
+    ptl = PTL(6, patch=(4, 3), stride=(2, 3), backend="native").to(device)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    results = []
+    for xin in (x, x.to(memory_format=torch.channels_last)):
+        name, got = _run(ptl, xin, mask, grad, monkeypatch, node="1")
+        assert name == "FusedPTLNodeBackward"
+        results.append(got)
+    for i, (a, b) in enumerate(zip(*results)):
+        if device == "cpu":
+            assert torch.equal(a, b), f"result {i}"
+        else:
+            torch.testing.assert_close(a, b, rtol=2.0 ** -22, atol=2.0 ** -22 * float(b.abs().max()))
