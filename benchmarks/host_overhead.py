@@ -51,6 +51,15 @@ def _time(step, reps: int, rounds: int = 5) -> float:
     return best
 
 
+def _ptl_step(backend: str, B: int, C: int, size: int, patch: int, box):
+    """One fwd+bwd of PTL (stride 2) on a size x size map whose foreground is the box."""
+    x = torch.randn(B, C, size, size, requires_grad=True)
+    mask = torch.zeros(B, 1, size, size)
+    mask[(slice(None), slice(None)) + box] = 1.0
+    ptl = PTL(C, patch=patch, stride=2, backend=backend)
+    return lambda: ptl(x, mask).sum().backward()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=200)
@@ -74,21 +83,8 @@ def main(argv=None) -> int:
         mu, sigma, content = tp.patch_stats(x, bg, w, b, (8, 8), (2, 2), 1e-5, 0.5)[:3]
         (mu.sum() + sigma.sum() + content.sum()).backward()
 
-    xl = torch.randn(4, 16, 32, 32, requires_grad=True)
-    mask = torch.zeros(4, 1, 32, 32)
-    mask[:, :, 8:20, 10:24] = 1.0
-    ptl = PTL(16, patch=8, stride=2, backend="triton")
-
-    def layer():
-        ptl(xl, mask).sum().backward()
-
-    xn = torch.randn(2, 8, 16, 16, requires_grad=True)
-    mask_n = torch.zeros(2, 1, 16, 16)
-    mask_n[:, :, 4:11, 3:12] = 1.0
-    ptl_native = PTL(8, patch=4, stride=2, backend="native")
-
-    def native():
-        ptl_native(xn, mask_n).sum().backward()
+    layer = _ptl_step("triton", B=4, C=16, size=32, patch=8, box=(slice(8, 20), slice(10, 24)))
+    native = _ptl_step("native", B=2, C=8, size=16, patch=4, box=(slice(4, 11), slice(3, 12)))
 
     def under(node, step):
         def run():
