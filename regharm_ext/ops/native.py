@@ -4,7 +4,8 @@ C++ kernels run CPU tensors (csrc/cpu), CUDA kernels GPU tensors (csrc/cuda, whe
 was built with them). This module registers, in the pytorch/extension-cpp style, fake kernels for
 the eight ops (shapes for ``torch.compile``) and autograd for the three forward ops, whose backward
 is itself an op; PTL's two ops (``ptl_forward``/``ptl_backward``) get theirs from
-:class:`regharm_ext.ptl_node.FusedPTLNode`. Importing it never fails: when ``_C`` is missing, :func:`unavailable` says why.
+:class:`regharm_ext.ptl_node.FusedPTLNode`. Importing it never fails: when ``_C`` is missing,
+:func:`unavailable` says why.
 """
 from __future__ import annotations
 
