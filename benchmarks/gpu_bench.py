@@ -568,18 +568,27 @@ def _pairable(report, index: int) -> bool:
 
 
 def isolated(args) -> int:
-    """``main`` once per backend in a child process; their JSON merged into ``args.out``."""
+    """``main`` once per backend in a child process; their JSON merged into ``args.out``.
+    ``args.rows``: "all", "lines" (the criteria's backends and their pairs) or "variants" (the
+    other backends, added to the report a "lines" run left in ``args.out``)."""
     import tempfile
     device = torch.device(args.device)
     report = dict(environment=environment(device), settings={}, results=[], skipped=[])
     path = os.path.join(args.out, "gpu_bench.json")
     os.makedirs(args.out, exist_ok=True)
+    if args.rows == "variants" and os.path.exists(path):
+        with open(path) as fh:
+            report = json.load(fh)
     interrupted = False
     asked = [b for b in args.backends.split(",") if b]
     # the acceptance lines' backends, then their pairs, then the variants: a deadline that
     # cuts the run short (gpu_check.sh's bench step) takes variants, not the lines' pairs
     needed = {c[2] for c in CRITERIA} | {c[3] for c in CRITERIA}
     first, rest = [b for b in asked if b in needed], [b for b in asked if b not in needed]
+    if args.rows == "lines":
+        rest = []
+    elif args.rows == "variants":
+        first = []
 
     def run_backends(tmp, backends) -> bool:
         """Each backend's child process, merged into the report; True when interrupted."""
@@ -613,7 +622,7 @@ def isolated(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         interrupted = run_backends(tmp, first)
-        for index in range(len(CRITERIA)) if args.pairs and not interrupted else ():
+        for index in range(len(CRITERIA)) if args.pairs and first and not interrupted else ():
             if not _pairable(report, index):
                 continue
             out = os.path.join(tmp, f"pair{index}")
@@ -634,6 +643,7 @@ def isolated(args) -> int:
                 break
         if not interrupted:
             interrupted = run_backends(tmp, rest)
+    write_report(report, path)
     print(json.dumps(report["acceptance"]), flush=True)
     return 130 if interrupted else 0
 
@@ -649,6 +659,9 @@ def main(argv=None):
     ap.add_argument("--isolate", action="store_true",
                     help="each backend in a process of its own, merged into one JSON: a kernel that "
                          "breaks its CUDA context (an illegal access) cannot take the others down")
+    ap.add_argument("--rows", choices=("all", "lines", "variants"), default="all",
+                    help="with --isolate: every backend, only the criteria's backends and their "
+                         "pairs, or only the variant rows (added to the JSON already in --out)")
     ap.add_argument("--pairs", type=int, default=0,
                     help="after the timings, each time criterion again as N alternating "
                          "ours/baseline pairs in one process; its ratio is then their median")

@@ -5,10 +5,13 @@
 # 2b. throw: benchmarks/cuda_throw_check.py (errors raised in the CUDA glue), into diagnose.log
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers, each
 #    timed entry's results checked against float64 at the timed sizes: benchmarks/bench_check.py;
-#    then each time criterion as BENCH_PAIRS (5) alternating ours/baseline pairs in one process)
+#    then each time criterion as BENCH_PAIRS (5) alternating ours/baseline pairs in one process);
+#    the variant rows (PERF_NOTES items' before/after) come later, after the sanitizer
+#    (VARIANTS=0 skips them, BENCH_ROWS=all times everything in the bench step)
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
 # 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
 #    and Nsight Compute (benchmarks/ncu_kernels.py), both into OUT_DIR/diagnose.log
+#    (between the two: variants, the variant rows into gpu_bench.json)
 # 6. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
 # The whole script ends by DEADLINE_S (default 570 s) so that a device call of 600 s returns its
 # files; every step has its own limit within that and is interrupted with SIGINT (pytest and
@@ -90,7 +93,7 @@ fi
 # the acceptance numbers first: they are what a GPU session is for (BENCH_LAST=1: after the
 # tests and the sanitizer instead, for a rerun that checks fixes first)
 # shellcheck disable=SC2086
-bench() { step bench 300 "$PY" benchmarks/gpu_bench.py --isolate --pairs "${BENCH_PAIRS:-5}" --out "$OUT_DIR" ${BENCH_ARGS:-}; }
+bench() { step bench 300 "$PY" benchmarks/gpu_bench.py --isolate --rows "${BENCH_ROWS:-lines}" --pairs "${BENCH_PAIRS:-5}" --out "$OUT_DIR" ${BENCH_ARGS:-}; }
 [ "${BENCH_LAST:-0}" = 1 ] || bench
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
@@ -109,11 +112,23 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 # shellcheck disable=SC2086
 step --log diagnose.log sanitize 120 bash -c '"$0" benchmarks/sanitize_cuda.py --budget $(( STEP_LIMIT_S - 10 )) '"${SANITIZE_ARGS:-}" "$PY"
 fi
+# the variant rows (each PERF_NOTES item's before/after), added to gpu_bench.json after the
+# tests and the sanitizer, before ncu: the acceptance lines and their pairs came first (bench);
+# logged to bench.log (8 files come back at most)
+variants() {
+  if [ "${VARIANTS:-1}" = 1 ] && [ "${BENCH_ROWS:-lines}" = lines ]; then
+    # shellcheck disable=SC2086
+    step --log bench.log variants 240 "$PY" benchmarks/gpu_bench.py --isolate --rows variants \
+      --out "$OUT_DIR" ${BENCH_ARGS:-}
+  fi
+}
+[ "${BENCH_LAST:-0}" = 1 ] || variants
 if [ "${NCU:-1}" = 1 ]; then
 step --log diagnose.log ncu 75 bash -c '"$0" benchmarks/ncu_kernels.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"
 fi
 
-[ "${BENCH_LAST:-0}" = 1 ] && bench
+[ "${BENCH_LAST:-0}" = 1 ] && { bench; variants; }
+
 
 if [ "${SUITE:-1}" = 1 ]; then
 # ops first (the floor and paper-point rows), then layers (Tables 3/4, sweeps), then end to end

@@ -243,3 +243,23 @@ def test_pairs_run_before_the_variant_rows(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     done = {r["backend"] for r in report["results"]} | {str(r) for r in report["skipped"]}
     assert {"sdpa", "native"} <= done and any("native_dq_atomic" in d for d in done), report["skipped"]
+
+
+def test_lines_then_variants_make_one_report(tmp_path):
+    """gpu_check.sh's two bench steps: --rows lines (the criteria's backends and their pairs),
+    later --rows variants (the rest, added to the same JSON, pairs kept)."""
+    bench = _load()
+    common = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--isolate", "--only",
+              "masked_attention", "--backends", "native_dq_atomic,sdpa,native"]
+    assert bench.main(common + ["--rows", "lines", "--pairs", "1"]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert {r["backend"] for r in report["results"]} == {"sdpa", "native"}
+    assert len(report["paired"]) == 1
+    assert bench.main(common + ["--rows", "variants"]) == 0
+    merged = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert merged["paired"] == report["paired"]
+    assert [r for r in merged["results"] if r["backend"] in ("sdpa", "native")] == report["results"]
+    done = {r["backend"] for r in merged["results"]} | {str(r) for r in merged["skipped"]}
+    assert any("native_dq_atomic" in d for d in done)
+    label = next(c[0] for c in bench.CRITERIA if c[1] == "masked_attention")
+    assert merged["acceptance"][label]["pairs"] == 1
