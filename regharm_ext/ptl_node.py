@@ -109,6 +109,15 @@ def node_ops(backend, *tensors) -> Optional[Tuple]:
     return getattr(resolve(backend, tensors[0].device), "PTL_OPS", None)
 
 
+def _node_grads(ctx, gx, gw, gb):
+    """A PTL node's backward result: x's gradient, the parameters' in their own dtypes (the
+    kernels took them in x's), None for the rest."""
+    need = ctx.needs_input_grad
+    w_dtype, b_dtype = ctx.param_dtypes
+    return (gx, as_dtype(gw, w_dtype) if need[1] else None,
+            as_dtype(gb, b_dtype) if need[2] else None, None, None, None, None, None, None)
+
+
 class PTLNode(torch.autograd.Function):
     """PTL (SPEC §4) from x, the patch parameters and the resized mask m, as :class:`PTL`'s
     unfused path computes it, and the backward of its four Functions in reverse order. x's
@@ -154,8 +163,7 @@ class PTLNode(torch.autograd.Function):
         _, v, m = blend.saved  # Blend keeps (C_f, V, m)
         gcf = dq.addcmul_(gav[..., :C], v)
         del gav, dq
-        need = ctx.needs_input_grad
-        gx = norm.backward(gcf, None, None)[0] if need[0] else None
+        gx = norm.backward(gcf, None, None)[0] if ctx.needs_input_grad[0] else None
         del gcf
         g_mu, g_sigma = dv.split(C, -1)  # values = [mu | sigma]
         grads = [as_dtype(g, dt) for g, dt in zip((g_mu, g_sigma, dk), ctx.stat_dtypes)]
@@ -166,16 +174,15 @@ class PTLNode(torch.autograd.Function):
             gx.addcmul_(grad, 1 - m)  # the blend's (1 - m)·g
         for s in ctx.steps:
             s.release()
-        w_dtype, b_dtype = ctx.param_dtypes
-        return (gx, as_dtype(gw, w_dtype) if need[1] else None,
-                as_dtype(gb, b_dtype) if need[2] else None, None, None, None, None, None, None)
+        return _node_grads(ctx, gx, gw, gb)
 
 
 class FusedPTLNode(torch.autograd.Function):
     """:class:`PTLNode`'s forward and backward as one op each (``ops``: the backend's
     ``PTL_OPS``), which run the same ops in the same order in C++: identical outputs and
-    gradients (tests/test_ptl_node.py). The saved tensors still go through
-    ``save_for_backward`` (version checks, saved-tensor hooks)."""
+    gradients on CPU, within FMA contraction on CUDA where the blend runs as kernels
+    (tests/test_ptl_node.py). The saved tensors still go through ``save_for_backward``
+    (version checks, saved-tensor hooks)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, ops, geometry, eps, min_mass, scale):
@@ -193,8 +200,5 @@ class FusedPTLNode(torch.autograd.Function):
     @once_differentiable  # the ops' backwards have no derivative of their own
     def backward(ctx, grad):
         x, m, w, *saved = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gx, gw, gb = ctx.backward_op(grad, x, m, w, saved, *ctx.args, need[0])
-        w_dtype, b_dtype = ctx.param_dtypes
-        return (gx, as_dtype(gw, w_dtype) if need[1] else None,
-                as_dtype(gb, b_dtype) if need[2] else None, None, None, None, None, None, None)
+        gx, gw, gb = ctx.backward_op(grad, x, m, w, saved, *ctx.args, ctx.needs_input_grad[0])
+        return _node_grads(ctx, gx, gw, gb)

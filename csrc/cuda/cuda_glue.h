@@ -38,6 +38,11 @@ struct OnCuda {
   }
 };
 
+// The strides of a (B, C, H, W) tensor as the kernels read it.
+inline XStrides strides_of_x(const at::Tensor& x) {
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+}
+
 // Grid dimensions y and z of the kernels are limited to 65535.
 inline void check_grid_dim(int64_t v, const char* what, const char* op) {
   TORCH_CHECK(v <= 65535, op, ": ", what, " = ", v, " exceeds the CUDA kernels' limit of 65535");

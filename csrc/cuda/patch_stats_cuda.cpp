@@ -40,9 +40,6 @@ std::pair<PatchDims, PatchShape> check_args(const at::Tensor& x, const at::Tenso
   return {d, s};
 }
 
-XStrides strides_of_x(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-}
 BgStrides strides_of_bg(const at::Tensor& bg) { return {bg.stride(0), bg.stride(2), bg.stride(3)}; }
 
 // A (B, K, C) gradient as the kernels read it: in acc, rows (b, k) a fixed stride apart and

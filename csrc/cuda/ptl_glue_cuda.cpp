@@ -33,10 +33,6 @@ void check_dense(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef si
               " must be contiguous with shape ", sizes, ", got ", t.sizes());
 }
 
-XStrides strides_of(const at::Tensor& g) {
-  return {g.stride(0), g.stride(1), g.stride(2), g.stride(3)};
-}
-
 }  // namespace
 
 bool ptl_glue_kernels_asked() {
@@ -106,7 +102,7 @@ at::Tensor ptl_blend_backward(const at::Tensor& grad, const at::Tensor& weight,
   check_dense(c_f, grad, {s.B, L, s.C}, "c_f");
   const c10::cuda::CUDAGuard guard(grad.device());
   auto gav = at::empty({s.B, L, 2 * s.C}, c_f.options());
-  check_launch(cuda::ptl_blend_backward(dtype_tag(grad), grad.data_ptr(), strides_of(grad),
+  check_launch(cuda::ptl_blend_backward(dtype_tag(grad), grad.data_ptr(), strides_of_x(grad),
                                         weight.data_ptr(), c_f.data_ptr(), s, gav.data_ptr(),
                                         c10::cuda::getCurrentCUDAStream()),
                kOp);
@@ -124,7 +120,7 @@ void ptl_grad_x_(at::Tensor& gx, const at::Tensor& gxp, const at::Tensor& grad,
               kOp, ": grad must match gx (", gx.sizes(), ", ", gx.scalar_type(), ")");
   const c10::cuda::CUDAGuard guard(gx.device());
   check_launch(cuda::ptl_grad_x(dtype_tag(gx), gx.data_ptr(), gxp.data_ptr(), grad.data_ptr(),
-                                strides_of(grad), weight.data_ptr(), s,
+                                strides_of_x(grad), weight.data_ptr(), s,
                                 c10::cuda::getCurrentCUDAStream()),
                kOp);
 }

@@ -401,7 +401,7 @@ class Emulator:
     def ptl_blend_backward(self, grad, weight, c_f):
         """gav (B, HW, 2C) = [g·w | g·w·C_f]; grad (B, C, H, W) read through its strides."""
         B, C, H, W = grad.shape
-        g = _strided_input(grad)
+        g = _strided_guarded(grad)
         w, cf = (_guarded(t.contiguous())[0] for t in (weight, c_f))
         gav, buf = _output((B, H * W, 2 * C), grad.dtype)
         rc = self.lib.emu_ptl_blend_backward(DTYPE_TAG[grad.dtype], _ptr(g), _i64(g.stride()),
@@ -415,22 +415,13 @@ class Emulator:
         B, C, H, W = gx.shape
         out, buf = _output((B, C, H, W), gx.dtype)
         out.copy_(gx)
-        g = _strided_input(grad)
+        g = _strided_guarded(grad)
         gp, w = (_guarded(t.contiguous())[0] for t in (gxp, weight))
         rc = self.lib.emu_ptl_grad_x(DTYPE_TAG[gx.dtype], _ptr(out), _ptr(gp), _ptr(g),
                                      _i64(g.stride()), _ptr(w), _i64([B, C, H, W]))
         self._done(rc, "ptl_grad_x")
         _check_guards(buf, "gx")
         return out.clone()
-
-
-def _strided_input(t: torch.Tensor) -> torch.Tensor:
-    """t with its strides as they are (zero strides of an expanded gradient too), its storage
-    span copied between NaN guard zones."""
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    buf = torch.full((span + 2 * GUARD,), float("nan"), dtype=t.dtype)
-    buf[GUARD:GUARD + span] = t.as_strided((span,), (1,))
-    return buf.as_strided(t.shape, t.stride(), GUARD)
 
 
 def _workspace(nbytes: int) -> torch.Tensor:
@@ -452,12 +443,16 @@ def _dense_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _strided_guarded(t: torch.Tensor) -> torch.Tensor:
-    """t keeping its strides (gaps stay NaN), inside NaN guard zones."""
+    """t keeping its strides (gaps stay NaN), inside NaN guard zones. An expanded tensor (zero
+    strides, as out.sum()'s gradient) keeps its storage: its span is copied as it is."""
     if t.is_contiguous():
         return _guarded(t)[0]
     # the smallest storage span that holds t's layout, NaN wherever t has no element
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
     buf = torch.full((span + 2 * GUARD,), float("nan"), dtype=t.dtype)
     view = buf.as_strided(t.shape, t.stride(), GUARD)
-    view.copy_(t)
+    if 0 in t.stride():  # elements share storage: copy_ would write one place twice
+        buf[GUARD:GUARD + span] = t.as_strided((span,), (1,))
+    else:
+        view.copy_(t)
     return view
