@@ -42,10 +42,11 @@ def emu():
 @pytest.fixture
 def configured(emu):
     def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9,
-                  dq_atomic=None, simt_lanes="paired", fwd_split=None, reverse_blocks=False):
+                  dq_atomic=None, simt_lanes="paired", fwd_split=None, reverse_blocks=False,
+                  ps_gather="auto"):
         emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
                       cc_major=cc_major, dq_atomic=dq_atomic, simt_lanes=simt_lanes,
-                      fwd_split=fwd_split, reverse_blocks=reverse_blocks)
+                      fwd_split=fwd_split, reverse_blocks=reverse_blocks, ps_gather=ps_gather)
         return emu
     configure()
     return configure
@@ -127,6 +128,58 @@ def test_cuda_emulated_patch_stats(configured, case, dtype):
     shape, patch, stride, offset, kind = PATCH_CASES[case]
     inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
     _check_patch(configured(), inputs, patch, stride)
+
+
+# The backward's gather by cells (windows of whole strides, kh and kw up to 8) and by pixels
+GATHER_CASES = {  # name: (B, C, H, W), patch, stride, offset, bg kind, gather kernel
+    # PTL's 16 / 4 with +100: the cell sums are centred as the per-pixel terms were
+    "ptl_offset100": ((1, 2, 44, 48), (16, 16), (4, 4), 100.0, "soft", "cells_kern"),
+    # kh 4 and kw 3 at stride 1 (cells of one row), three row blocks of 16
+    "tall_cells": ((2, 1, 37, 21), (4, 6), (1, 2), 0.0, "soft", "cells_kern"),
+    # blocks of 15 rows (5 cells), rows 39 and 40 past the last patch
+    "stride_3": ((1, 2, 41, 30), (6, 3), (3, 3), 0.0, "binary", "cells_kern"),
+    "pixels_whole": ((1, 1, 12, 11), (1, 1), (1, 1), 0.0, "soft", "cells_kern"),
+    # two column blocks of 256 threads, the second mostly past the row
+    "wide": ((1, 1, 9, 290), (4, 4), (2, 2), 0.0, "soft", "cells_kern"),
+    "not_whole": ((1, 2, 23, 19), (5, 4), (2, 4), 0.0, "soft", "gather_kern"),  # 5 % 2
+    "kh_5": ((1, 1, 20, 20), (5, 2), (1, 1), 0.0, "soft", "gather_kern"),
+    "stride_17": ((1, 1, 40, 40), (17, 17), (17, 17), 0.0, "soft", "gather_kern"),  # > 16 rows
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", GATHER_CASES)
+def test_cuda_emulated_patch_stats_gather_by_cells(configured, case, dtype):
+    """Where every window is a whole number of strides a pixel's covering patches are its
+    cell's, and the gather adds the cell's coefficients up once for its rows: against
+    `reference`, and against the per-pixel gather (REGHARM_CUDA_PS_GATHER=pixels) within
+    float32's rounding of the changed order of the sums."""
+    shape, patch, stride, offset, kind, kernel = GATHER_CASES[case]
+    if case == "wide" and dtype == torch.float64:
+        kernel = "gather_kern"  # 256 threads' float64 columns would need 64 KB: by pixels
+    inputs = make_patch_inputs(*shape, patch, stride, dtype, offset=offset, bg_kind=kind)
+    emu = configured()
+    _check_patch(emu, inputs, patch, stride)
+    launches = emu.take_launches()
+    gather = [k for k in launches if k in ("cells_kern", "gather_kern")]
+    assert gather == [kernel], launches
+    x, bg, w, b = inputs
+    cots = _cotangents(emu.patch_stats(x, bg, w, b, patch, stride), dtype)
+    cells = emu.patch_stats_backward(cots, x, bg, w, patch, stride)
+    pixels_emu = configured(ps_gather="pixels")
+    pixels = pixels_emu.patch_stats_backward(cots, x, bg, w, patch, stride)
+    assert "gather_kern" in pixels_emu.take_launches()
+    for name, a, e in zip(("dx", "dweight", "dbias"), cells, pixels):
+        if name != "dx" or kernel == "gather_kern":  # the same kernels: the same bits
+            assert torch.equal(a, e), name
+        else:
+            assert_close(a, e, dtype, grad=True, msg=f"cells against pixels, {name}")
+    if dtype == torch.float32:  # as exact as the per-pixel terms (uncentred: 4x at +100)
+        exact = make_patch_inputs(*shape, patch, stride, torch.float64, offset=offset,
+                                  bg_kind=kind)
+        want = _patch_reference(exact, patch, stride, [c.double() for c in cots])[1][0]
+        err_cells, err_pixels = ((g[0].double() - want).abs().max() for g in (cells, pixels))
+        assert err_cells <= 2 * err_pixels + 1e-7 * want.abs().max(), (err_cells, err_pixels)
 
 
 def test_cuda_emulated_patch_stats_beyond_48kb(configured):

@@ -105,6 +105,31 @@ def test_cuda_native_patch_stats_noncontiguous(dtype):
         assert_close(a, e, dtype, grad=True)
 
 
+@needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_patch_stats_gather_paths_agree(dtype, monkeypatch):
+    """REGHARM_CUDA_PS_GATHER: the backward's gather by cells (the default where windows are
+    whole strides, PTL's 16 / 4 here, with +100) against the per-pixel gather of GPU run 2,
+    both against `reference`; a bad value is an error that lists the choices."""
+    patch, stride = (16, 16), (4, 4)
+    inputs = make_patch_inputs(2, 8, 64, 72, patch, stride, dtype, offset=100.0, device="cuda")
+    grads = {}
+    for mode in ("auto", "pixels"):
+        monkeypatch.setenv("REGHARM_CUDA_PS_GATHER", mode)
+        (got, got_g), (want, want_g) = _both(_patch_fn(patch, stride), inputs, (0, 2, 3), seed=1)
+        for name, a, e in zip(("dx", "dweight", "dbias"), got_g, want_g):
+            assert_close(a, e, dtype, grad=True, msg=f"{mode} {name}")
+        grads[mode] = got_g
+    assert_close(grads["auto"][0], grads["pixels"][0], dtype, grad=True, msg="cells vs pixels")
+    monkeypatch.setenv("REGHARM_CUDA_PS_GATHER", "fast")
+    x, bg, w, b = inputs
+    mu, sigma, content, mass = patch_stats(x, bg, w, b, patch, stride, backend="native")
+    ones = torch.ones_like(mu)
+    with pytest.raises(RuntimeError, match="REGHARM_CUDA_PS_GATHER must be 'auto'"):
+        torch.ops.regharm.patch_stats_backward(ones, ones, ones, x, bg, w, mu, sigma, mass,
+                                               *patch, *stride, 1e-5, 0.5)
+
+
 # ---- masked_attention -------------------------------------------------------------------------
 
 ATTN_CASES = {

@@ -18,7 +18,7 @@
 
 #ifdef REGHARM_CUDA_EMULATION
 #define REGHARM_LAUNCH(kern, grid, block, smem, stream, ...) \
-  ::emu::launch((const void*)(kern), grid, block, smem, [&] { kern(__VA_ARGS__); })
+  ::emu::launch((const void*)(kern), grid, block, smem, [&] { kern(__VA_ARGS__); }, #kern)
 #define REGHARM_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
 #define REGHARM_CHECK_ALIGNED(ptr, bytes) ::emu::check_aligned(ptr, bytes, #ptr)
 #else

@@ -23,6 +23,10 @@ struct PatchShape {
   int64_t B, C, H, W;
   int ph, pw, sh, sw;
   int64_t Kh, Kw;  // (H - ph) / sh + 1, (W - pw) / sw + 1
+  // Backward: gather every pixel's gradient from its covering patches one by one even where
+  // windows are whole strides and a cell's sums could be shared by its pixels (the gather of
+  // GPU run 2); the glue asks for it (REGHARM_CUDA_PS_GATHER).
+  bool pixel_gather = false;
 };
 
 struct XStrides { int64_t b, c, h, w; };   // x (B, C, H, W)

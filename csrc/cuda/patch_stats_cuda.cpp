@@ -40,6 +40,16 @@ std::pair<PatchDims, PatchShape> check_args(const at::Tensor& x, const at::Tenso
   return {d, s};
 }
 
+// REGHARM_CUDA_PS_GATHER: how the backward gives each pixel its gradient, from its cell's
+// shared sums where windows are whole strides (patch_stats_kernels.cu) or from its covering
+// patches one by one (GPU run 2's gather).
+bool pixel_gather_asked(const char* op) {
+  return env_choice("REGHARM_CUDA_PS_GATHER",
+                    {{"auto", "a cell's sums shared by its pixels where windows are whole strides"},
+                     {"pixels", "every pixel from its covering patches"}},
+                    op) == "pixels";
+}
+
 BgStrides strides_of_bg(const at::Tensor& bg) { return {bg.stride(0), bg.stride(2), bg.stride(3)}; }
 
 // A (B, K, C) gradient as the kernels read it: in acc, rows (b, k) a fixed stride apart and
@@ -85,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cuda(
     int64_t sw, double eps, double min_mass) {
   TORCH_CHECK(x.defined() && x.is_cuda(), kOpBw, ": x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto [d, s] = check_args(x, bg, weight, nullptr, ph, pw, sh, sw, eps, min_mass, kOpBw);
+  auto [d, s] = check_args(x, bg, weight, nullptr, ph, pw, sh, sw, eps, min_mass, kOpBw);
+  s.pixel_gather = pixel_gather_asked(kOpBw);
   check_patch_saved(OnCuda{kOpBw, x.device()}, d, grad_mu, grad_sigma, grad_content, mu, sigma,
                     mass, kOpBw);
 

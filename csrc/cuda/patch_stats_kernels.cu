@@ -297,6 +297,116 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The gather where every window is a whole number of strides (ph = kh*sh, pw = kw*sw with kh,
+// kw <= 4: PTL's default patch and stride at any size). The patches covering pixel (y, x) are
+// then exactly those covering its cell (y / sh, x / sw): patch (qy - i, qx - j) for i < kh,
+// j < kw, at offset (i*sh + y % sh, j*sw + x % sw) inside it. So a thread adds up its cell's
+// coefficients once for the sh rows it takes there (the per-pixel gather above loads kh*kw
+// 16-byte coefficients at every pixel: run 2's 130 µs at PTL's setting) and keeps the gammas in
+// registers:
+//   grad_x_u = bg_u (Σ[alpha~ + beta (s - mu)] + (x_u - s) Σ beta + Σ gamma weight_r)
+// with s the thread's pixel of the cell's first row: the same centring as the per-pixel form
+// (s and every mu are of one neighbourhood), so inputs offset by +100 stay as exact.
+// The weights a pixel needs depend on (y % sh, x % sw) only: shared memory holds them as 16
+// contiguous values per offset (zero where i >= kh or j >= kw), rows padded by 4 so that the
+// lanes' offsets fall in different banks: four 16-byte loads per pixel, no index arithmetic.
+// A block takes a row of columns (a thread each) over kCellRows rows (whole cells) of planes
+// blockIdx.y, blockIdx.y + gridDim.y, ...; each thread first loads its column of x and bg over
+// those rows into shared memory, all loads in flight at once: one row at a time left the
+// kernel waiting on memory latency with a few hundred bytes in flight per warp.
+constexpr int kCellK = 4, kCellKK = kCellK * kCellK, kCellStride = kCellKK + 4, kCellRows = 16;
+
+template <typename A> struct alignas(4 * sizeof(A)) Quad { A v[4]; };
+
+// Shared memory of patch_stats_gather_cells_kernel; the host runs it with a null base to size it.
+template <typename A>
+struct CellSmem {
+  A *w, *x, *bg;
+  size_t bytes;
+  __host__ __device__ CellSmem(unsigned char* base, int sh, int sw, int threads) {
+    SmemCarver c(base);
+    w = c.take<A>(size_t(sh) * sw * kCellStride);
+    x = c.take<A>(size_t(kCellRows) * threads);
+    bg = c.take<A>(size_t(kCellRows) * threads);
+    bytes = c.offset;
+  }
+};
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    patch_stats_gather_cells_kernel(PatchArgs<T, A> a, int H, int W, int col_blocks,
+                                    int64_t planes, const Coef<A>* __restrict__ coef,
+                                    T* __restrict__ grad_x) {
+  REGHARM_DYNAMIC_SMEM(raw);
+  const CellSmem<A> sm(raw, a.sh, a.sw, blockDim.x);
+  const int kh = a.ph / a.sh, kw = a.pw / a.sw;
+  for (int idx = threadIdx.x; idx < a.sh * a.sw * kCellKK; idx += blockDim.x) {
+    const int off = idx / kCellKK, k = idx - off * kCellKK, i = k / kCellK, j = k % kCellK;
+    const int ry = off / a.sw, rx = off - ry * a.sw;
+    sm.w[off * kCellStride + k] =
+        i < kh && j < kw ? a.weight[(i * a.sh + ry) * a.pw + j * a.sw + rx] : A(0);
+  }
+  __syncthreads();
+  const int xx = (int(blockIdx.x) % col_blocks) * blockDim.x + threadIdx.x;
+  if (xx >= W) return;
+  const int rows = kCellRows / a.sh * a.sh;  // whole cells
+  const int y0 = (int(blockIdx.x) / col_blocks) * rows, n = min(H - y0, rows);
+  const int qx = xx / a.sw, rx = xx - qx * a.sw;
+  const int64_t K = int64_t(a.Kh) * a.Kw;
+  A* const xs = sm.x + threadIdx.x;  // this thread's column: row r at [r * blockDim.x]
+  A* const bgs = sm.bg + threadIdx.x;
+  for (int64_t bc = blockIdx.y; bc < planes; bc += gridDim.y) {
+    const int64_t b = bc / a.C;  // one division per plane
+    const int c = int(bc - b * a.C);
+    const T* xp = a.x + b * a.xs.b + c * a.xs.c + int64_t(y0) * a.xs.h + xx * a.xs.w;
+    const A* bgp = a.bg + b * a.bs.b + int64_t(y0) * a.bs.h + xx * a.bs.w;
+#pragma unroll
+    for (int r = 0; r < kCellRows; ++r) {
+      A xv = 0, bv = 0;
+      if (r < n) xv = to_acc<A>(xp[r * a.xs.h]), bv = bgp[r * a.bs.h];
+      xs[r * blockDim.x] = xv;
+      bgs[r * blockDim.x] = bv;
+    }
+    const Coef<A>* cb = coef + bc * K;
+    T* out = grad_x + (bc * H + y0) * W + xx;
+    A gam[kCellKK];
+    A sum_a = 0, sum_b = 0, s = 0;
+    const int qy0 = y0 / a.sh;
+    for (int r = 0; r < n; ++r) {
+      const int cell = r / a.sh, ry = r - cell * a.sh;
+      const A xv = xs[r * blockDim.x];
+      if (ry == 0) {  // a new cell: its coefficients, centred on this pixel
+        s = xv, sum_a = 0, sum_b = 0;
+        const int qy = qy0 + cell;
+#pragma unroll
+        for (int k = 0; k < kCellKK; ++k) {
+          const int pi = qy - k / kCellK, pj = qx - k % kCellK;
+          Coef<A> cf{A(0), A(0), A(0), A(0)};
+          if (k / kCellK < kh && k % kCellK < kw && pi >= 0 && pi < a.Kh && pj >= 0 && pj < a.Kw)
+            cf = cb[int64_t(pi) * a.Kw + pj];
+          gam[k] = cf.gamma;
+          sum_a += cf.alpha + cf.beta * (s - cf.mu);
+          sum_b += cf.beta;
+        }
+      }
+      const A bgv = bgs[r * blockDim.x];
+      A g = 0;
+      if (bgv != A(0)) {  // every term carries a factor bg_u
+        A t = sum_a + sum_b * (xv - s);
+        const Quad<A>* wq = reinterpret_cast<const Quad<A>*>(sm.w + (ry * a.sw + rx) * kCellStride);
+#pragma unroll
+        for (int k4 = 0; k4 < kCellKK / 4; ++k4) {
+          const Quad<A> w4 = wq[k4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) t += gam[4 * k4 + e] * w4.v[e];
+        }
+        g = t * bgv;
+      }
+      out[int64_t(r) * W] = from_acc<T>(g);
+    }
+  }
+}
+
 struct TileChoice {
   int tkh, tkw, tiles_h, tiles_w;
   bool rotate, w_smem;
@@ -398,6 +508,17 @@ inline int64_t num_blocks(const PatchShape& s, const TileChoice& tc) {
 
 inline bool empty(const PatchShape& s) { return s.B == 0 || s.C == 0 || s.Kh <= 0 || s.Kw <= 0; }
 
+// Whether the backward's gather runs by cells (patch_stats_gather_cells_kernel): windows of
+// whole strides, kh and kw at most 4, whole cells in a block's rows (sh <= 16) and the shared
+// memory within 48 KB; else (or where the glue asks for it: REGHARM_CUDA_PS_GATHER=pixels) the
+// per-pixel gather.
+template <typename A>
+bool gather_by_cells(const PatchShape& s, int threads) {
+  if (s.pixel_gather || s.ph % s.sh != 0 || s.pw % s.sw != 0) return false;
+  if (s.ph / s.sh > kCellK || s.pw / s.sw > kCellK || s.sh > kCellRows) return false;
+  return CellSmem<A>(nullptr, s.sh, s.sw, threads).bytes <= 48 * 1024;
+}
+
 template <typename T>
 cudaError_t forward_impl(const void* x, XStrides xs, const void* bg, BgStrides bs,
                          const void* weight, const void* bias, const PatchShape& s, double eps,
@@ -476,16 +597,26 @@ cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const voi
                  static_cast<A*>(grad_b));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  auto gather_kern = patch_stats_gather_kernel<T, A>;
   // threads along a row: W rounded up to whole warps (at least 2, at most kThreads). A fixed
   // 256 left half of every block idle at PTL's W = 128, and an SM holds 8 such blocks (2048
   // threads): 32 working warps instead of 64 to hide the coefficient loads' latency.
   const int threads = int(std::min<int64_t>(kThreads, std::max<int64_t>(64, (s.W + 31) / 32 * 32)));
   const int col_blocks = int((s.W + threads - 1) / threads);
   const int64_t planes = s.B * s.C;
-  const dim3 rows(unsigned(s.H * col_blocks), unsigned(std::min<int64_t>(planes, 65535)));
-  REGHARM_LAUNCH(gather_kern, rows, dim3(threads), 0, stream, a, int(s.H), int(s.W), col_blocks,
-                 planes, static_cast<const Coef<A>*>(ws.coef), static_cast<T*>(grad_x));
+  const unsigned plane_blocks = unsigned(std::min<int64_t>(planes, 65535));
+  if (gather_by_cells<A>(s, threads)) {
+    auto cells_kern = patch_stats_gather_cells_kernel<T, A>;
+    const int64_t chunks = (s.H + kCellRows / s.sh * s.sh - 1) / (kCellRows / s.sh * s.sh);
+    REGHARM_LAUNCH(cells_kern, dim3(unsigned(chunks * col_blocks), plane_blocks), dim3(threads),
+                   CellSmem<A>(nullptr, s.sh, s.sw, threads).bytes, stream, a, int(s.H),
+                   int(s.W), col_blocks, planes, static_cast<const Coef<A>*>(ws.coef),
+                   static_cast<T*>(grad_x));
+    return cudaGetLastError();
+  }
+  auto gather_kern = patch_stats_gather_kernel<T, A>;
+  REGHARM_LAUNCH(gather_kern, dim3(unsigned(s.H * col_blocks), plane_blocks), dim3(threads), 0,
+                 stream, a, int(s.H), int(s.W), col_blocks, planes,
+                 static_cast<const Coef<A>*>(ws.coef), static_cast<T*>(grad_x));
   return cudaGetLastError();
 }
 

@@ -64,6 +64,15 @@ long long emu_take_atomic_count() {
   return n;
 }
 
+// The kernel expressions launched since the last call, one per line.
+const char* emu_take_launches() {
+  static std::string last;
+  last.clear();
+  for (const std::string& name : emu::launch_log()) last += name + "\n";
+  emu::launch_log().clear();
+  return last.c_str();
+}
+
 // Everything the emulator found wrong since the last call (empty: nothing).
 const char* emu_take_errors() {
   static std::string last;
@@ -72,8 +81,9 @@ const char* emu_take_errors() {
   return last.c_str();
 }
 
-static PatchShape patch_shape(const int64_t* s) {  // B, C, H, W, ph, pw, sh, sw
+static PatchShape patch_shape(const int64_t* s) {  // B, C, H, W, ph, pw, sh, sw, pixel_gather
   PatchShape p{};
+  p.pixel_gather = s[8] != 0;
   p.B = s[0], p.C = s[1], p.H = s[2], p.W = s[3];
   p.ph = int(s[4]), p.pw = int(s[5]), p.sh = int(s[6]), p.sw = int(s[7]);
   p.Kh = (p.H - p.ph) / p.sh + 1;

@@ -122,6 +122,7 @@ class Emulator:
     def __init__(self, lib: Path):
         self.lib = ctypes.CDLL(str(lib))
         self.lib.emu_take_errors.restype = ctypes.c_char_p
+        self.lib.emu_take_launches.restype = ctypes.c_char_p
         self.lib.emu_patch_stats_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_backward_workspace.restype = ctypes.c_int64
         self.lib.emu_attention_forward_workspace.restype = ctypes.c_int64
@@ -136,10 +137,11 @@ class Emulator:
         self.dq_atomic = None
         self.simt_lanes = "paired"
         self.fwd_split = None
+        self.ps_gather = "auto"
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
                   tiles=False, cc_major=9, dq_atomic=None, simt_lanes="paired",
-                  fwd_split=None, reverse_blocks=False):
+                  fwd_split=None, reverse_blocks=False, ps_gather="auto"):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
         with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
@@ -150,7 +152,11 @@ class Emulator:
         (the default) or "mma" (REGHARM_CUDA_SIMT_LANES=mma); fwd_split: the float32 register
         forward splits each query tile's keys over two blocks (None: what the glue does by
         default, float32 only; False: REGHARM_CUDA_FWD_SPLIT=off); reverse_blocks: every
-        launch runs its blocks from the last one back (the emulator runs blocks one at a time)."""
+        launch runs its blocks from the last one back (the emulator runs blocks one at a time);
+        ps_gather: "pixels" gathers patch_stats' input gradient pixel by pixel even where the
+        cells' shared sums apply (REGHARM_CUDA_PS_GATHER=pixels)."""
+        if ps_gather not in ("auto", "pixels"):
+            raise ValueError(f"ps_gather must be 'auto' or 'pixels', got {ps_gather!r}")
         if simt_lanes not in ("paired", "mma"):
             raise ValueError(f"simt_lanes must be 'paired' or 'mma', got {simt_lanes!r}")
         self.lib.emu_configure(smem_optin, sm_count, order, seed, cc_major, int(reverse_blocks))
@@ -159,7 +165,9 @@ class Emulator:
         self.dq_atomic = dq_atomic
         self.simt_lanes = simt_lanes
         self.fwd_split = fwd_split
+        self.ps_gather = ps_gather
         self.take_shared_load_model()
+        self.take_launches()
         self.take_flag_count()
         self.take_tf32_mma_count()
         self.take_mma_sync_count()
@@ -173,6 +181,11 @@ class Emulator:
         out = (ctypes.c_longlong * 3)()
         self.lib.emu_take_shared_load_model(out)
         return {"loads": int(out[0]), "paired": int(out[1]), "cycles": int(out[2])}
+
+    def take_launches(self) -> list[str]:
+        """The kernels launched since the last call, as each launcher's REGHARM_LAUNCH names
+        them (e.g. "cells_kern")."""
+        return self.lib.emu_take_launches().decode().split()
 
     def take_flag_count(self) -> int:
         """Flags published with atomicExch (the forward's key splits) since the last call."""
@@ -204,6 +217,9 @@ class Emulator:
         return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic),
                      int(self.simt_lanes == "mma"), int(fwd_split)])
 
+    def _patch_shape(self, B, C, H, W, ph, pw, sh, sw) -> ctypes.Array:
+        return _i64([B, C, H, W, ph, pw, sh, sw, int(self.ps_gather == "pixels")])
+
     def _done(self, rc: int, what: str) -> None:
         errors = self.lib.emu_take_errors().decode()
         if rc != 0 or errors:
@@ -213,14 +229,15 @@ class Emulator:
 
     def patch_fits(self, dtype, shape8) -> tuple[bool, int]:
         need = ctypes.c_int64(0)
-        ok = self.lib.emu_patch_stats_fits(DTYPE_TAG[dtype], _i64(shape8), ctypes.byref(need))
+        ok = self.lib.emu_patch_stats_fits(DTYPE_TAG[dtype], self._patch_shape(*shape8),
+                                           ctypes.byref(need))
         return bool(ok), need.value
 
     def patch_stats(self, x, bg, weight, bias, patch, stride, eps=1e-5, min_mass=0.5):
         B, C, H, W = x.shape
         (ph, pw), (sh, sw) = patch, stride
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        shape = _i64([B, C, H, W, ph, pw, sh, sw])
+        shape = self._patch_shape(B, C, H, W, ph, pw, sh, sw)
         xg = _strided_guarded(x)
         bga = _strided_guarded(bg.to(acc))
         wa, _ = _guarded(weight.to(acc).contiguous())
@@ -240,7 +257,7 @@ class Emulator:
         B, C, H, W = x.shape
         (ph, pw), (sh, sw) = patch, stride
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        shape = _i64([B, C, H, W, ph, pw, sh, sw])
+        shape = self._patch_shape(B, C, H, W, ph, pw, sh, sw)
         K = ((H - ph) // sh + 1) * ((W - pw) // sw + 1)
         gs = [_grad_rows(g, acc, K, C) for g in grads]
         xg = _strided_guarded(x)
