@@ -101,7 +101,7 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
                 "": {}}
     # few launches (every one is slow under a sanitizer), every path: odd sizes, several tiles
     # and query splits, masks and no mask, one image with every key removed (make_*_inputs)
-    # (PTL's patch and stride: the rotated sweep and whole 16 x 16 tiles)
+    # (PTL's patch and stride: the rotated sweep, tiles 16 patches wide and of equal heights)
     patch_cases = [dict(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2)),
                    dict(B=1, C=2, H=92, W=96, patch=(16, 16), stride=(4, 4))]
     attn_cases = [(dict(B=2, L=150, N=70, D=24, E=40), True),
