@@ -48,21 +48,29 @@ struct PatchArgs {
 
 template <typename A> struct alignas(sizeof(A) * 4) Coef { A alpha, beta, gamma, mu; };
 
+// A tile pixel as the sweeps read it: bg and the shifted x side by side, one 8-byte load (16
+// for float64). Separate arrays took two loads, and the coefficient kernel's weight sums (lanes
+// 0-15 and 16-31 on rows rw apart) read each with 2-way bank conflicts at PTL's rw = 76; a
+// half-warp reading 16 neighbouring pairs has none.
+template <typename A> struct alignas(sizeof(A) * 2) BgX { A bg, x; };
+// A patch's gamma and mu for the weight sums: one broadcast load instead of two.
+template <typename A> struct alignas(sizeof(A) * 2) GammaMu { A gamma, mu; };
+
 // Shared-memory layout of a tile; the host runs the same constructor with a null base to size it.
 template <typename A>
 struct TileSmem {
-  A *xs, *bg, *hb, *hx, *gamma, *mu, *w, *scratch;
+  BgX<A>* px;
+  GammaMu<A>* gm;
+  A *hb, *hx, *w, *scratch;
   size_t bytes;
   __host__ __device__ TileSmem(unsigned char* base, int tkh, int tkw, int ph, int pw, int sh,
                                int sw, bool w_smem) {
     const int rh = (tkh - 1) * sh + ph, rw = (tkw - 1) * sw + pw;
     SmemCarver c(base);
-    xs = c.take<A>(size_t(rh) * rw);
-    bg = c.take<A>(size_t(rh) * rw);
+    px = c.take<BgX<A>>(size_t(rh) * rw);
     hb = c.take<A>(size_t(rh) * tkw);
     hx = c.take<A>(size_t(rh) * tkw);
-    gamma = c.take<A>(tkh * tkw);
-    mu = c.take<A>(tkh * tkw);
+    gm = c.take<GammaMu<A>>(tkh * tkw);
     w = c.take<A>(w_smem ? ph * pw : 0);
     scratch = c.take<A>(32);
     bytes = c.offset;
@@ -104,8 +112,7 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   int lr = threadIdx.x / t.rw, lq = threadIdx.x % t.rw;
   for (int idx = threadIdx.x; idx < t.rh * t.rw; idx += blockDim.x) {
     const int64_t y = y0 + lr, xx = x0 + lq;
-    sm.xs[idx] = to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift;
-    sm.bg[idx] = bgi[y * a.bs.h + xx * a.bs.w];
+    sm.px[idx] = BgX<A>{bgi[y * a.bs.h + xx * a.bs.w], to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift};
     lr += step_r, lq += step_q;
     if (lq >= t.rw) lq -= t.rw, ++lr;
   }
@@ -115,12 +122,12 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   // horizontal window sums: row r of the region, patch column j
   for (int idx = threadIdx.x; idx < t.rh * t.nj; idx += blockDim.x) {
     const int r = idx / t.nj, j = idx % t.nj;
-    const A* bw = sm.bg + r * t.rw + j * a.sw;
-    const A* xw = sm.xs + r * t.rw + j * a.sw;
+    const BgX<A>* win = sm.px + r * t.rw + j * a.sw;
     A sb = 0, sx = 0;
     for (int q = 0; q < a.pw; ++q) {
-      sb += bw[q];
-      sx += bw[q] * xw[q];
+      const BgX<A> v = win[q];
+      sb += v.bg;
+      sx += v.bg * v.x;
     }
     sm.hb[r * t.nj + j] = sb;
     sm.hx[r * t.nj + j] = sx;
@@ -138,17 +145,18 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   if (!m.valid) return m;
   m.mu = s1 / m.mass;
   // The threads of a warp read neighbouring windows sw apart: at the same column q they hit
-  // few banks (PTL's 16x16 patches at stride 4: 8 of 32, a 4-way conflict). With `rotate` each
+  // few banks (PTL's 16x16 patches at stride 4: a half-warp's 8-byte pixels on 4 bank pairs,
+  // a 4-way conflict). With `rotate` each
   // thread starts its rows at column p mod pw and wraps (the host turns it on where that
   // spreads the banks: PTL's setting becomes conflict-free).
   const int q0 = a.rotate ? p % a.pw : 0;
   for (int r = 0; r < a.ph; ++r) {
-    const A* bw = sm.bg + (i * a.sh + r) * t.rw + j * a.sw;
-    const A* xw = sm.xs + (i * a.sh + r) * t.rw + j * a.sw;
+    const BgX<A>* win = sm.px + (i * a.sh + r) * t.rw + j * a.sw;
     const A* ww = (a.w_smem ? sm.w : a.weight) + r * a.pw;
     int q = q0;
     for (int n = 0; n < a.pw; ++n) {
-      const A dv = xw[q] - m.mu, bv = bw[q], wb = ww[q] * bv;
+      const BgX<A> v = win[q];
+      const A dv = v.x - m.mu, bv = v.bg, wb = ww[q] * bv;
       m.var += bv * dv * dv;
       m.d += wb * dv;
       m.ws += wb;
@@ -219,10 +227,9 @@ __global__ void __launch_bounds__(kThreads)
       gc_valid = gc;
     }
     coef[(int64_t(t.b) * a.C + t.c) * K + n] = cf;
-    sm.gamma[p] = cf.gamma;
-    sm.mu[p] = m.mu;  // in the tile's shifted coordinates, like sm.xs
+    sm.gm[p] = GammaMu<A>{cf.gamma, m.mu};  // mu in the tile's shifted coordinates, like px.x
   }
-  // block_sum's barrier also publishes sm.gamma and sm.mu
+  // block_sum's barrier also publishes sm.gm
   const A gb = block_sum(gc_valid, sm.scratch);
   const int64_t nblocks = int64_t(gridDim.x) * gridDim.y * gridDim.z;
   const int64_t blk = (int64_t(t.b) * a.C + t.c) * gridDim.x + blockIdx.x;
@@ -234,11 +241,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int qi = 0; qi < t.ni; ++qi) {  // patches q = qi * nj + qj in order
       const int row = (qi * a.sh + dy) * t.rw + dx;
       for (int qj = 0; qj < t.nj; ++qj) {
-        const int q = qi * t.nj + qj;
-        const A g = sm.gamma[q];
-        if (g == A(0)) continue;
-        const int u = row + qj * a.sw;
-        s += g * sm.bg[u] * (sm.xs[u] - sm.mu[q]);
+        const GammaMu<A> g = sm.gm[qi * t.nj + qj];
+        if (g.gamma == A(0)) continue;
+        const BgX<A> v = sm.px[row + qj * a.sw];
+        s += g.gamma * v.bg * (v.x - g.mu);
       }
     }
     partial[r * nblocks + blk] = s;
@@ -413,26 +419,32 @@ struct TileChoice {
   size_t smem;
 };
 
-// Shared-memory bank conflicts of the first warp's sweep reads (tile_moments) at window row 0,
-// averaged over the columns: the most distinct 4-byte words one bank serves per read (1: none).
+// Shared-memory wavefronts of the first warp's sweep reads (tile_moments) at window row 0,
+// averaged over the columns. Each lane reads one BgX (2 * elem bytes); shared memory serves a
+// warp's 8-byte loads as two half-warp phases (16-byte ones as four quarter-warp phases), each
+// taking as many wavefronts as the most distinct 4-byte words one bank serves in it.
 inline double sweep_conflicts(const PatchShape& s, int tkh, int tkw, bool rotate, size_t elem) {
-  const int rw = (tkw - 1) * s.sw + s.pw, words = int(elem / 4);
-  const int lanes = std::min(32, tkh * tkw);
+  const int rw = (tkw - 1) * s.sw + s.pw, words = int(2 * elem / 4);
+  const int lanes = std::min(32, tkh * tkw), phase = std::max(1, 32 / words);
   double total = 0;
   for (int q = 0; q < s.pw; ++q) {
-    int64_t seen[32][32];
-    int count[32] = {}, worst = 1;
-    for (int p = 0; p < lanes; ++p) {
-      const int i = p / tkw, j = p % tkw;
-      const int col = rotate ? (q + p % s.pw) % s.pw : q;
-      const int64_t word = (int64_t(i) * s.sh * rw + j * s.sw + col) * words;
-      const int bank = int(word % 32);
-      bool dup = false;
-      for (int k = 0; k < count[bank]; ++k) dup |= seen[bank][k] == word;
-      if (!dup) seen[bank][count[bank]++] = word;
-      worst = std::max(worst, count[bank]);
+    for (int p0 = 0; p0 < lanes; p0 += phase) {
+      int64_t seen[32][32];
+      int count[32] = {}, worst = 1;
+      for (int p = p0; p < std::min(lanes, p0 + phase); ++p) {
+        const int i = p / tkw, j = p % tkw;
+        const int col = rotate ? (q + p % s.pw) % s.pw : q;
+        const int64_t first = (int64_t(i) * s.sh * rw + j * s.sw + col) * words;
+        for (int64_t word = first; word < first + words; ++word) {
+          const int bank = int(word % 32);
+          bool dup = false;
+          for (int k = 0; k < count[bank]; ++k) dup |= seen[bank][k] == word;
+          if (!dup) seen[bank][count[bank]++] = word;
+          worst = std::max(worst, count[bank]);
+        }
+      }
+      total += worst;
     }
-    total += worst;
   }
   return total / s.pw;
 }
