@@ -400,6 +400,7 @@ __global__ void __launch_bounds__(kThreads)
       if (bgv != A(0)) {  // every term carries a factor bg_u
         A t = sum_a + sum_b * (xv - s);
         const Quad<A>* wq = reinterpret_cast<const Quad<A>*>(sm.w + (ry * a.sw + rx) * kCellStride);
+        REGHARM_CHECK_ALIGNED(wq, sizeof(Quad<A>));
 #pragma unroll
         for (int k4 = 0; k4 < kCellKK / 4; ++k4) {
           const Quad<A> w4 = wq[k4];
