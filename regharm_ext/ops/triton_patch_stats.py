@@ -18,8 +18,8 @@ Backward, per valid patch n and channel c (SPEC §2 / COMMON brief), with ``a_u 
 - ``_ps_bwd_patch``: the same tiling as the forward; recomputes ``mu`` in the forward's shifted
   coordinates (a first sweep), then ``Ws`` and ``D`` centred on it (``D`` from the saved, rounded
   ``mu`` is off by ``ulp(mu)·Ws``, amplified by ``1/sigma³``), and writes ``α, β, γ``; in the
-  second sweep it reduces ``γ·bg·(x - mu)`` over its tile for each position r into a
-  per-program partial row, which torch sums over programs (a second kernel is unnecessary: the
+  second sweep it reduces ``γ·bg·(x - mu)`` over its tile for each position r (a window row at
+  a time) into a per-program partial row, which torch sums over programs (a second kernel is unnecessary: the
   partials are ``programs × ph*pw`` values, deterministic, no atomics).
 - ``_ps_bwd_pixel``: each program owns a tile of pixels × channels and gathers from the at most
   ``ceil(ph/sh)·ceil(pw/sw)`` patches that cover each pixel: one writer per gradient value.
@@ -119,7 +119,7 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, ep
 @triton.jit
 def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
                   C, H, Wd, Kw, K, sh, sw, min_mass, PH: tl.constexpr, PW: tl.constexpr,
-                  BK: tl.constexpr, BC: tl.constexpr):
+                  PWP: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -148,7 +148,12 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
     d = tl.zeros((BK, BC), acc_t)
     # this program's row of partial sums: grad_weight's PH * PW, then grad_bias's one
     row = ((b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_k) * (PH * PW + 1)
+    cols = tl.arange(0, PWP)
     for dy in range(0, PH):
+        # a window row's sums over the tile's patches as one (BK, PWP) tile, reduced over the
+        # patches once per row: a reduction over the whole tile at every position (ph*pw per
+        # program, each across the warps) was most of this kernel's 145 µs in GPU run 2
+        gw_row = tl.zeros((BK, PWP), acc_t)
         for dx in tl.static_range(PW):
             off = top + dy * Wd + dx
             w = tl.load(W + dy * PW + dx).to(acc_t)
@@ -156,8 +161,8 @@ def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
             xc = tl.load(xb + off[:, None], mask=m2, other=0.0).to(acc_t) - shift - mu_s
             ws += w * g
             d += (w * g)[:, None] * xc
-            gw = tl.sum(tl.sum(gamma * g[:, None] * xc, 1), 0)
-            tl.store(GWP + row + dy * PW + dx, gw)
+            gw_row += tl.where(cols[None, :] == dx, (tl.sum(gamma * xc, 1) * g)[:, None], 0.0)
+        tl.store(GWP + row + dy * PW + cols, tl.sum(gw_row, 0), mask=cols < PW)
     tl.store(GWP + row + PH * PW, tl.sum(tl.sum(tl.where(valid, g_con, 0.0), 1), 0))
     ms = safe * sigma
     beta = tl.where(valid, g_sig / ms - g_con * d / (ms * sigma * sigma), 0.0)
@@ -266,7 +271,8 @@ def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_conten
     if B and C:
         launcher(_ps_bwd_patch)[tiles](
             x, bg, weight, mu, sigma, mass, *grads, abg, partial,
-            C, H, W, Kw, K, sh, sw, min_mass, PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
+            C, H, W, Kw, K, sh, sw, min_mass, PH=ph, PW=pw, PWP=next_pow2(pw), BK=BK, BC=BC,
+            num_warps=4)
         launcher(_ps_bwd_pixel)[(cdiv(H * W, BP), cdiv(C, BCP), B)](
             x, bg, weight, abg, grad_x, C, H, W, Kh, Kw, K, sh, sw, PH=ph, PW=pw,
             NI=cdiv(ph, sh), NJ=cdiv(pw, sw), BP=BP, BC=BCP, num_warps=4)
