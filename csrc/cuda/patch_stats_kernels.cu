@@ -112,7 +112,8 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   int lr = threadIdx.x / t.rw, lq = threadIdx.x % t.rw;
   for (int idx = threadIdx.x; idx < t.rh * t.rw; idx += blockDim.x) {
     const int64_t y = y0 + lr, xx = x0 + lq;
-    sm.px[idx] = BgX<A>{bgi[y * a.bs.h + xx * a.bs.w], to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift};
+    sm.px[idx] = BgX<A>{bgi[y * a.bs.h + xx * a.bs.w],
+                        to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift};
     lr += step_r, lq += step_q;
     if (lq >= t.rw) lq -= t.rw, ++lr;
   }
@@ -146,9 +147,8 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   m.mu = s1 / m.mass;
   // The threads of a warp read neighbouring windows sw apart: at the same column q they hit
   // few banks (PTL's 16x16 patches at stride 4: a half-warp's 8-byte pixels on 4 bank pairs,
-  // a 4-way conflict). With `rotate` each
-  // thread starts its rows at column p mod pw and wraps (the host turns it on where that
-  // spreads the banks: PTL's setting becomes conflict-free).
+  // a 4-way conflict). With `rotate` each thread starts its rows at column p mod pw and wraps
+  // (the host turns it on where that spreads the banks: PTL's setting becomes conflict-free).
   const int q0 = a.rotate ? p % a.pw : 0;
   for (int r = 0; r < a.ph; ++r) {
     const BgX<A>* win = sm.px + (i * a.sh + r) * t.rw + j * a.sw;
@@ -312,7 +312,8 @@ __global__ void __launch_bounds__(kThreads)
 // registers:
 //   grad_x_u = bg_u (Σ[alpha~ + beta (s - mu)] + (x_u - s) Σ beta + Σ gamma weight_r)
 // with s the thread's pixel of the cell's first row: the same centring as the per-pixel form
-// (s and every mu are of one neighbourhood), so inputs offset by +100 stay as exact.
+// (s and every mu are of one neighbourhood), so inputs offset by +100 stay as exact. The sum
+// does not depend on s, only its rounding does, so a foreground pixel serves as well.
 // The weights a pixel needs depend on (y % sh, x % sw) only: shared memory holds them as 16
 // contiguous values per offset (zero where i >= kh or j >= kw), rows padded by 4 so that the
 // lanes' offsets fall in different banks: four 16-byte loads per pixel, no index arithmetic.
@@ -399,7 +400,7 @@ __global__ void __launch_bounds__(kThreads)
       A g = 0;
       if (bgv != A(0)) {  // every term carries a factor bg_u
         A t = sum_a + sum_b * (xv - s);
-        const Quad<A>* wq = reinterpret_cast<const Quad<A>*>(sm.w + (ry * a.sw + rx) * kCellStride);
+        const auto* wq = reinterpret_cast<const Quad<A>*>(sm.w + (ry * a.sw + rx) * kCellStride);
         REGHARM_CHECK_ALIGNED(wq, sizeof(Quad<A>));
 #pragma unroll
         for (int k4 = 0; k4 < kCellKK / 4; ++k4) {
