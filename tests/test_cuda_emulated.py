@@ -329,6 +329,22 @@ def test_cuda_emulated_attention_dq_path_taken(configured, dtype, tf32x3, atomic
     assert (emu.take_atomic_count() > 0) == want
 
 
+@pytest.mark.parametrize("tf32x3", [False, True], ids=["simt", "tf32x3"])
+@pytest.mark.parametrize("D", [64, 62, 31])
+def test_cuda_emulated_atomic_dq_vector_atomics(configured, tf32x3, D):
+    """sm_90's vector atomics add a lane's neighbouring dQ columns at once: four with float32's
+    CUDA-core (PairedLanes) outputs where D % 4 == 0, two with tf32x3's mma.sync layout where
+    D is even; other rows are not aligned for them and add column by column."""
+    emu = configured(tf32x3=tf32x3, dq_atomic=True)
+    inputs = make_attention_inputs(B=2, L=150, N=70, D=D, E=32, active=0.3, removed=0.2,
+                                   dtype=torch.float32)
+    _check_attention(emu, inputs)
+    total, vector = emu.take_atomic_count(), emu.take_vector_atomic_count()
+    assert total > 0
+    vectors = D % 2 == 0 if tf32x3 else D % 4 == 0
+    assert vector == (total if vectors else 0), (vector, total)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
 def test_cuda_emulated_atomic_dq_with_warps_ahead(configured, order, dtype):

@@ -480,9 +480,34 @@ struct RegDkdvSmem : RegBwdSmem<T> {
   }
 };
 
+// sm_90's vector float atomics: one red.global.add.v4.f32 (v2) for a lane's four (two)
+// neighbouring dQ columns instead of four (two) scalar ones; the emulator runs them as sm_90
+// does. Older GPUs add column by column.
+#if defined(REGHARM_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define REGHARM_VECTOR_ATOMICS 1
+__device__ __forceinline__ void add_pair(float* p, float v0, float v1) {
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(v0, v1));
+}
+__device__ __forceinline__ void add_quad(float* p, const float (&v)[4]) {
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+}
+#else
+#define REGHARM_VECTOR_ATOMICS 0
+__device__ __forceinline__ void add_pair(float* p, float v0, float v1) {  // not reached
+  atomicAdd(p, v0);
+  atomicAdd(p + 1, v1);
+}
+__device__ __forceinline__ void add_quad(float* p, const float (&v)[4]) {  // not reached
+  for (int e = 0; e < 4; ++e) atomicAdd(p + e, v[e]);
+}
+#endif
+
 // dQ += scale · dS K of one query tile, added to g.dq_acc with atomics: dS (kRegQueries x
 // kRegRows keys) in shared memory from all four warps, K the block's keys. Warp w takes query
-// rows 16 (w & 1) .. + 16 and the columns of half (w >> 1) of DP.
+// rows 16 (w & 1) .. + 16 and the columns of half (w >> 1) of DP. A lane's columns: n-tile n's
+// pair (c = 0, 1) is two neighbours; with PairedLanes' outputs (kPairedOutputs) n-tiles 2j and
+// 2j + 1 make four. Where a group would run past D or D leaves rows unaligned, its columns go
+// one by one.
 template <typename M, int DP, typename T, typename A>
 __device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
                                               const T* ds, int ldds, const T* sk, int ldk,
@@ -492,6 +517,9 @@ __device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const Bwd
   constexpr int NH = DP / 16;  // n-tiles of a column half
   const int warp = threadIdx.x >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
   const int r0 = (warp & 1) * 16, c0 = (warp >> 1) * (DP / 2);
+  // a lane's four neighbouring columns (PairedLanes), or two (mma.sync's layout), at once
+  constexpr bool kFour = REGHARM_VECTOR_ATOMICS && M::kPairedOutputs;
+  constexpr bool kTwo = REGHARM_VECTOR_ATOMICS && !M::kPairedOutputs;
   float acc[NH][4] = {};
   mma_sm<M, kRegRows / M::K>(acc, ds + r0 * ldds, ldds, sk + c0, ldk);
   float* dq_b = g.dq_acc + b * a.L * a.D;
@@ -500,13 +528,35 @@ __device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const Bwd
     const int r = r0 + gr + 8 * h;
     if (r >= rows || !(lse_s[r] > -INFINITY)) continue;  // nothing attended: dS is 0
     float* dq_row = dq_b + query_at(a, b, q0 + r) * a.D;
+    if constexpr (kFour) {  // n-tiles n, n + 1: columns col .. col + 3
 #pragma unroll
-    for (int n = 0; n < NH; ++n)
+      for (int n = 0; n < NH; n += 2) {
+        const int col = c0 + M::out_col(n, t, 0);
+        const float v[4] = {acc[n][2 * h] * a.scale, acc[n][2 * h + 1] * a.scale,
+                            acc[n + 1][2 * h] * a.scale, acc[n + 1][2 * h + 1] * a.scale};
+        if (a.D % 4 == 0 && col + 3 < a.D) {
+          REGHARM_CHECK_ALIGNED(dq_row + col, 16);
+          add_quad(dq_row + col, v);
+        } else {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = c0 + M::out_col(n, t, c);
-        if (col < a.D) atomicAdd(dq_row + col, acc[n][2 * h + c] * a.scale);
+          for (int e = 0; e < 4; ++e)
+            if (col + e < a.D) atomicAdd(dq_row + col + e, v[e]);
+        }
       }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NH; ++n) {
+        const int col = c0 + M::out_col(n, t, 0);
+        const float v0 = acc[n][2 * h] * a.scale, v1 = acc[n][2 * h + 1] * a.scale;
+        if (kTwo && a.D % 2 == 0 && col + 1 < a.D) {
+          REGHARM_CHECK_ALIGNED(dq_row + col, 8);
+          add_pair(dq_row + col, v0, v1);
+          continue;
+        }
+        if (col < a.D) atomicAdd(dq_row + col, v0);
+        if (col + 1 < a.D) atomicAdd(dq_row + col + 1, v1);
+      }
+    }
   }
 }
 

@@ -73,6 +73,13 @@ const char* emu_take_launches() {
   return last.c_str();
 }
 
+// Of those, sm_90's vector atomics (float2, float4) since the last call.
+long long emu_take_vector_atomic_count() {
+  const long long n = emu::vector_atomic_count();
+  emu::vector_atomic_count() = 0;
+  return n;
+}
+
 // Everything the emulator found wrong since the last call (empty: nothing).
 const char* emu_take_errors() {
   static std::string last;

@@ -550,11 +550,30 @@ inline long long& atomic_count() {
   static long long n = 0;
   return n;
 }
+inline long long& vector_atomic_count() {
+  static long long n = 0;
+  return n;
+}
 }  // namespace emu
 inline float atomicAdd(float* p, float v) {
   ++::emu::atomic_count();
   const float old = *p;
   *p = old + v;
+  return old;
+}
+// sm_90's vector versions: one atomic of two or four lanes' worth (counted once)
+inline float2 atomicAdd(float2* p, float2 v) {
+  ++::emu::atomic_count();
+  ++::emu::vector_atomic_count();
+  const float2 old = *p;
+  p->x = old.x + v.x, p->y = old.y + v.y;
+  return old;
+}
+inline float4 atomicAdd(float4* p, float4 v) {
+  ++::emu::atomic_count();
+  ++::emu::vector_atomic_count();
+  const float4 old = *p;
+  p->x = old.x + v.x, p->y = old.y + v.y, p->z = old.z + v.z, p->w = old.w + v.w;
   return old;
 }
 inline int atomicAdd(int* p, int v) {
