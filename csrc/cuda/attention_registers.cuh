@@ -480,9 +480,9 @@ struct RegDkdvSmem : RegBwdSmem<T> {
   }
 };
 
-// sm_90's vector float atomics: one red.global.add.v4.f32 (v2) for a lane's four (two)
-// neighbouring dQ columns instead of four (two) scalar ones; the emulator runs them as sm_90
-// does. Older GPUs add column by column.
+// sm_90's vector float atomics: one atomic (PTX atom.global.add.v4.f32, or .v2) for a lane's
+// four (two) neighbouring dQ columns instead of four (two) scalar ones; the emulator runs them
+// as sm_90 does. Older GPUs add column by column.
 #if defined(REGHARM_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
 #define REGHARM_VECTOR_ATOMICS 1
 __device__ __forceinline__ void add_pair(float* p, float v0, float v1) {

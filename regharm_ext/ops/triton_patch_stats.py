@@ -19,8 +19,8 @@ Backward, per valid patch n and channel c (SPEC §2 / COMMON brief), with ``a_u 
   coordinates (a first sweep), then ``Ws`` and ``D`` centred on it (``D`` from the saved, rounded
   ``mu`` is off by ``ulp(mu)·Ws``, amplified by ``1/sigma³``), and writes ``α, β, γ``; in the
   second sweep it reduces ``γ·bg·(x - mu)`` over its tile for each position r (a window row at
-  a time) into a per-program partial row, which torch sums over programs (a second kernel is unnecessary: the
-  partials are ``programs × ph*pw`` values, deterministic, no atomics).
+  a time) into a per-program partial row, which torch sums over programs (a second kernel is
+  unnecessary: the partials are ``programs × ph*pw`` values, deterministic, no atomics).
 - ``_ps_bwd_pixel``: each program owns a tile of pixels × channels and gathers from the at most
   ``ceil(ph/sh)·ceil(pw/sw)`` patches that cover each pixel: one writer per gradient value.
 

@@ -561,7 +561,7 @@ inline float atomicAdd(float* p, float v) {
   *p = old + v;
   return old;
 }
-// sm_90's vector versions: one atomic of two or four lanes' worth (counted once)
+// sm_90's vector versions: one atomic adds two or four neighbouring values (counted once)
 inline float2 atomicAdd(float2* p, float2 v) {
   ++::emu::atomic_count();
   ++::emu::vector_atomic_count();
