@@ -325,6 +325,9 @@ constexpr int kCellK = 4, kCellKK = kCellK * kCellK, kCellStride = kCellKK + 4, 
 
 template <typename A> struct alignas(4 * sizeof(A)) Quad { A v[4]; };
 
+// Rows of a block of the cells gather: whole cells, at most kCellRows (sh <= kCellRows).
+__host__ __device__ inline int cell_block_rows(int sh) { return kCellRows / sh * sh; }
+
 // Shared memory of patch_stats_gather_cells_kernel; the host runs it with a null base to size it.
 template <typename A>
 struct CellSmem {
@@ -356,7 +359,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int xx = (int(blockIdx.x) % col_blocks) * blockDim.x + threadIdx.x;
   if (xx >= W) return;
-  const int rows = kCellRows / a.sh * a.sh;  // whole cells
+  const int rows = cell_block_rows(a.sh);
   const int y0 = (int(blockIdx.x) / col_blocks) * rows, n = min(H - y0, rows);
   const int qx = xx / a.sw, rx = xx - qx * a.sw;
   const int64_t K = int64_t(a.Kh) * a.Kw;
@@ -638,7 +641,7 @@ cudaError_t backward_impl(const void* grad_mu, const void* grad_sigma, const voi
   const unsigned plane_blocks = unsigned(std::min<int64_t>(planes, 65535));
   if (gather_by_cells<A>(s, threads)) {
     auto cells_kern = patch_stats_gather_cells_kernel<T, A>;
-    const int64_t chunks = (s.H + kCellRows / s.sh * s.sh - 1) / (kCellRows / s.sh * s.sh);
+    const int64_t chunks = (s.H + cell_block_rows(s.sh) - 1) / cell_block_rows(s.sh);
     REGHARM_LAUNCH(cells_kern, dim3(unsigned(chunks * col_blocks), plane_blocks), dim3(threads),
                    CellSmem<A>(nullptr, s.sh, s.sw, threads).bytes, stream, a, int(s.H),
                    int(s.W), col_blocks, planes, static_cast<const Coef<A>*>(ws.coef),
