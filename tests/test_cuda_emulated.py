@@ -43,10 +43,11 @@ def emu():
 def configured(emu):
     def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9,
                   dq_atomic=None, simt_lanes="paired", fwd_split=None, reverse_blocks=False,
-                  ps_gather="auto"):
+                  ps_gather="auto", key_order=True):
         emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
                       cc_major=cc_major, dq_atomic=dq_atomic, simt_lanes=simt_lanes,
-                      fwd_split=fwd_split, reverse_blocks=reverse_blocks, ps_gather=ps_gather)
+                      fwd_split=fwd_split, reverse_blocks=reverse_blocks, ps_gather=ps_gather,
+                      key_order=key_order)
         return emu
     configure()
     return configure
@@ -589,6 +590,81 @@ def test_cuda_emulated_forward_key_split_float32_only(configured):
     emu = configured()
     _check_attention(emu, make_attention_inputs(**SPLIT_CASES["ptl_like"], dtype=torch.bfloat16))
     assert emu.take_flag_count() == 0
+
+
+# ---- the keys in compacted order, kept ones first (REGHARM_CUDA_KEY_ORDER) --------------------
+
+def _key_tiles(key_bias, compacted):
+    """Key tiles of 64 the register kernels visit per image: those with a kept key in raster
+    order, or the kept keys' own tiles in compacted order."""
+    kept = key_bias > float("-inf")
+    if compacted:
+        return [(int(n) + 63) // 64 for n in kept.sum(1)]
+    return [int(sum(bool(row[i:i + 64].any()) for i in range(0, row.numel(), 64))) for row in kept]
+
+
+@pytest.mark.parametrize("dtype,tf32x3,atomic", [
+    (torch.float32, False, None), (torch.float32, True, None), (torch.float32, False, False),
+    (torch.bfloat16, False, None), (torch.float16, False, True)],
+    ids=["fp32", "tf32x3", "fp32_kernel", "bf16", "fp16_atomic"])
+def test_cuda_emulated_key_order(configured, dtype, tf32x3, atomic):
+    """With half the keys removed at random every raster key tile keeps a key, so only the key
+    order lets the kernels skip: the forward's products fall by exactly the ratio of the tiles
+    visited (a warp's products per tile do not depend on its keys), results stay held to the
+    reference both ways, and removed keys get gradients of exactly 0 (the partial sums of
+    positions past the kept keys are never written; the reduction writes their zeros)."""
+    inputs = make_attention_inputs(B=3, L=100, N=300, D=24, E=40, active=0.4, removed=0.5,
+                                   dtype=dtype)
+    q, k, v, kb, qm = inputs
+    kb[1, 70:] = float("-inf")  # an image whose kept keys fit one tile
+    scale = q.shape[-1] ** -0.5
+    qtiles = [(int(n) + 63) // 64 for n in qm.sum(1)]
+    products = {}
+    for compacted in (True, False):
+        emu = configured(tf32x3=tf32x3, dq_atomic=atomic, key_order=compacted)
+        emu.attention(q, k, v, kb, qm, scale)
+        products[compacted] = emu.take_register_products() + emu.take_tf32_mma_count()
+        _check_attention(emu, inputs)
+        emu.take_register_products()
+        emu.take_tf32_mma_count()
+    visited = {c: sum(a * b for a, b in zip(qtiles, _key_tiles(kb, c))) for c in (True, False)}
+    assert visited[True] < visited[False]
+    assert products[True] * visited[False] == products[False] * visited[True], (products, visited)
+    emu = configured(tf32x3=tf32x3, dq_atomic=atomic)
+    out, lse = emu.attention(q, k, v, kb, qm, scale)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    _, dk, dv = emu.attention_backward(cot, q, k, v, kb, qm, out, lse, scale)
+    removed = kb == float("-inf")
+    assert (dk[removed] == 0).all() and (dv[removed] == 0).all()
+    assert (dv[~removed] != 0).any()
+
+
+@pytest.mark.parametrize("removed", [0.0, 0.75], ids=["all_kept", "few_kept"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_emulated_key_order_splits_follow_kept_keys(configured, dtype, removed):
+    """Under the key order the dK/dV kernel's query splits are as many as one wave holds for
+    the key blocks that keep a key (every block and the reduction count them alike), within
+    the half again that the workspace holds over the host's count. Four multiprocessors: float32
+    (two blocks per SM) has room for 2 splits where the host counted 1 for 5 key blocks; with 2
+    of them busy the kernel takes 2, with all 5 it takes 1 and the second split's blocks
+    return (bfloat16, five per SM: room for 6, 4 counted; 6 and 4 taken)."""
+    inputs = make_attention_inputs(B=1, L=200, N=320, D=24, E=40, active=0.6, removed=removed,
+                                   dead_batch=False, dtype=dtype)
+    _check_attention(configured(sms=4), inputs)
+    _check_attention(configured(sms=4, order="shuffled", dq_atomic=dtype == torch.bfloat16),
+                     inputs)
+
+
+def test_cuda_emulated_key_order_keeps_nan_bias(configured):
+    """A NaN key bias is not a removed key: the key order keeps it (the raster order visits
+    its tile), so both orders give NaN in the same rows."""
+    q, k, v, kb, qm = make_attention_inputs(B=1, L=70, N=200, D=16, E=16, active=0.5,
+                                            removed=0.5, dtype=torch.float32)
+    kb[0, 150] = float("nan")
+    scale = q.shape[-1] ** -0.5
+    nan_rows = {c: torch.isnan(configured(key_order=c).attention(q, k, v, kb, qm, scale)[0])
+                for c in (True, False)}
+    assert torch.equal(nan_rows[True], nan_rows[False]) and nan_rows[True].any()
 
 
 def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):

@@ -340,11 +340,29 @@ def test_cuda_native_forward_key_split(monkeypatch):
 
 
 @needs_native_cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_cuda_native_key_orders_agree(dtype, monkeypatch):
+    """REGHARM_CUDA_KEY_ORDER: the register kernels over the kept keys first (the default) or
+    over the keys in raster order: both held to the reference at PTL's sizes (10 % of the keys
+    removed at random, so every raster tile keeps a key), and to each other; removed keys get
+    gradients of exactly 0 either way."""
+    monkeypatch.setenv("REGHARM_CUDA_DQ", "kernel")  # no atomics: the two differ by key order only
+    runs, (_, _, _, kb, _) = _ptl_attention_under(monkeypatch, "REGHARM_CUDA_KEY_ORDER",
+                                                  ("auto", "raster"), dtype)
+    for a, e in zip(runs["auto"], runs["raster"]):
+        assert_close(a, e, dtype, grad=True)
+    removed = kb == float("-inf")
+    for name, g in zip(("dk", "dv"), runs["auto"][2:]):
+        assert (g[removed] == 0).all(), name
+
+
+@needs_native_cuda
 @pytest.mark.parametrize("setting,says", [("REGHARM_CUDA_FP32_MATH", "must be 'simt'"),
                                           ("REGHARM_CUDA_ATTENTION", "must be 'auto'"),
                                           ("REGHARM_CUDA_DQ", "must be 'auto'"),
                                           ("REGHARM_CUDA_SIMT_LANES", "must be 'paired'"),
-                                          ("REGHARM_CUDA_FWD_SPLIT", "must be 'auto'")])
+                                          ("REGHARM_CUDA_FWD_SPLIT", "must be 'auto'"),
+                                          ("REGHARM_CUDA_KEY_ORDER", "must be 'auto'")])
 def test_cuda_native_attention_settings_are_checked(setting, says, monkeypatch):
     monkeypatch.setenv(setting, "fast")
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")

@@ -26,6 +26,8 @@ struct AttnArgs {
   const bool* qmask;    // (B, L) or null
   const int* qorder;    // (B, L) with qmask: the queries, active ones first (attn_order_kernel)
   const int* qcount;    // (B) with qmask: active queries per image
+  const int* korder;    // (B, N) or null: the keys, kept ones first (register kernels, key_order)
+  const int* kcount;    // (B) with korder: kept keys per image
   int64_t B, L, N;
   int D, E, Dp, Ep;     // Dp, Ep: D, E rounded up to a multiple of 16 (at least 16)
   int BM, BN, EC;       // queries and keys per tile; value columns per forward block
@@ -48,11 +50,12 @@ struct BwdArgs {
   A* delta;             // (B, L)
   A* dk_part;           // (nsplit, B, N, D), scaled
   A* dv_part;           // (nsplit, B, N, E)
-  int nsplit;
+  int nsplit;           // query splits of the key-tile kernel: what the partials hold
   float* dq_acc;        // (B, L, D) zeroed, or null: where the dK/dV kernel adds dQ (dq_atomic)
   T* dq;
   T* dk;
   T* dv;
+  int64_t wave;         // with a key order: blocks in one wave of the key-tile kernel, else 0
 };
 
 namespace {
@@ -81,21 +84,61 @@ __device__ __forceinline__ void load_query_tile(const AttnArgs<T, A>& a, T* dst,
     load_tile(dst, ld, img + q0 * rs, rs, rows_valid, a.BM, cols_valid, cols, vec);
 }
 
+// Key tiles cover positions p of the key order of image b, and only positions below
+// key_span(b) may hold a kept key; without an order (a.korder null) positions are keys.
+template <typename T, typename A>
+__device__ __forceinline__ int64_t key_span(const AttnArgs<T, A>& a, int64_t b) {
+  return a.korder ? int64_t(a.kcount[b]) : a.N;
+}
+// The keys at positions [k0, ...) of image b, or null for positions that are keys.
+template <typename T, typename A>
+__device__ __forceinline__ const int* key_rows(const AttnArgs<T, A>& a, int64_t b, int64_t k0) {
+  return a.korder ? a.korder + b * a.N + k0 : nullptr;
+}
+
+// Loads rows_valid rows of a (B, N, cols) tensor (image b, row stride rs) from position k0 of
+// the key order into a `rows`-row tile.
+template <typename T, typename A>
+__device__ __forceinline__ void load_key_tile(const AttnArgs<T, A>& a, T* dst, int ld,
+                                              const T* img, int64_t rs, int64_t b, int64_t k0,
+                                              int rows_valid, int rows, int cols_valid, int cols,
+                                              bool vec) {
+  if (a.korder)
+    load_tile(dst, ld, img, rs, rows_valid, rows, cols_valid, cols, vec, key_rows(a, b, k0));
+  else
+    load_tile(dst, ld, img + k0 * rs, rs, rows_valid, rows, cols_valid, cols, vec);
+}
+
 template <typename A> __device__ __forceinline__ A acc_log(A v) { return log(v); }
 template <> __device__ __forceinline__ float acc_log<float>(float v) { return __logf(v); }
 
-// Loads key_bias of keys [k0, k0 + BN) (-inf past N); true when any key of the tile is kept.
-// Contains the barrier that ends the previous use of the tile's shared memory.
+// Loads key_bias of keys [k0, k0 + BN) (-inf past N), or of the keys rows[0 .. keys) of the
+// key order; true when any key of the tile is kept. Contains the barrier that ends the previous
+// use of the tile's shared memory.
 template <typename A>
 __device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_t k0, int keys,
-                                               int BN) {
+                                               int BN, const int* rows = nullptr) {
   int alive = 0;
   for (int c = threadIdx.x; c < BN; c += blockDim.x) {
-    const A bv = c < keys ? bias_row[k0 + c] : neg_inf<A>();
+    const A bv = c < keys ? bias_row[rows ? int64_t(rows[c]) : k0 + c] : neg_inf<A>();
     dst[c] = bv;
     alive |= bv > neg_inf<A>();
   }
   return __syncthreads_or(alive) != 0;
+}
+
+// The key-tile kernel's query splits, the same in every block and in the reduction: g.nsplit,
+// or with a key order as many as one wave (g.wave) holds for the key blocks that keep a key,
+// at most g.nsplit: the host cannot know the kept counts, and with fewer key blocks busy each
+// takes fewer query tiles instead of leaving its share of the wave idle.
+template <typename T, typename A>
+__device__ __forceinline__ int key_splits(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
+                                          int BN) {
+  if (a.korder == nullptr || g.wave == 0) return g.nsplit;
+  int64_t blocks = 0;
+  for (int64_t b = 0; b < a.B; ++b) blocks += (a.kcount[b] + BN - 1) / BN;
+  if (blocks == 0) return 1;
+  return int(max(int64_t(1), min(int64_t(g.nsplit), g.wave / blocks)));
 }
 
 // Loads lse and Δ of the queries at positions [q0, q0 + BM) into shared memory; rows that

@@ -243,13 +243,15 @@ __global__ void __launch_bounds__(kThreads)
   const T* k_b = a.k + b * a.ks.b;
   const T* v_b = a.v + b * a.vs.b;
   const float* bias_b = a.bias + b * a.N;
-  const int64_t per = ((a.N + kRegKeys - 1) / kRegKeys + nsplit - 1) / nsplit;  // key tiles
-  const int64_t k_end = min(a.N, (split + 1) * per * kRegKeys);
+  const int64_t nk = key_span(a, b);  // positions of the key order that may hold a kept key
+  const int64_t per = ((nk + kRegKeys - 1) / kRegKeys + nsplit - 1) / nsplit;  // key tiles
+  const int64_t k_end = min(nk, (split + 1) * per * kRegKeys);
   for (int64_t k0 = split * per * kRegKeys; k0 < k_end; k0 += kRegKeys) {
-    const int keys = int(min(int64_t(kRegKeys), a.N - k0));
-    if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;  // every key removed
-    load_tile(sm.k, sm.ldq, k_b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP, a.vec_k);
-    load_tile(sm.v, sm.ldv, v_b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, ecols, EC, a.vec_v);
+    const int keys = int(min(int64_t(kRegKeys), nk - k0));
+    if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0)))
+      continue;  // every key removed
+    load_key_tile(a, sm.k, sm.ldq, k_b, a.ks.r, b, k0, keys, kRegKeys, a.D, DP, a.vec_k);
+    load_key_tile(a, sm.v, sm.ldv, v_b, a.vs.r, b, k0, keys, kRegKeys, ecols, EC, a.vec_v);
     __syncthreads();
 
     float s[NS][4] = {};
@@ -413,13 +415,14 @@ __global__ void __launch_bounds__(kThreads)
       delta_r[h] = sm.delta[warp * 16 + gr + 8 * h];
     }
     const float* bias_b = a.bias + b * a.N;
-    for (int64_t k0 = 0; k0 < a.N; k0 += kRegKeys) {
-      const int keys = int(min(int64_t(kRegKeys), a.N - k0));
-      if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys)) continue;
-      load_tile(sk, ldq, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegKeys, a.D, DP,
-                a.vec_k);
-      load_tile(sv, lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegKeys, a.E, EP,
-                a.vec_v);
+    const int64_t nk = key_span(a, b);
+    for (int64_t k0 = 0; k0 < nk; k0 += kRegKeys) {
+      const int keys = int(min(int64_t(kRegKeys), nk - k0));
+      if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0))) continue;
+      load_key_tile(a, sk, ldq, a.k + b * a.ks.b, a.ks.r, b, k0, keys, kRegKeys, a.D, DP,
+                    a.vec_k);
+      load_key_tile(a, sv, lde, a.v + b * a.vs.b, a.vs.r, b, k0, keys, kRegKeys, a.E, EP,
+                    a.vec_v);
       __syncthreads();
       float s[NS][4] = {}, dp[NS][4] = {};
       if constexpr (M::kFragsInRegs) {
@@ -562,12 +565,16 @@ __device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const Bwd
 
 // dV = Pᵀ dO and dK = scale · dSᵀ Q of 64 keys (16 per warp, as rows: the scores come out
 // transposed, Sᵀ = K Qᵀ) from the query tiles qt = split, split + nsplit, ...; a.BM =
-// kRegQueries. Writes the split's partial sums.
+// kRegQueries. Writes the split's partial sums, by position of the key order where there is
+// one (blocks past its kept keys, or of splits beyond key_splits, have nothing to do).
 template <typename M, int DP, int EP, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
   constexpr int KD = DP / M::K, KE = EP / M::K, NQ = kRegQueries / 8, ND = DP / 8,
                 NE = EP / 8;
+  // first: at 255 registers (float32, DP = EP = 128) ptxas spills least this way (~100 bytes,
+  // against ~240 with it in shared memory; none at PTL's D 64, E 128)
+  const int nsplit = key_splits(a, g, kRegRows);
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDkdvSmem<T> sm(raw, DP, EP);
   T* const sk = sm.held_d;  // K and V of this block's keys; Q and dO of the current query tile
@@ -578,22 +585,27 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
   const int64_t k0 = int64_t(blockIdx.x) * kRegRows;
-  const int keys = int(min(int64_t(kRegRows), a.N - k0));
+  const int64_t nk = key_span(a, b);
+  // past the kept keys of the key order (attn_bwd_reduce_kernel writes their zeros), or a
+  // split the kept keys' blocks do not need
+  if (k0 >= nk || split >= nsplit) return;
+  const int keys = int(min(int64_t(kRegRows), nk - k0));
   const int tid = threadIdx.x, warp = tid >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
 
   float dk[ND][4] = {}, dv[NE][4] = {};
-  if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, kRegRows)) {  // else: removed, 0
-    load_tile(sk, ldk, a.k + b * a.ks.b + k0 * a.ks.r, a.ks.r, keys, kRegRows, a.D, DP,
-              a.vec_k);
-    load_tile(sv, lde, a.v + b * a.vs.b + k0 * a.vs.r, a.vs.r, keys, kRegRows, a.E, EP,
-              a.vec_v);
+  if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, kRegRows, key_rows(a, b, k0))) {
+    load_key_tile(a, sk, ldk, a.k + b * a.ks.b, a.ks.r, b, k0, keys, kRegRows, a.D, DP,
+                  a.vec_k);
+    load_key_tile(a, sv, lde, a.v + b * a.vs.b, a.vs.r, b, k0, keys, kRegRows, a.E, EP,
+                  a.vec_v);
     const float bk0 = sm.bias[warp * 16 + gr], bk1 = sm.bias[warp * 16 + gr + 8];
     const T* kw = sk + warp * 16 * ldk;
     const T* vw = sv + warp * 16 * lde;
     const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
-    const int64_t qtiles = (span + kRegQueries - 1) / kRegQueries;
-    for (int64_t qt = split; qt < qtiles; qt += g.nsplit) {
-      const int64_t q0 = qt * kRegQueries;
+    // 32-bit tile counters (L / 32 < 2^31 here): two registers fewer than 64-bit ones
+    const int qtiles = int((span + kRegQueries - 1) / kRegQueries);
+    for (int qt = split; qt < qtiles; qt += nsplit) {
+      const int64_t q0 = int64_t(qt) * kRegQueries;
       const int rows = int(min(int64_t(kRegQueries), span - q0));
       // barrier inside; the previous tile ended with one, so lse and delta are free
       if (!load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) continue;

@@ -81,6 +81,10 @@ struct AttnShape {
   // finish combining both (attention_registers.cuh); the glue asks for it
   // (REGHARM_CUDA_FWD_SPLIT).
   bool fwd_key_split = false;
+  // Register kernels: the keys in compacted order (the kept ones, key_bias > -inf, first), so
+  // that key tiles of removed keys (a foreground's patches, LTL's foreground tokens) are not
+  // visited, however the removed keys are spread; the glue asks for it (REGHARM_CUDA_KEY_ORDER).
+  bool key_order = false;
 };
 
 // A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.
@@ -100,7 +104,8 @@ cudaError_t masked_attention_order(const bool* query_mask, int64_t B, int64_t L,
 // query_mask: contiguous bool (B, L) or null (every query active). Outputs: out (B, L, E) in
 // dt, lse (B, L) float32 (-inf for inactive queries and rows with every key removed).
 // workspace: masked_attention_forward_workspace(s) bytes, 16-byte aligned (the order of the
-// queries, active ones first, when there is a mask; the key splits' flags).
+// queries, active ones first, when there is a mask; that of the keys under key_order; the key
+// splits' flags).
 cudaError_t masked_attention_forward(DType dt, const void* q, RowStrides qs, const void* k,
                                      RowStrides ks, const void* v, RowStrides vs,
                                      const void* key_bias, const bool* query_mask,

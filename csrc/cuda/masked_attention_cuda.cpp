@@ -86,6 +86,15 @@ bool fwd_key_split_asked(const at::Tensor& q, const char* op) {
          q.scalar_type() == at::kFloat;
 }
 
+// REGHARM_CUDA_KEY_ORDER: whether the register kernels visit the keys in compacted order, the
+// kept ones first, or in raster order, skipping only key tiles with every key removed (GPU run
+// 2's).
+bool key_order_asked(const char* op) {
+  return env_choice("REGHARM_CUDA_KEY_ORDER",
+                    {{"auto", "kept keys first"}, {"raster", "the keys in their own order"}},
+                    op) == "auto";
+}
+
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
@@ -102,6 +111,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   s.dq_atomic = dq_atomic_asked(q, op);
   s.simt_mma_lanes = simt_mma_lanes_asked(op);
   s.fwd_key_split = fwd_key_split_asked(q, op);
+  s.key_order = key_order_asked(op);
   return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

@@ -40,21 +40,25 @@ namespace cuda {
 namespace {
 
 // The queries of each image in compacted order, active ones first, then the others, each group
-// in raster order, and the number of active ones. One block per image; warp w takes the w-th of
-// kOrderWarps contiguous chunks of L in whole steps of 32 queries, read coalesced, and ranks
-// them with ballots: a first pass counts the chunk's active queries, the warps' counts give each
-// chunk its offsets, a second pass writes the positions. Every query gets exactly one position.
-// (Run 2 measured the version with a thread per chunk of L / 256, 64 strided flags each, at
-// 24 µs per call at PTL's setting, twice per fwd+bwd.)
+// in raster order, and the number of active ones; the same for the keys under
+// AttnShape::key_order, kept ones (key_bias not -inf) first. One block per image and order;
+// warp w takes the w-th of kOrderWarps contiguous chunks of L in whole steps of 32 queries, read
+// coalesced, and ranks them with ballots: a first pass counts the chunk's active queries, the
+// warps' counts give each chunk its offsets, a second pass writes the positions. Every query
+// gets exactly one position. (Run 2 measured the version with a thread per chunk of L / 256, 64
+// strided flags each, at 24 µs per call at PTL's setting, twice per fwd+bwd.)
 constexpr int kOrderThreads = 1024, kOrderWarps = kOrderThreads / 32;
 
-__global__ void __launch_bounds__(kOrderThreads)
-    attn_order_kernel(const bool* __restrict__ qmask, int64_t L, int* __restrict__ order,
-                      int* __restrict__ count) {
-  __shared__ int warp_active[kOrderWarps];
-  const int64_t b = blockIdx.x;
-  const bool* m = qmask + b * L;
-  int* o = order + b * L;
+__device__ __forceinline__ bool order_flag(const bool* f, int64_t i) { return f[i]; }
+// a key stays unless its bias is -inf: the kernels skip a tile only when no key in it is kept
+__device__ __forceinline__ bool order_flag(const float* f, int64_t i) {
+  return !(f[i] == -INFINITY);
+}
+
+template <typename F>
+__device__ __forceinline__ void order_image(const F* __restrict__ m, int64_t L,
+                                            int* __restrict__ o, int* __restrict__ count,
+                                            int* warp_active) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t per_warp = ((L + 31) / 32 + kOrderWarps - 1) / kOrderWarps * 32;
   const int64_t lo = min(L, warp * per_warp), hi = min(L, lo + per_warp);  // uniform per warp
@@ -62,7 +66,7 @@ __global__ void __launch_bounds__(kOrderThreads)
 #pragma unroll 4
   for (int64_t base = lo; base < hi; base += 32) {
     const int64_t i = base + lane;
-    mine += __popc(__ballot_sync(0xffffffffu, i < hi && m[i]));
+    mine += __popc(__ballot_sync(0xffffffffu, i < hi && order_flag(m, i)));
   }
   if (lane == 0) warp_active[warp] = mine;
   __syncthreads();
@@ -76,14 +80,28 @@ __global__ void __launch_bounds__(kOrderThreads)
   const unsigned below = (1u << lane) - 1u;
   for (int64_t base = lo; base < hi; base += 32) {
     const int64_t i = base + lane;
-    const bool here = i < hi, on = here && m[i];
+    const bool here = i < hi, on = here && order_flag(m, i);
     const unsigned active = __ballot_sync(0xffffffffu, on);
     const unsigned inactive = __ballot_sync(0xffffffffu, here) & ~active;
     if (here) o[on ? act + __popc(active & below) : inact + __popc(inactive & below)] = int(i);
     act += __popc(active);
     inact += __popc(inactive);
   }
-  if (threadIdx.x == 0) count[b] = total;
+  if (threadIdx.x == 0) *count = total;
+}
+
+// blockIdx.y: the queries (when qmask is given), then the keys (when korder is); one launch for
+// both, as every forward and backward computes them.
+__global__ void __launch_bounds__(kOrderThreads)
+    attn_order_kernel(const bool* __restrict__ qmask, int64_t L, int* __restrict__ qorder,
+                      int* __restrict__ qcount, const float* __restrict__ bias, int64_t N,
+                      int* __restrict__ korder, int* __restrict__ kcount) {
+  __shared__ int warp_active[kOrderWarps];
+  const int64_t b = blockIdx.x;
+  if (blockIdx.y == 0 && qmask != nullptr)
+    order_image(qmask + b * L, L, qorder + b * L, qcount + b, warp_active);
+  else
+    order_image(bias + b * N, N, korder + b * N, kcount + b, warp_active);
 }
 
 // Row padding of shared-memory tiles. WMMA operands need pitches that are multiples of 16
@@ -423,18 +441,31 @@ __global__ void __launch_bounds__(kThreads)
     dv[idx] = sm.acc2[(idx / a.E) * sm.ldacc2 + idx % a.E];
 }
 
-// dk, dv = Σ_split partials, in a fixed order.
+// dk, dv = Σ_split partials, in a fixed order. With a key order the partials sit at the keys'
+// positions in it, and only those of kept keys were written: the others' gradients are 0.
 template <typename T, typename A>
 __global__ void __launch_bounds__(256) attn_bwd_reduce_kernel(AttnArgs<T, A> a, BwdArgs<T, A> g) {
+  __shared__ int splits;  // a loop over the images' kept counts: once per block
+  if (threadIdx.x == 0) splits = key_splits(a, g, a.BN);
+  __syncthreads();
+  const int nsplit = splits;
   const int64_t nk = a.B * a.N * a.D, nv = a.B * a.N * a.E;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < nk + nv;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const bool is_k = idx < nk;
     const int64_t i = is_k ? idx : idx - nk, stride = is_k ? nk : nv;
     const A* src = (is_k ? g.dk_part : g.dv_part) + i;
+    int64_t dst = i;
+    bool kept = true;
+    if (a.korder) {  // i is (image, position p of the key order, column)
+      const int64_t cols = is_k ? a.D : a.E, row = i / cols, b = row / a.N, p = row % a.N;
+      dst = (b * a.N + a.korder[row]) * cols + i % cols;
+      kept = p < a.kcount[b];
+    }
     A s = 0;
-    for (int sp = 0; sp < g.nsplit; ++sp) s += src[sp * stride];
-    (is_k ? g.dk : g.dv)[i] = from_acc<T>(s);
+    if (kept)
+      for (int sp = 0; sp < nsplit; ++sp) s += src[sp * stride];
+    (is_k ? g.dk : g.dv)[dst] = from_acc<T>(s);
   }
 }
 
@@ -507,15 +538,16 @@ template <typename T> bool use_registers(const AttnShape& s) {
   }
 }
 
-// Query splits of the register key-tile kernel: as many as one wave of blocks holds (the
-// occupancy the kernel's registers and shared memory allow, times the multiprocessors), so that
-// no second, mostly idle wave follows; at least one, at most one per query tile (and 16).
-// PTL's setting on an H100 (56 key blocks; 2 blocks per SM by registers): 4 splits, 224 blocks.
+// Whether the register kernels take the keys in compacted order: where asked and there is more
+// than one key tile (a single tile is skipped or not as a whole already).
+inline bool key_order(const AttnShape& s) {
+  return s.key_order && s.N > kRegKeys && s.N <= INT32_MAX;
+}
+
+// Blocks of the register key-tile kernel in one wave: the occupancy its registers and shared
+// memory allow, times the multiprocessors.
 template <typename T>
-int reg_num_splits(const AttnShape& s) {
-  const int64_t key_blocks = s.B * ((s.N + kRegRows - 1) / kRegRows);
-  const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
-  if (key_blocks == 0 || qtiles == 0) return 1;
+int64_t reg_wave(const AttnShape& s) {
   const RegKernelSet<T> rk = reg_kernels<T>(s);
   // the occupancy query costs driver calls: asked once per kernel, device and smem limit
   static std::mutex lock;
@@ -537,8 +569,34 @@ int reg_num_splits(const AttnShape& s) {
       known[key] = per_sm;
     }
   }
-  const int64_t slots = int64_t(std::max(1, per_sm)) * multiprocessor_count();
-  return int(std::max<int64_t>(1, std::min<int64_t>({slots / key_blocks, qtiles, 16})));
+  return int64_t(std::max(1, per_sm)) * multiprocessor_count();
+}
+
+// Query splits of the register key-tile kernel: as many as one wave of blocks holds (the
+// occupancy the kernel's registers and shared memory allow, times the multiprocessors), so that
+// no second, mostly idle wave follows; at least one, at most one per query tile (and 16).
+// PTL's setting on an H100 (56 key blocks; 2 blocks per SM by registers): 4 splits, 224 blocks.
+template <typename T>
+int reg_num_splits(const AttnShape& s) {
+  const int64_t key_blocks = s.B * ((s.N + kRegRows - 1) / kRegRows);
+  const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
+  if (key_blocks == 0 || qtiles == 0) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>({reg_wave<T>(s) / key_blocks, qtiles, 16})));
+}
+
+// Whether the key-tile kernel's query splits follow the kept keys (BwdArgs::wave): under the
+// key order, for batches whose kept counts each block can add up (a loop over the images).
+inline bool splits_follow_keys(const AttnShape& s) { return key_order(s) && s.B <= 256; }
+
+// Query splits the register backward's partial sums hold: reg_num_splits, and where the splits
+// follow the kept keys half as many again, enough for a third of the key blocks to have no kept
+// key (PTL's setting: 12 of 14 busy, 4 splits become 5 of at most 6).
+template <typename T>
+int reg_split_room(const AttnShape& s) {
+  const int n = reg_num_splits<T>(s);
+  if (!splits_follow_keys(s)) return n;
+  const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
+  return int(std::max<int64_t>(n, std::min<int64_t>({n + (n + 1) / 2, qtiles, 16})));
 }
 
 struct Tiles {
@@ -603,7 +661,7 @@ AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides
   a.vs = vs;
   a.bias = static_cast<const A*>(key_bias);
   a.qmask = query_mask;
-  a.qorder = a.qcount = nullptr;
+  a.qorder = a.qcount = a.korder = a.kcount = nullptr;
   a.fwd_sync = nullptr;
   a.B = s.B, a.L = s.L, a.N = s.N;
   a.D = s.D, a.E = s.E;
@@ -618,17 +676,23 @@ AttnArgs<T, A> make_args(const void* q, RowStrides qs, const void* k, RowStrides
   return a;
 }
 
-// The query order's scratch (attn_order_kernel) at the start of either workspace.
+// The query and key orders' scratch (attn_order_kernel) at the start of either workspace.
 struct OrderSpace {
-  int* order;
-  int* count;
+  int *order, *count, *korder, *kcount;
   size_t bytes;
   OrderSpace(void* base, const AttnShape& s) {
     unsigned char* p = static_cast<unsigned char*>(base);
-    const size_t count_at = align_up(size_t(s.B * s.L) * sizeof(int), 256);
-    order = p ? reinterpret_cast<int*>(p) : nullptr;
-    count = p ? reinterpret_cast<int*>(p + count_at) : nullptr;
-    bytes = align_up(count_at + size_t(s.B) * sizeof(int), 256);
+    size_t off = 0;
+    auto take = [&](size_t n) {
+      int* r = p ? reinterpret_cast<int*>(p + off) : nullptr;
+      off = align_up(off + n * sizeof(int), 256);
+      return r;
+    };
+    order = take(size_t(s.B * s.L));
+    count = take(size_t(s.B));
+    korder = take(s.key_order ? size_t(s.B * s.N) : 0);
+    kcount = take(s.key_order ? size_t(s.B) : 0);
+    bytes = off;
   }
 };
 
@@ -652,17 +716,24 @@ template <typename T> int fwd_key_splits(const AttnShape& s) {
   return std::is_same<T, float>::value && s.fwd_key_split && s.N > kRegKeys ? 2 : 1;
 }
 
-// Puts the active queries first (a.qorder, a.qcount) when there is a mask; L beyond int range
-// keeps raster order (the kernels then read the mask itself).
+// Puts the active queries first (a.qorder, a.qcount) when there is a mask, and with `keys` the
+// kept keys first (a.korder, a.kcount), in one launch; L beyond int range keeps raster order
+// (the kernels then read the mask itself).
 template <typename T, typename A>
-cudaError_t order_queries(AttnArgs<T, A>& a, const OrderSpace& ws, cudaStream_t stream) {
-  if (a.qmask == nullptr || a.B == 0 || a.L == 0 || a.L > INT32_MAX) return cudaSuccess;
-  REGHARM_LAUNCH(attn_order_kernel, dim3(unsigned(a.B)), dim3(kOrderThreads), 0, stream, a.qmask,
-                 a.L, ws.order, ws.count);
+cudaError_t order_rows(AttnArgs<T, A>& a, const OrderSpace& ws, bool keys, cudaStream_t stream) {
+  if (a.B == 0) return cudaSuccess;
+  const bool queries = a.qmask != nullptr && a.L > 0 && a.L <= INT32_MAX;
+  keys = keys && std::is_same<A, float>::value;
+  if (!queries && !keys) return cudaSuccess;
+  const float* bias = keys ? reinterpret_cast<const float*>(a.bias) : nullptr;
+  const dim3 grid(unsigned(a.B), unsigned(int(queries) + int(keys)));
+  REGHARM_LAUNCH(attn_order_kernel, grid, dim3(kOrderThreads), 0, stream,
+                 queries ? a.qmask : nullptr, a.L, ws.order, ws.count, bias, a.N, ws.korder,
+                 ws.kcount);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  a.qorder = ws.order;
-  a.qcount = ws.count;
+  if (queries) a.qorder = ws.order, a.qcount = ws.count;
+  if (keys) a.korder = ws.korder, a.kcount = ws.kcount;
   return cudaSuccess;
 }
 
@@ -681,7 +752,8 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
       a.BM = kRegRows, a.BN = kRegKeys, a.EC = reg_dim(s.E);
       cudaError_t err = allow_smem(reinterpret_cast<const void*>(rk.fwd), rk.fwd_smem);
       if (err != cudaSuccess) return err;
-      if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
+      err = order_rows(a, OrderSpace(workspace, s), key_order(s), stream);
+      if (err != cudaSuccess) return err;
       const int splits = fwd_key_splits<T>(s);
       if (splits > 1) {
         const FwdSyncSpace sync(workspace, s);
@@ -701,7 +773,7 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
   auto kern = attn_fwd_kernel<T, A>;
   cudaError_t err = allow_smem(reinterpret_cast<const void*>(kern), t.smem);
   if (err != cudaSuccess) return err;
-  if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
+  if ((err = order_rows(a, OrderSpace(workspace, s), false, stream)) != cudaSuccess) return err;
   // E = 0 still needs one column block: it writes lse
   const dim3 grid(unsigned((s.L + t.BM - 1) / t.BM), unsigned(std::max(1, (s.E + t.EC - 1) / t.EC)),
                   unsigned(s.B));
@@ -756,7 +828,7 @@ size_t workspace_impl(const AttnShape& s) {
   using A = acc_t<T>;
   if constexpr (has_registers<T>()) {
     if (use_registers<T>(s))
-      return BwdWorkspace<A>(nullptr, s, reg_num_splits<T>(s), dq_buffer<T>(s)).bytes;
+      return BwdWorkspace<A>(nullptr, s, reg_split_room<T>(s), dq_buffer<T>(s)).bytes;
   }
   const Tiles t = choose_bwd<T, A>(round16(s.D), round16(s.E), true, uses_tc<T>(s),
                                    size_t(max_dynamic_smem()));
@@ -841,12 +913,15 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
   int nsplit = num_splits(s, tkv);
+  int64_t wave = 0;
   if constexpr (has_registers<T>()) {
-    if (regs) nsplit = reg_num_splits<T>(s);
+    if (regs) nsplit = reg_split_room<T>(s);
+    if (regs && splits_follow_keys(s)) wave = reg_wave<T>(s);
   }
   const BwdWorkspace<A> ws(workspace, s, nsplit, dq_buffer<T>(s));
   cudaError_t err;
-  if ((err = order_queries(a, OrderSpace(workspace, s), stream)) != cudaSuccess) return err;
+  if ((err = order_rows(a, OrderSpace(workspace, s), regs && key_order(s), stream)) != cudaSuccess)
+    return err;
 
   BwdArgs<T, A> g;
   g.dout = static_cast<const T*>(grad_out);
@@ -861,6 +936,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   g.dk_part = ws.dk_part;
   g.dv_part = ws.dv_part;
   g.nsplit = nsplit;
+  g.wave = wave;
   g.dq_acc = !dq_atomic<T>(s)              ? nullptr
              : std::is_same<T, float>::value ? static_cast<float*>(dq)
                                              : ws.dq_acc;
@@ -943,7 +1019,8 @@ cudaError_t masked_attention_order(const bool* query_mask, int64_t B, int64_t L,
                                    int* count, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   REGHARM_LAUNCH(attn_order_kernel, dim3(unsigned(B)), dim3(kOrderThreads), 0, stream,
-                 query_mask, L, order, count);
+                 query_mask, L, order, count, static_cast<const float*>(nullptr), int64_t(0),
+                 static_cast<int*>(nullptr), static_cast<int*>(nullptr));
   return cudaGetLastError();
 }
 

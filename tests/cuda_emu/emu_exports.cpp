@@ -140,6 +140,7 @@ static AttnShape attn_shape(const int64_t* s) {
   a.dq_atomic = s[7] != 0;
   a.simt_mma_lanes = s[8] != 0;
   a.fwd_key_split = s[9] != 0;
+  a.key_order = s[10] != 0;
   return a;
 }
 

@@ -139,10 +139,11 @@ class Emulator:
         self.simt_lanes = "paired"
         self.fwd_split = None
         self.ps_gather = "auto"
+        self.key_order = True
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
                   tiles=False, cc_major=9, dq_atomic=None, simt_lanes="paired",
-                  fwd_split=None, reverse_blocks=False, ps_gather="auto"):
+                  fwd_split=None, reverse_blocks=False, ps_gather="auto", key_order=True):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
         with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
@@ -155,7 +156,8 @@ class Emulator:
         default, float32 only; False: REGHARM_CUDA_FWD_SPLIT=off); reverse_blocks: every
         launch runs its blocks from the last one back (the emulator runs blocks one at a time);
         ps_gather: "pixels" gathers patch_stats' input gradient pixel by pixel even where the
-        cells' shared sums apply (REGHARM_CUDA_PS_GATHER=pixels)."""
+        cells' shared sums apply (REGHARM_CUDA_PS_GATHER=pixels); key_order: the register
+        kernels visit the kept keys first (False: REGHARM_CUDA_KEY_ORDER=raster)."""
         if ps_gather not in ("auto", "pixels"):
             raise ValueError(f"ps_gather must be 'auto' or 'pixels', got {ps_gather!r}")
         if simt_lanes not in ("paired", "mma"):
@@ -167,6 +169,7 @@ class Emulator:
         self.simt_lanes = simt_lanes
         self.fwd_split = fwd_split
         self.ps_gather = ps_gather
+        self.key_order = key_order
         self.take_shared_load_model()
         self.take_launches()
         self.take_flag_count()
@@ -221,7 +224,7 @@ class Emulator:
         dq_atomic = dtype == torch.float32 if self.dq_atomic is None else self.dq_atomic
         fwd_split = dtype == torch.float32 if self.fwd_split is None else self.fwd_split
         return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic),
-                     int(self.simt_lanes == "mma"), int(fwd_split)])
+                     int(self.simt_lanes == "mma"), int(fwd_split), int(self.key_order)])
 
     def _patch_shape(self, B, C, H, W, ph, pw, sh, sw) -> ctypes.Array:
         return _i64([B, C, H, W, ph, pw, sh, sw, int(self.ps_gather == "pixels")])
