@@ -263,3 +263,23 @@ def test_lines_then_variants_make_one_report(tmp_path):
     assert any("native_dq_atomic" in d for d in done)
     label = next(c[0] for c in bench.CRITERIA if c[1] == "masked_attention")
     assert merged["acceptance"][label]["pairs"] == 1
+
+
+def test_variants_run_newest_first(tmp_path, monkeypatch):
+    """The variants step times the rows of the newest PERF_NOTES items first (VARIANTS_FIRST),
+    the others in BACKENDS order: a step limit then cuts rows an earlier GPU run measured."""
+    bench = _load()
+    assert set(bench.VARIANTS_FIRST) <= set(bench.VARIANTS)
+    real, order = bench.subprocess.run, []
+
+    def run(cmd, *a, **k):
+        if "--backends" in cmd:
+            order.append(cmd[cmd.index("--backends") + 1])
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--isolate",
+                       "--rows", "variants", "--only", "masked_attention", "--backends",
+                       "native_tiles,native_dq_atomic,native_pixel_gather,native_key_raster"]) == 0
+    assert order == ["native_key_raster", "native_pixel_gather", "native_tiles",
+                     "native_dq_atomic"], order
