@@ -215,6 +215,50 @@ def test_compaction_puts_active_queries_first(L, block):
         assert idx[b].tolist() == active + torch.nonzero(~qm[b]).flatten().tolist()
 
 
+def test_orders_put_kept_keys_first():
+    """One launch orders the queries (active first) and the keys (kept first: key_bias not
+    -inf; a NaN bias is kept, as the kernels' tile skipping keeps it), each group in order."""
+    from regharm_ext.ops.triton_attention import _orders
+
+    g = torch.Generator().manual_seed(0)
+    qm = torch.rand(3, 40, generator=g) < 0.4
+    kb = torch.randn(3, 150, generator=g)
+    kb[torch.rand(3, 150, generator=g) < 0.5] = float("-inf")
+    kb[1] = float("-inf")
+    kb[2, 7] = float("nan")
+    for mask in (qm, None):
+        idx, cnt = _orders(mask, kb, True, 40, block=32)
+        assert idx.shape == (3, 190) and cnt.shape == (3, 2)
+        for b in range(3):
+            kept = ~(kb[b] == float("-inf"))
+            assert cnt[b, 1] == int(kept.sum())
+            assert idx[b, 40:].tolist() == (torch.nonzero(kept).flatten().tolist()
+                                             + torch.nonzero(~kept).flatten().tolist())
+            if mask is not None:
+                assert cnt[b, 0] == int(qm[b].sum())
+                assert idx[b, :40].tolist() == (torch.nonzero(qm[b]).flatten().tolist()
+                                                + torch.nonzero(~qm[b]).flatten().tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_key_orders_agree(dtype, monkeypatch):
+    """REGHARM_TRITON_KEY_ORDER: the kernels over the kept keys first (the default where there
+    is more than one key tile) or in raster order, both held to the reference; removed keys get
+    exactly zero gradients."""
+    inputs = make_attention_inputs(B=3, L=70, N=200, D=12, E=20, active=0.5, removed=0.5,
+                                   dtype=dtype)
+    runs = {}
+    for mode in ("auto", "raster"):
+        monkeypatch.setenv("REGHARM_TRITON_KEY_ORDER", mode)
+        runs[mode] = _check_attention(inputs, dtype)
+    removed = inputs[3] == float("-inf")
+    _, (_, dk, dv) = runs["auto"]
+    assert (dk[removed] == 0).all() and (dv[removed] == 0).all()
+    monkeypatch.setenv("REGHARM_TRITON_KEY_ORDER", "fast")
+    with pytest.raises(ValueError, match="REGHARM_TRITON_KEY_ORDER must be 'auto'"):
+        _run_attention("triton", inputs)
+
+
 @pytest.mark.parametrize("layer", ["ptl", "ltl"])
 def test_layers_on_triton_match_reference(layer):
     torch.manual_seed(0)

@@ -26,8 +26,6 @@ struct AttnArgs {
   const bool* qmask;    // (B, L) or null
   const int* qorder;    // (B, L) with qmask: the queries, active ones first (attn_order_kernel)
   const int* qcount;    // (B) with qmask: active queries per image
-  const int* korder;    // (B, N) or null: the keys, kept ones first (register kernels, key_order)
-  const int* kcount;    // (B) with korder: kept keys per image
   int64_t B, L, N;
   int D, E, Dp, Ep;     // Dp, Ep: D, E rounded up to a multiple of 16 (at least 16)
   int BM, BN, EC;       // queries and keys per tile; value columns per forward block
@@ -37,6 +35,10 @@ struct AttnArgs {
   // The register forward's key splits (gridDim.y > 1): per (image, query tile) an arrival
   // count, then per (image, query tile) a ready flag, zeroed before the launch; else null.
   int* fwd_sync;
+  // Last, so that the fields above keep their parameter offsets (the float32 dK/dV kernel is
+  // at ptxas's 255 registers, and moving them made it spill).
+  const int* korder;    // (B, N) or null: the keys, kept ones first (register kernels, key_order)
+  const int* kcount;    // (B) with korder (and alone for the dK/dV kernel): kept keys per image
 };
 
 template <typename T, typename A>
@@ -51,11 +53,15 @@ struct BwdArgs {
   A* dk_part;           // (nsplit, B, N, D), scaled
   A* dv_part;           // (nsplit, B, N, E)
   int nsplit;           // query splits of the key-tile kernel: what the partials hold
+  // with a key order: blocks in one wave of the key-tile kernel (key_splits), else 0. An int
+  // beside nsplit, in the padding before the next pointer: the struct keeps its size and its
+  // fields their parameter offsets (the float32 dK/dV kernel is at ptxas's 255 registers, and
+  // an 8-byte field at the end made it spill)
+  int wave;
   float* dq_acc;        // (B, L, D) zeroed, or null: where the dK/dV kernel adds dQ (dq_atomic)
   T* dq;
   T* dk;
   T* dv;
-  int64_t wave;         // with a key order: blocks in one wave of the key-tile kernel, else 0
 };
 
 namespace {
@@ -128,17 +134,18 @@ __device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_
 }
 
 // The key-tile kernel's query splits, the same in every block and in the reduction: g.nsplit,
-// or with a key order as many as one wave (g.wave) holds for the key blocks that keep a key,
-// at most g.nsplit: the host cannot know the kept counts, and with fewer key blocks busy each
-// takes fewer query tiles instead of leaving its share of the wave idle.
+// or with a key order (its counts a.kcount) as many as one wave (g.wave) holds for the key
+// blocks that keep a key, at most g.nsplit: the host cannot know the kept counts, and with
+// fewer key blocks busy each takes fewer query tiles instead of leaving its share of the wave
+// idle.
 template <typename T, typename A>
 __device__ __forceinline__ int key_splits(const AttnArgs<T, A>& a, const BwdArgs<T, A>& g,
                                           int BN) {
-  if (a.korder == nullptr || g.wave == 0) return g.nsplit;
+  if (a.kcount == nullptr || g.wave == 0) return g.nsplit;
   int64_t blocks = 0;
   for (int64_t b = 0; b < a.B; ++b) blocks += (a.kcount[b] + BN - 1) / BN;
   if (blocks == 0) return 1;
-  return int(max(int64_t(1), min(int64_t(g.nsplit), g.wave / blocks)));
+  return int(max(int64_t(1), min(int64_t(g.nsplit), int64_t(g.wave) / blocks)));
 }
 
 // Loads lse and Δ of the queries at positions [q0, q0 + BM) into shared memory; rows that

@@ -572,8 +572,6 @@ __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
   constexpr int KD = DP / M::K, KE = EP / M::K, NQ = kRegQueries / 8, ND = DP / 8,
                 NE = EP / 8;
-  // first: at 255 registers (float32, DP = EP = 128) ptxas spills least this way (~100 bytes,
-  // against ~240 with it in shared memory; none at PTL's D 64, E 128)
   const int nsplit = key_splits(a, g, kRegRows);
   REGHARM_DYNAMIC_SMEM(raw);
   const RegDkdvSmem<T> sm(raw, DP, EP);
@@ -602,7 +600,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* kw = sk + warp * 16 * ldk;
     const T* vw = sv + warp * 16 * lde;
     const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
-    // 32-bit tile counters (L / 32 < 2^31 here): two registers fewer than 64-bit ones
+    // 32-bit tile counters (L / 32 < 2^31 here): float32 at DP = EP = 128 is at 255 registers
     const int qtiles = int((span + kRegQueries - 1) / kRegQueries);
     for (int qt = split; qt < qtiles; qt += nsplit) {
       const int64_t q0 = int64_t(qt) * kRegQueries;

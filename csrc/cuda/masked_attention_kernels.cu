@@ -913,10 +913,10 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
   int nsplit = num_splits(s, tkv);
-  int64_t wave = 0;
+  int wave = 0;
   if constexpr (has_registers<T>()) {
     if (regs) nsplit = reg_split_room<T>(s);
-    if (regs && splits_follow_keys(s)) wave = reg_wave<T>(s);
+    if (regs && splits_follow_keys(s)) wave = int(std::min<int64_t>(reg_wave<T>(s), INT32_MAX));
   }
   const BwdWorkspace<A> ws(workspace, s, nsplit, dq_buffer<T>(s));
   cudaError_t err;

@@ -6,7 +6,11 @@ Layout of the work:
   image), so a query tile holds only active queries and the tiles past the count do nothing. This
   is the "skip query tiles with no active query" of SPEC §3 in its strongest form: with a 20 %
   foreground blob no tile is wasted on half-inactive rows.
-- Key tiles whose keys are all removed (``key_bias = -inf``) are skipped inside the loops.
+- The keys are compacted the same way (kept ones first, ``key_bias`` not -inf) where there is
+  more than one key tile, in the same launch: removed keys (PTL's patches mostly in the
+  foreground, LTL's foreground tokens) are spread over every raster tile, so skipping tiles whose
+  keys are all removed, which the loops still do, skipped little on its own.
+  ``REGHARM_TRITON_KEY_ORDER=raster`` keeps the keys in their own order.
 - The forward keeps an online softmax (running max ``m``, sum ``l``) and never materializes the
   ``L x N`` scores; it saves the log-sum-exp ``lse`` (float32, -inf for inactive queries and for
   rows whose keys are all removed).
@@ -25,6 +29,7 @@ kernels, and autograd through ``register_autograd``.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -48,21 +53,39 @@ def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _rows(IDX, CNT, b, start, L, HAS_MASK: tl.constexpr, BM: tl.constexpr):
+def _rows(IDX, CNT, b, start, L, LN, HAS_MASK: tl.constexpr, BM: tl.constexpr):
     """Query rows at compacted positions [start, start + BM): their indices, which of them are
     active, the active count, and which exist (< L; the inactive ones get zeros written, so the
-    outputs need no fill beforehand)."""
+    outputs need no fill beforehand). IDX: (B, LN) with the query order in its first L columns;
+    CNT: (B, 2), the active count first."""
     offs = start + tl.arange(0, BM)
     exists = offs < L
     if HAS_MASK:
-        count = tl.load(CNT + b)
+        count = tl.load(CNT + 2 * b)
         ok = offs < count
-        rows = tl.load(IDX + b * L + offs, mask=exists, other=0)
+        rows = tl.load(IDX + b * LN + offs, mask=exists, other=0)
     else:
         count = L
         ok = exists
         rows = offs
     return rows, ok, count, exists
+
+
+@triton.jit
+def _keys(IDX, CNT, b, start, L, N, LN, KEY_ORDER: tl.constexpr, BN: tl.constexpr):
+    """Keys at positions [start, start + BN) of the key order (IDX's last N columns, the kept
+    count second in CNT), or of the keys themselves: their indices, which may be kept (a kept
+    position; removed keys past it), which exist (< N), and the positions that may hold a kept
+    key."""
+    offs = start + tl.arange(0, BN)
+    exists = offs < N
+    if KEY_ORDER:
+        span = tl.load(CNT + 2 * b + 1)
+        cols = tl.load(IDX + b * LN + L + offs, mask=exists, other=0)
+    else:
+        span = N
+        cols = offs
+    return cols, offs < span, span, exists
 
 
 @triton.jit
@@ -81,15 +104,15 @@ def _abt(A, ra, oka, Bm, rb, okb, E, acc, USE_DOT: tl.constexpr, PREC: tl.conste
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale, scale_lo,
-              HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, LN, D, E, scale, scale_lo,
+              HAS_MASK: tl.constexpr, KEY_ORDER: tl.constexpr, USE_DOT: tl.constexpr,
+              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+              BE: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = LSE.dtype.element_ty
     scale = join_f32(scale, scale_lo, acc_t)
-    rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
-    offs_n = tl.arange(0, BN)
+    rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, LN, HAS_MASK, BM)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     q = tl.load(Q + b * L * D + rows[:, None] * D + offs_d[None, :],
@@ -97,13 +120,14 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale, scale_lo,
     m_i = tl.full((BM,), float("-inf"), acc_t)
     l_i = tl.zeros((BM,), acc_t)
     acc = tl.zeros((BM, BE), acc_t)
-    hi = tl.where(pid_m * BM < count, N, 0)  # a tile past the active count has no work
+    span = _keys(IDX, CNT, b, 0, L, N, LN, KEY_ORDER, BN)[2]
+    hi = tl.where(pid_m * BM < count, span, 0)  # a tile past the active count has no work
     for start in range(0, hi, BN):
-        cols = start + offs_n
-        kb = tl.load(KB + b * N + cols, mask=cols < N, other=float("-inf")).to(acc_t)
+        cols, col_ok = _keys(IDX, CNT, b, start, L, N, LN, KEY_ORDER, BN)[:2]
+        kb = tl.load(KB + b * N + cols, mask=col_ok, other=float("-inf")).to(acc_t)
         if tl.max(kb, 0) > float("-inf"):  # skip tiles whose keys are all removed
             kt = tl.load(K + b * N * D + cols[None, :] * D + offs_d[:, None],
-                         mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+                         mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
             s = _mm(q, kt, USE_DOT, PREC).to(acc_t) * scale + kb[None, :]
             # some key of the tile is live, so the row max is finite and exp never sees inf - inf
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -111,7 +135,7 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale, scale_lo,
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * N * E + cols[:, None] * E + offs_e[None, :],
-                        mask=(cols[:, None] < N) & (offs_e[None, :] < E), other=0.0)
+                        mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT, PREC).to(acc_t)
             m_i = m_new
     live = (l_i > 0) & row_ok  # an inactive row of an active tile attended with q = 0: drop it
@@ -124,25 +148,48 @@ def _attn_fwd(Q, K, V, KB, IDX, CNT, O, LSE, L, N, D, E, scale, scale_lo,
 
 
 @triton.jit
-def _compact_kernel(QM, IDX, CNT, L, BLOCK: tl.constexpr):
-    """One program per image: the positions of its queries in compacted order (active ones
-    first, each group in raster order) by two sweeps over the mask, the first counting, the
-    second placing each query by a running prefix sum."""
-    b = tl.program_id(0).to(tl.int64)
+def _order(SRC, n, IDX, CNT, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """The positions of n flags in compacted order (those that are on first, each group in
+    raster order) by two sweeps, the first counting, the second placing each one by a running
+    prefix sum. Flags: a bool mask, or with BIAS a key bias that is on unless -inf (a NaN bias
+    is a kept key, as in the kernels' tile skipping)."""
     total = tl.sum(tl.zeros((BLOCK,), tl.int32), 0)
-    for start in range(0, L, BLOCK):
+    for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        total += tl.sum(tl.load(QM + b * L + offs, mask=offs < L, other=0).to(tl.int32), 0)
+        total += tl.sum(_flag(SRC, offs, n, BIAS), 0)
     before = total * 0
-    for start in range(0, L, BLOCK):
+    for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        ok = offs < L
-        m = tl.load(QM + b * L + offs, mask=ok, other=0).to(tl.int32)
-        act = before + tl.cumsum(m, 0) - m                    # active queries before each one
-        dest = tl.where(m != 0, act, total + offs - act)      # inactive: after all the actives
-        tl.store(IDX + b * L + dest, offs.to(tl.int32), mask=ok)
+        m = _flag(SRC, offs, n, BIAS)
+        act = before + tl.cumsum(m, 0) - m                    # flags on before each one
+        dest = tl.where(m != 0, act, total + offs - act)      # off: after all that are on
+        tl.store(IDX + dest, offs.to(tl.int32), mask=offs < n)
         before += tl.sum(m, 0)
-    tl.store(CNT + b, total)
+    tl.store(CNT, total)
+
+
+@triton.jit
+def _flag(SRC, offs, n, BIAS: tl.constexpr):
+    if BIAS:
+        kb = tl.load(SRC + offs, mask=offs < n, other=float("-inf"))
+        return (kb != float("-inf")).to(tl.int32)
+    else:
+        return tl.load(SRC + offs, mask=offs < n, other=0).to(tl.int32)
+
+
+@triton.jit
+def _compact_kernel(QM, KB, IDX, CNT, L, N, LN, QUERIES: tl.constexpr, KEYS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Program (b, 0): image b's queries (QUERIES), into IDX[b, :L] and CNT[b, 0]; program
+    (b, 1), or (b, 0) without QUERIES: its keys (KEYS), into IDX[b, L:] and CNT[b, 1]."""
+    b = tl.program_id(0).to(tl.int64)
+    job = tl.program_id(1)
+    if QUERIES:
+        if job == 0:
+            _order(QM + b * L, L, IDX + b * LN, CNT + 2 * b, False, BLOCK)
+    if KEYS:
+        if job == QUERIES:
+            _order(KB + b * N, N, IDX + b * LN + L, CNT + 2 * b + 1, True, BLOCK)
 
 
 @triton.jit
@@ -160,16 +207,18 @@ def _attn_bwd_delta(O, DO, DELTA, L, E, BM: tl.constexpr, BE: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, scale, scale_lo,
-                   HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-                   EC: tl.constexpr):
+def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, LN, D, E, scale,
+                   scale_lo, HAS_MASK: tl.constexpr, KEY_ORDER: tl.constexpr,
+                   USE_DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BD: tl.constexpr, BE: tl.constexpr, EC: tl.constexpr):
+    """dK, dV of the keys at positions [pid_n BN, ...) of the key order: those past the kept
+    count are removed keys, written as zeros (every key row is written)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
     scale = join_f32(scale, scale_lo, acc_t)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_ok = cols < N
+    # (named, not _: the loop below assigns _ a value of another type, which Triton refuses)
+    cols, col_ok, key_span, col_exists = _keys(IDX, CNT, b, pid_n * BN, L, N, LN, KEY_ORDER, BN)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     kb = tl.load(KB + b * N + cols, mask=col_ok, other=float("-inf")).to(acc_t)
@@ -181,12 +230,12 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
     dk = tl.zeros((BN, BD), acc_t)
     dv = tl.zeros((BN, BE), acc_t)
     if HAS_MASK:
-        count = tl.load(CNT + b)
+        count = tl.load(CNT + 2 * b)
     else:
         count = L
     hi = tl.where(tl.max(kb, 0) > float("-inf"), count, 0)  # all keys removed: dK = dV = 0
     for start in range(0, hi, BM):
-        rows, row_ok, _, _ = _rows(IDX, CNT, b, start, L, HAS_MASK, BM)
+        rows, row_ok, _, _ = _rows(IDX, CNT, b, start, L, LN, HAS_MASK, BM)
         # everything below is (keys, queries): q (and narrow dO) are loaded transposed
         qt = tl.load(Q + b * L * D + rows[None, :] * D + offs_d[:, None],
                      mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
@@ -210,22 +259,22 @@ def _attn_bwd_dkdv(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DK, DV, L, N, D, E, sc
         dst = pt * (dpt - delta[None, :])
         dk += _mm(dst.to(qt.dtype), tl.trans(qt), USE_DOT, PREC).to(acc_t)
     tl.store(DK + b * N * D + cols[:, None] * D + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+             (dk * scale).to(DK.dtype.element_ty),
+             mask=col_exists[:, None] & (offs_d[None, :] < D))
     tl.store(DV + b * N * E + cols[:, None] * E + offs_e[None, :], dv.to(DV.dtype.element_ty),
-             mask=ve_mask)
+             mask=col_exists[:, None] & (offs_e[None, :] < E))
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale, scale_lo,
-                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-                 EC: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, LN, D, E, scale, scale_lo,
+                 HAS_MASK: tl.constexpr, KEY_ORDER: tl.constexpr, USE_DOT: tl.constexpr,
+                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 BE: tl.constexpr, EC: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_t = DELTA.dtype.element_ty
     scale = join_f32(scale, scale_lo, acc_t)
-    rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, HAS_MASK, BM)
-    offs_n = tl.arange(0, BN)
+    rows, row_ok, count, exists = _rows(IDX, CNT, b, pid_m * BM, L, LN, HAS_MASK, BM)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     qd_mask = row_ok[:, None] & (offs_d[None, :] < D)
@@ -237,21 +286,22 @@ def _attn_bwd_dq(Q, K, V, KB, IDX, CNT, DO, LSE, DELTA, DQ, L, N, D, E, scale, s
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + b * L + rows, mask=row_ok, other=0.0)
     dq = tl.zeros((BM, BD), acc_t)
-    hi = tl.where(pid_m * BM < count, N, 0)
+    span = _keys(IDX, CNT, b, 0, L, N, LN, KEY_ORDER, BN)[2]
+    hi = tl.where(pid_m * BM < count, span, 0)
     for start in range(0, hi, BN):
-        cols = start + offs_n
-        kb = tl.load(KB + b * N + cols, mask=cols < N, other=float("-inf")).to(acc_t)
+        cols, col_ok = _keys(IDX, CNT, b, start, L, N, LN, KEY_ORDER, BN)[:2]
+        kb = tl.load(KB + b * N + cols, mask=col_ok, other=float("-inf")).to(acc_t)
         if tl.max(kb, 0) > float("-inf"):
             kt = tl.load(K + b * N * D + cols[None, :] * D + offs_d[:, None],
-                         mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+                         mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
             s = _mm(q, kt, USE_DOT, PREC).to(acc_t) * scale + kb[None, :]
             p = tl.exp(s - lse[:, None])
             if BE <= EC:
                 vt = tl.load(V + b * N * E + cols[None, :] * E + offs_e[:, None],
-                             mask=(cols[None, :] < N) & (offs_e[:, None] < E), other=0.0)
+                             mask=col_ok[None, :] & (offs_e[:, None] < E), other=0.0)
                 dp = _mm(do, vt, USE_DOT, PREC).to(acc_t)
             else:
-                dp = _abt(DO + b * L * E, rows, row_ok, V + b * N * E, cols, cols < N, E,
+                dp = _abt(DO + b * L * E, rows, row_ok, V + b * N * E, cols, col_ok, E,
                           tl.zeros((BM, BN), acc_t), USE_DOT, PREC, BE, EC)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt), USE_DOT, PREC).to(acc_t)
@@ -294,30 +344,68 @@ def _blocks(BD: int, BE: int, dtype: torch.dtype):
                 dkdv=(stream, _fit(6144, wide), warps))
 
 
-def _compact(query_mask: torch.Tensor, block: Optional[int] = None):
-    """Active query indices first (in order), then the inactive ones: (B, L) int32, and the
-    active count per image (B,) int32. One kernel, no sync (it was ~8 small torch ops, and the
-    op's fwd+bwd is host-bound on a GPU). ``block``: the mask elements per step (tests)."""
-    B, L = query_mask.shape
-    idx = torch.empty(B, L, device=query_mask.device, dtype=torch.int32)
-    cnt = torch.empty(B, device=query_mask.device, dtype=torch.int32)
-    if B and L:
-        block = block or min(4096 if interpreting() else 1024, _pow2(L))
-        launcher(_compact_kernel)[(B,)](query_mask.contiguous(), idx, cnt, L, BLOCK=block,
-                                        num_warps=4)
-    else:
-        cnt.zero_()
+def _orders(query_mask: Optional[torch.Tensor], key_bias: torch.Tensor, keys: bool, L: int,
+            block: Optional[int] = None):
+    """The query order (active queries first, in order, then the inactive ones; with a mask)
+    and the key order (kept keys first; with ``keys``) in one launch, no sync (the query order
+    was ~8 small torch ops, and the op's fwd+bwd is host-bound on a GPU): idx (Tensor[B, L] int32,
+    or with ``keys`` Tensor[B, L + N], the key order in the last N columns) and cnt
+    (Tensor[B, 2] int32: active queries, kept keys). Empty tensors when neither is asked.
+    ``block``: elements per step (tests)."""
+    B, N = key_bias.shape
+    dev = key_bias.device
+    if query_mask is None and not keys:
+        return key_bias.new_empty(0, dtype=torch.int32), key_bias.new_empty(0, dtype=torch.int32)
+    idx = torch.empty(B, L + (N if keys else 0), device=dev, dtype=torch.int32)
+    cnt = torch.empty(B, 2, device=dev, dtype=torch.int32)
+    if not B:
+        return idx, cnt
+    queries = query_mask is not None
+    block = block or min(4096 if interpreting() else 1024, _pow2(max(L, N)))
+    qm = query_mask.contiguous() if queries else key_bias
+    launcher(_compact_kernel)[(B, int(queries) + int(keys))](
+        qm, key_bias, idx, cnt, L, N, idx.shape[1], QUERIES=queries, KEYS=keys, BLOCK=block,
+        num_warps=4)
     return idx, cnt
 
 
-def _flags(q, query_mask) -> dict:
-    """Kernel switches: the query mask, float64 products without tl.dot, and the float32 dot:
+def _compact(query_mask: torch.Tensor, block: Optional[int] = None):
+    """The query order alone: (Tensor[B, L] int32, active count Tensor[B] int32)."""
+    B, L = query_mask.shape
+    if not (B and L):
+        return (torch.empty(B, L, device=query_mask.device, dtype=torch.int32),
+                torch.zeros(B, device=query_mask.device, dtype=torch.int32))
+    idx, cnt = _orders(query_mask, query_mask.new_zeros(B, 0, dtype=torch.float32), False, L,
+                       block)
+    return idx, cnt[:, 0]
+
+
+def _key_order(N: int, BN: int) -> bool:
+    """Whether the kernels visit the keys in compacted order: more than one key tile, unless
+    ``REGHARM_TRITON_KEY_ORDER=raster`` (read at each call: the benchmarks time both ways in one
+    process)."""
+    mode = os.environ.get("REGHARM_TRITON_KEY_ORDER", "auto") or "auto"
+    if mode not in ("auto", "raster"):
+        raise ValueError(f"REGHARM_TRITON_KEY_ORDER must be 'auto' (kept keys first) or 'raster' "
+                         f"(the keys in their own order), got {mode!r}")
+    return mode == "auto" and N > BN
+
+
+def _ld(idx: torch.Tensor, L: int) -> int:
+    """The row length of :func:`_orders`' idx: L, or L + N with the key order."""
+    return idx.shape[1] if idx.dim() == 2 else L
+
+
+def _flags(q, query_mask, idx) -> dict:
+    """Kernel switches: the query mask, the key order (``idx`` holds it past the queries'
+    columns), float64 products without tl.dot, and the float32 dot:
     ``tf32x3`` (three TF32 products: float32 accuracy on tensor cores; Triton's ``ieee`` float32
     dot runs on FMA units and spills kilobytes of registers at these tiles), or plain ``tf32``
     where PyTorch's own matmuls would use it (``torch.backends.cuda.matmul.allow_tf32``)."""
     fp64 = q.dtype == torch.float64
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return dict(HAS_MASK=query_mask is not None, USE_DOT=not fp64,
+    return dict(HAS_MASK=query_mask is not None, KEY_ORDER=_ld(idx, q.shape[1]) > q.shape[1],
+                USE_DOT=not fp64,
                 PREC="tf32" if tf32 else ("tf32x3" if q.dtype == torch.float32 else "ieee"))
 
 
@@ -331,26 +419,27 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (Tensor[B, L, E], q's dtype), lse (Tensor[B, L], float32 or float64) and the query
-    compaction (idx (Tensor[B, L]), count (Tensor[B]), int32; empty without a mask), which the
-    backward reuses instead of building it again (the op's fwd+bwd is host-bound on a GPU)."""
+    and key orders (idx (Tensor[B, L + N]), cnt (Tensor[B, 2]), int32; empty where neither
+    applies: :func:`_orders`), which the backward reuses instead of building them again (the
+    op's fwd+bwd is host-bound on a GPU)."""
     B, L, D = q.shape
     N, E = v.shape[1], v.shape[2]
     q, k, v, key_bias = _dense(q, k, v, key_bias)
-    if query_mask is None:  # unused (HAS_MASK=False); outputs may not alias each other
-        idx, cnt = q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
-    else:
-        idx, cnt = _compact(query_mask)
+    BD, BE = _pow2(int(D)), _pow2(int(E))
+    blocks = _blocks(BD, BE, q.dtype)
+    # where every kernel's key tile holds all the keys the order gains nothing
+    keys = bool(L) and _key_order(int(N), min(b[1] for b in blocks.values()))
+    idx, cnt = _orders(query_mask, key_bias, keys, L)  # outputs may not alias each other
     acc = acc_dtype(q.dtype)
     if not (B and L and N):  # nothing attended
         return (torch.zeros(B, L, E, device=q.device, dtype=q.dtype),
                 torch.full((B, L), float("-inf"), device=q.device, dtype=acc), idx, cnt)
     out = torch.empty(B, L, E, device=q.device, dtype=q.dtype)  # the kernel writes every row
     lse = torch.empty(B, L, device=q.device, dtype=acc)
-    BD, BE = _pow2(int(D)), _pow2(int(E))
-    BM, BN, warps = _blocks(BD, BE, q.dtype)["fwd"]
+    BM, BN, warps = blocks["fwd"]
     launcher(_attn_fwd)[(cdiv(L, BM), B)](
-        q, k, v, key_bias, idx, cnt, out, lse, L, N, D, E, *split_f32(scale),
-        **_flags(q, query_mask),
+        q, k, v, key_bias, idx, cnt, out, lse, L, N, _ld(idx, L), D, E, *split_f32(scale),
+        **_flags(q, query_mask, idx),
         BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=2)
     return out, lse, idx, cnt
 
@@ -361,7 +450,7 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          query_mask: Optional[torch.Tensor], out: torch.Tensor,
                          lse: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, scale: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv in q's dtype; idx, cnt: the forward's query compaction."""
+    """dq, dk, dv in q's dtype; idx, cnt: the forward's query and key orders."""
     B, L, D = q.shape
     N, E = v.shape[1], v.shape[2]
     q, k, v, key_bias = _dense(q, k, v, key_bias)
@@ -382,14 +471,15 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     # at E = 512 that cuts sm_90 spills from ~7 KB to <= 1.3 KB per thread; 16-bit values
     # spill less kept in registers
     ec = min(BE, 128) if q.dtype == torch.float32 else BE
-    flags = dict(_flags(q, query_mask), BD=BD, BE=BE, EC=ec, num_stages=2)
+    flags = dict(_flags(q, query_mask, idx), BD=BD, BE=BE, EC=ec, num_stages=2)
     BM, BN, warps = blocks["dkdv"]
     launcher(_attn_bwd_dkdv)[(cdiv(N, BN), B)](
-        q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, D, E, *split_f32(scale),
-        BM=BM, BN=BN, num_warps=warps, **flags)
+        q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, _ld(idx, L), D, E,
+        *split_f32(scale), BM=BM, BN=BN, num_warps=warps, **flags)
     BM, BN, warps = blocks["dq"]
     launcher(_attn_bwd_dq)[(cdiv(L, BM), B)](
-        q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, D, E, *split_f32(scale),
+        q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, _ld(idx, L), D, E,
+        *split_f32(scale),
         BM=BM, BN=BN, num_warps=warps, **flags)
     return dq, dk, dv
 
