@@ -38,7 +38,7 @@ struct AttnArgs {
   // Last, so that the fields above keep their parameter offsets (the float32 dK/dV kernel is
   // at ptxas's 255 registers, and moving them made it spill).
   const int* korder;    // (B, N) or null: the keys, kept ones first (register kernels, key_order)
-  const int* kcount;    // (B) with korder (and alone for the dK/dV kernel): kept keys per image
+  const int* kcount;    // (B) with korder: kept keys per image
 };
 
 template <typename T, typename A>
