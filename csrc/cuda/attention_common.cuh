@@ -77,6 +77,19 @@ __device__ __forceinline__ bool active_at(const AttnArgs<T, A>& a, int64_t b, in
   return a.qorder ? p < a.qcount[b] : (a.qmask == nullptr || a.qmask[b * a.L + p]);
 }
 
+// Loads rows_valid rows of a (rows, cols) image (row stride rs) into a `rows`-row tile: the
+// rows order[0 ..) of an order (its entries from the tile's first position p0), or without one
+// the rows p0, p0 + 1, ...
+template <typename T>
+__device__ __forceinline__ void load_ordered_tile(T* dst, int ld, const T* img, int64_t rs,
+                                                  const int* order, int64_t p0, int rows_valid,
+                                                  int rows, int cols_valid, int cols, bool vec) {
+  if (order)
+    load_tile(dst, ld, img, rs, rows_valid, rows, cols_valid, cols, vec, order);
+  else
+    load_tile(dst, ld, img + p0 * rs, rs, rows_valid, rows, cols_valid, cols, vec);
+}
+
 // Loads rows_valid rows of a (B, L, cols) tensor (image b, row stride rs) from position q0 of
 // the query order into a BM-row tile.
 template <typename T, typename A>
@@ -84,10 +97,8 @@ __device__ __forceinline__ void load_query_tile(const AttnArgs<T, A>& a, T* dst,
                                                 const T* img, int64_t rs, int64_t b, int64_t q0,
                                                 int rows_valid, int cols_valid, int cols,
                                                 bool vec) {
-  if (a.qorder)
-    load_tile(dst, ld, img, rs, rows_valid, a.BM, cols_valid, cols, vec, a.qorder + b * a.L + q0);
-  else
-    load_tile(dst, ld, img + q0 * rs, rs, rows_valid, a.BM, cols_valid, cols, vec);
+  load_ordered_tile(dst, ld, img, rs, a.qorder ? a.qorder + b * a.L + q0 : nullptr, q0,
+                    rows_valid, a.BM, cols_valid, cols, vec);
 }
 
 // Key tiles cover positions p of the key order of image b, and only positions below
@@ -109,10 +120,8 @@ __device__ __forceinline__ void load_key_tile(const AttnArgs<T, A>& a, T* dst, i
                                               const T* img, int64_t rs, int64_t b, int64_t k0,
                                               int rows_valid, int rows, int cols_valid, int cols,
                                               bool vec) {
-  if (a.korder)
-    load_tile(dst, ld, img, rs, rows_valid, rows, cols_valid, cols, vec, key_rows(a, b, k0));
-  else
-    load_tile(dst, ld, img + k0 * rs, rs, rows_valid, rows, cols_valid, cols, vec);
+  load_ordered_tile(dst, ld, img, rs, key_rows(a, b, k0), k0, rows_valid, rows, cols_valid, cols,
+                    vec);
 }
 
 template <typename A> __device__ __forceinline__ A acc_log(A v) { return log(v); }

@@ -572,6 +572,12 @@ int64_t reg_wave(const AttnShape& s) {
   return int64_t(std::max(1, per_sm)) * multiprocessor_count();
 }
 
+// Query tiles of the register key-tile kernel per image, in raster order (the most any split
+// count can use).
+inline int64_t reg_query_tiles(const AttnShape& s) {
+  return (s.L + kRegQueries - 1) / kRegQueries;
+}
+
 // Query splits of the register key-tile kernel: as many as one wave of blocks holds (the
 // occupancy the kernel's registers and shared memory allow, times the multiprocessors), so that
 // no second, mostly idle wave follows; at least one, at most one per query tile (and 16).
@@ -579,7 +585,7 @@ int64_t reg_wave(const AttnShape& s) {
 template <typename T>
 int reg_num_splits(const AttnShape& s) {
   const int64_t key_blocks = s.B * ((s.N + kRegRows - 1) / kRegRows);
-  const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
+  const int64_t qtiles = reg_query_tiles(s);
   if (key_blocks == 0 || qtiles == 0) return 1;
   return int(std::max<int64_t>(1, std::min<int64_t>({reg_wave<T>(s) / key_blocks, qtiles, 16})));
 }
@@ -595,8 +601,7 @@ template <typename T>
 int reg_split_room(const AttnShape& s) {
   const int n = reg_num_splits<T>(s);
   if (!splits_follow_keys(s)) return n;
-  const int64_t qtiles = (s.L + kRegQueries - 1) / kRegQueries;
-  return int(std::max<int64_t>(n, std::min<int64_t>({n + (n + 1) / 2, qtiles, 16})));
+  return int(std::max<int64_t>(n, std::min<int64_t>({n + (n + 1) / 2, reg_query_tiles(s), 16})));
 }
 
 struct Tiles {
