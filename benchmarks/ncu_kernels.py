@@ -1,8 +1,9 @@
 """Nsight Compute's view of the native CUDA kernels at the paper's setting, for the next speed-up:
 how close each kernel runs to the GPU's compute and memory throughput (SpeedOfLight), how many
-warps it keeps resident and what limits that (Occupancy, LaunchStats). benchmarks/gpu_check.sh
-runs it in its `diagnose` step, after the sanitizer; gpu_bench.json already holds the kernels'
-times (kernel_profile), this says why they take them.
+warps it keeps resident and what limits that (Occupancy, LaunchStats), and what its warps wait
+for (WarpStateStats: long-scoreboard stalls are waits on global loads, PERF_NOTES item 28).
+benchmarks/gpu_check.sh runs it in its `diagnose` step, after the sanitizer; gpu_bench.json
+already holds the kernels' times (kernel_profile), this says why they take them.
 
     python benchmarks/ncu_kernels.py [--budget 90]
     python benchmarks/ncu_kernels.py --run [--device cpu]     # the workload alone
@@ -25,7 +26,7 @@ sys.path.insert(0, HERE)
 from cuda_tools import cuda_available, find_tool, run_tool  # noqa: E402
 
 KERNELS = "regex:attn_|patch_stats"
-SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
 # shared-memory load wavefronts and load instructions: their ratio is what PairedLanes
 # (PERF_NOTES item 16) halves in the model of simt_products.cuh, 4 -> 2 for the float32
 # kernels' 16-byte loads

@@ -289,6 +289,17 @@ def test_cuda_emulated_attention_layouts_and_schedules(configured, layout, order
     _check_attention(configured(order=order), inputs, layout=layout)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_cuda_emulated_attention_key_tiles_and_schedules(configured, order, dtype):
+    """Three tiles of kept keys (the test above keeps one tile's worth in the key order) where
+    one warp runs ahead of the others: in the reverse schedule cp.async copies land when
+    issued, so a key tile's copies that do not wait for every warp to finish the previous tile
+    give wrong results, and in the others they land at the issuing thread's wait."""
+    inputs = make_attention_inputs(B=2, L=100, N=150, D=24, E=40, removed=0.1, dtype=dtype)
+    _check_attention(configured(order=order), inputs)
+
+
 @pytest.mark.parametrize("tiles", [False, True], ids=["registers", "tiles"])
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
 def test_cuda_emulated_attention_one_block_per_key_tile(configured, order, tiles):
@@ -665,6 +676,29 @@ def test_cuda_emulated_key_order_keeps_nan_bias(configured):
     nan_rows = {c: torch.isnan(configured(key_order=c).attention(q, k, v, kb, qm, scale)[0])
                 for c in (True, False)}
     assert torch.equal(nan_rows[True], nan_rows[False]) and nan_rows[True].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_emulated_forward_copies_each_tile_unit_once(configured, dtype):
+    """The register forward's tiles go through cp.async, one copy per 16 bytes of the rows and
+    columns that hold data (padding is stored as zeros, not copied): per block with an active
+    query, its Q rows and, over the tiles of kept keys, their K and V rows (float32: each of
+    the two blocks of a query tile its half of the key tiles). Loads that went through
+    registers again, or copied padding or a tile twice, change the count."""
+    B, L, N, D, E = 2, 100, 150, 24, 40
+    q, k, v, kb, qm = make_attention_inputs(B=B, L=L, N=N, D=D, E=E, active=0.8, removed=0.3,
+                                            dead_batch=False, dtype=dtype)
+    emu = configured()
+    emu.attention(q, k, v, kb, qm, D ** -0.5)
+    unit = 16 // q.element_size()
+    halves = 2 if dtype == torch.float32 else 1  # float32's forward splits its key tiles
+    expected = 0
+    for b in range(B):
+        active, kept = int(qm[b].sum()), int((kb[b] > float("-inf")).sum())
+        for q0 in range(0, L, 64):
+            if q0 < active:  # a block whose queries are all inactive loads nothing
+                expected += halves * min(64, L - q0) * D // unit + kept * (D + E) // unit
+    assert emu.take_async_copy_count() == expected
 
 
 def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):

@@ -79,15 +79,16 @@ __device__ __forceinline__ bool active_at(const AttnArgs<T, A>& a, int64_t b, in
 
 // Loads rows_valid rows of a (rows, cols) image (row stride rs) into a `rows`-row tile: the
 // rows order[0 ..) of an order (its entries from the tile's first position p0), or without one
-// the rows p0, p0 + 1, ...
+// the rows p0, p0 + 1, ... Like load_tile_async, this and the two below only issue their
+// copies: cp_async_wait_all() and a barrier come before the tile is read.
 template <typename T>
 __device__ __forceinline__ void load_ordered_tile(T* dst, int ld, const T* img, int64_t rs,
                                                   const int* order, int64_t p0, int rows_valid,
                                                   int rows, int cols_valid, int cols, bool vec) {
   if (order)
-    load_tile(dst, ld, img, rs, rows_valid, rows, cols_valid, cols, vec, order);
+    load_tile_async(dst, ld, img, rs, rows_valid, rows, cols_valid, cols, vec, order);
   else
-    load_tile(dst, ld, img + p0 * rs, rs, rows_valid, rows, cols_valid, cols, vec);
+    load_tile_async(dst, ld, img + p0 * rs, rs, rows_valid, rows, cols_valid, cols, vec);
 }
 
 // Loads rows_valid rows of a (B, L, cols) tensor (image b, row stride rs) from position q0 of

@@ -228,6 +228,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+  cp_async_wait_all();
   __syncthreads();
   // Q fragments stay in registers where the policy says so, else are read at each product
   const T* qw = sm.q + warp * 16 * sm.ldq;
@@ -248,10 +249,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k_end = min(nk, (split + 1) * per * kRegKeys);
   for (int64_t k0 = split * per * kRegKeys; k0 < k_end; k0 += kRegKeys) {
     const int keys = int(min(int64_t(kRegKeys), nk - k0));
-    if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0)))
-      continue;  // every key removed
+    // K and V in flight over the bias's round trips (the previous tile ended with a barrier)
     load_key_tile(a, sm.k, sm.ldq, k_b, a.ks.r, b, k0, keys, kRegKeys, a.D, DP, a.vec_k);
     load_key_tile(a, sm.v, sm.ldv, v_b, a.vs.r, b, k0, keys, kRegKeys, ecols, EC, a.vec_v);
+    const bool kept = load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0));
+    cp_async_wait_all();
+    if (!kept) continue;  // every key removed: nobody reads this tile
     __syncthreads();
 
     float s[NS][4] = {};
@@ -394,10 +397,12 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, warp = tid >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
 
   float dq[ND][4] = {};
-  if (load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) {  // else: nothing attended, 0
-    load_query_tile(a, sq, ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
-    load_query_tile(a, sdo, lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, EP,
-                    g.vec_do);
+  // Q and dO in flight over lse's and delta's round trips
+  load_query_tile(a, sq, ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+  load_query_tile(a, sdo, lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
+  const bool attends = load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows);
+  cp_async_wait_all();
+  if (attends) {  // else: nothing attended, 0
     __syncthreads();
     const T* qw = sq + warp * 16 * ldq;
     const T* dow = sdo + warp * 16 * lde;
@@ -418,11 +423,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t nk = key_span(a, b);
     for (int64_t k0 = 0; k0 < nk; k0 += kRegKeys) {
       const int keys = int(min(int64_t(kRegKeys), nk - k0));
-      if (!load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0))) continue;
+      // K and V in flight over the bias's round trips (the previous tile ended with a barrier)
       load_key_tile(a, sk, ldq, a.k + b * a.ks.b, a.ks.r, b, k0, keys, kRegKeys, a.D, DP,
                     a.vec_k);
       load_key_tile(a, sv, lde, a.v + b * a.vs.b, a.vs.r, b, k0, keys, kRegKeys, a.E, EP,
                     a.vec_v);
+      const bool kept = load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0));
+      cp_async_wait_all();
+      if (!kept) continue;  // every key removed: nobody reads this tile
       __syncthreads();
       float s[NS][4] = {}, dp[NS][4] = {};
       if constexpr (M::kFragsInRegs) {
@@ -591,11 +599,11 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, warp = tid >> 5, gr = M::Lanes::g(), t = M::Lanes::t();
 
   float dk[ND][4] = {}, dv[NE][4] = {};
+  // K and V in flight over the bias's round trips; the first query tile's wait and barrier
+  // publish them
+  load_key_tile(a, sk, ldk, a.k + b * a.ks.b, a.ks.r, b, k0, keys, kRegRows, a.D, DP, a.vec_k);
+  load_key_tile(a, sv, lde, a.v + b * a.vs.b, a.vs.r, b, k0, keys, kRegRows, a.E, EP, a.vec_v);
   if (load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, kRegRows, key_rows(a, b, k0))) {
-    load_key_tile(a, sk, ldk, a.k + b * a.ks.b, a.ks.r, b, k0, keys, kRegRows, a.D, DP,
-                  a.vec_k);
-    load_key_tile(a, sv, lde, a.v + b * a.vs.b, a.vs.r, b, k0, keys, kRegRows, a.E, EP,
-                  a.vec_v);
     const float bk0 = sm.bias[warp * 16 + gr], bk1 = sm.bias[warp * 16 + gr + 8];
     const T* kw = sk + warp * 16 * ldk;
     const T* vw = sv + warp * 16 * lde;
@@ -605,12 +613,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int qt = split; qt < qtiles; qt += nsplit) {
       const int64_t q0 = int64_t(qt) * kRegQueries;
       const int rows = int(min(int64_t(kRegQueries), span - q0));
-      // barrier inside; the previous tile ended with one, so lse and delta are free
-      if (!load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows)) continue;
+      // Q and dO in flight over lse's and delta's round trips; the previous tile ended with a
+      // barrier, so q, dout, lse and delta are free
       const T* q_img = a.q + b * a.qs.b;
       const T* do_img = g.dout + b * g.dos.b;
       load_query_tile(a, sq, ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
       load_query_tile(a, sdo, lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
+      const bool attends = load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows);
+      cp_async_wait_all();
+      if (!attends) continue;  // nobody reads this tile
       __syncthreads();
       float st[NQ][4] = {}, dpt[NQ][4] = {};
       mma_abt<M, KD>(st, kw, ldk, sq, ldk);     // Sᵀ = K Qᵀ
@@ -638,6 +649,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();  // done with q, dout, lse, delta and ds before the next tile's loads
     }
   }
+  cp_async_wait_all();  // K and V where no query tile waited for them: none left in flight
   float* dk_p = g.dk_part + ((split * a.B + b) * a.N + k0) * a.D;
   float* dv_p = g.dv_part + ((split * a.B + b) * a.N + k0) * a.E;
 #pragma unroll

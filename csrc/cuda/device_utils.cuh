@@ -100,14 +100,44 @@ template <typename A> __device__ A block_sum(A v, A* scratch) {
   return total;
 }
 
+// A 16-byte copy from global to shared memory that neither stages through registers nor blocks
+// the thread (cp.async, sm_80+): it lands at the thread's next cp_async_wait_all, and a barrier
+// after that shows it to the other threads. Below sm_80, a load and a store.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if defined(REGHARM_CUDA_EMULATION)
+  ::emu::cp_async16(dst, src);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+#endif
+}
+
+// Waits for the calling thread's cp.async copies.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(REGHARM_CUDA_EMULATION)
+  ::emu::cp_async_wait_all();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // Copies a rows x cols tile into shared memory (row pitch ld), zero outside rows_valid x
 // cols_valid: padding rows and columns must be exact zeros, since they enter matrix products
 // (0 · garbage could be NaN). Tile row r is source row row_idx[r] when row_idx is given (a
-// gather), else r. vec: 16-byte loads, allowed when src, its row stride and cols_valid are
+// gather), else r. vec: 16-byte copies, allowed when src, its row stride and cols_valid are
 // multiples of 16 bytes (the launchers check it); cols and ld always are.
+//
+// Only issues the vector copies (cp.async): the caller waits (cp_async_wait_all) before the
+// barrier that publishes the tile, so that every copy of a tile, or of the tiles loaded
+// together, is in flight at once. A loop of load-then-store, as before, kept one 16-byte load
+// per thread in flight (ptxas does not pipeline it): a global round trip per 16 bytes of a
+// thread's share, 12 per key tile of the 16-bit forward at D 64, E 128.
 template <typename T>
-__device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows_valid, int rows,
-                          int cols_valid, int cols, bool vec, const int* row_idx = nullptr) {
+__device__ void load_tile_async(T* dst, int ld, const T* src, int64_t src_ld, int rows_valid,
+                                int rows, int cols_valid, int cols, bool vec,
+                                const int* row_idx = nullptr) {
   auto src_row = [&](int r) {
     return src + (row_idx ? int64_t(row_idx[r]) : int64_t(r)) * src_ld;
   };
@@ -116,11 +146,11 @@ __device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows
     const int units = cols / V;
     for (int idx = threadIdx.x; idx < rows * units; idx += blockDim.x) {
       const int r = idx / units, c = (idx % units) * V;
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows_valid && c < cols_valid)
-        val = __ldg(reinterpret_cast<const uint4*>(src_row(r) + c));
       REGHARM_CHECK_ALIGNED(dst + r * ld + c, 16);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+      if (r < rows_valid && c < cols_valid)
+        cp_async16(dst + r * ld + c, src_row(r) + c);
+      else
+        *reinterpret_cast<uint4*>(dst + r * ld + c) = make_uint4(0u, 0u, 0u, 0u);
     }
   } else {
     const T zero = from_acc<T>(0.0f);
@@ -129,6 +159,14 @@ __device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows
       dst[r * ld + c] = (r < rows_valid && c < cols_valid) ? src_row(r)[c] : zero;
     }
   }
+}
+
+// load_tile_async, then the wait: a barrier after it publishes the tile.
+template <typename T>
+__device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows_valid, int rows,
+                          int cols_valid, int cols, bool vec, const int* row_idx = nullptr) {
+  load_tile_async(dst, ld, src, src_ld, rows_valid, rows, cols_valid, cols, vec, row_idx);
+  cp_async_wait_all();
 }
 
 // Bytes of shared memory the launchers may use: the opt-in maximum of the current device.

@@ -254,6 +254,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp, a.vec_q);
+  cp_async_wait_all();
   zero_tile(sm.o, sm.ldo, a.BM, a.EC);
 
   const T* k_b = a.k + b * a.ks.b;
@@ -317,6 +318,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (__syncthreads_or(any)) {
     load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp, a.vec_q);
+    cp_async_wait_all();
     for (int64_t k0 = 0; k0 < a.N; k0 += a.BN) {
       const int keys = int(min(int64_t(a.BN), a.N - k0));
       if (!load_bias_tile(sm.bias, a.bias + b * a.N, k0, keys, a.BN)) continue;
@@ -375,6 +377,7 @@ __device__ __forceinline__ void load_q_dout_tiles(const AttnArgs<T, A>& a, const
   load_query_tile(a, sm.q, sm.ldq, a.q + b * a.qs.b, a.qs.r, b, q0, rows, a.D, a.Dp, a.vec_q);
   load_query_tile(a, sm.dout, sm.lde, g.dout + b * g.dos.b, g.dos.r, b, q0, rows, a.E, a.Ep,
                   g.vec_do);
+  cp_async_wait_all();
 }
 
 // S = Q Kᵀ and dP = dO Vᵀ of the current tiles, then P and dS = P ∘ (dP - Δ) in T.

@@ -96,6 +96,10 @@ __device__ __forceinline__ Tile tile_of_block(int Kh, int Kw, int tkh, int tkw, 
   return t;
 }
 
+// Pixels per thread whose loads tile_moments issues together (registers: 4 blocks of 256
+// threads per SM allow 64 per thread; the tile kernels use 32-48).
+constexpr int kPixelBatch = 4;
+
 template <typename A> struct Moments { A mass, mu, var, d, ws; bool valid; };
 
 // Loads the tile's pixels, sums window rows, and returns the statistics of patch `p` of the
@@ -107,15 +111,30 @@ __device__ Moments<A> tile_moments(const PatchArgs<T, A>& a, const Tile& t, cons
   const T* xc = a.x + t.b * a.xs.b + t.c * a.xs.c;
   const A* bgi = a.bg + t.b * a.bs.b;
   const int y0 = t.i0 * a.sh, x0 = t.j0 * a.sw;
-  // (r, q) of idx carried along instead of divided out at every pixel
+  // (r, q) of idx carried along instead of divided out at every pixel. A thread's pixels go in
+  // batches of kPixelBatch whose loads are all issued before the first store: a loop of
+  // load-then-store kept one pixel's two loads in flight (ptxas does not pipeline it), a
+  // global round trip per pixel of the thread's share (~21 at PTL's float32 tile).
   const int step_r = blockDim.x / t.rw, step_q = blockDim.x % t.rw;
+  const int n = t.rh * t.rw;
   int lr = threadIdx.x / t.rw, lq = threadIdx.x % t.rw;
-  for (int idx = threadIdx.x; idx < t.rh * t.rw; idx += blockDim.x) {
-    const int64_t y = y0 + lr, xx = x0 + lq;
-    sm.px[idx] = BgX<A>{bgi[y * a.bs.h + xx * a.bs.w],
-                        to_acc<A>(xc[y * a.xs.h + xx * a.xs.w]) - shift};
-    lr += step_r, lq += step_q;
-    if (lq >= t.rw) lq -= t.rw, ++lr;
+  for (int idx = threadIdx.x; idx < n; idx += kPixelBatch * blockDim.x) {
+    A bv[kPixelBatch] = {};
+    T xv[kPixelBatch] = {};
+#pragma unroll
+    for (int u = 0; u < kPixelBatch; ++u) {
+      if (idx + u * int(blockDim.x) < n) {
+        const int64_t y = y0 + lr, xx = x0 + lq;
+        bv[u] = bgi[y * a.bs.h + xx * a.bs.w];
+        xv[u] = xc[y * a.xs.h + xx * a.xs.w];
+      }
+      lr += step_r, lq += step_q;
+      if (lq >= t.rw) lq -= t.rw, ++lr;
+    }
+#pragma unroll
+    for (int u = 0; u < kPixelBatch; ++u)
+      if (idx + u * int(blockDim.x) < n)
+        sm.px[idx + u * blockDim.x] = BgX<A>{bv[u], to_acc<A>(xv[u]) - shift};
   }
   if (a.w_smem)
     for (int idx = threadIdx.x; idx < a.ph * a.pw; idx += blockDim.x) sm.w[idx] = a.weight[idx];

@@ -9,7 +9,10 @@ extern "C" {
 
 // smem_optin: opt-in shared memory per block (bytes); sm_count: multiprocessors; order: fiber
 // schedule (0 forward, 1 reverse, 2 shuffled); cc_major: the compute capability's major;
-// reverse_blocks: every launch runs its blocks from the last one back.
+// reverse_blocks: every launch runs its blocks from the last one back. cp.async copies land when
+// issued in the reverse schedule (where one warp runs ahead of the others) and at the issuing
+// thread's wait in the others: between them, a missing barrier on either side of a tile's
+// copies gives a wrong result.
 void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int cc_major,
                    int reverse_blocks) {
   emu::config().reverse_blocks = reverse_blocks != 0;
@@ -17,6 +20,7 @@ void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int c
   emu::config().cc_major = cc_major;
   emu::config().sm_count = sm_count;
   emu::config().order = order;
+  emu::config().copies_land_early = order == 1;
   emu::config().seed = seed;
   emu::smem_attribute().clear();
 }
@@ -61,6 +65,13 @@ long long emu_take_flag_count() {
 long long emu_take_atomic_count() {
   const long long n = emu::atomic_count();
   emu::atomic_count() = 0;
+  return n;
+}
+
+// cp.async copies (16 bytes each) issued since the last call.
+long long emu_take_async_copy_count() {
+  const long long n = emu::async_copy_count();
+  emu::async_copy_count() = 0;
   return n;
 }
 

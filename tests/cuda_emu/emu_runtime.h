@@ -58,6 +58,10 @@ struct Config {
   int order = 0;                // 0 forward, 1 reverse, 2 shuffled every round
   unsigned seed = 1;
   bool reverse_blocks = false;  // blocks of a launch from the last one back
+  // cp.async copies land when issued (a missing barrier before a tile is rewritten shows: a
+  // warp still reading it sees the next tile), else at the issuing thread's wait (a missing
+  // wait or barrier before a tile is read shows: it still holds NaN or the previous tile)
+  bool copies_land_early = false;
 };
 inline Config& config() {
   static Config c;
@@ -96,6 +100,11 @@ struct Block {
   std::vector<std::array<uint32_t, 10>> mma;  // one lane's a, b, c registers (mma_m16n8k16)
   std::vector<int> votes;
   std::vector<std::vector<uintptr_t>> loads16;  // each lane's 16-byte shared-memory loads
+  struct Copy {
+    unsigned char* dst;
+    std::array<unsigned char, 16> bytes;
+  };
+  std::vector<std::vector<Copy>> copies;  // each thread's cp.async copies not yet landed
   std::function<void()>* body = nullptr;
 };
 
@@ -363,9 +372,35 @@ inline cudaError_t& last_error() {
 constexpr size_t kGuard = 256;
 constexpr size_t kStack = 256 * 1024;
 
+// cp.async.cg.shared.global (16 bytes): the source is read at issue (it is read-only for the
+// kernel's lifetime), the destination written when the copy lands (Config::copies_land_early).
+inline long long& async_copy_count() {  // cp.async copies issued (the attention's tile loads)
+  static long long n = 0;
+  return n;
+}
+inline void cp_async16(void* dst, const void* src) {
+  ++async_copy_count();
+  check_aligned(dst, 16, "cp.async destination");
+  check_aligned(src, 16, "cp.async source");
+  if (!in_shared(dst, 16)) fail("cp.async destination outside the dynamic shared memory");
+  Block::Copy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  std::memcpy(c.bytes.data(), src, 16);
+  if (config().copies_land_early) std::memcpy(c.dst, c.bytes.data(), 16);
+  else blk().copies[cur().linear].push_back(c);
+}
+// cp.async.wait_all: the calling thread's copies land (other threads' need their own wait and
+// a barrier to be seen).
+inline void cp_async_wait_all() {
+  auto& mine = blk().copies[cur().linear];
+  for (const Block::Copy& c : mine) std::memcpy(c.dst, c.bytes.data(), 16);
+  mine.clear();
+}
+
 inline void fiber_entry() {
   Block& b = blk();
   (*b.body)();
+  if (!b.copies[b.current].empty()) fail("a thread returned with cp.async copies never waited for");
   b.fibers[b.current].state = kDone;
   // returning resumes uc_link (the scheduler)
 }
@@ -485,6 +520,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
   b.mma.assign(n, {});
   b.votes.assign(n, 0);
   b.loads16.assign(n, {});
+  b.copies.assign(n, {});
   b.body = &body;
   for (int i = 0; i < n; ++i) {
     b.fibers[i].linear = i;

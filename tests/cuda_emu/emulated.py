@@ -133,6 +133,7 @@ class Emulator:
         self.lib.emu_take_atomic_count.restype = ctypes.c_longlong
         self.lib.emu_take_vector_atomic_count.restype = ctypes.c_longlong
         self.lib.emu_take_flag_count.restype = ctypes.c_longlong
+        self.lib.emu_take_async_copy_count.restype = ctypes.c_longlong
         self.tf32x3 = False
         self.tiles = False
         self.dq_atomic = None
@@ -178,6 +179,7 @@ class Emulator:
         self.take_simt_product_count()
         self.take_atomic_count()
         self.take_vector_atomic_count()
+        self.take_async_copy_count()
 
     def take_shared_load_model(self) -> dict:
         """The float32 CUDA-core products' 16-byte shared-memory loads since the last call:
@@ -203,6 +205,10 @@ class Emulator:
     def take_vector_atomic_count(self) -> int:
         """Of the atomic additions, sm_90's float2 and float4 ones since the last call."""
         return int(self.lib.emu_take_vector_atomic_count())
+
+    def take_async_copy_count(self) -> int:
+        """16-byte cp.async copies (the attention kernels' tile loads) since the last call."""
+        return int(self.lib.emu_take_async_copy_count())
 
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
