@@ -61,7 +61,7 @@ BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "
             "native_norm_composite", "triton_norm_composite", "native_dq_kernel",
             "native_dq_atomic", "native_unfused", "triton_unfused", "native_mma_lanes",
             "native_fwd_whole", "native_pynode", "native_aten_glue", "native_pixel_gather",
-            "native_key_raster", "triton_key_raster")
+            "native_key_raster", "triton_key_raster", "native_one_stage")
 # sdpa: masked_attention's baseline. Variants: a backend run under environment settings, timed
 # where the setting changes something: native_tf32x3 (float32 attention products on tensor
 # cores, 3xTF32) on float32 benchmarks, native_tiles (attention on the shared-memory tile
@@ -79,7 +79,9 @@ BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "
 # native_pixel_gather (patch_stats' backward gathers each pixel's gradient from its covering
 # patches one by one instead of by cells: before/after of item 21), native_key_raster (the
 # attention's register kernels over the keys in raster order instead of the kept keys first:
-# before/after of item 26), triton_key_raster (the same for the Triton kernels: item 27).
+# before/after of item 26), triton_key_raster (the same for the Triton kernels: item 27),
+# native_one_stage (the 16-bit forward and dQ kernels' key tiles through one stage of shared
+# memory instead of two: before/after of item 29).
 _COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
 _UNFUSED = {"REGHARM_PTL_NODE": "0"}
 VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
@@ -96,11 +98,12 @@ VARIANTS = {"native_tf32x3": ("native", {"REGHARM_CUDA_FP32_MATH": "tf32x3"}),
             "native_aten_glue": ("native", {"REGHARM_CUDA_PTL_GLUE": "aten"}),
             "native_pixel_gather": ("native", {"REGHARM_CUDA_PS_GATHER": "pixels"}),
             "native_key_raster": ("native", {"REGHARM_CUDA_KEY_ORDER": "raster"}),
-            "triton_key_raster": ("triton", {"REGHARM_TRITON_KEY_ORDER": "raster"})}
+            "triton_key_raster": ("triton", {"REGHARM_TRITON_KEY_ORDER": "raster"}),
+            "native_one_stage": ("native", {"REGHARM_CUDA_PIPELINE": "off"})}
 # The order the variants step times them in, the newest PERF_NOTES items first (no GPU has run
 # them): a step limit that cuts the variants short leaves out rows an earlier run measured.
 # Variants not named here follow in BACKENDS order.
-VARIANTS_FIRST = ("native_key_raster", "triton_key_raster", "native_pixel_gather",
+VARIANTS_FIRST = ("native_one_stage", "native_key_raster", "triton_key_raster", "native_pixel_gather",
                   "native_aten_glue", "native_pynode", "native_fwd_whole", "native_mma_lanes",
                   "native_unfused", "native_dq_kernel", "triton_unfused")
 VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
@@ -117,7 +120,8 @@ VARIANT_DTYPES = {"native_tf32x3": (torch.float32,),
                   "native_aten_glue": (torch.float32, torch.bfloat16),
                   "native_pixel_gather": (torch.float32,),
                   "native_key_raster": (torch.float32, torch.bfloat16),
-                  "triton_key_raster": (torch.float32, torch.bfloat16)}
+                  "triton_key_raster": (torch.float32, torch.bfloat16),
+                  "native_one_stage": (torch.float16, torch.bfloat16)}
 VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
                    "triton_norm_composite": ("ptl", "ptl_bf16"),
                    "native_dq_kernel": ("ptl",),
@@ -130,7 +134,8 @@ VARIANT_BENCHES = {"native_norm_composite": ("ptl", "ptl_bf16"),
                    "native_aten_glue": ("ptl", "ptl_bf16"),
                    "native_pixel_gather": ("patch_stats", "ptl"),
                    "native_key_raster": ("masked_attention", "ptl"),
-                   "triton_key_raster": ("masked_attention", "ptl")}
+                   "triton_key_raster": ("masked_attention", "ptl"),
+                   "native_one_stage": ("masked_attention", "ptl_bf16")}
 
 
 @contextlib.contextmanager

@@ -40,17 +40,19 @@ def _workload(device_name: str, only: str | None = None) -> None:
 
     device = torch.device(device_name)
     cases = gpu_bench.settings(quick=device.type != "cuda", device=device)
-    # masked_attention in bf16 (register kernels), bf16 on the tile kernels, float32 on CUDA
+    # masked_attention in bf16 (register kernels, key tiles through two stages and through
+    # one), bf16 on the tile kernels, float32 on CUDA
     # cores (register kernels in PairedLanes and in mma.sync's lane order, with the forward's
     # keys unsplit, then tile kernels) and as 3xTF32; patch_stats, its backward gathering by
     # cells (the default) and by pixels
-    runs = [("masked_attention", None), ("masked_attention", "tiles"),
+    runs = [("masked_attention", None), ("masked_attention", "one_stage"),
+            ("masked_attention", "tiles"),
             ("masked_attention", "simt"), ("masked_attention", "simt+mma_lanes"),
             ("masked_attention", "simt+fwd_whole"),
             ("masked_attention", "simt+tiles"), ("masked_attention", "tf32x3"),
             ("patch_stats", None), ("patch_stats", "pixel_gather")]
     settings = ("REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_SIMT_LANES",
-                "REGHARM_CUDA_FWD_SPLIT", "REGHARM_CUDA_PS_GATHER")
+                "REGHARM_CUDA_FWD_SPLIT", "REGHARM_CUDA_PS_GATHER", "REGHARM_CUDA_PIPELINE")
     if only is not None:  # e.g. "simt,simt+mma_lanes"
         runs = [r for r in runs if (r[1] or "") in only.split(",")]
     for name, setting in runs:
@@ -66,6 +68,8 @@ def _workload(device_name: str, only: str | None = None) -> None:
                 os.environ["REGHARM_CUDA_FWD_SPLIT"] = "off"
             elif part == "pixel_gather":
                 os.environ["REGHARM_CUDA_PS_GATHER"] = "pixels"
+            elif part == "one_stage":
+                os.environ["REGHARM_CUDA_PIPELINE"] = "off"
             elif part:
                 dtype = torch.float32
                 os.environ["REGHARM_CUDA_FP32_MATH"] = part

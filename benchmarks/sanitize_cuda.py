@@ -38,7 +38,7 @@ from cuda_tools import cuda_available, find_tool, run_tool  # noqa: E402
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # the native attention's environment switches (csrc/cuda/masked_attention_cuda.cpp)
 _SETTINGS = ("REGHARM_CUDA_FP32_MATH", "REGHARM_CUDA_ATTENTION", "REGHARM_CUDA_DQ",
-             "REGHARM_CUDA_SIMT_LANES", "REGHARM_CUDA_FWD_SPLIT")
+             "REGHARM_CUDA_SIMT_LANES", "REGHARM_CUDA_FWD_SPLIT", "REGHARM_CUDA_PIPELINE")
 
 
 def _poison(device) -> None:
@@ -83,11 +83,13 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
     # (attention setting, dtype): float32 on CUDA cores and as 3xTF32, the 16-bit dtypes on the
     # register kernels (the default), bfloat16 and float32 once more on the shared-memory tile
     # kernels, each on the dQ path its default does not take (float32: atomic dQ), and float32
-    # in mma.sync's lane order and with its forward's keys unsplit
+    # in mma.sync's lane order and with its forward's keys unsplit, and bfloat16 with its key
+    # tiles through one stage instead of two
     modes = [("simt", torch.float32), ("tf32x3", torch.float32)] + \
         [("", d) for d in dtypes[1:]] + [("tiles", torch.bfloat16), ("tiles", torch.float32)] + \
         [("dq_kernel", torch.float32), ("dq_atomic", torch.bfloat16),
-         ("mma_lanes", torch.float32), ("fwd_whole", torch.float32)]
+         ("mma_lanes", torch.float32), ("fwd_whole", torch.float32),
+         ("one_stage", torch.bfloat16)]
     if backend != "native":  # the settings are the native kernels'
         # (Triton's CPU interpreter has no bfloat16 arithmetic)
         dtypes = [d for d in dtypes if device.type == "cuda" or d != torch.bfloat16]
@@ -98,13 +100,16 @@ def _driver(device_name: str, backend: str = "native", rounds: int = 1) -> int:
                 "dq_kernel": {"REGHARM_CUDA_DQ": "kernel"}, "dq_atomic": {"REGHARM_CUDA_DQ": "atomic"},
                 "mma_lanes": {"REGHARM_CUDA_SIMT_LANES": "mma"},
                 "fwd_whole": {"REGHARM_CUDA_FWD_SPLIT": "off"},
+                "one_stage": {"REGHARM_CUDA_PIPELINE": "off"},
                 "": {}}
     # few launches (every one is slow under a sanitizer), every path: odd sizes, several tiles
     # and query splits, masks and no mask, one image with every key removed (make_*_inputs)
     # (PTL's patch and stride: the rotated sweep, tiles 16 patches wide and of equal heights)
     patch_cases = [dict(B=2, C=3, H=37, W=50, patch=(7, 5), stride=(3, 2)),
                    dict(B=1, C=2, H=92, W=96, patch=(16, 16), stride=(4, 4))]
-    attn_cases = [(dict(B=2, L=150, N=70, D=24, E=40), True),
+    # (N = 200: several tiles of kept keys, so the 16-bit kernels' second stage loads while
+    # the first is in use)
+    attn_cases = [(dict(B=2, L=150, N=200, D=24, E=40), True),
                   (dict(B=3, L=37, N=23, D=3, E=6, active=1.0), False)]
     failures = _compaction_stress(device, 40 * rounds) if backend == "triton" else 0
 

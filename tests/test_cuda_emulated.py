@@ -43,11 +43,11 @@ def emu():
 def configured(emu):
     def configure(smem=H100, sms=4, order="forward", tf32x3=False, tiles=False, cc_major=9,
                   dq_atomic=None, simt_lanes="paired", fwd_split=None, reverse_blocks=False,
-                  ps_gather="auto", key_order=True):
+                  ps_gather="auto", key_order=True, pipeline=True):
         emu.configure(smem, sms, ORDERS[order], seed=7, tf32x3=tf32x3, tiles=tiles,
                       cc_major=cc_major, dq_atomic=dq_atomic, simt_lanes=simt_lanes,
                       fwd_split=fwd_split, reverse_blocks=reverse_blocks, ps_gather=ps_gather,
-                      key_order=key_order)
+                      key_order=key_order, pipeline=pipeline)
         return emu
     configure()
     return configure
@@ -699,6 +699,74 @@ def test_cuda_emulated_forward_copies_each_tile_unit_once(configured, dtype):
             if q0 < active:  # a block whose queries are all inactive loads nothing
                 expected += halves * min(64, L - q0) * D // unit + kept * (D + E) // unit
     assert emu.take_async_copy_count() == expected
+
+
+# ---- the 16-bit forward and dQ kernels' key tiles through two stages (REGHARM_CUDA_PIPELINE) ---
+
+def _half_kept_tiles(B=2, L=100, N=400, dtype=torch.bfloat16):
+    """Inputs whose raster key tiles keep keys in their second half only (keys 40-63 of each
+    64), one tile none: a vote that read only the first 32 keys of a tile would skip tiles that
+    keep keys."""
+    q, k, v, kb, qm = make_attention_inputs(B=B, L=L, N=N, D=24, E=40, active=0.5, removed=0.1,
+                                            dead_batch=False, dtype=dtype)
+    for t0 in range(0, N, 64):
+        kb[:, t0:t0 + 40] = float("-inf")
+    kb[:, 128:192] = float("-inf")
+    return q, k, v, kb, qm
+
+
+@pytest.mark.parametrize("key_order", [True, False], ids=["kept_first", "raster"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_emulated_pipeline(configured, dtype, key_order):
+    """Two stages give the one-stage kernels' results bit for bit (the same products in the same
+    order), and they do overlap: products run while the next tile's copies are in flight, and
+    each tile's bias is copied once per block (4-byte cp.async), which one stage never does."""
+    inputs = _half_kept_tiles(dtype=dtype)
+    q, k, v, kb, qm = inputs
+    scale = q.shape[-1] ** -0.5
+    runs = {}
+    for pipeline in (True, False):
+        emu = configured(key_order=key_order, pipeline=pipeline)
+        out, lse = emu.attention(q, k, v, kb, qm, scale)
+        overlapped, copies4 = emu.take_overlapped_mma_count(), emu.take_async_copy4_count()
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        grads = emu.attention_backward(cot, q, k, v, kb, qm, out, lse, scale)
+        runs[pipeline] = (out, lse, *grads)
+        if not pipeline:
+            assert overlapped == 0 and copies4 == 0
+            continue
+        assert overlapped > 0
+        kept = (kb > float("-inf")).sum(1)
+        if key_order:  # the tiles hold the kept keys only
+            want = sum(int(kept[b]) * ((int(qm[b].sum()) + 63) // 64) for b in range(q.shape[0]))
+            assert copies4 == want
+        _check_attention(emu, inputs)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), runs[True], runs[False]):
+        assert torch.equal(a, b), name
+
+
+def test_cuda_emulated_pipeline_where_it_fits(configured):
+    """Each kernel takes two stages where they fit the device's shared memory: at D = E = 128
+    in 100 KB (an sm_86's 99 KB and a little) the forward's (86.4 KB) do and the dQ kernel's
+    (103 KB) do not, so the forward copies its bias tiles and the backward does not."""
+    inputs = make_attention_inputs(B=1, L=70, N=150, D=128, E=128, active=0.6, removed=0.1,
+                                   dead_batch=False, dtype=torch.bfloat16)
+    q, k, v, kb, qm = inputs
+    emu = configured(smem=100 * 1024)
+    out, lse = emu.attention(q, k, v, kb, qm, 128 ** -0.5)
+    assert emu.take_async_copy4_count() > 0
+    emu.attention_backward(torch.ones_like(out), q, k, v, kb, qm, out, lse, 128 ** -0.5)
+    assert emu.take_async_copy4_count() == 0
+    _check_attention(emu, inputs)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_cuda_emulated_pipeline_schedules(configured, order):
+    """One warp running ahead of the others: in the reverse schedule copies land when issued,
+    so a next tile issued before every warp is done with the stage it overwrites gives wrong
+    results; in the shuffled one they land at the issuing thread's wait."""
+    _check_attention(configured(order=order, key_order=False), _half_kept_tiles())
+    _check_attention(configured(order=order), _half_kept_tiles(dtype=torch.float16))
 
 
 def test_cuda_emulated_tf32x3_keeps_float32_accuracy(configured):

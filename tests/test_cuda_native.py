@@ -357,12 +357,25 @@ def test_cuda_native_key_orders_agree(dtype, monkeypatch):
 
 
 @needs_native_cuda
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_cuda_native_pipeline_gives_one_stages_bits(dtype, monkeypatch):
+    """REGHARM_CUDA_PIPELINE: the 16-bit forward and dQ kernels with their key tiles through two
+    stages (the default) or one compute the same products in the same order: with dQ by its own
+    kernel (no atomics), identical bits; both held to the reference at PTL's sizes."""
+    monkeypatch.setenv("REGHARM_CUDA_DQ", "kernel")
+    runs, _ = _ptl_attention_under(monkeypatch, "REGHARM_CUDA_PIPELINE", ("auto", "off"), dtype)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), runs["auto"], runs["off"]):
+        assert torch.equal(a, e), name
+
+
+@needs_native_cuda
 @pytest.mark.parametrize("setting,says", [("REGHARM_CUDA_FP32_MATH", "must be 'simt'"),
                                           ("REGHARM_CUDA_ATTENTION", "must be 'auto'"),
                                           ("REGHARM_CUDA_DQ", "must be 'auto'"),
                                           ("REGHARM_CUDA_SIMT_LANES", "must be 'paired'"),
                                           ("REGHARM_CUDA_FWD_SPLIT", "must be 'auto'"),
-                                          ("REGHARM_CUDA_KEY_ORDER", "must be 'auto'")])
+                                          ("REGHARM_CUDA_KEY_ORDER", "must be 'auto'"),
+                                          ("REGHARM_CUDA_PIPELINE", "must be 'auto'")])
 def test_cuda_native_attention_settings_are_checked(setting, says, monkeypatch):
     monkeypatch.setenv(setting, "fast")
     q, k, v, kb, qm = make_attention_inputs(B=1, L=8, N=8, D=4, E=4, device="cuda")

@@ -48,16 +48,18 @@ def test_driver_matches_the_reference_on_every_case():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "MISMATCH"))]
-    # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 11
+    # two patch_stats cases in 4 dtypes, two attention cases (with and without a mask) in 12
     # settings: float32 simt and tf32x3, float16, bfloat16, float64, bfloat16 and float32 on
     # the tile kernels, float32 with dQ by its kernel, bfloat16 with atomic dQ, float32 in
-    # mma.sync's lane order and with its forward unsplit; two masked_norm cases in 4 dtypes;
-    # the PTL layer (native's C++ node, on CUDA the blend's kernels) in 4 dtypes
-    assert len(lines) == 2 * 4 + 2 * 11 + 2 * 4 + 4 and all(ln.startswith("ok") for ln in lines)
+    # mma.sync's lane order and with its forward unsplit, bfloat16 with one stage of key
+    # tiles; two masked_norm cases in 4 dtypes; the PTL layer (native's C++ node, on CUDA the
+    # blend's kernels) in 4 dtypes
+    assert len(lines) == 2 * 4 + 2 * 12 + 2 * 4 + 4 and all(ln.startswith("ok") for ln in lines)
     assert sum(ln.startswith("ok        masked_norm") for ln in lines) == 8
     assert sum(ln.startswith("ok        PTL") for ln in lines) == 4
-    assert sum("no mask" in ln for ln in lines) == 11
+    assert sum("no mask" in ln for ln in lines) == 12
     assert sum("setting mma_lanes" in ln for ln in lines) == 2
+    assert sum("setting one_stage" in ln for ln in lines) == 2
     assert sum("setting tiles" in ln for ln in lines) == 4
     assert "driver: 0 mismatch(es)" in proc.stdout
 
@@ -91,9 +93,9 @@ def test_driver_reports_a_wrong_kernel(monkeypatch, capsys):
         return out * 1.3 if backend == "native" else out
 
     monkeypatch.setattr(ops, "masked_attention", wrong)
-    assert mod._driver("cpu") == 22   # every attention case; patch_stats stays right
+    assert mod._driver("cpu") == 24   # every attention case; patch_stats stays right
     out = capsys.readouterr().out
-    assert out.count("MISMATCH  masked_attention") == 22 and "MISMATCH  patch_stats" not in out
+    assert out.count("MISMATCH  masked_attention") == 24 and "MISMATCH  patch_stats" not in out
 
 
 # Runs what follows ncu's own options (the interpreter onwards) and prints a summary line.
@@ -114,9 +116,9 @@ def test_ncu_wrapper_profiles_the_workload(tmp_path):
                           env=dict(os.environ, NCU=str(fake)), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # seven settings of masked_attention in the sections' run, then the two float32 lane orders
+    # eight settings of masked_attention in the sections' run, then the two float32 lane orders
     # in the shared-load metrics' run
-    assert proc.stdout.count("ran masked_attention") == 7 + 2 and "ran patch_stats" in proc.stdout
+    assert proc.stdout.count("ran masked_attention") == 8 + 2 and "ran patch_stats" in proc.stdout
     assert proc.stdout.count("ran masked_attention torch.float32 simt+mma_lanes") == 2
     assert "ncu shared-load metrics: rc 0" in proc.stdout
     assert any(ln.startswith("ran masked_attention") and ln.endswith(" tiles")

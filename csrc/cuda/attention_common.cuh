@@ -143,6 +143,20 @@ __device__ __forceinline__ bool load_bias_tile(A* dst, const A* bias_row, int64_
   return __syncthreads_or(alive) != 0;
 }
 
+// load_bias_tile's copies only (cp.async, 4 bytes each), no vote and no barrier: for a tile
+// loaded while the previous one is in use, whose wait and barrier come before it is read.
+template <typename A>
+__device__ __forceinline__ void load_bias_tile_async(A* dst, const A* bias_row, int64_t k0,
+                                                     int keys, int BN, const int* rows) {
+  static_assert(sizeof(A) == 4, "4-byte copies");
+  for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+    if (c < keys)
+      cp_async4(dst + c, bias_row + (rows ? int64_t(rows[c]) : k0 + c));
+    else
+      dst[c] = neg_inf<A>();
+  }
+}
+
 // The key-tile kernel's query splits, the same in every block and in the reduction: g.nsplit,
 // or with a key order (its counts a.kcount) as many as one wave (g.wave) holds for the key
 // blocks that keep a key, at most g.nsplit: the host cannot know the kept counts, and with

@@ -135,23 +135,103 @@ __device__ __forceinline__ void mma_sm(float (&acc)[NN][4], const typename M::In
   }
 }
 
+// ---- the key tiles the forward and dQ kernels stream --------------------------------------
+
+// Shared memory of the streamed key tiles: S stages of K (kRegKeys rows, pitch ldk), V (pitch
+// ldv) and the keys' bias, one after another (k_at, v_at, bias_at: offsets, not arrays of
+// pointers, which a stage picked at run time would send to local memory).
+template <typename T>
+struct KeyTileBuffers {
+  T *k, *v;
+  float* bias;
+  int ldk, ldv;
+  __device__ __forceinline__ T* k_at(int s) const { return k + s * kRegKeys * ldk; }
+  __device__ __forceinline__ T* v_at(int s) const { return v + s * kRegKeys * ldv; }
+  __device__ __forceinline__ float* bias_at(int s) const { return bias + s * kRegKeys; }
+};
+
+// Streams the key tiles at positions [k_begin, k_end) of image b's key order through shared
+// memory (K: a.D columns of DP; V: ecols of EC) and calls attend(k, v, bias) for each tile that
+// keeps a key, in every thread, with the tile published; attend has no barrier.
+// S = 1: a tile is loaded, waited for, published, used, and a barrier ends its use before the
+// next one's loads (two barriers a tile; the loads' latency is the block's idle time).
+// S = 2 (16-bit inputs): tile i + 1's copies are issued right after the barrier that publishes
+// tile i, into the other stage, and fly while tile i's products run; the next wait and barrier
+// publish them and end tile i's use (FlashAttention's prefetch of K and V, Triton's
+// num_stages). At PTL's setting 20 % of the queries make ~1.6 blocks of 4 warps per SM: no
+// other block hides a block's loads.
+template <int S, typename T, typename A, typename Attend>
+__device__ __forceinline__ void stream_key_tiles(const AttnArgs<T, A>& a, int64_t b,
+                                                 int64_t k_begin, int64_t k_end,
+                                                 const KeyTileBuffers<T>& kt, int DP, int ecols,
+                                                 int EC, Attend&& attend) {
+  static_assert(S == 1 || S == 2, "one or two stages");
+  static_assert(kRegKeys == 64, "the vote below reads two keys per lane");
+  const T* k_img = a.k + b * a.ks.b;
+  const T* v_img = a.v + b * a.vs.b;
+  const A* bias_img = a.bias + b * a.N;
+  if constexpr (S == 1) {
+    // the tile's keys from the span, not k_end: the same values (splits end on whole tiles),
+    // but the float32 forward took 190 registers instead of 168 with k_end
+    const int64_t span = key_span(a, b);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kRegKeys) {
+      const int keys = int(min(int64_t(kRegKeys), span - k0));
+      // K and V in flight over the bias's round trips (the previous tile ended with a barrier)
+      load_key_tile(a, kt.k, kt.ldk, k_img, a.ks.r, b, k0, keys, kRegKeys, a.D, DP, a.vec_k);
+      load_key_tile(a, kt.v, kt.ldv, v_img, a.vs.r, b, k0, keys, kRegKeys, ecols, EC, a.vec_v);
+      const bool kept = load_bias_tile(kt.bias, bias_img, k0, keys, kRegKeys, key_rows(a, b, k0));
+      cp_async_wait_all();
+      if (!kept) continue;  // every key removed: nobody reads this tile
+      __syncthreads();
+      attend(static_cast<const T*>(kt.k), static_cast<const T*>(kt.v),
+             static_cast<const float*>(kt.bias));
+      __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
+    }
+  } else {
+    auto issue = [&](int64_t k0, int s) {
+      const int keys = int(min(int64_t(kRegKeys), k_end - k0));
+      const int* rows = key_rows(a, b, k0);
+      load_key_tile(a, kt.k_at(s), kt.ldk, k_img, a.ks.r, b, k0, keys, kRegKeys, a.D, DP,
+                    a.vec_k);
+      load_key_tile(a, kt.v_at(s), kt.ldv, v_img, a.vs.r, b, k0, keys, kRegKeys, ecols, EC,
+                    a.vec_v);
+      load_bias_tile_async(kt.bias_at(s), bias_img, k0, keys, kRegKeys, rows);
+    };
+    if (k_begin >= k_end) return;
+    issue(k_begin, 0);
+    const int lane = threadIdx.x & 31;
+    int s = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kRegKeys, s ^= 1) {
+      cp_async_wait_all();  // this thread's copies of tile k0: the only ones in flight
+      __syncthreads();      // tile k0 published; every warp done with the other stage's tile
+      if (k0 + kRegKeys < k_end) issue(k0 + kRegKeys, s ^ 1);
+      const float* bias = kt.bias_at(s);
+      // every warp votes alike: no barrier needed to skip a tile of removed keys
+      if (!__ballot_sync(0xffffffffu, bias[lane] > -INFINITY || bias[lane + 32] > -INFINITY))
+        continue;
+      attend(static_cast<const T*>(kt.k_at(s)), static_cast<const T*>(kt.v_at(s)), bias);
+    }
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename T>
 struct RegFwdSmem {
-  T *q, *k, *v;
-  float* bias;
+  T* q;
+  KeyTileBuffers<T> keys;
   int *act, *role;
   int ldq, ldv;
   size_t bytes;
-  __host__ __device__ RegFwdSmem(unsigned char* base, int DP, int EC) {
+  __host__ __device__ RegFwdSmem(unsigned char* base, int DP, int EC, int stages) {
     ldq = reg_pitch<T>(DP);
     ldv = reg_pitch<T>(EC);
     SmemCarver c(base);
     q = c.take<T>(size_t(kRegRows) * ldq);
-    k = c.take<T>(size_t(kRegKeys) * ldq);
-    v = c.take<T>(size_t(kRegKeys) * ldv);
-    bias = c.take<float>(kRegKeys);
+    keys.k = c.take<T>(size_t(stages) * kRegKeys * ldq);
+    keys.v = c.take<T>(size_t(stages) * kRegKeys * ldv);
+    keys.bias = c.take<float>(size_t(stages) * kRegKeys);
+    keys.ldk = ldq, keys.ldv = ldv;
     act = c.take<int>(kRegRows);
     role = c.take<int>(1);
     bytes = c.offset;
@@ -199,12 +279,12 @@ struct SplitMix {
 // (20 % of 4 x 16384 queries on 132 SMs) become ~3 with all SMs busy; the first block of a
 // query tile to finish writes its rows as if it were alone, the second waits for them and
 // writes both halves combined (SplitMix).
-template <typename M, int DP, int EC, typename T = typename M::In>
+template <typename M, int DP, int EC, int S = 1, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_reg_kernel(AttnArgs<T, float> a, T* __restrict__ out, float* __restrict__ lse) {
   constexpr int KD = DP / M::K, NS = kRegKeys / 8, NE = EC / 8;
   REGHARM_DYNAMIC_SMEM(raw);
-  const RegFwdSmem<T> sm(raw, DP, EC);
+  const RegFwdSmem<T> sm(raw, DP, EC, S);
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
   const int split = blockIdx.y, nsplit = gridDim.y;
@@ -241,31 +321,19 @@ __global__ void __launch_bounds__(kThreads)
   // l is this lane's share of the row sum (its 2 of every 8 columns), added up at the end
   float o[NE][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const T* k_b = a.k + b * a.ks.b;
-  const T* v_b = a.v + b * a.vs.b;
-  const float* bias_b = a.bias + b * a.N;
   const int64_t nk = key_span(a, b);  // positions of the key order that may hold a kept key
   const int64_t per = ((nk + kRegKeys - 1) / kRegKeys + nsplit - 1) / nsplit;  // key tiles
   const int64_t k_end = min(nk, (split + 1) * per * kRegKeys);
-  for (int64_t k0 = split * per * kRegKeys; k0 < k_end; k0 += kRegKeys) {
-    const int keys = int(min(int64_t(kRegKeys), nk - k0));
-    // K and V in flight over the bias's round trips (the previous tile ended with a barrier)
-    load_key_tile(a, sm.k, sm.ldq, k_b, a.ks.r, b, k0, keys, kRegKeys, a.D, DP, a.vec_k);
-    load_key_tile(a, sm.v, sm.ldv, v_b, a.vs.r, b, k0, keys, kRegKeys, ecols, EC, a.vec_v);
-    const bool kept = load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0));
-    cp_async_wait_all();
-    if (!kept) continue;  // every key removed: nobody reads this tile
-    __syncthreads();
-
+  auto attend = [&](const T* sk, const T* sv, const float* sbias) {
     float s[NS][4] = {};
-    if constexpr (M::kFragsInRegs) mma_abt<M>(s, qf, sm.k, sm.ldq);
-    else mma_abt<M, KD>(s, qw, sm.ldq, sm.k, sm.ldq);
+    if constexpr (M::kFragsInRegs) mma_abt<M>(s, qf, sk, sm.ldq);
+    else mma_abt<M, KD>(s, qw, sm.ldq, sk, sm.ldq);
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NS; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        s[j][c] = s[j][c] * a.scale + sm.bias[j * 8 + 2 * t + (c & 1)];
+        s[j][c] = s[j][c] * a.scale + sbias[j * 8 + 2 * t + (c & 1)];
         tmax[c >> 1] = fmaxf(tmax[c >> 1], s[j][c]);
       }
     float alpha[2];
@@ -292,9 +360,9 @@ __global__ void __launch_bounds__(kThreads)
       o[e][0] *= alpha[0], o[e][1] *= alpha[0];
       o[e][2] *= alpha[1], o[e][3] *= alpha[1];
     }
-    mma_pm<M>(o, s, sm.v, sm.ldv);  // O += P V
-    __syncthreads();  // every warp is done with k, v and bias before the next tile's loads
-  }
+    mma_pm<M>(o, s, sv, sm.ldv);  // O += P V
+  };
+  stream_key_tiles<S>(a, b, split * per * kRegKeys, k_end, sm.keys, DP, ecols, EC, attend);
   bool combine = false;  // the second block of a split query tile: combines
   int* arrivals = nullptr;
   if (nsplit > 1) {
@@ -348,7 +416,8 @@ __global__ void __launch_bounds__(kThreads)
 // Shared memory of both backward kernels: a pair of tiles the block loads once (`held` rows:
 // Q and dO in the dQ kernel, K and V in the dK/dV kernel), the pair it streams (`streamed` rows:
 // K and V, or Q and dO), then the keys' bias and the query rows' lse and Δ. The first tile of a
-// pair has DP columns, the second EP.
+// pair has DP columns, the second EP. stages: copies of the streamed pair and of the bias (the
+// dQ kernel's key tiles, stream_key_tiles' S).
 template <typename T>
 struct RegBwdSmem {
   T *held_d, *held_e, *stream_d, *stream_e;
@@ -356,40 +425,38 @@ struct RegBwdSmem {
   int ldd, lde;
   size_t bytes;
   __host__ __device__ RegBwdSmem(unsigned char* base, int DP, int EP, int held, int streamed,
-                                 int keys, int queries) {
+                                 int keys, int queries, int stages = 1) {
     ldd = reg_pitch<T>(DP);
     lde = reg_pitch<T>(EP);
     SmemCarver c(base);
     held_d = c.take<T>(size_t(held) * ldd);
     held_e = c.take<T>(size_t(held) * lde);
-    stream_d = c.take<T>(size_t(streamed) * ldd);
-    stream_e = c.take<T>(size_t(streamed) * lde);
-    bias = c.take<float>(keys);
+    stream_d = c.take<T>(size_t(stages) * streamed * ldd);
+    stream_e = c.take<T>(size_t(stages) * streamed * lde);
+    bias = c.take<float>(size_t(stages) * keys);
     lse = c.take<float>(queries);
     delta = c.take<float>(queries);
     bytes = c.offset;
   }
 };
 
-// The dQ kernel's: Q and dO of 64 query rows held, K and V of 64 keys streamed.
+// The dQ kernel's: Q and dO of 64 query rows held, K and V of 64 keys streamed in `stages`.
 template <typename T>
 struct RegDqSmem : RegBwdSmem<T> {
-  __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP)
-      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegKeys, kRegKeys, kRegRows) {}
+  __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP, int stages)
+      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegKeys, kRegKeys, kRegRows, stages) {}
 };
 
 // dQ = scale · dS K with dS = P ∘ (dO Vᵀ - Δ); one block per 64 positions of the query order x
 // image; a.BM = kRegRows.
-template <typename M, int DP, int EP, typename T = typename M::In>
+template <typename M, int DP, int EP, int S = 1, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
   constexpr int KD = DP / M::K, KE = EP / M::K, NS = kRegKeys / 8, ND = DP / 8;
   REGHARM_DYNAMIC_SMEM(raw);
-  const RegDqSmem<T> sm(raw, DP, EP);
-  T* const sq = sm.held_d;  // Q and dO rows of this block; K and V of the current key tile
+  const RegDqSmem<T> sm(raw, DP, EP, S);
+  T* const sq = sm.held_d;  // Q and dO rows of this block; K and V stream through stream_*
   T* const sdo = sm.held_e;
-  T* const sk = sm.stream_d;
-  T* const sv = sm.stream_e;
   const int ldq = sm.ldd, lde = sm.lde;
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * kRegRows;
@@ -419,19 +486,7 @@ __global__ void __launch_bounds__(kThreads)
       lse_r[h] = sm.lse[warp * 16 + gr + 8 * h];
       delta_r[h] = sm.delta[warp * 16 + gr + 8 * h];
     }
-    const float* bias_b = a.bias + b * a.N;
-    const int64_t nk = key_span(a, b);
-    for (int64_t k0 = 0; k0 < nk; k0 += kRegKeys) {
-      const int keys = int(min(int64_t(kRegKeys), nk - k0));
-      // K and V in flight over the bias's round trips (the previous tile ended with a barrier)
-      load_key_tile(a, sk, ldq, a.k + b * a.ks.b, a.ks.r, b, k0, keys, kRegKeys, a.D, DP,
-                    a.vec_k);
-      load_key_tile(a, sv, lde, a.v + b * a.vs.b, a.vs.r, b, k0, keys, kRegKeys, a.E, EP,
-                    a.vec_v);
-      const bool kept = load_bias_tile(sm.bias, bias_b, k0, keys, kRegKeys, key_rows(a, b, k0));
-      cp_async_wait_all();
-      if (!kept) continue;  // every key removed: nobody reads this tile
-      __syncthreads();
+    auto attend = [&](const T* sk, const T* sv, const float* sbias) {
       float s[NS][4] = {}, dp[NS][4] = {};
       if constexpr (M::kFragsInRegs) {
         mma_abt<M>(s, qf, sk, ldq);    // S = Q Kᵀ
@@ -445,15 +500,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int h = c >> 1;
-          const float bv = sm.bias[j * 8 + 2 * t + (c & 1)];
+          const float bv = sbias[j * 8 + 2 * t + (c & 1)];
           const float p = (lse_r[h] > -INFINITY && bv > -INFINITY)
                               ? fast_exp(s[j][c] * a.scale + bv - lse_r[h])
                               : 0.0f;
           s[j][c] = p * (dp[j][c] - delta_r[h]);  // dS
         }
       mma_pm<M>(dq, s, sk, ldq);  // dQ += dS K
-      __syncthreads();  // done with k, v and bias before the next tile's loads
-    }
+    };
+    const KeyTileBuffers<T> kt{sm.stream_d, sm.stream_e, sm.bias, ldq, lde};
+    stream_key_tiles<S>(a, b, 0, key_span(a, b), kt, DP, a.E, EP, attend);
   }
   T* dq_b = g.dq + b * a.L * a.D;
 #pragma unroll
@@ -675,11 +731,21 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- the kernel sets (each attention_registers_*.cu instantiates its dtype's) ---------------
 
+// With 16-bit inputs the forward and dQ kernels of both stage counts (stream_key_tiles):
+// float32 tiles are twice the bytes, and a second stage would cost its blocks per SM.
 template <typename M, int DP, int EP, typename T = typename M::In>
 RegKernelSet<T> reg_set() {
-  return {attn_fwd_reg_kernel<M, DP, EP>, attn_bwd_dq_reg_kernel<M, DP, EP>,
-          attn_bwd_dkdv_reg_kernel<M, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP).bytes,
-          RegDqSmem<T>(nullptr, DP, EP).bytes, RegDkdvSmem<T>(nullptr, DP, EP).bytes};
+  RegKernelSet<T> r{attn_fwd_reg_kernel<M, DP, EP, 1>, attn_bwd_dq_reg_kernel<M, DP, EP, 1>,
+                    attn_bwd_dkdv_reg_kernel<M, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP, 1).bytes,
+                    RegDqSmem<T>(nullptr, DP, EP, 1).bytes,
+                    RegDkdvSmem<T>(nullptr, DP, EP).bytes};
+  if constexpr (sizeof(T) == 2) {
+    r.fwd2 = attn_fwd_reg_kernel<M, DP, EP, 2>;
+    r.dq2 = attn_bwd_dq_reg_kernel<M, DP, EP, 2>;
+    r.fwd2_smem = RegFwdSmem<T>(nullptr, DP, EP, 2).bytes;
+    r.dq2_smem = RegDqSmem<T>(nullptr, DP, EP, 2).bytes;
+  }
+  return r;
 }
 
 template <typename M, int DP>

@@ -114,6 +114,19 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 #endif
 }
 
+// The same for 4 bytes (cp.async.ca: .cg takes only 16): gathered scalars such as a key
+// tile's bias, in flight with the tile they belong to.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+#if defined(REGHARM_CUDA_EMULATION)
+  ::emu::cp_async4(dst, src);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(addr), "l"(src) : "memory");
+#else
+  *reinterpret_cast<unsigned*>(dst) = __ldg(reinterpret_cast<const unsigned*>(src));
+#endif
+}
+
 // Waits for the calling thread's cp.async copies.
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(REGHARM_CUDA_EMULATION)

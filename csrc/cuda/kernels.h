@@ -85,6 +85,11 @@ struct AttnShape {
   // that key tiles of removed keys (a foreground's patches, LTL's foreground tokens) are not
   // visited, however the removed keys are spread; the glue asks for it (REGHARM_CUDA_KEY_ORDER).
   bool key_order = false;
+  // 16-bit register kernels: the forward and dQ kernels' key tiles through two stages of
+  // shared memory, the next one's copies in flight during this one's products, where both
+  // stages fit the device (attention_registers.cuh); the glue asks for it
+  // (REGHARM_CUDA_PIPELINE).
+  bool pipeline = false;
 };
 
 // A (B, rows, cols) tensor whose last dim is contiguous: strides of its batch and row dims.

@@ -95,6 +95,17 @@ bool key_order_asked(const char* op) {
                     op) == "auto";
 }
 
+// REGHARM_CUDA_PIPELINE: whether the 16-bit register forward and dQ kernels stream their key
+// tiles through two stages of shared memory (the next tile's copies in flight during this
+// one's products) or one (GPU run 2's loop).
+bool pipeline_asked(const at::Tensor& q, const char* op) {
+  return env_choice("REGHARM_CUDA_PIPELINE",
+                    {{"auto", "16-bit key tiles through two stages"},
+                     {"off", "one stage: each key tile loaded, then used"}},
+                    op) == "auto" &&
+         q.element_size() == 2;
+}
+
 // Called under a guard on q's device (the shared-memory check asks that device).
 Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& key_bias, const std::optional<at::Tensor>& query_mask,
@@ -112,6 +123,7 @@ Checked check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   s.simt_mma_lanes = simt_mma_lanes_asked(op);
   s.fwd_key_split = fwd_key_split_asked(q, op);
   s.key_order = key_order_asked(op);
+  s.pipeline = pipeline_asked(q, op);
   return {d, s, masked_attention_fits(dtype_tag(q), s, nullptr, nullptr)};
 }
 

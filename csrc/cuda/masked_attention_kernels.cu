@@ -525,6 +525,21 @@ inline bool sm80_or_newer() {
   return major >= 8;
 }
 
+// The register kernels for s as the launchers run them: under s.pipeline the two-stage forward
+// and dQ kernels (16-bit) in place of the one-stage ones, each where its shared memory fits
+// the device. PTL's D 64, E 128 on an H100: forward 35.6 -> 61.9 KB (3 blocks per SM either
+// way), dQ 52.8 -> 79.0 KB (3 -> 2 blocks per SM: PTL's ~1.6 active query tiles per SM do not
+// fill 2).
+template <typename T>
+RegKernelSet<T> reg_kernels_run(const AttnShape& s) {
+  RegKernelSet<T> rk = reg_kernels<T>(s);
+  if (!s.pipeline) return rk;
+  const size_t limit = size_t(max_dynamic_smem());
+  if (rk.fwd2 != nullptr && rk.fwd2_smem <= limit) rk.fwd = rk.fwd2, rk.fwd_smem = rk.fwd2_smem;
+  if (rk.dq2 != nullptr && rk.dq2_smem <= limit) rk.dq = rk.dq2, rk.dq_smem = rk.dq2_smem;
+  return rk;
+}
+
 // The register kernels take 16-bit inputs (mma.sync, sm_80+) and float32 (FMAs on CUDA cores
 // on any GPU, or 3xTF32 mma.sync on sm_80+ under tf32x3), with D, E <= 128 (their fragments
 // must fit the registers) where shared memory holds their tiles (float32 at D = E = 128 needs
@@ -536,7 +551,7 @@ template <typename T> bool use_registers(const AttnShape& s) {
   } else {
     const bool tensor_cores = sizeof(T) == 2 || s.tf32x3;
     if (s.tiles || s.D > 128 || s.E > 128 || (tensor_cores && !sm80_or_newer())) return false;
-    const RegKernelSet<T> rk = reg_kernels<T>(s);
+    const RegKernelSet<T> rk = reg_kernels_run<T>(s);
     return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem}) <= size_t(max_dynamic_smem());
   }
 }
@@ -551,7 +566,7 @@ inline bool key_order(const AttnShape& s) {
 // memory allow, times the multiprocessors.
 template <typename T>
 int64_t reg_wave(const AttnShape& s) {
-  const RegKernelSet<T> rk = reg_kernels<T>(s);
+  const RegKernelSet<T> rk = reg_kernels<T>(s);  // the dK/dV kernel: one stage either way
   // the occupancy query costs driver calls: asked once per kernel, device and smem limit
   static std::mutex lock;
   static std::map<std::tuple<const void*, int, int>, int> known;
@@ -756,7 +771,7 @@ cudaError_t forward_launch(const void* q, RowStrides qs, const void* k, RowStrid
   auto a = make_args<T, A>(q, qs, k, ks, v, vs, key_bias, query_mask, s, scale, regs);
   if constexpr (has_registers<T>()) {
     if (regs) {
-      const RegKernelSet<T> rk = reg_kernels<T>(s);
+      const RegKernelSet<T> rk = reg_kernels_run<T>(s);
       a.BM = kRegRows, a.BN = kRegKeys, a.EC = reg_dim(s.E);
       cudaError_t err = allow_smem(reinterpret_cast<const void*>(rk.fwd), rk.fwd_smem);
       if (err != cudaSuccess) return err;
@@ -869,7 +884,7 @@ __global__ void __launch_bounds__(256) attn_dq_cast_kernel(const float* __restri
 template <typename T>
 cudaError_t backward_registers(AttnArgs<T, float> a, const BwdArgs<T, float>& g,
                                const AttnShape& s, cudaStream_t stream) {
-  const RegKernelSet<T> rk = reg_kernels<T>(s);
+  const RegKernelSet<T> rk = reg_kernels_run<T>(s);
   const int64_t nq = s.B * s.L * s.D;
   cudaError_t err;
   if (g.dq_acc != nullptr && nq > 0 &&
@@ -1006,7 +1021,7 @@ size_t largest_smem(const AttnShape& s) {
   const bool tc = uses_tc<T>(s);
   if constexpr (has_registers<T>()) {
     if (use_registers<T>(s)) {
-      const RegKernelSet<T> rk = reg_kernels<T>(s);
+      const RegKernelSet<T> rk = reg_kernels_run<T>(s);
       return std::max({rk.fwd_smem, rk.dq_smem, rk.dkdv_smem});
     }
   }

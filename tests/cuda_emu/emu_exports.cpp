@@ -75,6 +75,20 @@ long long emu_take_async_copy_count() {
   return n;
 }
 
+// cp.async copies of 4 bytes (a key tile's bias) issued since the last call.
+long long emu_take_async_copy4_count() {
+  const long long n = emu::async_copy4_count();
+  emu::async_copy4_count() = 0;
+  return n;
+}
+
+// mma.sync products run with the issuing warp's copies in flight since the last call.
+long long emu_take_overlapped_mma_count() {
+  const long long n = emu::overlapped_mma_count();
+  emu::overlapped_mma_count() = 0;
+  return n;
+}
+
 // The kernel expressions launched since the last call, one per line.
 const char* emu_take_launches() {
   static std::string last;
@@ -142,7 +156,7 @@ int emu_patch_stats_backward(int dt, const void* gmu, const void* gsigma, const 
                                   min_mass, workspace, grad_x, grad_w, grad_b, nullptr));
 }
 
-// B, L, N, D, E, tf32x3, tiles, dq_atomic, simt_mma_lanes, fwd_key_split
+// B, L, N, D, E, tf32x3, tiles, dq_atomic, simt_mma_lanes, fwd_key_split, key_order, pipeline
 static AttnShape attn_shape(const int64_t* s) {
   AttnShape a{};
   a.B = s[0], a.L = s[1], a.N = s[2], a.D = int(s[3]), a.E = int(s[4]);
@@ -152,6 +166,7 @@ static AttnShape attn_shape(const int64_t* s) {
   a.simt_mma_lanes = s[8] != 0;
   a.fwd_key_split = s[9] != 0;
   a.key_order = s[10] != 0;
+  a.pipeline = s[11] != 0;
   return a;
 }
 

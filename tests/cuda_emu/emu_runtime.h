@@ -103,6 +103,7 @@ struct Block {
   struct Copy {
     unsigned char* dst;
     std::array<unsigned char, 16> bytes;
+    size_t size;
   };
   std::vector<std::vector<Copy>> copies;  // each thread's cp.async copies not yet landed
   std::function<void()>* body = nullptr;
@@ -187,6 +188,13 @@ inline long long& mma_sync_count() {  // mma.sync products run (the register ker
   return n;
 }
 
+// mma.sync products a warp's lane 0 ran with cp.async copies of its own still in flight: the
+// next key tile loading during this one's products (stream_key_tiles' two stages)
+inline long long& overlapped_mma_count() {
+  static long long n = 0;
+  return n;
+}
+
 inline long long& simt_product_count() {  // float32 CUDA-core warp products (register kernels)
   static long long n = 0;
   return n;
@@ -247,7 +255,10 @@ void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], Unp
   Block& bl = blk();
   const int me = cur().linear, base = me & ~31, lane = me & 31;
   if (base + 32 > int(bl.fibers.size())) fail("mma.sync in a partial warp");
-  if (lane == 0) ++mma_sync_count();
+  if (lane == 0) {
+    ++mma_sync_count();
+    if (!bl.copies[me].empty()) ++overlapped_mma_count();
+  }
   std::array<uint32_t, 10>& mine = bl.mma[me];
   std::memcpy(mine.data(), a, 16);
   std::memcpy(mine.data() + 4, b, 8);
@@ -372,28 +383,41 @@ inline cudaError_t& last_error() {
 constexpr size_t kGuard = 256;
 constexpr size_t kStack = 256 * 1024;
 
-// cp.async.cg.shared.global (16 bytes): the source is read at issue (it is read-only for the
-// kernel's lifetime), the destination written when the copy lands (Config::copies_land_early).
-inline long long& async_copy_count() {  // cp.async copies issued (the attention's tile loads)
+// cp.async.cg.shared.global (16 bytes) and cp.async.ca (4 bytes): the source is read at issue
+// (it is read-only for the kernel's lifetime), the destination written when the copy lands
+// (Config::copies_land_early).
+inline long long& async_copy_count() {  // 16-byte copies issued (the attention's tile rows)
   static long long n = 0;
   return n;
 }
-inline void cp_async16(void* dst, const void* src) {
-  ++async_copy_count();
-  check_aligned(dst, 16, "cp.async destination");
-  check_aligned(src, 16, "cp.async source");
-  if (!in_shared(dst, 16)) fail("cp.async destination outside the dynamic shared memory");
+inline void cp_async(void* dst, const void* src, size_t size) {
+  check_aligned(dst, size, "cp.async destination");
+  check_aligned(src, size, "cp.async source");
+  if (!in_shared(dst, size)) fail("cp.async destination outside the dynamic shared memory");
   Block::Copy c;
   c.dst = static_cast<unsigned char*>(dst);
-  std::memcpy(c.bytes.data(), src, 16);
-  if (config().copies_land_early) std::memcpy(c.dst, c.bytes.data(), 16);
+  c.size = size;
+  std::memcpy(c.bytes.data(), src, size);
+  if (config().copies_land_early) std::memcpy(c.dst, c.bytes.data(), size);
   else blk().copies[cur().linear].push_back(c);
+}
+inline void cp_async16(void* dst, const void* src) {
+  ++async_copy_count();
+  cp_async(dst, src, 16);
+}
+inline long long& async_copy4_count() {  // 4-byte copies issued (the key tiles' bias)
+  static long long n = 0;
+  return n;
+}
+inline void cp_async4(void* dst, const void* src) {
+  ++async_copy4_count();
+  cp_async(dst, src, 4);
 }
 // cp.async.wait_all: the calling thread's copies land (other threads' need their own wait and
 // a barrier to be seen).
 inline void cp_async_wait_all() {
   auto& mine = blk().copies[cur().linear];
-  for (const Block::Copy& c : mine) std::memcpy(c.dst, c.bytes.data(), 16);
+  for (const Block::Copy& c : mine) std::memcpy(c.dst, c.bytes.data(), c.size);
   mine.clear();
 }
 

@@ -134,6 +134,8 @@ class Emulator:
         self.lib.emu_take_vector_atomic_count.restype = ctypes.c_longlong
         self.lib.emu_take_flag_count.restype = ctypes.c_longlong
         self.lib.emu_take_async_copy_count.restype = ctypes.c_longlong
+        self.lib.emu_take_async_copy4_count.restype = ctypes.c_longlong
+        self.lib.emu_take_overlapped_mma_count.restype = ctypes.c_longlong
         self.tf32x3 = False
         self.tiles = False
         self.dq_atomic = None
@@ -141,10 +143,12 @@ class Emulator:
         self.fwd_split = None
         self.ps_gather = "auto"
         self.key_order = True
+        self.pipeline = True
 
     def configure(self, smem_optin=227 * 1024, sm_count=4, order=0, seed=1, tf32x3=False,
                   tiles=False, cc_major=9, dq_atomic=None, simt_lanes="paired",
-                  fwd_split=None, reverse_blocks=False, ps_gather="auto", key_order=True):
+                  fwd_split=None, reverse_blocks=False, ps_gather="auto", key_order=True,
+                  pipeline=True):
         """tf32x3: float32 attention products on (emulated) tensor cores, as the glue asks for
         with REGHARM_CUDA_FP32_MATH=tf32x3. tiles: attention on the shared-memory tile
         kernels instead of the register kernels (REGHARM_CUDA_ATTENTION=tiles); cc_major: the
@@ -158,7 +162,9 @@ class Emulator:
         launch runs its blocks from the last one back (the emulator runs blocks one at a time);
         ps_gather: "pixels" gathers patch_stats' input gradient pixel by pixel even where the
         cells' shared sums apply (REGHARM_CUDA_PS_GATHER=pixels); key_order: the register
-        kernels visit the kept keys first (False: REGHARM_CUDA_KEY_ORDER=raster)."""
+        kernels visit the kept keys first (False: REGHARM_CUDA_KEY_ORDER=raster); pipeline: the
+        16-bit register forward and dQ kernels stream their key tiles through two stages (False:
+        REGHARM_CUDA_PIPELINE=off; float32 has one either way, as in the glue)."""
         if ps_gather not in ("auto", "pixels"):
             raise ValueError(f"ps_gather must be 'auto' or 'pixels', got {ps_gather!r}")
         if simt_lanes not in ("paired", "mma"):
@@ -171,6 +177,7 @@ class Emulator:
         self.fwd_split = fwd_split
         self.ps_gather = ps_gather
         self.key_order = key_order
+        self.pipeline = pipeline
         self.take_shared_load_model()
         self.take_launches()
         self.take_flag_count()
@@ -180,6 +187,8 @@ class Emulator:
         self.take_atomic_count()
         self.take_vector_atomic_count()
         self.take_async_copy_count()
+        self.take_async_copy4_count()
+        self.take_overlapped_mma_count()
 
     def take_shared_load_model(self) -> dict:
         """The float32 CUDA-core products' 16-byte shared-memory loads since the last call:
@@ -210,6 +219,16 @@ class Emulator:
         """16-byte cp.async copies (the attention kernels' tile loads) since the last call."""
         return int(self.lib.emu_take_async_copy_count())
 
+    def take_async_copy4_count(self) -> int:
+        """4-byte cp.async copies (the key tiles' bias in the two-stage kernels) since the last
+        call."""
+        return int(self.lib.emu_take_async_copy4_count())
+
+    def take_overlapped_mma_count(self) -> int:
+        """mma.sync products a warp ran while its lane 0 had cp.async copies in flight (the
+        next key tile loading during this one's products) since the last call."""
+        return int(self.lib.emu_take_overlapped_mma_count())
+
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
         return int(self.lib.emu_take_tf32_mma_count())
@@ -230,7 +249,8 @@ class Emulator:
         dq_atomic = dtype == torch.float32 if self.dq_atomic is None else self.dq_atomic
         fwd_split = dtype == torch.float32 if self.fwd_split is None else self.fwd_split
         return _i64([B, L, N, D, E, int(self.tf32x3), int(self.tiles), int(dq_atomic),
-                     int(self.simt_lanes == "mma"), int(fwd_split), int(self.key_order)])
+                     int(self.simt_lanes == "mma"), int(fwd_split), int(self.key_order),
+                     int(self.pipeline and dtype.itemsize == 2)])
 
     def _patch_shape(self, B, C, H, W, ph, pw, sh, sw) -> ctypes.Array:
         return _i64([B, C, H, W, ph, pw, sh, sw, int(self.ps_gather == "pixels")])
