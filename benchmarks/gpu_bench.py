@@ -80,7 +80,7 @@ BACKENDS = ("reference", "torch", "sdpa", "triton", "native", "native_tf32x3", "
 # patches one by one instead of by cells: before/after of item 21), native_key_raster (the
 # attention's register kernels over the keys in raster order instead of the kept keys first:
 # before/after of item 26), triton_key_raster (the same for the Triton kernels: item 27),
-# native_one_stage (the 16-bit forward and dQ kernels' key tiles through one stage of shared
+# native_one_stage (the 16-bit attention kernels' streamed tiles through one stage of shared
 # memory instead of two: before/after of item 29).
 _COMPOSITE_NORM = {"REGHARM_MASKED_NORM": "composite"}
 _UNFUSED = {"REGHARM_PTL_NODE": "0"}

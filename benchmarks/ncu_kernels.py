@@ -40,8 +40,8 @@ def _workload(device_name: str, only: str | None = None) -> None:
 
     device = torch.device(device_name)
     cases = gpu_bench.settings(quick=device.type != "cuda", device=device)
-    # masked_attention in bf16 (register kernels, key tiles through two stages and through
-    # one), bf16 on the tile kernels, float32 on CUDA
+    # masked_attention in bf16 (register kernels, streamed tiles through two stages and
+    # through one), bf16 on the tile kernels, float32 on CUDA
     # cores (register kernels in PairedLanes and in mma.sync's lane order, with the forward's
     # keys unsplit, then tile kernels) and as 3xTF32; patch_stats, its backward gathering by
     # cells (the default) and by pixels

@@ -701,7 +701,7 @@ def test_cuda_emulated_forward_copies_each_tile_unit_once(configured, dtype):
     assert emu.take_async_copy_count() == expected
 
 
-# ---- the 16-bit forward and dQ kernels' key tiles through two stages (REGHARM_CUDA_PIPELINE) ---
+# ---- the 16-bit kernels' streamed tiles through two stages (REGHARM_CUDA_PIPELINE) -----------
 
 def _half_kept_tiles(B=2, L=100, N=400, dtype=torch.bfloat16):
     """Inputs whose raster key tiles keep keys in their second half only (keys 40-63 of each
@@ -719,23 +719,28 @@ def _half_kept_tiles(B=2, L=100, N=400, dtype=torch.bfloat16):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_emulated_pipeline(configured, dtype, key_order):
     """Two stages give the one-stage kernels' results bit for bit (the same products in the same
-    order), and they do overlap: products run while the next tile's copies are in flight, and
-    each tile's bias is copied once per block (4-byte cp.async), which one stage never does."""
+    order; one multiprocessor, so that the dK/dV kernel has one query split both ways: the
+    emulator's occupancy counts shared memory only, which two stages take more of), and they do
+    overlap: in each of the three kernels products run while the next tile's copies are in
+    flight, and the forward copies each tile's bias once per block (4-byte cp.async), which
+    one stage never does."""
     inputs = _half_kept_tiles(dtype=dtype)
     q, k, v, kb, qm = inputs
     scale = q.shape[-1] ** -0.5
     runs = {}
     for pipeline in (True, False):
-        emu = configured(key_order=key_order, pipeline=pipeline)
+        emu = configured(sms=1, key_order=key_order, pipeline=pipeline)
         out, lse = emu.attention(q, k, v, kb, qm, scale)
-        overlapped, copies4 = emu.take_overlapped_mma_count(), emu.take_async_copy4_count()
+        copies4 = emu.take_async_copy4_count()
         cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
         grads = emu.attention_backward(cot, q, k, v, kb, qm, out, lse, scale)
+        overlaps = emu.take_launch_overlaps()
         runs[pipeline] = (out, lse, *grads)
+        kernels = [overlaps.get(name, 0) for name in ("rk.fwd", "rk.dq", "rk.dkdv")]
         if not pipeline:
-            assert overlapped == 0 and copies4 == 0
+            assert kernels == [0, 0, 0] and copies4 == 0
             continue
-        assert overlapped > 0
+        assert all(n > 0 for n in kernels), overlaps
         kept = (kb > float("-inf")).sum(1)
         if key_order:  # the tiles hold the kept keys only
             want = sum(int(kept[b]) * ((int(qm[b].sum()) + 63) // 64) for b in range(q.shape[0]))
@@ -745,19 +750,42 @@ def test_cuda_emulated_pipeline(configured, dtype, key_order):
         assert torch.equal(a, b), name
 
 
+def test_cuda_emulated_pipeline_nan_rows(configured):
+    """The two-stage dK/dV kernel copies lse and Δ as they are (one stage stores -inf and 0 for
+    a row whose lse is not above -inf); NaN rows, as a NaN forward leaves them (lse and the
+    output row), still attend nothing: Δ is 0 there and P is 0, the same bits, no NaN."""
+    q, k, v, kb, qm = _half_kept_tiles()
+    scale = q.shape[-1] ** -0.5
+    grads = {}
+    for pipeline in (True, False):
+        emu = configured(sms=1, pipeline=pipeline)
+        out, lse = emu.attention(q, k, v, kb, qm, scale)
+        rows = torch.nonzero(qm[0])[:3, 0]
+        lse[0, rows] = float("nan")
+        out[0, rows] = float("nan")
+        grads[pipeline] = emu.attention_backward(torch.ones_like(out), q, k, v, kb, qm, out, lse,
+                                                 scale)
+    for name, a, b in zip(("dq", "dk", "dv"), grads[True], grads[False]):
+        assert torch.equal(a, b) and not torch.isnan(a).any(), name
+
+
 def test_cuda_emulated_pipeline_where_it_fits(configured):
     """Each kernel takes two stages where they fit the device's shared memory: at D = E = 128
-    in 100 KB (an sm_86's 99 KB and a little) the forward's (86.4 KB) do and the dQ kernel's
-    (103 KB) do not, so the forward copies its bias tiles and the backward does not."""
+    in 100 KB (an sm_86's 99 KB and a little) the forward's (86.4 KB) and the dK/dV kernel's
+    (73 KB) do and the dQ kernel's (103 KB) do not: its products never overlap copies there,
+    and do on an H100, where all three take two stages."""
     inputs = make_attention_inputs(B=1, L=70, N=150, D=128, E=128, active=0.6, removed=0.1,
                                    dead_batch=False, dtype=torch.bfloat16)
     q, k, v, kb, qm = inputs
-    emu = configured(smem=100 * 1024)
-    out, lse = emu.attention(q, k, v, kb, qm, 128 ** -0.5)
-    assert emu.take_async_copy4_count() > 0
-    emu.attention_backward(torch.ones_like(out), q, k, v, kb, qm, out, lse, 128 ** -0.5)
-    assert emu.take_async_copy4_count() == 0
-    _check_attention(emu, inputs)
+    overlaps = {}
+    for smem in (100 * 1024, H100):
+        emu = configured(smem=smem)
+        out, lse = emu.attention(q, k, v, kb, qm, 128 ** -0.5)
+        emu.attention_backward(torch.ones_like(out), q, k, v, kb, qm, out, lse, 128 ** -0.5)
+        overlaps[smem] = emu.take_launch_overlaps()
+        _check_attention(emu, inputs)
+    assert overlaps[100 * 1024]["rk.fwd"] > 0 and overlaps[100 * 1024]["rk.dq"] == 0, overlaps
+    assert overlaps[H100]["rk.fwd"] > 0 and overlaps[H100]["rk.dq"] > 0, overlaps
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])

@@ -194,6 +194,28 @@ __device__ __forceinline__ bool load_query_rows(const AttnArgs<T, A>& a, const B
   return __syncthreads_or(any) != 0;
 }
 
+// load_query_rows' copies only (cp.async, 4 bytes each: lse and Δ of the rows that may attend;
+// the others get -inf and 0 stored), no vote and no barrier: for a query tile loaded while the
+// previous one is in use. A copied lse that is not above -inf stays as it is: Δ is 0 there
+// (attn_delta_kernel) and the products take P = 0 for it, as for load_query_rows' -inf.
+template <typename T, typename A>
+__device__ __forceinline__ void load_query_rows_async(const AttnArgs<T, A>& a,
+                                                      const BwdArgs<T, A>& g, A* lse_s,
+                                                      A* delta_s, int64_t b, int64_t q0,
+                                                      int rows) {
+  static_assert(sizeof(A) == 4, "4-byte copies");
+  for (int r = threadIdx.x; r < a.BM; r += blockDim.x) {
+    if (r < rows && active_at(a, b, q0 + r)) {
+      const int64_t row = b * a.L + query_at(a, b, q0 + r);
+      cp_async4(lse_s + r, g.lse + row);
+      cp_async4(delta_s + r, g.delta + row);
+    } else {
+      lse_s[r] = neg_inf<A>();
+      delta_s[r] = A(0);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace regharm

@@ -27,11 +27,12 @@ struct RegKernelSet {
   void (*dq)(AttnArgs<T, float>, BwdArgs<T, float>);
   void (*dkdv)(AttnArgs<T, float>, BwdArgs<T, float>);
   size_t fwd_smem, dq_smem, dkdv_smem;
-  // 16-bit: the forward and dQ kernels that stream their key tiles through two stages (the
-  // next tile's copies in flight during this one's products), else null
+  // 16-bit: the kernels that stream their tiles (key tiles; the dK/dV kernel's query tiles)
+  // through two stages (the next tile's copies in flight during this one's products), else null
   void (*fwd2)(AttnArgs<T, float>, T*, float*) = nullptr;
   void (*dq2)(AttnArgs<T, float>, BwdArgs<T, float>) = nullptr;
-  size_t fwd2_smem = 0, dq2_smem = 0;
+  void (*dkdv2)(AttnArgs<T, float>, BwdArgs<T, float>) = nullptr;
+  size_t fwd2_smem = 0, dq2_smem = 0, dkdv2_smem = 0;
 };
 
 // The kernels for s (D, E <= 128): 16-bit on tensor cores; float32 on CUDA cores, or as

@@ -416,8 +416,9 @@ __global__ void __launch_bounds__(kThreads)
 // Shared memory of both backward kernels: a pair of tiles the block loads once (`held` rows:
 // Q and dO in the dQ kernel, K and V in the dK/dV kernel), the pair it streams (`streamed` rows:
 // K and V, or Q and dO), then the keys' bias and the query rows' lse and Δ. The first tile of a
-// pair has DP columns, the second EP. stages: copies of the streamed pair and of the bias (the
-// dQ kernel's key tiles, stream_key_tiles' S).
+// pair has DP columns, the second EP. stages: copies of the streamed pair and of what streams
+// with it, the bias where the streamed rows are keys (the dQ kernel), lse and Δ where they are
+// queries (the dK/dV kernel).
 template <typename T>
 struct RegBwdSmem {
   T *held_d, *held_e, *stream_d, *stream_e;
@@ -425,7 +426,7 @@ struct RegBwdSmem {
   int ldd, lde;
   size_t bytes;
   __host__ __device__ RegBwdSmem(unsigned char* base, int DP, int EP, int held, int streamed,
-                                 int keys, int queries, int stages = 1) {
+                                 int keys, int queries, int stages, bool streams_keys) {
     ldd = reg_pitch<T>(DP);
     lde = reg_pitch<T>(EP);
     SmemCarver c(base);
@@ -433,9 +434,9 @@ struct RegBwdSmem {
     held_e = c.take<T>(size_t(held) * lde);
     stream_d = c.take<T>(size_t(stages) * streamed * ldd);
     stream_e = c.take<T>(size_t(stages) * streamed * lde);
-    bias = c.take<float>(size_t(stages) * keys);
-    lse = c.take<float>(queries);
-    delta = c.take<float>(queries);
+    bias = c.take<float>(size_t(streams_keys ? stages : 1) * keys);
+    lse = c.take<float>(size_t(streams_keys ? 1 : stages) * queries);
+    delta = c.take<float>(size_t(streams_keys ? 1 : stages) * queries);
     bytes = c.offset;
   }
 };
@@ -444,7 +445,7 @@ struct RegBwdSmem {
 template <typename T>
 struct RegDqSmem : RegBwdSmem<T> {
   __host__ __device__ RegDqSmem(unsigned char* base, int DP, int EP, int stages)
-      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegKeys, kRegKeys, kRegRows, stages) {}
+      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegKeys, kRegKeys, kRegRows, stages, true) {}
 };
 
 // dQ = scale · dS K with dS = P ∘ (dO Vᵀ - Δ); one block per 64 positions of the query order x
@@ -531,14 +532,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward: dK, dV over query tiles -------------------------------------------------------
 
-// The dK/dV kernel's: K and V of 64 keys held, Q and dO of 32 query rows streamed, and the
-// query tile's dS (32 queries x 64 keys, row-major) for the atomic dQ.
+// The dK/dV kernel's: K and V of 64 keys held, Q and dO of 32 query rows streamed in
+// `stages`, and the query tile's dS (32 queries x 64 keys, row-major) for the atomic dQ.
 template <typename T>
 struct RegDkdvSmem : RegBwdSmem<T> {
   T* ds;
   int ldds;
-  __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP)
-      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegQueries, kRegRows, kRegQueries) {
+  __host__ __device__ RegDkdvSmem(unsigned char* base, int DP, int EP, int stages)
+      : RegBwdSmem<T>(base, DP, EP, kRegRows, kRegQueries, kRegRows, kRegQueries, stages,
+                      false) {
     SmemCarver c(base);
     c.offset = this->bytes;
     ldds = reg_pitch<T>(kRegRows);
@@ -631,18 +633,21 @@ __device__ __forceinline__ void add_dq_atomic(const AttnArgs<T, A>& a, const Bwd
 // transposed, Sᵀ = K Qᵀ) from the query tiles qt = split, split + nsplit, ...; a.BM =
 // kRegQueries. Writes the split's partial sums, by position of the key order where there is
 // one (blocks past its kept keys, or of splits beyond key_splits, have nothing to do).
-template <typename M, int DP, int EP, typename T = typename M::In>
+// S: stages of the streamed query tiles, as stream_key_tiles' (two: the next tile's Q, dO, lse
+// and Δ copies in flight during this tile's products; a warp vote skips a tile where no query
+// attends).
+template <typename M, int DP, int EP, int S = 1, typename T = typename M::In>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_reg_kernel(AttnArgs<T, float> a, BwdArgs<T, float> g) {
+  static_assert(S == 1 || S == 2, "one or two stages");
+  static_assert(kRegQueries == 32, "the vote reads one query per lane");
   constexpr int KD = DP / M::K, KE = EP / M::K, NQ = kRegQueries / 8, ND = DP / 8,
                 NE = EP / 8;
   const int nsplit = key_splits(a, g, kRegRows);
   REGHARM_DYNAMIC_SMEM(raw);
-  const RegDkdvSmem<T> sm(raw, DP, EP);
-  T* const sk = sm.held_d;  // K and V of this block's keys; Q and dO of the current query tile
+  const RegDkdvSmem<T> sm(raw, DP, EP, S);
+  T* const sk = sm.held_d;  // K and V of this block's keys; Q and dO stream through stream_*
   T* const sv = sm.held_e;
-  T* const sq = sm.stream_d;
-  T* const sdo = sm.stream_e;
   const int ldk = sm.ldd, lde = sm.lde;
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
@@ -666,19 +671,11 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t span = a.qorder ? int64_t(a.qcount[b]) : a.L;  // positions that may attend
     // 32-bit tile counters (L / 32 < 2^31 here): float32 at DP = EP = 128 is at 255 registers
     const int qtiles = int((span + kRegQueries - 1) / kRegQueries);
-    for (int qt = split; qt < qtiles; qt += nsplit) {
-      const int64_t q0 = int64_t(qt) * kRegQueries;
-      const int rows = int(min(int64_t(kRegQueries), span - q0));
-      // Q and dO in flight over lse's and delta's round trips; the previous tile ended with a
-      // barrier, so q, dout, lse and delta are free
-      const T* q_img = a.q + b * a.qs.b;
-      const T* do_img = g.dout + b * g.dos.b;
-      load_query_tile(a, sq, ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
-      load_query_tile(a, sdo, lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
-      const bool attends = load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows);
-      cp_async_wait_all();
-      if (!attends) continue;  // nobody reads this tile
-      __syncthreads();
+    const T* q_img = a.q + b * a.qs.b;
+    const T* do_img = g.dout + b * g.dos.b;
+    // the products of one query tile (Q, dO, lse and Δ published), with the atomic dQ's barrier
+    auto attend = [&](const T* sq, const T* sdo, const float* lse_s, const float* delta_s,
+                      int64_t q0, int rows) {
       float st[NQ][4] = {}, dpt[NQ][4] = {};
       mma_abt<M, KD>(st, kw, ldk, sq, ldk);     // Sᵀ = K Qᵀ
       mma_abt<M, KE>(dpt, vw, lde, sdo, lde);   // dPᵀ = V dOᵀ
@@ -687,12 +684,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int qi = j * 8 + 2 * t + (c & 1);
-          const float ls = sm.lse[qi], bk = c < 2 ? bk0 : bk1;  // key rows gr, gr + 8
+          const float ls = lse_s[qi], bk = c < 2 ? bk0 : bk1;  // key rows gr, gr + 8
           const float p = (ls > -INFINITY && bk > -INFINITY)
                               ? fast_exp(st[j][c] * a.scale + bk - ls)
                               : 0.0f;
           st[j][c] = p;                                // Pᵀ
-          dpt[j][c] = p * (dpt[j][c] - sm.delta[qi]);  // dSᵀ
+          dpt[j][c] = p * (dpt[j][c] - delta_s[qi]);   // dSᵀ
           if (g.dq_acc)  // dS[query qi][key], for the dQ product of all 64 keys below
             sm.ds[qi * sm.ldds + warp * 16 + gr + 8 * (c >> 1)] = from_acc<T>(dpt[j][c]);
         }
@@ -700,9 +697,49 @@ __global__ void __launch_bounds__(kThreads)
       mma_pm<M>(dk, dpt, sq, ldk);   // dK += dSᵀ Q
       if (g.dq_acc) {
         __syncthreads();  // every warp's dS is in shared memory
-        add_dq_atomic<M, DP>(a, g, sm.ds, sm.ldds, sk, ldk, sm.lse, b, q0, rows);
+        add_dq_atomic<M, DP>(a, g, sm.ds, sm.ldds, sk, ldk, lse_s, b, q0, rows);
       }
-      __syncthreads();  // done with q, dout, lse, delta and ds before the next tile's loads
+    };
+    auto tile_rows = [&](int qt) { return int(min(int64_t(kRegQueries), span - int64_t(qt) * kRegQueries)); };
+    if constexpr (S == 1) {
+      for (int qt = split; qt < qtiles; qt += nsplit) {
+        const int64_t q0 = int64_t(qt) * kRegQueries;
+        const int rows = tile_rows(qt);
+        // Q and dO in flight over lse's and delta's round trips; the previous tile ended with
+        // a barrier, so q, dout, lse and delta are free
+        load_query_tile(a, sm.stream_d, ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+        load_query_tile(a, sm.stream_e, lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
+        const bool attends = load_query_rows(a, g, sm.lse, sm.delta, b, q0, rows);
+        cp_async_wait_all();
+        if (!attends) continue;  // nobody reads this tile
+        __syncthreads();
+        attend(sm.stream_d, sm.stream_e, sm.lse, sm.delta, q0, rows);
+        __syncthreads();  // done with q, dout, lse, delta and ds before the next tile's loads
+      }
+    } else {
+      auto q_at = [&](int s) { return sm.stream_d + s * kRegQueries * ldk; };
+      auto do_at = [&](int s) { return sm.stream_e + s * kRegQueries * lde; };
+      auto issue = [&](int qt, int s) {
+        const int64_t q0 = int64_t(qt) * kRegQueries;
+        const int rows = tile_rows(qt);
+        load_query_tile(a, q_at(s), ldk, q_img, a.qs.r, b, q0, rows, a.D, DP, a.vec_q);
+        load_query_tile(a, do_at(s), lde, do_img, g.dos.r, b, q0, rows, a.E, EP, g.vec_do);
+        load_query_rows_async(a, g, sm.lse + s * kRegQueries, sm.delta + s * kRegQueries, b,
+                              q0, rows);
+      };
+      if (split < qtiles) issue(split, 0);
+      const int lane = tid & 31;
+      int s = 0;
+      for (int qt = split; qt < qtiles; qt += nsplit, s ^= 1) {
+        float* lse_s = sm.lse + s * kRegQueries;
+        float* delta_s = sm.delta + s * kRegQueries;
+        cp_async_wait_all();  // this thread's copies of tile qt (and, the first time, K and V)
+        __syncthreads();  // tile qt published; every warp done with the other stage and ds
+        if (qt + nsplit < qtiles) issue(qt + nsplit, s ^ 1);
+        // every warp votes alike: no barrier needed to skip a tile where no query attends
+        if (!__ballot_sync(0xffffffffu, lse_s[lane] > -INFINITY)) continue;
+        attend(q_at(s), do_at(s), lse_s, delta_s, int64_t(qt) * kRegQueries, tile_rows(qt));
+      }
     }
   }
   cp_async_wait_all();  // K and V where no query tile waited for them: none left in flight
@@ -731,19 +768,23 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- the kernel sets (each attention_registers_*.cu instantiates its dtype's) ---------------
 
-// With 16-bit inputs the forward and dQ kernels of both stage counts (stream_key_tiles):
+// With 16-bit inputs the three kernels of both stage counts (stream_key_tiles, and the dK/dV
+// kernel's query tiles):
 // float32 tiles are twice the bytes, and a second stage would cost its blocks per SM.
 template <typename M, int DP, int EP, typename T = typename M::In>
 RegKernelSet<T> reg_set() {
   RegKernelSet<T> r{attn_fwd_reg_kernel<M, DP, EP, 1>, attn_bwd_dq_reg_kernel<M, DP, EP, 1>,
-                    attn_bwd_dkdv_reg_kernel<M, DP, EP>, RegFwdSmem<T>(nullptr, DP, EP, 1).bytes,
+                    attn_bwd_dkdv_reg_kernel<M, DP, EP, 1>,
+                    RegFwdSmem<T>(nullptr, DP, EP, 1).bytes,
                     RegDqSmem<T>(nullptr, DP, EP, 1).bytes,
-                    RegDkdvSmem<T>(nullptr, DP, EP).bytes};
+                    RegDkdvSmem<T>(nullptr, DP, EP, 1).bytes};
   if constexpr (sizeof(T) == 2) {
     r.fwd2 = attn_fwd_reg_kernel<M, DP, EP, 2>;
     r.dq2 = attn_bwd_dq_reg_kernel<M, DP, EP, 2>;
+    r.dkdv2 = attn_bwd_dkdv_reg_kernel<M, DP, EP, 2>;
     r.fwd2_smem = RegFwdSmem<T>(nullptr, DP, EP, 2).bytes;
     r.dq2_smem = RegDqSmem<T>(nullptr, DP, EP, 2).bytes;
+    r.dkdv2_smem = RegDkdvSmem<T>(nullptr, DP, EP, 2).bytes;
   }
   return r;
 }

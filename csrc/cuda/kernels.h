@@ -85,10 +85,10 @@ struct AttnShape {
   // that key tiles of removed keys (a foreground's patches, LTL's foreground tokens) are not
   // visited, however the removed keys are spread; the glue asks for it (REGHARM_CUDA_KEY_ORDER).
   bool key_order = false;
-  // 16-bit register kernels: the forward and dQ kernels' key tiles through two stages of
-  // shared memory, the next one's copies in flight during this one's products, where both
-  // stages fit the device (attention_registers.cuh); the glue asks for it
-  // (REGHARM_CUDA_PIPELINE).
+  // 16-bit register kernels: the tiles each kernel streams (the forward's and dQ kernel's key
+  // tiles, the dK/dV kernel's query tiles) through two stages of shared memory, the next one's
+  // copies in flight during this one's products, where both stages fit the device
+  // (attention_registers.cuh); the glue asks for it (REGHARM_CUDA_PIPELINE).
   bool pipeline = false;
 };
 

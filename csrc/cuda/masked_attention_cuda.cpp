@@ -95,13 +95,13 @@ bool key_order_asked(const char* op) {
                     op) == "auto";
 }
 
-// REGHARM_CUDA_PIPELINE: whether the 16-bit register forward and dQ kernels stream their key
-// tiles through two stages of shared memory (the next tile's copies in flight during this
-// one's products) or one (GPU run 2's loop).
+// REGHARM_CUDA_PIPELINE: whether the 16-bit register kernels stream their tiles (key tiles;
+// the dK/dV kernel's query tiles) through two stages of shared memory (the next tile's copies
+// in flight during this one's products) or one (GPU run 2's loops).
 bool pipeline_asked(const at::Tensor& q, const char* op) {
   return env_choice("REGHARM_CUDA_PIPELINE",
-                    {{"auto", "16-bit key tiles through two stages"},
-                     {"off", "one stage: each key tile loaded, then used"}},
+                    {{"auto", "16-bit streamed tiles through two stages"},
+                     {"off", "one stage: each tile loaded, then used"}},
                     op) == "auto" &&
          q.element_size() == 2;
 }

@@ -525,11 +525,11 @@ inline bool sm80_or_newer() {
   return major >= 8;
 }
 
-// The register kernels for s as the launchers run them: under s.pipeline the two-stage forward
-// and dQ kernels (16-bit) in place of the one-stage ones, each where its shared memory fits
+// The register kernels for s as the launchers run them: under s.pipeline the two-stage kernels
+// (16-bit) in place of the one-stage ones, each where its shared memory fits
 // the device. PTL's D 64, E 128 on an H100: forward 35.6 -> 61.9 KB (3 blocks per SM either
 // way), dQ 52.8 -> 79.0 KB (3 -> 2 blocks per SM: PTL's ~1.6 active query tiles per SM do not
-// fill 2).
+// fill 2), dK/dV 44.0 -> 57.3 KB (its registers allow 2 blocks per SM either way).
 template <typename T>
 RegKernelSet<T> reg_kernels_run(const AttnShape& s) {
   RegKernelSet<T> rk = reg_kernels<T>(s);
@@ -537,6 +537,8 @@ RegKernelSet<T> reg_kernels_run(const AttnShape& s) {
   const size_t limit = size_t(max_dynamic_smem());
   if (rk.fwd2 != nullptr && rk.fwd2_smem <= limit) rk.fwd = rk.fwd2, rk.fwd_smem = rk.fwd2_smem;
   if (rk.dq2 != nullptr && rk.dq2_smem <= limit) rk.dq = rk.dq2, rk.dq_smem = rk.dq2_smem;
+  if (rk.dkdv2 != nullptr && rk.dkdv2_smem <= limit)
+    rk.dkdv = rk.dkdv2, rk.dkdv_smem = rk.dkdv2_smem;
   return rk;
 }
 
@@ -566,7 +568,7 @@ inline bool key_order(const AttnShape& s) {
 // memory allow, times the multiprocessors.
 template <typename T>
 int64_t reg_wave(const AttnShape& s) {
-  const RegKernelSet<T> rk = reg_kernels<T>(s);  // the dK/dV kernel: one stage either way
+  const RegKernelSet<T> rk = reg_kernels_run<T>(s);
   // the occupancy query costs driver calls: asked once per kernel, device and smem limit
   static std::mutex lock;
   static std::map<std::tuple<const void*, int, int>, int> known;

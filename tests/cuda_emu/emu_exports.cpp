@@ -86,7 +86,18 @@ long long emu_take_async_copy4_count() {
 long long emu_take_overlapped_mma_count() {
   const long long n = emu::overlapped_mma_count();
   emu::overlapped_mma_count() = 0;
+  emu::launch_overlaps().clear();
   return n;
+}
+
+// The same by launch expression, one "name count" per line.
+const char* emu_take_launch_overlaps() {
+  static std::string last;
+  last.clear();
+  for (const auto& [name, n] : emu::launch_overlaps())
+    last += name + " " + std::to_string(n) + "\n";
+  emu::launch_overlaps().clear();
+  return last.c_str();
 }
 
 // The kernel expressions launched since the last call, one per line.

@@ -513,9 +513,16 @@ inline std::vector<std::string>& launch_log() {
   return log;
 }
 
+// overlapped_mma_count() by launch expression (its launches added up)
+inline std::map<std::string, long long>& launch_overlaps() {
+  static std::map<std::string, long long> m;
+  return m;
+}
+
 inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
                    std::function<void()> body, const char* name = "") {
   if (launch_log().size() < 4096) launch_log().emplace_back(name);
+  const long long overlapped_before = overlapped_mma_count();
   const int n = int(block.x * block.y * block.z);
   char buf[200];
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n == 0 || n > 1024 || grid.y > 65535 ||
@@ -579,6 +586,7 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
           if (*p != 0xA5) { fail("write past the dynamic shared memory"); break; }
       }
   block_ptr() = nullptr;
+  launch_overlaps()[name] += overlapped_mma_count() - overlapped_before;
   if (!error_text().empty()) last_error() = cudaErrorLaunchFailure;
 }
 

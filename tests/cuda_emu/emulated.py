@@ -136,6 +136,7 @@ class Emulator:
         self.lib.emu_take_async_copy_count.restype = ctypes.c_longlong
         self.lib.emu_take_async_copy4_count.restype = ctypes.c_longlong
         self.lib.emu_take_overlapped_mma_count.restype = ctypes.c_longlong
+        self.lib.emu_take_launch_overlaps.restype = ctypes.c_char_p
         self.tf32x3 = False
         self.tiles = False
         self.dq_atomic = None
@@ -163,7 +164,7 @@ class Emulator:
         ps_gather: "pixels" gathers patch_stats' input gradient pixel by pixel even where the
         cells' shared sums apply (REGHARM_CUDA_PS_GATHER=pixels); key_order: the register
         kernels visit the kept keys first (False: REGHARM_CUDA_KEY_ORDER=raster); pipeline: the
-        16-bit register forward and dQ kernels stream their key tiles through two stages (False:
+        16-bit register kernels stream their tiles through two stages (False:
         REGHARM_CUDA_PIPELINE=off; float32 has one either way, as in the glue)."""
         if ps_gather not in ("auto", "pixels"):
             raise ValueError(f"ps_gather must be 'auto' or 'pixels', got {ps_gather!r}")
@@ -228,6 +229,12 @@ class Emulator:
         """mma.sync products a warp ran while its lane 0 had cp.async copies in flight (the
         next key tile loading during this one's products) since the last call."""
         return int(self.lib.emu_take_overlapped_mma_count())
+
+    def take_launch_overlaps(self) -> dict[str, int]:
+        """take_overlapped_mma_count's products by launch expression (e.g. "rk.dq") since the
+        last call to either."""
+        rows = self.lib.emu_take_launch_overlaps().decode().split("\n")
+        return {name: int(n) for name, n in (r.rsplit(" ", 1) for r in rows if r)}
 
     def take_tf32_mma_count(self) -> int:
         """Warp-level tf32 tensor-core products since the last call."""
