@@ -20,6 +20,27 @@ constexpr int kRowThreads = 256;
 constexpr int kRowBatch = 4;  // positions per thread loaded together (norm_stats_kernel)
 constexpr int kTile = 32, kTileRows = 8;  // 32 x 32 tiles, 32 x 8 threads
 
+// add(w, x - shift) for each of this thread's positions of a row (x, w of HW positions), in
+// order, kRowBatch at a time with all their loads issued before the first is used (a plain
+// loop, even unrolled, waited for each position's loads before issuing the next: a global
+// round trip per position of the thread's share, 64 at PTL's 128²). Positions past HW add
+// (0, 0).
+template <typename T, typename A, typename Add>
+__device__ __forceinline__ void sweep_row(const T* xr, const A* wr, int64_t HW, A shift,
+                                          Add&& add) {
+  for (int64_t l0 = threadIdx.x; l0 < HW; l0 += kRowBatch * blockDim.x) {
+    A wv[kRowBatch], xv[kRowBatch];
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) {
+      const int64_t l = l0 + u * int64_t(blockDim.x);
+      wv[u] = l < HW ? wr[l] : A(0);
+      xv[u] = l < HW ? to_acc<A>(xr[l]) - shift : A(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) add(wv[u], xv[u]);
+  }
+}
+
 // mu and rstd of one (image, channel) row; w: the image's weights (acc).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRowThreads)
@@ -29,41 +50,17 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t bc = blockIdx.x;
   const T* xr = x + bc * HW;
   const A* wr = w + (bc / C) * HW;
-  // A thread's positions in batches of kRowBatch whose loads are all issued before the first
-  // is used (a plain loop, even unrolled, waited for each position's loads before issuing the
-  // next: a global round trip per position of the thread's share, 64 at PTL's 128²). Each
-  // thread still adds its positions in order.
   A mass = 0, s1 = 0;
-  for (int64_t l0 = threadIdx.x; l0 < HW; l0 += kRowBatch * blockDim.x) {
-    A wv[kRowBatch], xv[kRowBatch];
-#pragma unroll
-    for (int u = 0; u < kRowBatch; ++u) {
-      const int64_t l = l0 + u * int64_t(blockDim.x);
-      wv[u] = l < HW ? wr[l] : A(0);
-      xv[u] = l < HW ? to_acc<A>(xr[l]) : A(0);
-    }
-#pragma unroll
-    for (int u = 0; u < kRowBatch; ++u) {
-      mass += wv[u];
-      s1 += wv[u] * xv[u];
-    }
-  }
+  sweep_row<T>(xr, wr, HW, A(0), [&](A wv, A xv) {
+    mass += wv;
+    s1 += wv * xv;
+  });
   mass = block_sum(mass, scratch);
   s1 = block_sum(s1, scratch);
   const A inv = mass > A(0) ? A(1) / mass : A(0);  // no weight: mu = var = 0
   const A m = s1 * inv;
   A s2 = 0;
-  for (int64_t l0 = threadIdx.x; l0 < HW; l0 += kRowBatch * blockDim.x) {
-    A wv[kRowBatch], dv[kRowBatch];
-#pragma unroll
-    for (int u = 0; u < kRowBatch; ++u) {
-      const int64_t l = l0 + u * int64_t(blockDim.x);
-      wv[u] = l < HW ? wr[l] : A(0);
-      dv[u] = l < HW ? to_acc<A>(xr[l]) - m : A(0);
-    }
-#pragma unroll
-    for (int u = 0; u < kRowBatch; ++u) s2 += wv[u] * dv[u] * dv[u];
-  }
+  sweep_row<T>(xr, wr, HW, m, [&](A wv, A dv) { s2 += wv * dv * dv; });
   s2 = block_sum(s2, scratch);
   if (threadIdx.x == 0) {
     mu[bc] = m;
