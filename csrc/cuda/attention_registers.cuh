@@ -170,10 +170,10 @@ __device__ __forceinline__ void stream_key_tiles(const AttnArgs<T, A>& a, int64_
   const T* k_img = a.k + b * a.ks.b;
   const T* v_img = a.v + b * a.vs.b;
   const A* bias_img = a.bias + b * a.N;
+  // a tile's keys from the key span, not k_end: the same values (splits end on whole tiles),
+  // but the float32 forward took 190 registers instead of 168 with k_end
+  const int64_t span = key_span(a, b);
   if constexpr (S == 1) {
-    // the tile's keys from the span, not k_end: the same values (splits end on whole tiles),
-    // but the float32 forward took 190 registers instead of 168 with k_end
-    const int64_t span = key_span(a, b);
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kRegKeys) {
       const int keys = int(min(int64_t(kRegKeys), span - k0));
       // K and V in flight over the bias's round trips (the previous tile ended with a barrier)
@@ -189,7 +189,7 @@ __device__ __forceinline__ void stream_key_tiles(const AttnArgs<T, A>& a, int64_
     }
   } else {
     auto issue = [&](int64_t k0, int s) {
-      const int keys = int(min(int64_t(kRegKeys), k_end - k0));
+      const int keys = int(min(int64_t(kRegKeys), span - k0));
       const int* rows = key_rows(a, b, k0);
       load_key_tile(a, kt.k_at(s), kt.ldk, k_img, a.ks.r, b, k0, keys, kRegKeys, a.D, DP,
                     a.vec_k);
@@ -700,7 +700,9 @@ __global__ void __launch_bounds__(kThreads)
         add_dq_atomic<M, DP>(a, g, sm.ds, sm.ldds, sk, ldk, lse_s, b, q0, rows);
       }
     };
-    auto tile_rows = [&](int qt) { return int(min(int64_t(kRegQueries), span - int64_t(qt) * kRegQueries)); };
+    auto tile_rows = [&](int qt) {
+      return int(min(int64_t(kRegQueries), span - int64_t(qt) * kRegQueries));
+    };
     if constexpr (S == 1) {
       for (int qt = split; qt < qtiles; qt += nsplit) {
         const int64_t q0 = int64_t(qt) * kRegQueries;

@@ -1,9 +1,16 @@
 // C interface (for ctypes) to the launchers of csrc/cuda/*.cu compiled for the CPU emulator
 // (emu_runtime.h, force-included in every translation unit): tests/cuda_emu/emulated.py passes
 // CPU tensors' data pointers where the launchers expect device pointers.
+#include <utility>
+
 #include "cuda/kernels.h"
 
 using namespace regharm::cuda;
+
+namespace {
+// A counter's value since the last call, reset to 0.
+long long take(long long& counter) { return std::exchange(counter, 0); }
+}  // namespace
 
 extern "C" {
 
@@ -26,25 +33,13 @@ void emu_configure(int smem_optin, int sm_count, int order, unsigned seed, int c
 }
 
 // Tensor-core float32 (tf32) warp products run since the last call.
-long long emu_take_tf32_mma_count() {
-  const long long n = emu::tf32_mma_count();
-  emu::tf32_mma_count() = 0;
-  return n;
-}
+long long emu_take_tf32_mma_count() { return take(emu::tf32_mma_count()); }
 
 // Warp-level mma.sync products (the register attention kernels) since the last call.
-long long emu_take_mma_sync_count() {
-  const long long n = emu::mma_sync_count();
-  emu::mma_sync_count() = 0;
-  return n;
-}
+long long emu_take_mma_sync_count() { return take(emu::mma_sync_count()); }
 
 // float32 CUDA-core warp products of the register kernels since the last call.
-long long emu_take_simt_product_count() {
-  const long long n = emu::simt_product_count();
-  emu::simt_product_count() = 0;
-  return n;
-}
+long long emu_take_simt_product_count() { return take(emu::simt_product_count()); }
 
 // The CUDA-core products' 16-byte shared-memory loads since the last call (emu_runtime.h's
 // model): out[0] warp instructions, out[1] of them with paired lanes, out[2] modelled cycles.
@@ -55,42 +50,20 @@ void emu_take_shared_load_model(long long* out) {
 }
 
 // Flags published with atomicExch (the forward's key splits) since the last call.
-long long emu_take_flag_count() {
-  const long long n = emu::flag_count();
-  emu::flag_count() = 0;
-  return n;
-}
+long long emu_take_flag_count() { return take(emu::flag_count()); }
 
 // float32 atomic additions (the dK/dV kernel's dQ under dq_atomic) since the last call.
-long long emu_take_atomic_count() {
-  const long long n = emu::atomic_count();
-  emu::atomic_count() = 0;
-  return n;
-}
+long long emu_take_atomic_count() { return take(emu::atomic_count()); }
 
 // cp.async copies (16 bytes each) issued since the last call.
-long long emu_take_async_copy_count() {
-  const long long n = emu::async_copy_count();
-  emu::async_copy_count() = 0;
-  return n;
-}
+long long emu_take_async_copy_count() { return take(emu::async_copy_count()); }
 
-// cp.async copies of 4 bytes (a key tile's bias) issued since the last call.
-long long emu_take_async_copy4_count() {
-  const long long n = emu::async_copy4_count();
-  emu::async_copy4_count() = 0;
-  return n;
-}
+// cp.async copies of 4 bytes (a key tile's bias, a query tile's lse and Δ) issued since the
+// last call.
+long long emu_take_async_copy4_count() { return take(emu::async_copy4_count()); }
 
-// mma.sync products run with the issuing warp's copies in flight since the last call.
-long long emu_take_overlapped_mma_count() {
-  const long long n = emu::overlapped_mma_count();
-  emu::overlapped_mma_count() = 0;
-  emu::launch_overlaps().clear();
-  return n;
-}
-
-// The same by launch expression, one "name count" per line.
+// mma.sync products run with the issuing warp's copies in flight since the last call, by launch
+// expression, one "name count" per line.
 const char* emu_take_launch_overlaps() {
   static std::string last;
   last.clear();
@@ -110,11 +83,7 @@ const char* emu_take_launches() {
 }
 
 // Of those, sm_90's vector atomics (float2, float4) since the last call.
-long long emu_take_vector_atomic_count() {
-  const long long n = emu::vector_atomic_count();
-  emu::vector_atomic_count() = 0;
-  return n;
-}
+long long emu_take_vector_atomic_count() { return take(emu::vector_atomic_count()); }
 
 // Everything the emulator found wrong since the last call (empty: nothing).
 const char* emu_take_errors() {

@@ -135,7 +135,6 @@ class Emulator:
         self.lib.emu_take_flag_count.restype = ctypes.c_longlong
         self.lib.emu_take_async_copy_count.restype = ctypes.c_longlong
         self.lib.emu_take_async_copy4_count.restype = ctypes.c_longlong
-        self.lib.emu_take_overlapped_mma_count.restype = ctypes.c_longlong
         self.lib.emu_take_launch_overlaps.restype = ctypes.c_char_p
         self.tf32x3 = False
         self.tiles = False
@@ -189,7 +188,7 @@ class Emulator:
         self.take_vector_atomic_count()
         self.take_async_copy_count()
         self.take_async_copy4_count()
-        self.take_overlapped_mma_count()
+        self.take_launch_overlaps()
 
     def take_shared_load_model(self) -> dict:
         """The float32 CUDA-core products' 16-byte shared-memory loads since the last call:
@@ -221,18 +220,14 @@ class Emulator:
         return int(self.lib.emu_take_async_copy_count())
 
     def take_async_copy4_count(self) -> int:
-        """4-byte cp.async copies (the key tiles' bias in the two-stage kernels) since the last
+        """4-byte cp.async copies (the two-stage kernels' key bias, lse and Δ) since the last
         call."""
         return int(self.lib.emu_take_async_copy4_count())
 
-    def take_overlapped_mma_count(self) -> int:
-        """mma.sync products a warp ran while its lane 0 had cp.async copies in flight (the
-        next key tile loading during this one's products) since the last call."""
-        return int(self.lib.emu_take_overlapped_mma_count())
-
     def take_launch_overlaps(self) -> dict[str, int]:
-        """take_overlapped_mma_count's products by launch expression (e.g. "rk.dq") since the
-        last call to either."""
+        """mma.sync products a warp ran while its lane 0 had cp.async copies in flight (the
+        next tile loading during this one's products), by launch expression (e.g. "rk.dq"),
+        since the last call."""
         rows = self.lib.emu_take_launch_overlaps().decode().split("\n")
         return {name: int(n) for name, n in (r.rsplit(" ", 1) for r in rows if r)}
 
