@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .checkpoint import (CheckpointError, clean_partial, has_checkpoint, load_checkpoint, load_weights,
                          resolve_checkpoint, save_checkpoint, write_json, write_text)
+from .cpu_cores import CoreMeter, allowed_cores, idle_cores, threads_for
 from .errors import one_line
 from .losses import fmse_loss
 from .model import Harmonizer
@@ -203,29 +204,45 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- loop helpers
-def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1) -> int:
-    """CPU: the cores that other processes leave idle (at least 1), shared by the ``per_node``
-    training processes of this machine. On a shared machine more threads than free cores is far
-    slower than fewer: OpenMP workers spin waiting for each other (measured: 2 threads 4x slower
-    than 1 at load 7 on 2 cores). With ``deterministic`` the load is ignored (a thread count
-    that changes between runs changes float reductions): all cores."""
+def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1
+                 ) -> Tuple[int, Optional[CoreMeter]]:
+    """CPU: the cores that other processes leave idle now (at least 1), shared by the
+    ``per_node`` training processes of this machine (:mod:`regharm_ext.cpu_cores`), and the meter
+    that :func:`_retune_threads` reads at each epoch's end (None where the count stays as it is:
+    set by hand, deterministic, not on CPU, several processes per node, no ``/proc/stat``).
+    With ``deterministic`` the load is ignored (a thread count that changes between runs changes
+    float reductions): all cores."""
     if cfg.threads > 0:
-        n = cfg.threads
+        n, meter = cfg.threads, None
     elif device.type == "cpu":
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        try:
-            busy = 0.0 if cfg.deterministic else os.getloadavg()[0]
-        except OSError:
-            busy = 0.0
-        # the 1-minute load lags and includes short jobs: count a core busy from 0.75 on
-        n = max(1, min(cores, int(cores - busy + 0.75)) // max(1, per_node))
+        cores = len(allowed_cores())
+        if cfg.deterministic:
+            n, meter = max(1, cores // max(1, per_node)), None
+        else:
+            meter = CoreMeter()
+            cores, busy, _ = idle_cores(meter=meter)
+            n = threads_for(cores, busy, per_node)
+            if not meter.available or per_node > 1:   # (the other ranks would count as others)
+                meter = None
     else:
-        return torch.get_num_threads()
+        return torch.get_num_threads(), None
     torch.set_num_threads(n)
-    return n
+    return n, meter
+
+
+def _retune_threads(meter: Optional[CoreMeter], per_node: int) -> Optional[str]:
+    """At an epoch's end: the thread count for what other processes did during the epoch (a job
+    that started or ended since); a line saying so when it changes."""
+    if meter is None:
+        return None
+    busy = meter.others_busy()
+    if busy is None:
+        return None
+    old, new = torch.get_num_threads(), threads_for(len(meter.cores), busy, per_node)
+    if new == old:
+        return None
+    torch.set_num_threads(new)
+    return f"threads {old} -> {new}: other processes kept {busy:.1f} of {len(meter.cores)} cores busy"
 
 
 class _Deterministic:
@@ -409,7 +426,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
         raise SystemExit(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
                          f"{d.world} processes; use a multiple of {d.world}")
     main = d.is_main
-    threads = _set_threads(cfg, device, d.local_world)
+    threads, core_meter = _set_threads(cfg, device, d.local_world)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -554,6 +571,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 write_samples(model, val_ds, device, run_dir, writer=writer, step=state["step"])
                 bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
                           f"{record['seconds']:.0f} s")
+            retuned = _retune_threads(core_meter, d.local_world)
+            if retuned and main:
+                bar.write(retuned)
     except NonFiniteLoss as exc:
         stopped = "nan"
         try:   # what --resume continues from
