@@ -1,6 +1,7 @@
 """Builds regharm_ext and its compiled ops ``regharm_ext._C``.
 
-- C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built.
+- C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built, with OpenMP where torch
+  uses it (their ``at::parallel_for`` loops run on torch's threads).
 - CUDA kernels (csrc/cuda/*.cu and their glue csrc/cuda/*.cpp) are added when CUDA is usable
   (torch built with CUDA and nvcc found) or when ``FORCE_CUDA=1``. ``TORCH_CUDA_ARCH_LIST``
   selects the architectures (default: the local GPU's; use ``9.0`` for H100/H200) and
@@ -60,6 +61,39 @@ def _shared_libstdcxx() -> list:
     return []
 
 
+def _openmp_flags() -> list:
+    """``-fopenmp`` where torch runs its CPU ops on OpenMP and the compiler has it.
+
+    ``at::parallel_for`` is an inline template: compiled without ``_OPENMP`` it runs its whole
+    range on the calling thread, so without this flag every CPU kernel here used one core
+    whatever ``torch.set_num_threads`` said. The runtime is torch's own: libtorch_cpu has
+    loaded a ``libgomp.so.1`` before ``_C`` asks for one by that name."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    if not sys.platform.startswith("linux") or \
+            "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as fh:
+            fh.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            ok = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    if not ok:
+        print(f"regharm_ext: {cxx} cannot build with -fopenmp; the CPU ops will run on one thread",
+              file=sys.stderr)
+        return []
+    return ["-fopenmp"]
+
+
 def cuda_wanted() -> bool:
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -76,8 +110,9 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = _rel("csrc/ops.cpp") + _rel("csrc/ptl_node.cpp") + _rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
-    link = _shared_libstdcxx()
+    omp = _openmp_flags()
+    cxx = ["-O3", "-std=c++17"] + omp
+    link = _shared_libstdcxx() + omp
     if cuda_wanted() and _rel("csrc/cuda/*.cu"):
         ext = CUDAExtension(
             "regharm_ext._C",

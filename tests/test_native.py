@@ -226,6 +226,45 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(a, e)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_backward_in_one_sweep_per_image_gives_the_two_passes_bits(dtype):
+    """With two images per thread the CPU backward sweeps each image once (P and dS per tile
+    computed once for dQ, dK and dV); one image runs the two passes. Same sums in the same
+    order: the same bits, image by image (several key tiles and query blocks, a dead image)."""
+    q, k, v, kb, qm = make_attention_inputs(B=4, L=150, N=140, D=20, E=33, dtype=dtype, seed=3)
+    ops = torch.ops.regharm
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out, lse = ops.masked_attention(q, k, v, kb, qm, 0.3)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=dtype)
+        swept = ops.masked_attention_backward(g, q, k, v, kb, qm, out, lse, 0.3)
+        for b in range(4):
+            one = [t[b:b + 1] for t in (g, q, k, v, kb, qm, out, lse)]
+            passes = ops.masked_attention_backward(*one, 0.3)
+            for name, s, p in zip(("dq", "dk", "dv"), swept, passes):
+                assert torch.equal(s[b:b + 1], p), f"image {b}: {name}"
+    finally:
+        torch.set_num_threads(threads)
+    assert swept[0].abs().sum() > 0 and (swept[1][-1] == 0).all()   # work done; dead image: 0
+
+
+@needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux") or
+                    "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch does not run its CPU ops on OpenMP here")
+def test_extension_runs_its_loops_on_torchs_openmp():
+    """at::parallel_for compiled without -fopenmp runs on the calling thread alone (every CPU
+    kernel here did, whatever torch.set_num_threads said); with it, on torch's own libgomp."""
+    import regharm_ext._C as ext
+    with open(ext.__file__, "rb") as fh:
+        assert b"GOMP_parallel" in fh.read(), f"{ext.__file__} was built without OpenMP"
+    with open("/proc/self/maps") as fh:
+        gomps = {ln.split()[-1] for ln in fh if "libgomp" in ln}
+    assert len(gomps) == 1, f"two OpenMP runtimes in one process: {sorted(gomps)}"
+
+
 def _compile_matches_eager(compile_backend):
     # x at 12², masks at 24²: the layers resize the mask inside the compiled graph too
     check_compiled_matches_eager("native", "cpu", compile_backend, C=8, H=12, mask_size=24)

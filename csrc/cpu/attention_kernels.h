@@ -102,3 +102,30 @@ void backward_key_tile(const KeysView<T>& kv, const T* qs, const T* go, const T*
     simd::gemm_acc(nt, kv.Dp, nq, dP, 1, kKT, q_i, kv.Dp, dK, kv.Dp);
   }
 }
+
+// dQ (la x Dp, unscaled), dK (nlp x Dp) and dV (nlp x Ep) of one image in one sweep: each tile's
+// P and dS are computed once and feed all three products (the two passes above compute them
+// twice). Every sum runs in the same order as in those passes (dQ over key tiles, dK and dV over
+// query blocks, each ascending), so the results are the same bits.
+template <typename T>
+void backward_image(const KeysView<T>& kv, const T* qs, const T* go, const T* lse,
+                    const T* delta, int64_t la, T* S, T* dP, T* dQ, T* dK, T* dV) {
+  std::fill(dQ, dQ + la * kv.Dp, T(0));
+  std::fill(dK, dK + kv.nlp * kv.Dp, T(0));
+  std::fill(dV, dV + kv.nlp * kv.Ep, T(0));
+  for (int64_t j0 = 0; j0 < kv.nl; j0 += kKT) {
+    const int64_t nt = std::min(kKT, kv.nl - j0), nt8 = round8(nt);
+    T* dK_j = dK + j0 * kv.Dp;
+    T* dV_j = dV + j0 * kv.Ep;
+    for (int64_t i0 = 0; i0 < la; i0 += kQB) {
+      const int64_t nq = std::min(kQB, la - i0);
+      const T* q_i = qs + i0 * kv.Dp;
+      const T* go_i = go + i0 * kv.Ep;
+      grad_tile(kv, q_i, go_i, lse + i0, delta + i0, nq, j0, nt8, S, dP);
+      simd::gemm_acc(nt, kv.Ep, nq, S, 1, kKT, go_i, kv.Ep, dV_j, kv.Ep);
+      simd::gemm_acc(nt, kv.Dp, nq, dP, 1, kKT, q_i, kv.Dp, dK_j, kv.Dp);
+      simd::gemm_acc(nq, kv.Dp, nt, dP, kKT, 1, kv.k + j0 * kv.Dp, kv.Dp, dQ + i0 * kv.Dp,
+                     kv.Dp);
+    }
+  }
+}
