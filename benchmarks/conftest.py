@@ -38,14 +38,18 @@ def _device(config) -> torch.device:
 
 
 class _LazyJson:
-    """Stands in for pytest-benchmark's ``--benchmark-json`` file: opened only when it saves."""
+    """Stands in for pytest-benchmark's ``--benchmark-json`` file, created only when it saves:
+    an open file to enter (pytest-benchmark < 5.2) or a path to open (5.2 on)."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def __enter__(self):
+    def __fspath__(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._fh = open(self.path, "wb")
+        return self.path
+
+    def __enter__(self):
+        self._fh = open(self, "wb")
         return self._fh
 
     def __exit__(self, *exc):
