@@ -209,9 +209,9 @@ def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1
     """CPU: the cores that other processes leave idle now (at least 1), shared by the
     ``per_node`` training processes of this machine (:mod:`regharm_ext.cpu_cores`), and the meter
     that :func:`_retune_threads` reads at each epoch's end (None where the count stays as it is:
-    set by hand, deterministic, not on CPU, several processes per node, no ``/proc/stat``).
-    With ``deterministic`` the load is ignored (a thread count that changes between runs changes
-    float reductions): all cores."""
+    set by hand, not on CPU, several processes per node, no ``/proc/stat``, or ``deterministic``,
+    which takes all cores whatever the load: a thread count that changes between runs changes
+    float reductions)."""
     if cfg.threads > 0:
         n, meter = cfg.threads, None
     elif device.type == "cpu":
@@ -230,7 +230,7 @@ def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1
     return n, meter
 
 
-def _retune_threads(meter: Optional[CoreMeter], per_node: int) -> Optional[str]:
+def _retune_threads(meter: Optional[CoreMeter]) -> Optional[str]:
     """At an epoch's end: the thread count for what other processes did during the epoch (a job
     that started or ended since); a line saying so when it changes."""
     if meter is None:
@@ -238,7 +238,7 @@ def _retune_threads(meter: Optional[CoreMeter], per_node: int) -> Optional[str]:
     busy = meter.others_busy()
     if busy is None:
         return None
-    old, new = torch.get_num_threads(), threads_for(len(meter.cores), busy, per_node)
+    old, new = torch.get_num_threads(), threads_for(len(meter.cores), busy)
     if new == old:
         return None
     torch.set_num_threads(new)
@@ -571,7 +571,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 write_samples(model, val_ds, device, run_dir, writer=writer, step=state["step"])
                 bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
                           f"{record['seconds']:.0f} s")
-            retuned = _retune_threads(core_meter, d.local_world)
+            retuned = _retune_threads(core_meter)
             if retuned and main:
                 bar.write(retuned)
     except NonFiniteLoss as exc:

@@ -99,15 +99,15 @@ def test_retune_follows_what_others_did_during_the_epoch(keep_threads):
     meter = fake.meter()
     torch.set_num_threads(2)
     fake.advance(60.0, {0: 1.0, 1: 1.0}, own_seconds=60.0)   # another job took a core
-    line = train._retune_threads(meter, per_node=1)
+    line = train._retune_threads(meter)
     assert torch.get_num_threads() == 1
     assert line == "threads 2 -> 1: other processes kept 1.0 of 2 cores busy"
     fake.advance(60.0, {0: 1.0, 1: 0.0}, own_seconds=60.0)   # it ended
-    assert train._retune_threads(meter, per_node=1) == "threads 1 -> 2: other processes kept 0.0 of 2 cores busy"
+    assert train._retune_threads(meter) == "threads 1 -> 2: other processes kept 0.0 of 2 cores busy"
     fake.advance(60.0, {0: 1.0, 1: 1.0}, own_seconds=120.0)  # ours alone: no change
-    assert train._retune_threads(meter, per_node=1) is None
+    assert train._retune_threads(meter) is None
     assert torch.get_num_threads() == 2
-    assert train._retune_threads(None, per_node=1) is None
+    assert train._retune_threads(None) is None
 
 
 def test_threads_by_hand_and_deterministic_are_not_measured(keep_threads):
