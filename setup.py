@@ -39,8 +39,27 @@ def _set_cuda_home() -> None:
             return
 
 
+def _loaded_library(prefix: str) -> list:
+    """The shared library this process runs with (torch loaded it) whose file name starts with
+    ``prefix``, as a linker input: ``_C`` then needs that library by its own name, which the
+    loader finds already loaded; [] where there is none (or no /proc)."""
+    try:
+        import torch  # noqa: F401  (loads its libraries the way the extension will run)
+
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith(prefix + ".so") or \
+                        os.path.basename(path).startswith(prefix + "-"):
+                    if os.path.isfile(path):
+                        return [path]
+    except OSError:  # not Linux: nothing to do
+        pass
+    return []
+
+
 def _shared_libstdcxx() -> list:
-    """The shared libstdc++ this process runs with (torch loaded it), as a linker input.
+    """The shared libstdc++ this process runs with, as a linker input.
 
     A compiler whose library path finds libstdc++.a before libstdc++.so links a private static
     copy into ``_C`` (seen on the GPU image, whose CXX=/opt/gcc/bin/g++ wrapper puts a folder with
@@ -48,26 +67,18 @@ def _shared_libstdcxx() -> list:
     argument error whose message holds a number (a shape) crashes or comes out cut short. Naming
     the process's own libstdc++.so.6 makes the link resolve to it; where the compiler would have
     linked it anyway this changes nothing."""
-    try:
-        import torch  # noqa: F401  (loads libstdc++ the way the extension will run)
-
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                path = line.split()[-1]
-                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
-                    return [path]
-    except OSError:  # not Linux: nothing to do
-        pass
-    return []
+    return _loaded_library("libstdc++")
 
 
-def _openmp_flags() -> list:
-    """``-fopenmp`` where torch runs its CPU ops on OpenMP and the compiler has it.
+def _openmp_flags() -> tuple:
+    """(compile flags, link inputs): ``-fopenmp`` where torch runs its CPU ops on OpenMP and the
+    compiler has it, linked against torch's own OpenMP runtime.
 
     ``at::parallel_for`` is an inline template: compiled without ``_OPENMP`` it runs its whole
     range on the calling thread, so without this flag every CPU kernel here used one core
-    whatever ``torch.set_num_threads`` said. The runtime is torch's own: libtorch_cpu has
-    loaded a ``libgomp.so.1`` before ``_C`` asks for one by that name."""
+    whatever ``torch.set_num_threads`` said. Linking the libgomp torch loaded (not the
+    compiler's, which a wheel's bundled copy may not be, nor a static one) keeps one runtime per
+    process, whose thread count ``torch.set_num_threads`` sets."""
     import subprocess
     import sys
     import tempfile
@@ -76,7 +87,7 @@ def _openmp_flags() -> list:
 
     if not sys.platform.startswith("linux") or \
             "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return []
+        return [], []
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "omp.cpp")
@@ -90,8 +101,8 @@ def _openmp_flags() -> list:
     if not ok:
         print(f"regharm_ext: {cxx} cannot build with -fopenmp; the CPU ops will run on one thread",
               file=sys.stderr)
-        return []
-    return ["-fopenmp"]
+        return [], []
+    return ["-fopenmp"], _loaded_library("libgomp") or ["-fopenmp"]
 
 
 def cuda_wanted() -> bool:
@@ -110,9 +121,9 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = _rel("csrc/ops.cpp") + _rel("csrc/ptl_node.cpp") + _rel("csrc/cpu/*.cpp")
-    omp = _openmp_flags()
-    cxx = ["-O3", "-std=c++17"] + omp
-    link = _shared_libstdcxx() + omp
+    omp_compile, omp_link = _openmp_flags()
+    cxx = ["-O3", "-std=c++17"] + omp_compile
+    link = _shared_libstdcxx() + omp_link
     if cuda_wanted() and _rel("csrc/cuda/*.cu"):
         ext = CUDAExtension(
             "regharm_ext._C",

@@ -257,12 +257,18 @@ def test_attention_backward_in_one_sweep_per_image_gives_the_two_passes_bits(dty
 def test_extension_runs_its_loops_on_torchs_openmp():
     """at::parallel_for compiled without -fopenmp runs on the calling thread alone (every CPU
     kernel here did, whatever torch.set_num_threads said); with it, on torch's own libgomp."""
+    import shutil
+
     import regharm_ext._C as ext
     with open(ext.__file__, "rb") as fh:
         assert b"GOMP_parallel" in fh.read(), f"{ext.__file__} was built without OpenMP"
     with open("/proc/self/maps") as fh:
         gomps = {ln.split()[-1] for ln in fh if "libgomp" in ln}
     assert len(gomps) == 1, f"two OpenMP runtimes in one process: {sorted(gomps)}"
+    readelf = shutil.which("readelf")
+    if readelf is not None:   # a shared runtime, not a private static copy
+        dyn = subprocess.run([readelf, "-d", ext.__file__], capture_output=True, text=True).stdout
+        assert "[libgomp" in dyn, f"{ext.__file__} does not need a shared libgomp:\n{dyn}"
 
 
 def _compile_matches_eager(compile_backend):
