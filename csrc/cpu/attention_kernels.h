@@ -85,11 +85,12 @@ void backward_query_block(const KeysView<T>& kv, const T* qs, const T* go, const
 }
 
 // dK (nt x Dp) and dV (nt x Ep) of keys j0 .. j0+nt-1: Σ over the la active queries (rows of qs,
-// go, lse, delta) of dSᵀ · (scale·Q) and Pᵀ · dO.
+// go, lse, delta) of dSᵀ · (scale·Q) and Pᵀ · dO. With dQ (la x Dp, unscaled) also adds this
+// tile's dS · K to it, from the same P and dS.
 template <typename T>
 void backward_key_tile(const KeysView<T>& kv, const T* qs, const T* go, const T* lse,
                        const T* delta, int64_t la, int64_t j0, int64_t nt, T* S, T* dP, T* dK,
-                       T* dV) {
+                       T* dV, T* dQ = nullptr) {
   const int64_t nt8 = round8(nt);
   std::fill(dK, dK + nt * kv.Dp, T(0));
   std::fill(dV, dV + nt * kv.Ep, T(0));
@@ -100,6 +101,9 @@ void backward_key_tile(const KeysView<T>& kv, const T* qs, const T* go, const T*
     grad_tile(kv, q_i, go_i, lse + i0, delta + i0, nq, j0, nt8, S, dP);
     simd::gemm_acc(nt, kv.Ep, nq, S, 1, kKT, go_i, kv.Ep, dV, kv.Ep);
     simd::gemm_acc(nt, kv.Dp, nq, dP, 1, kKT, q_i, kv.Dp, dK, kv.Dp);
+    if (dQ != nullptr)
+      simd::gemm_acc(nq, kv.Dp, nt, dP, kKT, 1, kv.k + j0 * kv.Dp, kv.Dp, dQ + i0 * kv.Dp,
+                     kv.Dp);
   }
 }
 
@@ -111,21 +115,7 @@ template <typename T>
 void backward_image(const KeysView<T>& kv, const T* qs, const T* go, const T* lse,
                     const T* delta, int64_t la, T* S, T* dP, T* dQ, T* dK, T* dV) {
   std::fill(dQ, dQ + la * kv.Dp, T(0));
-  std::fill(dK, dK + kv.nlp * kv.Dp, T(0));
-  std::fill(dV, dV + kv.nlp * kv.Ep, T(0));
-  for (int64_t j0 = 0; j0 < kv.nl; j0 += kKT) {
-    const int64_t nt = std::min(kKT, kv.nl - j0), nt8 = round8(nt);
-    T* dK_j = dK + j0 * kv.Dp;
-    T* dV_j = dV + j0 * kv.Ep;
-    for (int64_t i0 = 0; i0 < la; i0 += kQB) {
-      const int64_t nq = std::min(kQB, la - i0);
-      const T* q_i = qs + i0 * kv.Dp;
-      const T* go_i = go + i0 * kv.Ep;
-      grad_tile(kv, q_i, go_i, lse + i0, delta + i0, nq, j0, nt8, S, dP);
-      simd::gemm_acc(nt, kv.Ep, nq, S, 1, kKT, go_i, kv.Ep, dV_j, kv.Ep);
-      simd::gemm_acc(nt, kv.Dp, nq, dP, 1, kKT, q_i, kv.Dp, dK_j, kv.Dp);
-      simd::gemm_acc(nq, kv.Dp, nt, dP, kKT, 1, kv.k + j0 * kv.Dp, kv.Dp, dQ + i0 * kv.Dp,
-                     kv.Dp);
-    }
-  }
+  for (int64_t j0 = 0; j0 < kv.nl; j0 += kKT)
+    backward_key_tile(kv, qs, go, lse, delta, la, j0, std::min(kKT, kv.nl - j0), S, dP,
+                      dK + j0 * kv.Dp, dV + j0 * kv.Ep, dQ);
 }
