@@ -6,7 +6,8 @@
   (torch built with CUDA and nvcc found) or when ``FORCE_CUDA=1``. ``TORCH_CUDA_ARCH_LIST``
   selects the architectures (default: the local GPU's; use ``9.0`` for H100/H200) and
   ``MAX_JOBS`` the parallel compile jobs, both read by torch's BuildExtension.
-- ``REGHARM_NO_EXT=1`` skips ``_C`` entirely (the reference and torch backends still work).
+- ``REGHARM_NO_EXT=1`` skips ``_C`` entirely (the reference and torch backends still work);
+  ``REGHARM_OPENMP=0`` builds it without OpenMP (its CPU kernels then run on one thread).
 
 Install with ``pip install --no-build-isolation .`` so that the build uses the installed torch.
 On an H100/H200 machine: ``TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 pip install --no-build-isolation .``
@@ -85,7 +86,7 @@ def _openmp_flags() -> tuple:
 
     import torch
 
-    if not sys.platform.startswith("linux") or \
+    if os.environ.get("REGHARM_OPENMP", "1") == "0" or not sys.platform.startswith("linux") or \
             "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return [], []
     cxx = os.environ.get("CXX", "c++")

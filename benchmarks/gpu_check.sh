@@ -75,7 +75,8 @@ timeout 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,cloc
 if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "build skipped (SKIP_BUILD=1)" | tee -a "$OUT_DIR/steps.log"; else
 step build 150 bash -c 'export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16;
   "$0" -m pip install --no-build-isolation --no-deps -e . \
-  || { echo "pip install failed; trying build_ext --inplace"; "$0" setup.py build_ext --inplace; }
+  || { echo "pip install failed; trying build_ext --inplace"; "$0" setup.py build_ext --inplace \
+  || { echo "build_ext failed; trying without OpenMP"; REGHARM_OPENMP=0 "$0" setup.py build_ext --inplace; }; }
   "$0" -c "import regharm_ext, torch; print(regharm_ext.backends(\"cuda\")); import regharm_ext._C;
 assert torch._C._dispatch_has_kernel_for_dispatch_key(\"regharm::patch_stats\", \"CUDA\"), \"built without CUDA\""' "$PY"
 fi
