@@ -50,10 +50,9 @@ def _loaded_library(prefix: str) -> list:
         with open("/proc/self/maps") as fh:
             for line in fh:
                 path = line.split()[-1]
-                if os.path.basename(path).startswith(prefix + ".so") or \
-                        os.path.basename(path).startswith(prefix + "-"):
-                    if os.path.isfile(path):
-                        return [path]
+                if os.path.basename(path).startswith((prefix + ".so", prefix + "-")) and \
+                        os.path.isfile(path):
+                    return [path]
     except OSError:  # not Linux: nothing to do
         pass
     return []

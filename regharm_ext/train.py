@@ -215,9 +215,8 @@ def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1
     if cfg.threads > 0:
         n, meter = cfg.threads, None
     elif device.type == "cpu":
-        cores = len(allowed_cores())
         if cfg.deterministic:
-            n, meter = max(1, cores // max(1, per_node)), None
+            n, meter = max(1, len(allowed_cores()) // max(1, per_node)), None
         else:
             meter = CoreMeter()
             cores, busy, _ = idle_cores(meter=meter)

@@ -184,6 +184,21 @@ void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, c
     }
   }
   const bool exact_lse = std::is_same<T, double>::value;
+  // a block's results into the op's rows: n queries from position i0 of the image's active
+  // ones (dQ unscaled, row stride Dp), n keys from position j0 of its live ones
+  auto write_dq = [&](int64_t b, int64_t i0, int64_t n, const T* dQ) {
+    for (int64_t i = 0; i < n; ++i) {
+      T* o = dq + (b * s.L + queries[b][i0 + i]) * s.D;
+      for (int64_t d = 0; d < s.D; ++d) o[d] = scale * dQ[i * Dp + d];
+    }
+  };
+  auto write_keys = [&](int64_t b, int64_t j0, int64_t n, const T* dK, const T* dV) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = b * s.N + keys[b].idx[j0 + j];
+      std::copy(dK + j * Dp, dK + j * Dp + s.D, dk + row * s.D);
+      std::copy(dV + j * Ep, dV + j * Ep + s.E, dv + row * s.E);
+    }
+  };
 
   if (s.B >= 2 * static_cast<int64_t>(at::get_num_threads())) {
     // enough images to keep every thread busy: one sweep per image computes each tile's P and
@@ -204,15 +219,8 @@ void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, c
         REGHARM_ISA_CALL(backward_image<T>, kv, qs[b].data(), go[b].data(), lse[b].data(),
                          delta[b].data(), la, S.data(), dP.data(), dQ.data(), dK.data(),
                          dV.data());
-        for (int64_t i = 0; i < la; ++i) {
-          T* o = dq + (b * s.L + queries[b][i]) * s.D;
-          for (int64_t d = 0; d < s.D; ++d) o[d] = scale * dQ[i * Dp + d];
-        }
-        for (int64_t j = 0; j < kv.nl; ++j) {
-          const int64_t row = b * s.N + keys[b].idx[j];
-          std::copy(dK.data() + j * Dp, dK.data() + j * Dp + s.D, dk + row * s.D);
-          std::copy(dV.data() + j * Ep, dV.data() + j * Ep + s.E, dv + row * s.E);
-        }
+        write_dq(b, 0, la, dQ.data());
+        write_keys(b, 0, kv.nl, dK.data(), dV.data());
       }
     });
     return;
@@ -234,10 +242,7 @@ void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, c
       REGHARM_ISA_CALL(backward_query_block<T>, kv, q_i, go[b].data() + i0 * Ep,
                        lse[b].data() + i0, delta[b].data() + i0, nq, S.data(), dP.data(),
                        dQ.data());
-      for (int64_t i = 0; i < nq; ++i) {
-        T* o = dq + (b * s.L + queries[b][i0 + i]) * s.D;
-        for (int64_t d = 0; d < s.D; ++d) o[d] = scale * dQ[i * Dp + d];
-      }
+      write_dq(b, i0, nq, dQ.data());
     }
   });
 
@@ -262,11 +267,7 @@ void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, c
                        lse[b].data(), delta[b].data(),
                        static_cast<int64_t>(queries[b].size()), j0, nt, S.data(), dP.data(),
                        dK.data(), dV.data());
-      for (int64_t j = 0; j < nt; ++j) {
-        const int64_t row = b * s.N + keys[b].idx[j0 + j];
-        std::copy(dK.data() + j * Dp, dK.data() + j * Dp + s.D, dk + row * s.D);
-        std::copy(dV.data() + j * Ep, dV.data() + j * Ep + s.E, dv + row * s.E);
-      }
+      write_keys(b, j0, nt, dK.data(), dV.data());
     }
   });
 }
