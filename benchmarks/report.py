@@ -280,7 +280,8 @@ def e2e_section(recs: List[Dict]) -> str:
                      fmt_mib(i1k and i1k["peak_bytes"])])
     r0 = rs[0]
     return (f"**End to end**, the paper's model `{r0['variant']}` (width {r0['width']}, "
-            f"{r0['params'] / 1e6:.2f} M parameters, network at {r0['network_input']}²): training images/s "
+            f"{r0['params'] / 1e6:.2f} M parameters, network at {r0['network_input']}²"
+            f"{', weights ' + r0['memory_format'] if r0.get('memory_format') else ''}): training images/s "
             f"(batch 4 at 256², forward + loss + backward + Adam) and inference latency of one image "
             f"(1024²: the full-resolution path, network at 256², residual upsampled).\n\n"
             + table(["backend", "train images/s", "train MiB", "latency 256²", "latency 1024²", "1024² MiB"], rows))

@@ -19,7 +19,7 @@ import benchlib
 
 try:
     from regharm_ext.losses import fmse_loss
-    from regharm_ext.model import Harmonizer
+    from regharm_ext.model import Harmonizer, memory_format_for
     _MODEL_ERROR = None
 except Exception as exc:  # noqa: BLE001 - the model is another issue's work
     _MODEL_ERROR = f"regharm_ext.model.Harmonizer / losses.fmse_loss not importable: {exc}"
@@ -48,7 +48,9 @@ def _model(backend, device):
     if reason:
         pytest.skip(reason)
     torch.manual_seed(0)
-    return Harmonizer(VARIANT, width=1, input_size=S, backend=backend).to(device)
+    # the layout train, evaluate and harmonize give the model on this device
+    layout = memory_format_for("auto", device)
+    return Harmonizer(VARIANT, width=1, input_size=S, backend=backend).to(device, memory_format=layout)
 
 
 def _batch(B, size, device, seed=0):
@@ -60,8 +62,10 @@ def _batch(B, size, device, seed=0):
 
 
 def _info(model, backend, mode, B, size):
+    channels_last = model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     return dict(kind="e2e", name="harmonizer", variant=VARIANT, width=1, backend=backend, mode=mode,
-                B=B, H=size, W=size, network_input=S, dtype="fp32", params=model.count_parameters())
+                B=B, H=size, W=size, network_input=S, dtype="fp32", params=model.count_parameters(),
+                memory_format="channels_last" if channels_last else "contiguous")
 
 
 @pytest.mark.parametrize("backend", benchlib.BACKENDS)

@@ -56,6 +56,21 @@ _MULT = (1, 2, 4, 8, 8, 16)
 _CAP = 1024
 _LTL_SIZES = {16: 4, 32: 3, 64: 2}   # size at a 256² input -> decoder level (S / 2**level)
 _PTL_LEVEL = 1
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def memory_format_for(name: str, device: Union[str, torch.device]) -> torch.memory_format:
+    """The layout a Harmonizer's weights (hence its activations) take on ``device``.
+
+    ``"auto"`` is ``channels_last`` on the CPU, where oneDNN's convolutions then run without
+    reordering every activation (measured on 2 cores: a demo training step 12-15 % faster, a paper
+    step 2.8 -> 2.1 s, inference 13-24 %), and ``contiguous`` elsewhere (unmeasured on GPUs).
+    PTL and LTL accept either layout; their ops return contiguous tensors."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {name!r}")
+    if name == "auto":
+        name = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
 
 
 def parse_variant(variant: str) -> Tuple[bool, Optional[str], Optional[str]]:

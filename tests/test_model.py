@@ -165,3 +165,52 @@ def test_rain_moves_foreground_to_background_statistics():
         torch.testing.assert_close(f.mean(1), g.mean(1), atol=1e-4, rtol=0)
         torch.testing.assert_close(f.std(1, unbiased=False), g.std(1, unbiased=False), atol=1e-3, rtol=1e-3)
     assert torch.equal(out[bg], x[bg])
+
+
+def _cpu_backends():
+    from regharm_ext.backends import backends
+    return [b for b, why in backends("cpu").items() if why == "available" and b != "triton"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_channels_last_model_gives_the_contiguous_models_results(variant):
+    """memory_format_for("auto", "cpu") is channels_last: every layer, PTL and LTL's ops included,
+    must give the contiguous model's outputs and gradients (up to float rounding)."""
+    from regharm_ext.model import memory_format_for
+    assert memory_format_for("auto", "cpu") == torch.channels_last
+    for backend in _cpu_backends():
+        torch.manual_seed(0)
+        flat = Harmonizer(variant, input_size=64, base_channels=4, ltl_levels=(32, 64), backend=backend)
+        with torch.no_grad():   # a trained-looking head, so the residual is not zero
+            flat.head.weight.normal_(0, 0.1)
+        cl = Harmonizer(**flat.config)
+        cl.load_state_dict(flat.state_dict())
+        cl.to(memory_format=torch.channels_last)
+        assert cl.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        seen = []
+        for layer in [*cl.token_layers.values(), cl.patch_layer]:
+            if layer is not None:
+                layer.register_forward_pre_hook(lambda m, args: seen.append(
+                    args[0].is_contiguous(memory_format=torch.channels_last)))
+        image, mask, target = _batch()
+        outs = []
+        for model in (flat, cl):
+            out = model(image, mask)
+            fmse_loss(out, target, mask).backward()
+            outs.append((out, {k: p.grad for k, p in model.named_parameters()}))
+        assert all(seen) and len(seen) == len(cl.token_layers) + (cl.patch_layer is not None), \
+            f"{backend}: the layers saw contiguous features ({seen}): the test would not cover them"
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5, msg=f"{variant} {backend}")
+        for k, g in outs[0][1].items():
+            torch.testing.assert_close(outs[1][1][k], g, rtol=2e-3, atol=1e-5,
+                                       msg=lambda m: f"{variant} {backend} grad {k}: {m}")
+        assert outs[1][1]["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_memory_format_names():
+    from regharm_ext.model import memory_format_for
+    assert memory_format_for("auto", "cuda") == torch.contiguous_format
+    assert memory_format_for("contiguous", "cpu") == torch.contiguous_format
+    assert memory_format_for("channels_last", torch.device("cuda", 1)) == torch.channels_last
+    with pytest.raises(ValueError, match="memory_format must be one of auto, channels_last, contiguous, got 'nhwc'"):
+        memory_format_for("nhwc", "cpu")

@@ -79,10 +79,16 @@ def test_checkpoint_round_trip(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")], "no temporary files left"
 
     for source in (tmp_path, ck, ck / "model.safetensors"):
-        loaded, config = load_model(source)
+        loaded, config = load_model(source, memory_format="contiguous")   # the saved model's layout
         assert config["variant"] == "rbase+ltl+ptl" and config["trained"] == {"note": "test"}
         assert not loaded.training
         torch.testing.assert_close(loaded(image, mask), expected, rtol=0, atol=0)
+    # the CPU default is channels_last: the same weights, their convolutions summed in another order
+    loaded = load_model(ck)[0]
+    assert loaded.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(loaded(image, mask), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        load_model(ck, memory_format="NHWC")
 
     fresh = _tiny()
     opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-3)
@@ -99,9 +105,14 @@ def test_checkpoint_round_trip(tmp_path):
 
     # weights file + JSON beside it, as shipped for the default weights
     save_weights(tmp_path / "w.safetensors", model, {"trained": {"preset": "x"}})
-    loaded, config = load_model(tmp_path / "w.safetensors")
+    loaded, config = load_model(tmp_path / "w.safetensors", memory_format="contiguous")
     assert config["trained"] == {"preset": "x"}
     torch.testing.assert_close(loaded(image, mask), expected, rtol=0, atol=0)
+    # a channels_last model saves the same tensors
+    save_weights(tmp_path / "cl.safetensors", model.to(memory_format=torch.channels_last))
+    again = load_model(tmp_path / "cl.safetensors", memory_format="contiguous")[0]
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]) and v.is_contiguous(), k
 
 
 def test_checkpoints_are_pruned_and_latest_wins(tmp_path):
@@ -187,6 +198,21 @@ def test_resume_continues_with_the_same_next_loss(tmp_path):
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
     # the epoch log of the resumed run equals the uninterrupted one
     assert _epoch_losses(tmp_path / "cut") == pytest.approx(_epoch_losses(tmp_path / "full"), rel=1e-6)
+
+
+def test_memory_format_of_a_run(tmp_path, capsys):
+    """CPU runs train a channels_last model unless told otherwise; a resumed run keeps the choice."""
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "cl"), "--epochs", "1", "--validate", "false"]) == 0
+    assert ", channels_last" in capsys.readouterr().out
+    out = tmp_path / "flat"
+    assert main(["--preset", "smoke", "--out", str(out), "--epochs", "1", "--validate", "false",
+                 "--memory-format", "contiguous"]) == 0
+    assert "channels_last" not in capsys.readouterr().out
+    assert main(["--out", str(out), "--resume", "--epochs", "2", "--validate", "false"]) == 0
+    assert "channels_last" not in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["memory_format"] == "contiguous"
+    with pytest.raises(ValueError, match="memory_format must be one of auto, channels_last, contiguous"):
+        preset_config("smoke", memory_format="nhwc")
 
 
 def test_cli_overrides_table_and_resume_rules(tmp_path, capsys):
