@@ -439,6 +439,18 @@ def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.d
     return model, config
 
 
+def _state_in_param_layout(optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's strides: the file
+    holds them contiguous, and a channels_last parameter would otherwise be updated from mixed
+    layouts at every step (the same values, more slowly)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, scheduler=None,
                     restore_rng: bool = True) -> Dict:
     """Restore a run's latest checkpoint into ``model`` (and ``optimizer``/``scheduler``); set
@@ -473,6 +485,8 @@ def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
             obj.load_state_dict(full[what])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{ck}: the {what} state does not fit this run: {exc}") from None
+    if optimizer is not None:
+        _state_in_param_layout(optimizer)
     if restore_rng:
         set_rng_state(full["rng"])
     return full["state"]

@@ -102,6 +102,15 @@ def test_checkpoint_round_trip(tmp_path):
             assert torch.equal(a[k], b[k])
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     assert not torch.equal(torch.rand(3), rng_before), "RNG restored to its state at saving time"
+    # into a channels_last model: Adam's moments take their parameters' layout, with the same values
+    cl = _tiny().to(memory_format=torch.channels_last)
+    opt3 = torch.optim.Adam(cl.parameters(), lr=1e-3)
+    load_checkpoint(tmp_path, cl, opt3, restore_rng=False)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt3.state[cl.stem[0].weight][k].is_contiguous(memory_format=torch.channels_last), k
+    for a, b in zip(opt.state_dict()["state"].values(), opt3.state_dict()["state"].values()):
+        for k in a:
+            assert torch.equal(a[k], b[k])
 
     # weights file + JSON beside it, as shipped for the default weights
     save_weights(tmp_path / "w.safetensors", model, {"trained": {"preset": "x"}})
