@@ -270,21 +270,33 @@ def e2e_section(recs: List[Dict]) -> str:
     rs = [r for r in recs if r.get("kind") == "e2e"]
     if not rs:
         return ""
+    # rows from before the layout was recorded ran NCHW weights, the layout auto picked then
+    layouts = sorted({r.get("memory_format", "contiguous") for r in rs},
+                     key=lambda m: not any(r.get("memory_format", "contiguous") == m
+                                           and r.get("memory_format_is_auto", True) for r in rs))
     rows = []
     for b in backends_in(rs):
-        tr = _one(select(rs, backend=b, mode="train"))
-        i256 = _one(select(rs, backend=b, mode="infer256"))
-        i1k = _one(select(rs, backend=b, mode="infer1024"))
-        rows.append([f"`{b}`", f"{tr['B'] / tr['time_s']:.2f}" if tr else "—", fmt_mib(tr and tr["peak_bytes"]),
-                     fmt_time(i256 and i256["time_s"]), fmt_time(i1k and i1k["time_s"]),
-                     fmt_mib(i1k and i1k["peak_bytes"])])
+        for layout in layouts:
+            sel = [r for r in select(rs, backend=b) if r.get("memory_format", "contiguous") == layout]
+            if not sel:
+                continue
+            tr = _one(select(sel, mode="train"))
+            i256 = _one(select(sel, mode="infer256"))
+            i1k = _one(select(sel, mode="infer1024"))
+            rows.append([f"`{b}`"] + ([f"`{layout}`"] if len(layouts) > 1 else [])
+                        + [f"{tr['B'] / tr['time_s']:.2f}" if tr else "—", fmt_mib(tr and tr["peak_bytes"]),
+                           fmt_time(i256 and i256["time_s"]), fmt_time(i1k and i1k["time_s"]),
+                           fmt_mib(i1k and i1k["peak_bytes"])])
     r0 = rs[0]
+    weights = (f", weights `{layouts[0]}`" if len(layouts) == 1 else
+               f"; each backend's first row has the weights' layout that training and inference use on this "
+               f"device, the second the other one")
     return (f"**End to end**, the paper's model `{r0['variant']}` (width {r0['width']}, "
-            f"{r0['params'] / 1e6:.2f} M parameters, network at {r0['network_input']}²"
-            f"{', weights ' + r0['memory_format'] if r0.get('memory_format') else ''}): training images/s "
-            f"(batch 4 at 256², forward + loss + backward + Adam) and inference latency of one image "
-            f"(1024²: the full-resolution path, network at 256², residual upsampled).\n\n"
-            + table(["backend", "train images/s", "train MiB", "latency 256²", "latency 1024²", "1024² MiB"], rows))
+            f"{r0['params'] / 1e6:.2f} M parameters, network at {r0['network_input']}²{weights}): "
+            f"training images/s (batch 4 at 256², forward + loss + backward + Adam) and inference latency "
+            f"of one image (1024²: the full-resolution path, network at 256², residual upsampled).\n\n"
+            + table(["backend"] + (["layout"] if len(layouts) > 1 else [])
+                    + ["train images/s", "train MiB", "latency 256²", "latency 1024²", "1024² MiB"], rows))
 
 
 def _short(kernel: str) -> str:

@@ -83,6 +83,28 @@ def test_report_tables_from_fabricated_json():
     assert "`triton` (not here)" in md
 
 
+def test_report_e2e_rows_per_layout_auto_first():
+    e2e = dict(kind="e2e", name="harmonizer", variant="rbase+ltl+ptl", width=1, network_input=256,
+               params=10_000_000, backend="native", B=4, H=256)
+    data = _fabricated()
+    data["benchmarks"] = [   # the other layout's rows first in the file: the report still puts auto's first
+        _rec(**e2e, mode="train", time_s=4.0, peak_bytes=800 * MiB, memory_format="contiguous",
+             memory_format_is_auto=False),
+        _rec(**e2e, mode="train", time_s=2.0, peak_bytes=900 * MiB, memory_format="channels_last",
+             memory_format_is_auto=True),
+        _rec(**e2e, mode="infer256", time_s=0.1, peak_bytes=0, memory_format="channels_last",
+             memory_format_is_auto=True),
+    ]
+    lines = report.e2e_section([b["extra_info"] for b in data["benchmarks"]]).splitlines()
+    rows = [line for line in lines if line.startswith("| `native`")]
+    assert rows == ["| `native` | `channels_last` | 2.00 | 900 | 100 ms | — | — |",
+                    "| `native` | `contiguous` | 1.00 | 800 | — | — | — |"], rows
+    assert "| backend | layout | train images/s |" in "\n".join(lines)
+    # one layout: no column, the layout named in the text (old files without the field: contiguous)
+    old = report.e2e_section([b["extra_info"] for b in _fabricated()["benchmarks"]])
+    assert "weights `contiguous`" in old and "| layout |" not in old
+
+
 def test_report_formatting_units():
     assert report.fmt_time(1.5) == "1.50 s"
     assert report.fmt_time(0.25) == "250 ms"
