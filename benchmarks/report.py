@@ -289,8 +289,8 @@ def e2e_section(recs: List[Dict]) -> str:
                            fmt_mib(i1k and i1k["peak_bytes"])])
     r0 = rs[0]
     weights = (f", weights `{layouts[0]}`" if len(layouts) == 1 else
-               f"; each backend's first row has the weights' layout that training and inference use on this "
-               f"device, the second the other one")
+               "; each backend's first row has the weights' layout that training and inference use on this "
+               "device, the second the other one")
     return (f"**End to end**, the paper's model `{r0['variant']}` (width {r0['width']}, "
             f"{r0['params'] / 1e6:.2f} M parameters, network at {r0['network_input']}²{weights}): "
             f"training images/s (batch 4 at 256², forward + loss + backward + Adam) and inference latency "
