@@ -270,14 +270,15 @@ def e2e_section(recs: List[Dict]) -> str:
     rs = [r for r in recs if r.get("kind") == "e2e"]
     if not rs:
         return ""
-    # rows from before the layout was recorded ran NCHW weights, the layout auto picked then
-    layouts = sorted({r.get("memory_format", "contiguous") for r in rs},
-                     key=lambda m: not any(r.get("memory_format", "contiguous") == m
-                                           and r.get("memory_format_is_auto", True) for r in rs))
+    def layout_of(r):   # rows from before the layout was recorded ran NCHW, auto's choice then
+        return r.get("memory_format", "contiguous")
+
+    auto = {layout_of(r) for r in rs if r.get("memory_format_is_auto", True)}
+    layouts = sorted({layout_of(r) for r in rs}, key=lambda m: m not in auto)
     rows = []
     for b in backends_in(rs):
         for layout in layouts:
-            sel = [r for r in select(rs, backend=b) if r.get("memory_format", "contiguous") == layout]
+            sel = [r for r in select(rs, backend=b) if layout_of(r) == layout]
             if not sel:
                 continue
             tr = _one(select(sel, mode="train"))

@@ -64,13 +64,12 @@ def _batch(B, size, device, seed=0):
     return image, target, mask
 
 
-def _info(model, backend, mode, B, size):
+def _info(model, backend, mode, B, size, layout):
     channels_last = model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-    auto = memory_format_for("auto", model.stem[0].weight.device) == torch.channels_last
     return dict(kind="e2e", name="harmonizer", variant=VARIANT, width=1, backend=backend, mode=mode,
                 B=B, H=size, W=size, network_input=S, dtype="fp32", params=model.count_parameters(),
                 memory_format="channels_last" if channels_last else "contiguous",
-                memory_format_is_auto=channels_last == auto)
+                memory_format_is_auto=layout == "auto")
 
 
 def _train_step(benchmark, device, backend, layout):
@@ -91,7 +90,7 @@ def _train_step(benchmark, device, backend, layout):
     opt.step()
     benchmark.group = "e2e train step, batch 4 at 256²"
     info = benchlib.measure(benchmark, step, device, single_cpu_run=True,
-                            info=_info(model, backend, "train", TRAIN_B, S))
+                            info=_info(model, backend, "train", TRAIN_B, S, layout))
     benchmark.extra_info["images_per_s"] = TRAIN_B / info["time_s"]
 
 
@@ -104,7 +103,7 @@ def _inference(benchmark, device, backend, size, layout):
         harmonize_tensor(model, image, mask)
 
     benchmark.group = f"e2e inference latency, one {size}² image"
-    benchlib.measure(benchmark, infer, device, info=_info(model, backend, f"infer{size}", 1, size))
+    benchlib.measure(benchmark, infer, device, info=_info(model, backend, f"infer{size}", 1, size, layout))
 
 
 @pytest.mark.parametrize("backend", benchlib.BACKENDS)
