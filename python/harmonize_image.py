@@ -2,23 +2,23 @@
 
     python python/harmonize_image.py comp.jpg mask.png out.png
 
-The network runs at its training resolution; its residual is upsampled and applied at the
-image's own resolution inside the mask (the same path as ``python -m regharm_ext.harmonize``).
+Files are read and written as ``python -m regharm_ext.harmonize`` does (EXIF orientation applied;
+0/1 label masks, cut-out masks and 16-bit images converted; an empty or full mask and mismatched
+sizes refused in one line; the output's folder created). The network runs at its training
+resolution; its residual is upsampled and applied at the image's own resolution inside the mask.
 """
 import sys
 
-import numpy as np
-import torch
-from PIL import Image
-
 from regharm_ext.checkpoint import load_model
-from regharm_ext.inference import harmonize_tensor
+from regharm_ext.harmonize import InputError, check_output, harmonize_array, load_pair, save_image
 
 image_path, mask_path, out_path = sys.argv[1:4]
+try:
+    check_output(out_path)                       # before the work, not after it
+    image, mask = load_pair(image_path, mask_path)   # uint8 [H, W, 3] and [H, W] (255 = foreground)
+except InputError as e:
+    sys.exit(f"error: {e}")
 model, config = load_model(None)              # a run folder or .safetensors file works too
-image = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"), np.float32) / 255)
-mask = torch.from_numpy(np.asarray(Image.open(mask_path).convert("L"), np.float32) / 255)
-with torch.no_grad():
-    out = harmonize_tensor(model, image.permute(2, 0, 1)[None], mask[None, None])
-Image.fromarray((out[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(out_path)
+out = harmonize_array(model, image, mask)     # uint8; pixels where the mask is 0 are unchanged
+save_image(out, out_path)                     # atomic: no partial file on failure
 print(f"{config['variant']} model -> {out_path}")

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
@@ -113,8 +116,9 @@ def format_table(results: Union[Dict, Sequence[Dict]]) -> str:
 
 
 def build_dataset(data_root=None, split="test", subsets=None, size=EVAL_SIZE, val_length=None):
-    """The evaluation set: iHarmony4 at ``data_root`` (missing subsets skipped, with a note on
-    stderr) or, without a root, the embedded validation split."""
+    """The evaluation set: iHarmony4 at ``data_root`` (missing subsets, and subsets whose list
+    names no image, skipped with a note on stderr) or, without a root, the embedded validation
+    split (``split="train"``: the embedded training split)."""
     if data_root is None:
         from .data.synth import SyntheticComposites
         return SyntheticComposites("val" if split == "test" else "train", size=size, length=val_length)
@@ -122,7 +126,54 @@ def build_dataset(data_root=None, split="test", subsets=None, size=EVAL_SIZE, va
     ds = IHarmony4(data_root, split=split, subsets=subsets, size=size, augment=False, skip_missing=True)
     if ds.skipped:
         print(f"note: subsets not under {data_root}, skipped: {', '.join(ds.skipped)}", file=sys.stderr)
+    unlisted = f"no {split} images listed for " + ", ".join(f"{s} in {src}" for s, src in ds.unlisted)
+    if len(ds) == 0:
+        raise ValueError(f"the dataset holds no images to evaluate: {unlisted}")
+    if ds.unlisted:
+        # a subset scored on nothing would vanish from the table without a word
+        print(f"note: {unlisted}; skipped", file=sys.stderr)
     return ds
+
+
+def _blocking_file(path: Path):
+    """The first existing ancestor of ``path`` when it is a file rather than a folder."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse an output path now, before minutes of scoring, rather than lose the results when
+    writing them: the folder is created and a file is made (and removed) in it, as
+    :func:`regharm_ext.checkpoint._atomic_write` will."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give the path of a file (in it or elsewhere)")
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        raise ValueError(f"{flag} {path} cannot be written: {blocking} is a file, not a folder")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written: cannot create folder {folder} "
+                         f"({e.strerror or e}); choose a path in a writable folder") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written: cannot create a file in {folder} "
+                         f"({e.strerror or e}); choose a path in a writable folder") from None
+
+
+def write_json(path: Path, results: List[Dict]) -> None:
+    """One object for one method, a list for several; replaced whole (never a partial file)."""
+    from .checkpoint import write_text
+    try:
+        write_text(path, json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+    except OSError as e:
+        raise OSError(f"--json {path} cannot be written: {e.strerror or e}") from None
 
 
 def _load_model(checkpoint, device):
@@ -142,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None, type=Path,
                    help="iHarmony4 root (default: the embedded synthetic validation split)")
     p.add_argument("--subsets", nargs="+", default=None, help="subsets to score (default: all present)")
-    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="list to score (without --data-root: 'train' scores the embedded training split)")
     p.add_argument("--method", nargs="+", default=["model"], choices=METHODS,
                    help="what to score; several give one column each (default: model)")
     p.add_argument("--json", default=None, type=Path, help="write the result(s) as JSON here")
@@ -158,38 +210,72 @@ def main(argv=None) -> int:
                    help="also write a sheet of composite | each method | real for a few images here")
     p.add_argument("--samples-count", type=int, default=8, metavar="N", help="rows of --samples (default 8)")
     a = p.parse_args(argv)
-    if a.samples_count < 1:
-        p.error(f"--samples-count must be at least 1, got {a.samples_count}")
-    peak = a.peak
-    if peak != "target":
-        try:
-            peak = float(peak)
-        except ValueError:
-            p.error(f"--peak must be 'target' or a number, got {a.peak!r}")
+    _check_args(p, a)
+    peak = _parse_peak(p, a.peak)
     try:
         device = pick_device(a.device)
         dataset = build_dataset(a.data_root, a.split, a.subsets, a.size, a.val_length)
-        if a.samples is not None and a.samples.suffix.lower() != ".png":
-            raise ValueError(f"--samples writes a PNG: give a path ending in .png, got {a.samples}")
         targets = {m: _load_model(a.checkpoint, device) if m == "model" else m for m in a.method}
+        _check_outputs(a)
         results = [evaluate(t, dataset, device, a.batch_size, peak, progress=not a.no_progress, name=m,
                             num_workers=a.workers) for m, t in targets.items()]
+        # the figures first: a failure drawing the sheet must not take them with it
+        print(format_table(results), flush=True)
+        if a.json is not None:
+            write_json(a.json, results)
         if a.samples is not None:
-            from .samples import sample_sheet, save_sheet
-            # the sheet's first column is the composite already
-            methods = [(m, method_fn(t)) for m, t in targets.items() if m != "composite"]
-            sheet = sample_sheet(dataset, methods, a.samples_count, device, peak)
-            print(f"samples: {save_sheet(sheet, a.samples)}", file=sys.stderr)
+            _write_samples(a.samples, a.samples_count, dataset, targets, device, peak)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one line for the user, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(format_table(results))
-    if a.json is not None:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
     return 0
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse values that make no sense, and flags that would be ignored: the figures would be
+    for another dataset than the one asked for."""
+    if a.samples_count < 1:
+        p.error(f"--samples-count must be at least 1, got {a.samples_count}")
+    if a.data_root is None and a.subsets is not None:
+        p.error("--subsets needs --data-root (without it the embedded synthetic validation split is scored)")
+    if a.data_root is not None and a.val_length is not None:
+        p.error("--val-length sizes the embedded validation split: drop it or --data-root")
+
+
+def _parse_peak(p: argparse.ArgumentParser, text: str):
+    """'target' or a finite positive number: 0, a negative or NaN peak makes every PSNR -inf or NaN."""
+    if text == "target":
+        return text
+    try:
+        peak = float(text)
+    except ValueError:
+        peak = math.nan
+    if not (math.isfinite(peak) and peak > 0):
+        p.error(f"--peak must be 'target' or a positive number such as 255, got {text!r}")
+    return peak
+
+
+def _check_outputs(a: argparse.Namespace) -> None:
+    if a.json is not None:
+        check_writable(a.json, "--json")
+    if a.samples is not None:
+        if a.samples.suffix.lower() != ".png":
+            raise ValueError(f"--samples writes a PNG: give a path ending in .png, got {a.samples}")
+        check_writable(a.samples, "--samples")
+
+
+def _write_samples(path: Path, count: int, dataset, targets, device, peak) -> None:
+    from .samples import sample_sheet, save_sheet
+    # the sheet's first column is the composite already
+    methods = [(m, method_fn(t)) for m, t in targets.items() if m != "composite"]
+    sheet = sample_sheet(dataset, methods, count, device, peak)
+    try:
+        save_sheet(sheet, path)
+    except OSError as e:
+        raise OSError(f"--samples {path} cannot be written: {e.strerror or e}") from None
+    print(f"samples: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@
 
 Folder mode pairs ``D/<name>.<ext>`` with ``D/<name>_mask.<ext>`` (the convention of other
 harmonization tools) and writes ``O/<name>.png`` (and ``E/<name>.png``); a pair that fails is
-reported on one line and the others go on (exit status 1 if any failed).
+reported on one line and the others go on (exit status 1 if any failed). Two images of one name,
+two masks for one image, or a result that would overwrite an input are refused before any work.
+
+Output paths are checked before anything is read (known, writable format; folders that exist or
+can be made); files are written atomically with the usual permissions.
 
 Resolution: the network runs at its training resolution (``input_size`` of the checkpoint); its
 residual Î is upsampled bilinearly and applied to the full-resolution image with the
@@ -36,22 +40,24 @@ foreground outlined.
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from .data.image_file import ImageFileError, check_memory, image_size, read_mask, read_rgb
+from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
+                              sixteen_bit_peak)
 from .errors import one_line
 from .inference import model_size, pick_device, resize
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # piecewise-linear "inferno"-like colormap: value -> RGB
 _CMAP_X = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _CMAP_RGB = np.array([[0, 0, 40], [90, 10, 110], [200, 50, 70], [250, 140, 20], [255, 250, 160]], np.float64)
@@ -98,11 +104,25 @@ def load_pair(image_path, mask_path, max_pixels: Optional[int] = None,
     except ImageFileError as e:
         raise InputError(str(e)) from None
     if not (mask > 127).any():
-        raise InputError(f"mask {mask_path} is empty: no pixel above 127 marks a foreground")
+        raise InputError(f"mask {mask_path} is empty: no pixel above 127 marks a foreground"
+                         + _sixteen_bit_hint(mask_path))
     if not (mask <= 127).any():
         raise InputError(f"mask {mask_path} is full: no pixel at or below 127 is left as background "
                          f"to harmonize the foreground with")
     return img, mask
+
+
+def _sixteen_bit_hint(mask_path: Path) -> str:
+    """Why a 16-bit mask came out empty: 0/255 stored in 16 bits scales to 0/1 (read only on this
+    error path, so the usual read stays single-pass)."""
+    try:
+        peak = sixteen_bit_peak(mask_path)
+    except ImageFileError:
+        return ""
+    if peak is None or peak <= 1:
+        return ""
+    return (f"; its pixels are 16-bit (0..65535) and the largest, {peak}, scales to "
+            f"{round(peak * 255 / 65535)} of 255: save the mask with 8 bits per pixel, or scale it to 0..65535")
 
 
 def _strips(height: int, width: int):
@@ -200,22 +220,55 @@ def heatmap_overlay(image: np.ndarray, value: np.ndarray, mask: np.ndarray) -> n
     return out
 
 
-def save_image(array: np.ndarray, path) -> None:
-    """Write atomically (a temporary file renamed into place): an error leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _output_format(path: Path, role: str) -> str:
+    """Pillow's format name for ``path``'s extension, refused unless it can store an 8-bit RGB image
+    (some formats are read-only here, or take other modes: found with a tiny in-memory image)."""
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        raise InputError(f"cannot tell the image format of {path} from its extension (use .png)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+        raise InputError(f"cannot tell the image format of {role} {path} from its extension (use .png)")
     try:
-        Image.fromarray(array).save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except Exception as exc:  # Pillow raises OSError, KeyError, ValueError, ... per plugin
+        raise InputError(f"cannot write {role} {path} as {fmt}: {one_line(exc)} (use .png)") from None
+    return fmt
+
+
+def _check_folder(folder: Path, role: str, target: Optional[Path] = None) -> None:
+    """``folder`` is a folder or can be created: its nearest existing ancestor is a writable folder."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if target is None and existing == folder and not folder.is_dir():
+        raise InputError(f"{role} {folder} is a file, not a folder; give a folder (it is created if missing)")
+    what = f"{role} {target if target is not None else folder}"
+    if not existing.is_dir():
+        also = f", so folder {folder} cannot be created" if existing != folder else ""
+        raise InputError(f"{what}: {existing} is a file, not a folder{also}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: cannot write in folder {existing} (permission denied)")
+
+
+def check_output(path, role: str = "output") -> None:
+    """Refuse, before any work, an output file that could not be written (unknown or read-only
+    format, a folder in its place, a file where its folder should be)."""
+    path = Path(path)
+    _output_format(path, role)
+    if path.is_dir():
+        raise InputError(f"{role} {path} is a folder; give a file name such as {path / 'out.png'}")
+    _check_folder(path.parent, role, path)
+
+
+def save_image(array: np.ndarray, path, role: str = "output") -> None:
+    """Write atomically with the usual permissions (checkpoint._atomic_write): an error leaves no
+    partial file, and its message names the file and its ``role`` (e.g. ``--out``)."""
+    from .checkpoint import _atomic_write   # as samples.save_sheet; keeps bad-input runs light
+
+    path = Path(path)
+    fmt = _output_format(path, role)
+    try:
+        _atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
+    except Exception as exc:
+        raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
 
 
 def _load_model(checkpoint, device):
@@ -231,26 +284,118 @@ def _check_explainable(model) -> None:
 
 
 def process(model, image_path, mask_path, out_path, explain_path=None, device="cpu",
-            max_pixels: Optional[int] = None) -> None:
+            max_pixels: Optional[int] = None, roles=("--out", "--explain")) -> None:
     """One composite: checks, harmonization, optional explanation; writes only on success."""
     img, mask = load_pair(image_path, mask_path, max_pixels, explain_path is not None)
-    process_arrays(model, img, mask, out_path, explain_path, device)
+    process_arrays(model, img, mask, out_path, explain_path, device, roles)
 
 
-def process_arrays(model, img, mask, out_path, explain_path=None, device="cpu") -> None:
+def process_arrays(model, img, mask, out_path, explain_path=None, device="cpu",
+                   roles=("--out", "--explain")) -> None:
+    """``roles`` name the outputs in error messages (the options the user gave)."""
     out = harmonize_array(model, img, mask, device)
     overlay = heatmap_overlay(img, contribution_map(model, img, mask, device), mask) \
         if explain_path is not None else None
-    save_image(out, out_path)
+    save_image(out, out_path, roles[0])
     if overlay is not None:
-        save_image(overlay, explain_path)
+        save_image(overlay, explain_path, roles[1])
+
+
+def _is_mask(p: Path) -> bool:
+    return p.stem.endswith("_mask")
+
+
+def _group(paths, key) -> Dict[str, List[Path]]:
+    groups: Dict[str, List[Path]] = {}
+    for p in paths:
+        groups.setdefault(key(p), []).append(p)
+    return groups
+
+
+def _folder_files(input_dir: Path) -> List[Path]:
+    return sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def folder_pairs(input_dir: Path):
-    """[(name, image path, mask path or None)] for the images of ``input_dir`` that are not masks."""
-    files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    masks = {p.stem[:-len("_mask")]: p for p in files if p.stem.endswith("_mask")}
-    return [(p.stem, p, masks.get(p.stem)) for p in files if not p.stem.endswith("_mask")]
+    """[(name, image path, mask path or None)] for the images of ``input_dir`` that are not masks.
+
+    Two images with one name (``a.jpg``, ``a.png``) would both be written to ``a.png``, and two
+    masks for one name leave the choice to chance: both are refused, naming the files."""
+    files = _folder_files(input_dir)
+    images = _group([p for p in files if not _is_mask(p)], lambda p: p.stem)
+    masks = _group([p for p in files if _is_mask(p)], lambda p: p.stem[:-len("_mask")])
+    clashes = [f"{' and '.join(map(str, ps))} would both be written as {name}.png"
+               for name, ps in images.items() if len(ps) > 1]
+    clashes += [f"{' and '.join(map(str, ms))} are masks for the same image {name}"
+                for name, ms in masks.items() if len(ms) > 1]
+    if clashes:
+        raise InputError(f"in {input_dir}: " + "; ".join(clashes) + ": keep one file per name")
+    return [(name, ps[0], masks.get(name, [None])[0]) for name, ps in images.items()]
+
+
+def orphan_masks(input_dir: Path) -> List[Path]:
+    """Masks of ``input_dir`` without an image of their name (skipped by folder mode)."""
+    files = _folder_files(input_dir)
+    names = {p.stem for p in files if not _is_mask(p)}
+    return [p for p in files if _is_mask(p) and p.stem[:-len("_mask")] not in names]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_single_paths(a) -> None:
+    """Every output of single mode can be written and overwrites neither an input nor the other."""
+    outputs = [("--out", a.out)] + ([("--explain", a.explain)] if a.explain is not None else [])
+    for role, path in outputs:
+        check_output(path, role)
+    if a.explain is not None and _same_file(a.out, a.explain):
+        raise InputError(f"--explain {a.explain} is the --out file: the map would overwrite the "
+                         f"harmonized image; give another name")
+    for role, path in outputs:
+        for in_role, src in (("--image", a.image), ("--mask", a.mask)):
+            if _same_file(path, src):
+                raise InputError(f"{role} {path} is the {in_role} file: it would be overwritten; "
+                                 f"give another name")
+
+
+def _check_folder_paths(a, pairs) -> None:
+    """The output folders can be made, are not one folder, and no result or map overwrites an input."""
+    _check_folder(a.out_dir, "--out-dir")
+    if a.explain_dir is not None:
+        _check_folder(a.explain_dir, "--explain-dir")
+        if _same_file(a.out_dir, a.explain_dir):
+            raise InputError(f"--explain-dir {a.explain_dir} is the --out-dir: the maps would overwrite "
+                             f"the harmonized images; give another folder")
+    inputs = {Path(p).resolve(): p for p in _folder_files(a.input_dir)}
+    clashes = [f"{out} would overwrite the input {inputs[out.resolve()]}"
+               for name, _, _ in pairs
+               for out in (a.out_dir / f"{name}.png",
+                           *([a.explain_dir / f"{name}.png"] if a.explain_dir is not None else []))
+               if out.resolve() in inputs]
+    if clashes:
+        raise InputError("; ".join(clashes) + ": give another --out-dir (or --explain-dir)")
+
+
+def _folder_inputs(a):
+    """(pairs, orphan masks) of --input-dir, refused when it is not a folder of usable pairs."""
+    if not a.input_dir.is_dir():
+        what = "is a file, not a folder" if a.input_dir.exists() else "not found"
+        raise InputError(f"--input-dir {a.input_dir} {what}: give the folder holding <name>.jpg "
+                         f"and <name>_mask.png")
+    pairs = folder_pairs(a.input_dir)
+    if not pairs:
+        raise InputError(f"no images in {a.input_dir} (expected <name>.jpg with <name>_mask.png)")
+    return pairs, orphan_masks(a.input_dir)
+
+
+def _check_max_pixels(p, value: Optional[float]) -> Optional[int]:
+    # int() of nan/inf raises, and a limit under one pixel refuses every image
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 1:
+        p.error(f"--max-pixels must be a finite number of pixels of at least 1 (e.g. 50e6), got {value}")
+    return int(value)
 
 
 def main(argv=None) -> int:
@@ -268,7 +413,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-pixels", type=float, default=None,
                    help="refuse larger images (default: about 179e6, Pillow's decompression-bomb limit)")
     a = p.parse_args(argv)
-    max_pixels = None if a.max_pixels is None else int(a.max_pixels)
+    max_pixels = _check_max_pixels(p, a.max_pixels)
     single = a.image is not None or a.mask is not None or a.out is not None
     folder = a.input_dir is not None or a.out_dir is not None
     if single == folder:
@@ -282,7 +427,8 @@ def main(argv=None) -> int:
     try:
         device = pick_device(a.device)
         if single:
-            # bad inputs fail before a model is loaded
+            # bad outputs, then bad inputs, fail before any pixel is read or a model loaded
+            _check_single_paths(a)
             img, mask = load_pair(a.image, a.mask, max_pixels, a.explain is not None)
             model = _load_model(a.checkpoint, device)
             if a.explain is not None:
@@ -290,11 +436,10 @@ def main(argv=None) -> int:
             process_arrays(model, img, mask, a.out, a.explain, device)
             print(a.out if a.explain is None else f"{a.out}\n{a.explain}")  # as folder mode lists them
             return 0
-        if not a.input_dir.is_dir():
-            raise InputError(f"input folder not found: {a.input_dir}")
-        pairs = folder_pairs(a.input_dir)
-        if not pairs:
-            raise InputError(f"no images in {a.input_dir} (expected <name>.jpg with <name>_mask.png)")
+        pairs, orphans = _folder_inputs(a)
+        _check_folder_paths(a, pairs)
+        for m in orphans:
+            print(f"note: skipping {m}: no image {m.stem[:-len('_mask')]}.<ext> beside it", file=sys.stderr)
         model = _load_model(a.checkpoint, device)
         if a.explain_dir is not None:
             _check_explainable(model)
@@ -309,7 +454,8 @@ def main(argv=None) -> int:
             if mask_path is None:
                 raise InputError(f"no mask for {img_path} (expected {a.input_dir / (name + '_mask.png')})")
             explain = a.explain_dir / f"{name}.png" if a.explain_dir is not None else None
-            process(model, img_path, mask_path, a.out_dir / f"{name}.png", explain, device, max_pixels)
+            process(model, img_path, mask_path, a.out_dir / f"{name}.png", explain, device, max_pixels,
+                    roles=("--out-dir", "--explain-dir"))
             print(f"{a.out_dir / (name + '.png')}")
         except KeyboardInterrupt:
             return 130

@@ -1,7 +1,7 @@
 """The failure-mode table of README.md, generated from the tests that back each row.
 
     python tests/failure_modes.py                          # print the table
-    python tests/failure_modes.py --update README.md README.md   # rewrite between the markers
+    python tests/failure_modes.py --update README.md     # rewrite between the markers
 
 Bad-input rows come from the case lists of tests/test_bad_input.py; the others are listed here
 with the test that shows them (tests/test_reliability_docs.py checks that every named test

@@ -171,6 +171,29 @@ def _unknown_out(d, image, mask):
     return image, mask, ["--out", str(d / "out.xyz")]
 
 
+def _extra(*args):
+    """Extra CLI arguments (paths relative to the test folder); the last --out wins."""
+    def build(d, image, mask):
+        return image, mask, [str(d / a) if a.endswith((".png", ".xyz", ".xbm", ".h5")) else a
+                             for a in args]
+    return build
+
+
+def _explain_under_file(d, image, mask):
+    (d / "afile").write_text("a plain file")
+    return image, mask, ["--explain", str(d / "afile" / "map.png")]
+
+
+def _out_is_image(d, image, mask):
+    return image, mask, ["--out", str(image)]
+
+
+def _mask16_255(d, image, mask):
+    """0/255 stored in a 16-bit PNG: 255/65535 scales to 1, below the foreground threshold."""
+    mask.write_bytes(_png16(_mask().astype(np.uint16)))
+    return image, mask, []
+
+
 REFUSALS = [
     Refusal("missing", "image or mask file missing", "image not found", _missing),
     Refusal("directory", "a folder given as the image", "image is not a file", _directory),
@@ -190,9 +213,21 @@ REFUSALS = [
     Refusal("empty_mask", "empty mask (all 0)", "is empty", _mask_value(0)),
     Refusal("weak_mask", "mask with no value above 127 (all 127)", "is empty", _mask_value(127)),
     Refusal("full_mask", "full mask (all 255: no background)", "is full", _mask_value(255)),
-    Refusal("max_pixels", "image above --max-pixels", "above the limit of 0.0 megapixels", _max_pixels),
+    Refusal("mask16_255", "16-bit mask holding 0/255 (scaled to 0/1)",
+            "its pixels are 16-bit (0..65535) and the largest, 255, scales to 1 of 255: save the mask with 8 bits",
+            _mask16_255),
+    Refusal("max_pixels", "image above --max-pixels", "above the limit of 0.005 megapixels", _max_pixels),
     Refusal("bomb", "image whose header claims 60000x60000 (decompression bomb)", "too large", _bomb),
     Refusal("unknown_out", "output file with an unknown extension", "cannot tell the image format", _unknown_out),
+    Refusal("unknown_explain", "`--explain` file with an unknown extension (checked before any work)",
+            "cannot tell the image format of --explain", _extra("--explain", "map.xyz")),
+    Refusal("unwritable_out", "output format Pillow cannot write as RGB (e.g. `.xbm`)",
+            "cannot write --out", _extra("--out", "out.xbm")),
+    Refusal("explain_under_file", "`--explain` in a folder that is a file", "is a file, not a folder",
+            _explain_under_file),
+    Refusal("explain_is_out", "`--explain` the same file as `--out`", "the map would overwrite",
+            _extra("--explain", "out.png")),
+    Refusal("out_is_image", "`--out` the same file as `--image`", "is the --image file", _out_is_image),
 ]
 
 
@@ -234,8 +269,7 @@ def test_harmonize_refuses_in_one_line(case, pair, no_model, capsys):
     rc, err = _run(args, capsys)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and case.expect in lines[0], err
-    if case.id not in ("unknown_out",):
-        assert not no_model, "bad inputs are refused before a model is loaded"
+    assert not no_model, "bad inputs and outputs are refused before a model is loaded"
     assert not [p for p in d.iterdir() if p.name.startswith(("out.", ".out."))], "no output file"
 
 

@@ -150,6 +150,52 @@ def test_loader_falls_back_on_the_root_list(tmp_path):
     assert [ds.items[i][1] for i in range(len(ds))] == ["v00000_1_1.jpg", "v00001_1_1.jpg"]
 
 
+def _ids(ds):
+    return [name for _, name, _ in ds.items]
+
+
+def test_loader_reads_lists_with_a_byte_order_mark_or_backslashes(tmp_path):
+    """Lists saved by Windows editors: a UTF-8 BOM stuck to the first name, backslash separators
+    hid the ``<Subset>/`` prefix of the root list."""
+    root = export_tree(tmp_path, subsets=("HCOCO", "HFlickr"), n=2, n_train=0, size=32)
+    expected = ["v00000_1_1.jpg", "v00001_1_1.jpg"]
+    own = root / "HCOCO" / "HCOCO_test.txt"
+    own.write_bytes(b"\xef\xbb\xbf" + own.read_bytes())
+    assert _ids(IHarmony4(root, "test", subsets=["HCOCO"])) == expected
+    (root / "HFlickr" / "HFlickr_test.txt").unlink()   # falls back on IHD_test.txt
+    ihd = root / "IHD_test.txt"
+    lines = sorted(ihd.read_text().splitlines(), key=lambda line: not line.startswith("HFlickr/"))
+    text = "\n".join(lines) + "\n"  # an HFlickr line first, where the mark lands
+    ihd.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert _ids(IHarmony4(root, "test", subsets=["HFlickr"])) == expected
+    ihd.write_text(text.replace("/", "\\"), newline="\r\n")
+    assert _ids(IHarmony4(root, "test", subsets=["HFlickr"])) == expected
+
+
+def test_loader_loads_a_repeated_subset_once(tmp_path):
+    root = export_tree(tmp_path, subsets=("HCOCO", "HFlickr"), n=2, n_train=0, size=32)
+    ds = IHarmony4(root, "test", subsets=["HFlickr", "HCOCO", "HFlickr"])
+    assert ds.subsets == ["HFlickr", "HCOCO"] and len(ds) == 4
+
+
+def test_loader_names_the_requested_and_the_present_subsets(tmp_path):
+    root = export_tree(tmp_path, subsets=("HFlickr",), n=1, n_train=0, size=32)
+    with pytest.raises(DataError, match=r"none of the subsets named \(HCOCO, HAdobe5k\) is under .*; "
+                                        r"present there: HFlickr"):
+        IHarmony4(root, "test", subsets=["HCOCO", "HAdobe5k"], skip_missing=True)
+
+
+def test_loader_records_subsets_whose_list_names_nothing(tmp_path):
+    root = export_tree(tmp_path, subsets=("HCOCO", "HFlickr", "Hday2night"), n=1, n_train=0, size=32)
+    (root / "HFlickr" / "HFlickr_test.txt").write_text("\n")
+    (root / "Hday2night" / "Hday2night_test.txt").unlink()
+    (root / "IHD_test.txt").write_text("HCOCO/composite_images/v00000_1_1.jpg\n")
+    ds = IHarmony4(root, "test")
+    assert len(ds) == 1 and ds.subsets == ["HCOCO", "HFlickr", "Hday2night"]
+    assert ds.unlisted == [("HFlickr", root / "HFlickr" / "HFlickr_test.txt"),
+                           ("Hday2night", root / "IHD_test.txt")]
+
+
 def test_credits_table_in_the_docs_is_generated():
     """Every photo is credited, and the tables in the docs are the generated ones."""
     from pathlib import Path

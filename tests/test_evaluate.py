@@ -146,3 +146,91 @@ def test_evaluate_cli_reports_a_bad_root_in_one_line(tmp_path, capsys):
     rc = evaluate_main(["--data-root", str(root), "--method", "composite", "--no-progress"])
     err = capsys.readouterr().err
     assert rc != 0 and "no images" in err and len(err.strip().splitlines()) == 1
+
+
+def _no_scoring(monkeypatch):
+    """Make scoring fail loudly: a refusal must come before any image is scored."""
+    def scored(*a, **k):
+        raise AssertionError("scored before the refusal")
+    monkeypatch.setattr("regharm_ext.evaluate.evaluate", scored)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flag,where", [("--json", "under_a_file"), ("--json", "a_folder"),
+                                        ("--samples", "under_a_file"), ("--samples", "a_folder")])
+def test_evaluate_cli_refuses_an_unwritable_output_before_scoring(flag, where, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.png").mkdir()
+    out = {"under_a_file": tmp_path / "afile" / "r.png", "a_folder": tmp_path / "adir.png"}[where]
+    _no_scoring(monkeypatch)
+    assert evaluate_main(["--val-length", "2", "--method", "composite", "--no-progress", flag, str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{flag} {out}" in err
+    assert ("afile is a file, not a folder" if where == "under_a_file" else "is a folder") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "afile"]   # nothing left behind
+
+
+def test_evaluate_cli_reports_a_folder_it_cannot_create(tmp_path, monkeypatch, capsys):
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    _no_scoring(monkeypatch)
+    out = tmp_path / "new" / "r.json"
+    assert evaluate_main(["--val-length", "2", "--method", "composite", "--no-progress", "--json", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert f"--json {out} cannot be written: cannot create folder {out.parent} (Permission denied)" in err
+
+
+def test_evaluate_cli_writes_json_atomically_and_keeps_the_table_if_the_sheet_fails(tmp_path, monkeypatch, capsys):
+    out, sheet = tmp_path / "res" / "r.json", tmp_path / "s.png"
+    out.parent.mkdir()
+    out.write_text("previous")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("regharm_ext.samples.save_sheet", disk_full)
+    rc = evaluate_main(["--val-length", "2", "--size", "32", "--method", "composite", "--no-progress",
+                        "--json", str(out), "--samples", str(sheet), "--samples-count", "1"])
+    cap = capsys.readouterr()
+    assert rc == 2 and "| All | 2 | PSNR ↑ |" in cap.out
+    assert f"error: --samples {sheet} cannot be written: No space left on device" in cap.err
+    assert json.loads(out.read_text())["subsets"]["All"]["n"] == 2
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]   # no temporary file left
+
+
+def test_evaluate_cli_subset_selection(tmp_path, capsys):
+    """A repeated name counts once; a named subset whose list names nothing is noted, not dropped
+    in silence; requested subsets that are all absent are named with the ones present."""
+    root = export_tree(tmp_path / "ihd", subsets=("HCOCO", "HFlickr"), n=2, n_train=0, size=32)
+    (root / "HFlickr" / "HFlickr_test.txt").write_text("")
+    out = tmp_path / "r.json"
+    assert evaluate_main(["--data-root", str(root), "--subsets", "HCOCO", "HFlickr", "HCOCO", "--size", "32",
+                          "--method", "composite", "--no-progress", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: no test images listed for HFlickr in {root / 'HFlickr' / 'HFlickr_test.txt'}; skipped" in err
+    assert {s: v["n"] for s, v in json.loads(out.read_text())["subsets"].items()} == {"HCOCO": 2, "All": 2}
+    assert evaluate_main(["--data-root", str(root), "--subsets", "HAdobe5k", "Hday2night",
+                          "--method", "composite", "--no-progress"]) == 2
+    err = _one_error_line(capsys)
+    assert "none of the subsets named (HAdobe5k, Hday2night)" in err and "present there: HCOCO, HFlickr" in err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--subsets", "HCOCO"], "--subsets needs --data-root"),
+    (["--data-root", "ihd", "--val-length", "3"], "--val-length sizes the embedded validation split"),
+    (["--peak", "0"], "--peak must be 'target' or a positive number"),
+    (["--peak", "nan"], "--peak must be 'target' or a positive number"),
+    (["--peak", "-255"], "--peak must be 'target' or a positive number"),
+    (["--peak", "inf"], "--peak must be 'target' or a positive number"),
+])
+def test_evaluate_cli_refuses_flags_that_do_not_apply_or_make_no_sense(args, words, monkeypatch, capsys):
+    _no_scoring(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--method", "composite", "--no-progress"] + args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {words}" in err and err.count("error:") == 1

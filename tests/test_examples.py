@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "regharm_ext" / "data" / "photos"
@@ -55,3 +55,31 @@ def test_harmonize_image_example(tmp_path):
     err_comp = ((comp[fg].astype(float) - real[fg]) ** 2).mean()
     err_out = ((result[fg].astype(float) - real[fg]) ** 2).mean()
     assert err_out < 0.8 * err_comp, (err_out, err_comp)
+
+
+def test_harmonize_image_example_reads_files_like_the_cli(tmp_path):
+    """An EXIF-rotated photo with a 0/1 label mask drawn on it as shown, written to a folder that
+    does not exist yet: handled as `harmonize` handles them; an empty mask is refused in one line."""
+    photo = sorted(PHOTOS.glob("*.jpg"))[0]
+    image = Image.open(photo).convert("RGB").resize((96, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # shown rotated: 64 wide, 96 high
+    comp_path = tmp_path / "rotated.jpg"
+    image.save(comp_path, quality=95, exif=exif)
+    labels = np.zeros((96, 64), np.uint8)
+    labels[20:70, 10:50] = 1
+    mask_path, out_path = tmp_path / "labels.png", tmp_path / "new" / "out.png"
+    Image.fromarray(labels).save(mask_path)
+
+    assert "model ->" in _run("python/harmonize_image.py", comp_path, mask_path, out_path)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(comp_path)).convert("RGB"))
+    result = np.asarray(Image.open(out_path))
+    assert result.shape == shown.shape
+    assert np.array_equal(result[labels == 0], shown[labels == 0])
+    assert (result[labels == 1] != shown[labels == 1]).any()   # the label-1 pixels were corrected
+
+    Image.fromarray(np.zeros_like(labels)).save(mask_path)
+    proc = subprocess.run([sys.executable, "python/harmonize_image.py", str(comp_path), str(mask_path),
+                           str(tmp_path / "empty.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ") and "is empty" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "empty.png").exists()

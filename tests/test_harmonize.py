@@ -116,3 +116,132 @@ def test_folder_mode(tmp_path, capsys, monkeypatch):
     assert rc == 1 and "lonely" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "b.png"]
     assert Image.open(dst / "b.png").size == (64, 96) and Image.open(maps / "a.png").size == (100, 70)
+
+
+# --------------------------------------------------------------------------- output paths
+def _tiny(monkeypatch, calls=None):
+    def load(ck, dev):
+        if calls is not None:
+            calls.append(1)
+        return tiny_harmonizer(input_size=64, head_std=0.05)
+    monkeypatch.setattr(hz, "_load_model", load)
+
+
+@pytest.mark.parametrize("explain, expect", [
+    ("o.xyz", "cannot tell the image format of --explain"),
+    ("afile/map.png", "afile is a file, not a folder"),
+    ("afile/sub/map.png", "so folder"),
+    ("o.png", "the map would overwrite"),
+    ("o.h5", "cannot write --explain"),
+    ("o.xbm", "cannot write --explain"),
+])
+def test_a_bad_explain_path_writes_no_result(explain, expect, tmp_path, capsys, monkeypatch):
+    image, mask = _pair(tmp_path, (64, 48))
+    (tmp_path / "afile").write_text("a plain file")
+    calls = []
+    _tiny(monkeypatch, calls)
+    rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
+                         "--explain", tmp_path / explain], capsys)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists() and not calls, "checked before any work"
+
+
+def test_folder_mode_checks_the_output_folders_first(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    _pair(src, (64, 48), "t")
+    (tmp_path / "afile").write_text("a plain file")
+    _tiny(monkeypatch)
+    rc, err = _run_main(["--input-dir", src, "--out-dir", tmp_path / "out", "--explain-dir",
+                         tmp_path / "afile"], capsys)
+    assert rc == 2 and "--explain-dir" in err and "is a file, not a folder" in err, err
+    assert not (tmp_path / "out").exists()
+    rc, err = _run_main(["--input-dir", src, "--out-dir", tmp_path / "out", "--explain-dir",
+                         tmp_path / "out"], capsys)
+    assert rc == 2 and "--explain-dir" in err and "is the --out-dir" in err, err
+    rc, err = _run_main(["--input-dir", tmp_path / "afile", "--out-dir", tmp_path / "out"], capsys)
+    assert rc == 2 and "is a file, not a folder" in err, err
+
+
+def test_outputs_get_the_usual_permissions(tmp_path, capsys, monkeypatch):
+    image, mask = _pair(tmp_path, (64, 48))
+    _tiny(monkeypatch)
+    old = os.umask(0o027)
+    try:
+        rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
+                             "--explain", tmp_path / "m.png"], capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    for name in ("o.png", "m.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~0o027, name
+
+
+def _folder(tmp_path, *names):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = Image.new("RGB", (64, 48), (120, 90, 60))
+    mask = Image.new("L", (64, 48), 0)
+    ImageDraw.Draw(mask).rectangle((10, 10, 40, 30), fill=255)
+    for n in names:
+        (mask if Path(n).stem.endswith("_mask") else img).save(src / n)
+    return src
+
+
+@pytest.mark.parametrize("names, expect", [
+    (["a.jpg", "a.png", "a_mask.png"], "{src}/a.jpg and {src}/a.png would both be written as a.png"),
+    (["d.jpg", "d_mask.jpg", "d_mask.png"], "{src}/d_mask.jpg and {src}/d_mask.png are masks for the same image d"),
+])
+def test_folder_mode_refuses_clashing_names_up_front(names, expect, tmp_path, capsys, monkeypatch):
+    src = _folder(tmp_path, *names)
+    _tiny(monkeypatch)
+    rc, err = _run_main(["--input-dir", src, "--out-dir", tmp_path / "out"], capsys)
+    assert rc == 2 and expect.format(src=src) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_mode_never_overwrites_an_input(tmp_path, capsys, monkeypatch):
+    src = _folder(tmp_path, "a.png", "a_mask.png", "b.jpg", "b_mask.png")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    _tiny(monkeypatch)
+    rc, err = _run_main(["--input-dir", src, "--out-dir", src], capsys)
+    assert rc == 2 and f"{src}/a.png would overwrite the input {src}/a.png" in err, err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_folder_mode_reads_gifs_and_notes_orphan_masks(tmp_path, capsys, monkeypatch):
+    src = _folder(tmp_path, "g.gif", "g_mask.png", "x_mask.png")
+    _tiny(monkeypatch)
+    rc, err = _run_main(["--input-dir", src, "--out-dir", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert err.strip() == f"note: skipping {src}/x_mask.png: no image x.<ext> beside it"
+    assert Image.open(tmp_path / "out" / "g.png").size == (64, 48)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "0.5"])
+def test_max_pixels_must_be_a_finite_count(value, tmp_path, capsys):
+    image, mask = _pair(tmp_path, (64, 48))
+    with pytest.raises(SystemExit) as exc:
+        hz.main(["--image", str(image), "--mask", str(mask), "--out", str(tmp_path / "o.png"),
+                 "--max-pixels", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--max-pixels must be a finite number" in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_small_pixel_limits_print_significant_digits(tmp_path):
+    image, mask = _pair(tmp_path, (64, 48))
+    with pytest.raises(hz.InputError, match=r"= 0\.00307 megapixels, above the limit of 0\.003 megapixels"):
+        hz.load_pair(image, mask, max_pixels=3000)
+
+
+def test_an_empty_looking_16bit_tiff_mask_says_why(tmp_path):
+    """A mode I TIFF holding 0/255 (as some tools write label masks) scales to 0/1 like 16-bit."""
+    image, mask = _pair(tmp_path, (64, 48))
+    m = (np.asarray(Image.open(mask)) > 0).astype(np.int32) * 255
+    tif = tmp_path / "m.tif"
+    Image.fromarray(m).save(tif)
+    assert Image.open(tif).mode == "I"
+    with pytest.raises(hz.InputError, match=r"is empty: .* 16-bit .* largest, 255, .* 8 bits per pixel, "
+                                            r"or scale it to 0\.\.65535"):
+        hz.load_pair(image, tif)

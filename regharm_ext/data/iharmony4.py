@@ -68,6 +68,12 @@ def _read(path: Path, what: str, origin: str, max_pixels: int) -> np.ndarray:
         raise DataError(f"{e} (listed in {origin})") from None
 
 
+def _list_line(line: str) -> str:
+    """A list line as a POSIX relative path: lists written on Windows use backslashes, which
+    would hide the ``<Subset>/`` prefix and the file name on other systems."""
+    return line.strip().replace("\\", "/")
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     a = a.astype(np.float32) / 255.0
     return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
@@ -79,9 +85,10 @@ class IHarmony4(Dataset):
     Args:
         root: the folder holding ``IHD_*.txt`` and the subset folders.
         split: "train" or "test".
-        subsets: names to load (default: all present, see :func:`find_subsets`). A named subset
-            missing from ``root`` is an error unless ``skip_missing``; skipped names are kept in
-            ``self.skipped``.
+        subsets: names to load (default: all present, see :func:`find_subsets`); a name given
+            twice is loaded once. A named subset missing from ``root`` is an error unless
+            ``skip_missing``; skipped names are kept in ``self.skipped``. Subsets whose list
+            names no composite are kept in ``self.unlisted`` as (name, list file).
         size: output side S.
         augment: random resized crop + horizontal flip (training); otherwise the evaluation resize.
         check_files: verify at construction that every listed composite, mask and real image
@@ -108,29 +115,39 @@ class IHarmony4(Dataset):
         self.max_pixels = int(max_pixels)
         if not self.root.is_dir():
             raise DataError(f"dataset root {self.root} does not exist or is not a folder")
-        present = find_subsets(self.root)
         self.skipped: List[str] = []
+        self.subsets = self._wanted(subsets, skip_missing)
+        # (subset, composite name, "list file:line" that named it)
+        self.items: List[Tuple[str, str, str]] = []
+        self.unlisted: List[Tuple[str, Path]] = []
+        for s in self.subsets:
+            src, items = self._list(s)
+            self.items += items
+            if not items:
+                self.unlisted.append((s, src))
+        if check_files:
+            self._check_files()
+
+    def _wanted(self, subsets: Optional[Sequence[str]], skip_missing: bool) -> List[str]:
+        present = find_subsets(self.root)
         if subsets is None:
             wanted = present
         else:
             wanted = []
-            for s in subsets:
+            for s in dict.fromkeys(subsets):  # a repeated name would count its images twice
                 if s in present:
                     wanted.append(s)
                 elif skip_missing:
                     self.skipped.append(s)
                 else:
                     raise DataError(f"subset {s} not found: {self.root / s / 'composite_images'} is missing")
-        if not wanted:
-            raise DataError(f"no iHarmony4 subset found under {self.root} "
-                            f"(expected folders like {', '.join(SUBSETS)} with composite_images/)")
-        self.subsets = wanted
-        # (subset, composite name, "list file:line" that named it)
-        self.items: List[Tuple[str, str, str]] = []
-        for s in wanted:
-            self.items += self._list(s)
-        if check_files:
-            self._check_files()
+        if wanted:
+            return wanted
+        if subsets and present:
+            raise DataError(f"none of the subsets named ({', '.join(self.skipped)}) is under {self.root}; "
+                            f"present there: {', '.join(present)}")
+        raise DataError(f"no iHarmony4 subset found under {self.root} "
+                        f"(expected folders like {', '.join(SUBSETS)} with composite_images/)")
 
     def _check_files(self) -> None:
         missing = []
@@ -142,7 +159,8 @@ class IHarmony4(Dataset):
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise DataError(f"{len(missing)} listed file(s) missing: {missing[0]}{more}")
 
-    def _list(self, subset: str) -> List[Tuple[str, str, str]]:
+    def _list(self, subset: str) -> Tuple[Path, List[Tuple[str, str, str]]]:
+        """(the list file read, its items of ``subset``)."""
         own = self.root / subset / f"{subset}_{self.split}.txt"
         ihd = self.root / f"IHD_{self.split}.txt"
         if own.is_file():
@@ -152,12 +170,13 @@ class IHarmony4(Dataset):
         else:
             raise DataError(f"missing list {own} (and no {ihd} to fall back on)")
         try:
-            lines = src.read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a byte-order mark (Notepad's UTF-8) would stick to the first name
+            lines = src.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read list {src}: {e}") from None
         out = []
         for no, line in enumerate(lines, 1):
-            line = line.strip()
+            line = _list_line(line)
             if not line or (keep and not line.startswith(keep)):
                 continue
             name = Path(line).name
@@ -167,7 +186,7 @@ class IHarmony4(Dataset):
             except ValueError as e:
                 raise DataError(f"{e} (line {origin})") from None
             out.append((subset, name, origin))
-        return out
+        return src, out
 
     def __len__(self) -> int:
         return len(self.items)

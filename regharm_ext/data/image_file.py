@@ -60,7 +60,7 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
             img = Image.open(path)
     except Image.DecompressionBombError:
         raise ImageFileError(f"{what} {path} is too large: above the limit of "
-                             f"{limit / 1e6:.1f} megapixels") from None
+                             f"{_megapixels(limit)} megapixels") from None
     except UnidentifiedImageError:
         raise ImageFileError(f"cannot read {what} {path}: not an image file that Pillow can read") from None
     except OSError as exc:
@@ -70,12 +70,17 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
     w, h = img.size
     if w * h > limit:
         img.close()
-        raise ImageFileError(f"{what} {path} is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit "
-                             f"of {limit / 1e6:.1f} megapixels")
+        raise ImageFileError(f"{what} {path} is {w}x{h} = {_megapixels(w * h)} megapixels, above the "
+                             f"limit of {_megapixels(limit)} megapixels")
     if w == 0 or h == 0:
         img.close()
         raise ImageFileError(f"{what} {path} has no pixels ({w}x{h})")
     return img
+
+
+def _megapixels(pixels: float) -> str:
+    # 3 significant digits: a small --max-pixels (5000) must not read as "0.0 megapixels"
+    return f"{pixels / 1e6:.3g}"
 
 
 def _reason(exc: BaseException) -> str:
@@ -172,6 +177,20 @@ def read_mask(path, what: str = "mask", max_pixels: Optional[int] = None) -> np.
         raise ImageFileError(f"{what} {path} is a colour image; expected a grayscale mask "
                              f"(white = foreground, black = background)")
     return _label_map(np.array(img.convert("L")))
+
+
+def sixteen_bit_peak(path, what: str = "mask", max_pixels: Optional[int] = None) -> Optional[int]:
+    """The largest stored value of a 16-bit (or 32-bit integer) grayscale file, None for other
+    files: explains a mask whose 0/255 values became 0/1 in the 16-bit scaling above."""
+    path = Path(path)
+    with _open(path, what, max_pixels) as img:
+        if img.mode not in _SIXTEEN_BIT:
+            return None
+    img = _decode(path, what, max_pixels)
+    try:
+        return int(np.asarray(img).max(initial=0))
+    finally:
+        img.close()
 
 
 def _label_map(m: np.ndarray) -> np.ndarray:
