@@ -26,6 +26,10 @@ PATCH_CASES = {  # name: make_patch_inputs kwargs
     "no_background": dict(B=2, C=2, H=12, W=12, patch=(4, 4), stride=(2, 2), bg_kind="none"),
     "no_foreground": dict(B=2, C=2, H=12, W=12, patch=(4, 4), stride=(2, 2), bg_kind="all"),
     "wide_patch": dict(B=1, C=5, H=20, W=40, patch=(9, 17), stride=(4, 5), offset=3.0),
+    # the CPU kernel sweeps channels in blocks of vectors: 41 = 32 + 8 + 1 (AVX2), 16 + 16 + 4 +
+    # 4 + 1 (the baseline's 4 lanes)
+    "channel_blocks": dict(B=2, C=41, H=21, W=19, patch=(5, 6), stride=(2, 3), offset=100.0),
+    "channels_8": dict(B=2, C=8, H=24, W=24, patch=(8, 8), stride=(4, 4), bg_kind="binary"),
 }
 
 
@@ -75,6 +79,27 @@ def _attention(backend, inputs, dtype=None, no_mask=False):
     g = torch.Generator().manual_seed(2)
     (out.float() * torch.randn(out.shape, generator=g)).sum().backward()
     return out, (q.grad, k.grad, v.grad)
+
+
+@needs_native
+def test_patch_stats_any_layout_of_x():
+    """The CPU kernel reads x channels-last: an NCHW x (copied) or a strided view gives the same
+    bits as a channels-last one, forward and backward. The backward op returns a contiguous grad x
+    whatever x's layout, as its fake kernel says."""
+    x, bg, w, b = make_patch_inputs(B=2, C=13, H=21, W=19, patch=(5, 6), stride=(2, 3))
+    wide = torch.randn(2, 26, 21, 19)
+    wide[:, ::2] = x
+    views = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+             "strided": wide[:, ::2]}
+    got = {name: _patch("native", (v, bg, w, b), (5, 6), (2, 3)) for name, v in views.items()}
+    for name, (outs, grads) in got.items():
+        for a, e in zip([*outs, *grads], [*got["contiguous"][0], *got["contiguous"][1]]):
+            assert torch.equal(a, e), name
+    args = (5, 6, 2, 3, 1e-5, 0.5)
+    mu, sigma, content, mass = ops.patch_stats(views["channels_last"], bg, w, b, *args)
+    gx = ops.patch_stats_backward(mu, sigma, content, views["channels_last"], bg, w, mu, sigma,
+                                  mass, *args)[0]
+    assert gx.is_contiguous()
 
 
 @needs_native
@@ -399,6 +424,6 @@ def test_baseline_isa_copy_matches_reference():
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          os.path.join(tests, "test_native.py"),
-         "-k", "matches_reference and float32 and (odd or tiles or offset100)"],
+         "-k", "matches_reference and float32 and (odd or tiles or offset100 or channel)"],
         capture_output=True, text=True, env=dict(os.environ, REGHARM_CPU_BASELINE="1"), cwd=tests)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

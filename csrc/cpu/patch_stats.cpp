@@ -1,16 +1,16 @@
 // CPU kernels of regharm::patch_stats and regharm::patch_stats_backward (SPEC §2).
 //
 // Every output is a sum over one patch window read straight from x: the B·K·C·ph·pw block
-// tensor never exists. A window is summed twice while it sits in L1 — once for the mean, once
-// for the centred moments — so the variance needs no shift and stays exact for inputs offset
-// by +100. Sums over a window's rows go into per-column accumulators first: the inner loops then
-// vectorize without reassociating float additions.
+// tensor never exists. x is taken channels-last (the model's CPU layout; an NCHW x is copied),
+// so the window sweeps of patch_kernels.h run across channels in vectors.
 //
 // T is the accumulation type: float for float32/float16/bfloat16 inputs (converted once at
 // entry), double for float64.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -30,13 +30,39 @@ Geom geom_of(const PatchDims& d, int64_t ph, int64_t pw, int64_t sh, int64_t sw)
   return Geom{d.B, d.C, d.H, d.W, ph, pw, sh, sw, d.Kh, d.Kw, d.Kh * d.Kw, ph * pw};
 }
 
+// x channels-last: pixel (h, w) of image b at p + b·sB + h·sH + w·sW, its C channels contiguous.
+template <typename T>
+struct XView {
+  const T* p;
+  int64_t C, sB, sH, sW;
+  const T* at(int64_t b, int64_t h, int64_t w) const { return p + b * sB + h * sH + w * sW; }
+};
+
+// x in the accumulation dtype, channels-last (no copy when it already is both), and its view.
+at::Tensor to_acc_channels_last(const at::Tensor& x, at::ScalarType acc) {
+  return x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+template <typename T>
+XView<T> x_view(const at::Tensor& xa) {
+  TORCH_INTERNAL_ASSERT(xa.size(1) == 1 || xa.stride(1) == 1,
+                        "patch_stats: x is not channels-last");
+  return XView<T>{xa.data_ptr<T>(), xa.size(1), xa.stride(0), xa.stride(2), xa.stride(3)};
+}
+
 namespace isa_base {
+#define REGHARM_VEC_BYTES 16
+#include "simd.h"
 #include "patch_kernels.h"
+#undef REGHARM_VEC_BYTES
 }  // namespace isa_base
 #if REGHARM_HAVE_AVX2_COPY
 REGHARM_AVX2_BEGIN
 namespace isa_avx2 {
+#define REGHARM_VEC_BYTES 32
+#include "simd.h"
 #include "patch_kernels.h"
+#undef REGHARM_VEC_BYTES
 }  // namespace isa_avx2
 REGHARM_AVX2_END
 #endif
@@ -48,14 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_stats_cpu(
       check_patch_args(OnCpu{kOp}, x, bg, weight, &bias, ph, pw, sh, sw, eps, min_mass, kOp), ph,
       pw, sh, sw);
   const auto acc = acc_dtype(x);
-  const auto xa = to_acc(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
+  const auto xa = to_acc_channels_last(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
   const auto ba = to_acc(bias, acc);
-  const auto opts = xa.options();
+  const auto opts = bga.options();
   auto mu = at::empty({g.B, g.K, g.C}, opts), sigma = at::empty({g.B, g.K, g.C}, opts);
   auto content = at::empty({g.B, g.K, g.C}, opts), mass = at::empty({g.B, g.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "patch_stats_cpu", [&] {
     using T = scalar_t;
-    const T* px = xa.data_ptr<T>();
+    const XView<T> px = x_view<T>(xa);
     const T* pbg = bga.data_ptr<T>();
     const T* pwt = wa.data_ptr<T>();
     const T bias_v = ba.data_ptr<T>()[0];
@@ -85,31 +111,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_stats_backward_cpu(
   const Geom g = geom_of(d, ph, pw, sh, sw);
 
   const auto acc = acc_dtype(x);
-  const auto xa = to_acc(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
+  const auto xa = to_acc_channels_last(x, acc), bga = to_acc(bg, acc), wa = to_acc(weight, acc);
   const auto gmu = to_acc(grad_mu, acc), gsig = to_acc(grad_sigma, acc);
   const auto gcon = to_acc(grad_content, acc);
-  const auto opts = xa.options();
+  const auto opts = bga.options();
   const auto shift = g.H * g.W > 0 ? xa.mean({2, 3}).contiguous() : at::zeros({g.B, g.C}, opts);
-  auto alpha = at::zeros({g.B, g.C, g.K}, opts), beta = at::zeros({g.B, g.C, g.K}, opts);
-  auto gamma = at::zeros({g.B, g.C, g.K}, opts);
+  auto alpha = at::zeros({g.B, g.K, g.C}, opts), beta = at::zeros({g.B, g.K, g.C}, opts);
+  auto gamma = at::zeros({g.B, g.K, g.C}, opts);
+  auto live = at::zeros({g.B * g.K}, opts.dtype(at::kByte));
   auto gw_rows = at::zeros({g.B * g.Kh, g.P}, opts), gb_rows = at::zeros({g.B * g.Kh}, opts);
   auto grad_x = at::empty({g.B, g.C, g.H, g.W}, opts);
   auto grad_w = at::zeros({g.P}, opts), grad_b = at::zeros({1}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "patch_stats_backward_cpu", [&] {
     using T = scalar_t;
-    const T* px = xa.data_ptr<T>();
+    const XView<T> px = x_view<T>(xa);
     const T* pbg = bga.data_ptr<T>();
     const T* pwt = wa.data_ptr<T>();
+    uint8_t* plive = live.data_ptr<uint8_t>();
     const T* psh = shift.data_ptr<T>();
     T *pa = alpha.data_ptr<T>(), *pb = beta.data_ptr<T>(), *pg = gamma.data_ptr<T>();
     at::parallel_for(0, g.B * g.Kh, 1, [&](int64_t begin, int64_t end) {
       REGHARM_ISA_CALL(backward_coefficients<T>, g, px, pbg, pwt, psh, gmu.data_ptr<T>(),
                        gsig.data_ptr<T>(), gcon.data_ptr<T>(), static_cast<T>(eps),
-                       static_cast<T>(min_mass), pa, pb, pg, gw_rows.data_ptr<T>(),
+                       static_cast<T>(min_mass), pa, pb, pg, plive, gw_rows.data_ptr<T>(),
                        gb_rows.data_ptr<T>(), begin, end);
     });
-    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-      REGHARM_ISA_CALL(backward_gather<T>, g, px, pbg, pwt, psh, pa, pb, pg,
+    at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+      REGHARM_ISA_CALL(backward_gather<T>, g, px, pbg, pwt, psh, pa, pb, pg, plive,
                        grad_x.data_ptr<T>(), begin, end);
     });
     // fixed-order reduction of the per-row partial sums: deterministic for any thread count
