@@ -40,7 +40,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -51,12 +53,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
+from .backends import NAMES as BACKENDS, BackendUnavailable, unavailable_reason
 from .checkpoint import (CheckpointError, clean_partial, has_checkpoint, load_checkpoint, load_weights,
                          resolve_checkpoint, save_checkpoint, write_json, write_text)
 from .cpu_cores import CoreMeter, allowed_cores, idle_cores, threads_for
 from .errors import one_line
 from .losses import fmse_loss
-from .model import Harmonizer, memory_format_for
+from .model import Harmonizer, memory_format_for, parse_variant
 
 
 @dataclass
@@ -134,20 +137,111 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     return _make(values)
 
 
+class ConfigError(ValueError):
+    """A setting, or the run directory, that the run cannot use; the CLI prints it on one line
+    (``error: ...``) and exits with status 2."""
+
+
 def _make(values: Dict[str, Any]) -> TrainConfig:
+    """A checked config: a bad value fails here, before the run writes anything."""
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config fields {unknown}")
+        raise ConfigError(f"unknown config fields {unknown}")
     cfg = TrainConfig(**values)
     for f in ("ltl_levels", "lr_milestones", "subsets"):
         v = getattr(cfg, f)
-        if v is not None:
+        if isinstance(v, (list, tuple)):
             setattr(cfg, f, tuple(v))
-    if cfg.amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
-    memory_format_for(cfg.memory_format, "cpu")   # its error names the choices
+    _check_types(cfg)
+    _check_values(cfg)
     return cfg
+
+
+def _type_ok(annotation: str, v: Any) -> bool:
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    checks = {
+        "int": lambda: number and isinstance(v, int),
+        "float": lambda: number and math.isfinite(v),
+        "bool": lambda: isinstance(v, bool),
+        "str": lambda: isinstance(v, str),
+        "Optional[str]": lambda: v is None or isinstance(v, str),
+        "Tuple[int, ...]": lambda: isinstance(v, tuple) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v),
+        "Optional[Tuple[str, ...]]": lambda: v is None or (isinstance(v, tuple) and all(isinstance(x, str) for x in v)),
+    }
+    return checks[annotation]()
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    # a hand-edited config.json can hold any JSON value; the run would fail deep inside with it
+    for f in fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if not _type_ok(str(f.type), v):
+            raise ConfigError(f"{f.name} must be {'a finite ' if f.type == 'float' else 'of type '}"
+                              f"{f.type}, got {v!r}")
+
+
+# (field, test, what it must be)
+_RANGES = [
+    ("width", lambda v: v > 0, "> 0"), ("base_channels", lambda v: v >= 1, ">= 1"),
+    ("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("lr", lambda v: v > 0, "> 0"), ("lr_gamma", lambda v: v > 0, "> 0"),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("a_min", lambda v: v >= 0, ">= 0"), ("images_per_epoch", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("val_images", lambda v: v >= 0, ">= 0 (0 = all)"), ("threads", lambda v: v >= 0, ">= 0 (0 = auto)"),
+    ("num_workers", lambda v: v >= -1, ">= -1 (-1 = auto)"), ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("max_steps", lambda v: v >= 0, ">= 0 (0 = no limit)"), ("max_minutes", lambda v: v >= 0, ">= 0 (0 = none)"),
+    ("val_every", lambda v: v >= 0, ">= 0 (0 = never)"), ("val_subset", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("keep_checkpoints", lambda v: v >= 1, ">= 1"), ("inject_nan_step", lambda v: v >= 0, ">= 0"),
+]
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    for name, ok, must in _RANGES:
+        if not ok(getattr(cfg, name)):
+            raise ConfigError(f"{name} must be {must}, got {getattr(cfg, name)!r}")
+    if cfg.data not in ("synth", "iharmony4"):
+        raise ConfigError(f"data must be 'synth' or 'iharmony4', got {cfg.data!r}")
+    if cfg.amp not in AMP_MODES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)} "
+                          f"(none = the fastest available)")
+    _device_type(cfg.device)
+    try:   # the messages name the field and its choices
+        memory_format_for(cfg.memory_format, "cpu")
+        parse_variant(cfg.variant)
+        with torch.device("meta"):   # the model's own checks (ltl_levels, input_size, ...), no memory
+            build_model(cfg)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(one_line(exc)) from exc
+
+
+def _device_type(device: str) -> str:
+    """"cpu" or "cuda" for a ``device`` setting ("auto", "cpu", "cuda", "cuda:N")."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return kind
+
+
+def _check_runnable(cfg: TrainConfig) -> None:
+    """What this machine must offer the config: checked before anything is written."""
+    kind = _device_type(cfg.device)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: PyTorch sees no CUDA GPU here; use --device cpu (or auto)")
+    if cfg.backend is not None:
+        reason = unavailable_reason(cfg.backend, kind)
+        if reason is not None:
+            raise ConfigError(f"--backend {cfg.backend} cannot run on {kind}: {reason}")
 
 
 # --------------------------------------------------------------------------- data
@@ -162,7 +256,7 @@ def _datasets(cfg: TrainConfig):
         return train, val
     if cfg.data == "iharmony4":
         if not cfg.data_root:
-            raise SystemExit("the iharmony4 data (preset 'paper') needs --data-root DIR pointing at iHarmony4 "
+            raise ConfigError("the iharmony4 data (preset 'paper') needs --data-root DIR pointing at iHarmony4 "
                              "(or use --preset demo for the embedded synthetic data)")
         from .data.iharmony4 import IHarmony4
 
@@ -215,7 +309,7 @@ def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1
     which takes all cores whatever the load: a thread count that changes between runs changes
     float reductions)."""
     if cfg.threads > 0:
-        n, meter = cfg.threads, None
+        n, meter = _capped_threads(cfg.threads), None
     elif device.type == "cpu":
         if cfg.deterministic:
             n, meter = max(1, len(allowed_cores()) // max(1, per_node)), None
@@ -229,6 +323,16 @@ def _set_threads(cfg: TrainConfig, device: torch.device, per_node: int = 1
         return torch.get_num_threads(), None
     torch.set_num_threads(n)
     return n, meter
+
+
+def _capped_threads(asked: int) -> int:
+    """--threads N above the usable cores only slows every step (threads contend): the core count."""
+    cores = len(allowed_cores())
+    if cores and asked > cores:
+        print(f"warning: --threads {asked} is more than the {cores} usable cores; using {cores}",
+              file=sys.stderr, flush=True)
+        return cores
+    return asked
 
 
 def _retune_threads(meter: Optional[CoreMeter]) -> Optional[str]:
@@ -404,6 +508,83 @@ def _quick_val(model, val, cfg: TrainConfig, device: torch.device) -> float:
     return float(res["subsets"]["All"]["fmse"])
 
 
+class _StopRequest:
+    """Ctrl-C (SIGINT) while training: the first asks the loop to stop at the next step boundary,
+    where a checkpoint is exact (a KeyboardInterrupt inside a step would leave BatchNorm statistics
+    or Adam moments with part of that step); a second one interrupts at once."""
+
+    def __init__(self, main: bool):
+        self.main, self.requested, self.installed, self.previous = main, False, False, None
+
+    def install(self) -> None:
+        # Python lets only the main thread set handlers; elsewhere Ctrl-C stays a KeyboardInterrupt
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.main:   # os.write: print could be the very call this handler interrupted
+            os.write(2, b"\nCtrl-C: stopping after this step (press again to stop at once, without saving it)\n")
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+            self.installed = False
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers: Ctrl-C reaches the whole process group; the workers keep serving the
+    step that the main process finishes before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _save_if_new(checkpoint, saved_step: List[int], state: Dict) -> None:
+    # a stop right after an epoch's checkpoint would write the same step again
+    if saved_step[0] != state["step"]:
+        checkpoint()
+
+
+def _continue_finished(cfg: TrainConfig, state: Dict) -> None:
+    """``--resume --epochs N`` on a run that finished after fewer epochs trains on up to N. A run
+    that ended on its time budget stays finished: its clock (kept in the state) has run out."""
+    if state.get("finished") and not state.get("time_budget") and cfg.epochs > state["epoch"]:
+        state["finished"] = False
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir}: cannot write the run directory there "
+                          f"({exc.strerror or exc}); choose another --out") from None
+
+
+@contextlib.contextmanager
+def _setup_errors():
+    """A run's set-up (model, optimizer, data) failing on a setting: a ConfigError, one line in the
+    CLI. Errors of the training loop itself stay as they are (they are bugs, not settings)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, BackendUnavailable) as exc:
+        raise ConfigError(one_line(exc)) from exc
+
+
+def _check_out(run_dir: Path) -> None:
+    """Refuses an --out that cannot become a directory (a file, a path under a file) up front."""
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == run_dir else f"is under {p}, which is"
+                raise ConfigError(f"--out {run_dir} {what} a file, not a directory; choose another --out")
+            return
+
+
 # --------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
     """Run (or resume) training in ``run_dir``; under torchrun, one rank of a data-parallel job
@@ -414,6 +595,7 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
     "interrupted" | "nan", "error": the message when stopped on a non-finite loss}``.
     """
     run_dir = Path(run_dir)
+    _check_runnable(cfg)
     d, device = distributed.setup(cfg.device)
     try:
         with _Deterministic(cfg.deterministic, device):
@@ -424,18 +606,25 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist", device: torch.device):
     if cfg.batch_size % d.world:
-        raise SystemExit(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
                          f"{d.world} processes; use a multiple of {d.world}")
     main = d.is_main
     threads, core_meter = _set_threads(cfg, device, d.local_world)
     torch.manual_seed(cfg.seed)
-    layout = memory_format_for(cfg.memory_format, device)
-    model = build_model(cfg).to(device, memory_format=layout)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    amp_dtype, scaler = _amp(cfg, device)
-    train_ds, val_ds = _datasets(cfg)
+    with _setup_errors():
+        layout = memory_format_for(cfg.memory_format, device)
+        model = build_model(cfg).to(device, memory_format=layout)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        amp_dtype, scaler = _amp(cfg, device)
+        train_ds, val_ds = _datasets(cfg)
+    n_batches = len(_epoch_batches(cfg, len(train_ds), 0))
+    if n_batches == 0:   # refused before the run directory is written
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than an epoch "
+                          f"({min(len(train_ds), cfg.images_per_epoch or len(train_ds))} images); "
+                          f"use a smaller --batch-size or more --images-per-epoch")
 
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0}
+    was_finished = False
     if resume:
         if main:
             removed = clean_partial(run_dir)
@@ -450,12 +639,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
             print(f"{run_dir} has no checkpoint yet: starting from the beginning", flush=True)
         if main:
             _trim_log(run_dir, state["step"])
+        _continue_finished(cfg, state)
+        was_finished = bool(state.get("finished"))
         if state.get("finished") and main:
             print(f"{run_dir} already finished ({state['epoch']} epochs); nothing to resume", flush=True)
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+        if not state.get("finished"):   # a finished run keeps the config it finished with
+            _write_config(cfg, run_dir)
         job = f", {d.world} processes ({d.backend})" if d.enabled else ""
         print(f"run {run_dir}: {cfg.variant}, {model.count_parameters() / 1e6:.2f} M parameters, "
               f"{cfg.input_size}², {device}, {threads} threads{job}"
@@ -467,10 +657,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
     workers = cfg.num_workers
     if workers < 0:   # on CPU the loader would compete with the training threads for the cores
         workers = 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) // d.local_world - 1))
-    n_batches = len(_epoch_batches(cfg, len(train_ds), 0))
-    if n_batches == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than an epoch "
-                         f"({cfg.images_per_epoch or len(train_ds)} images)")
     total = cfg.epochs * n_batches
     writer = _tensorboard(run_dir) if main else None
     bar = _progress(total, state["step"], main and cfg.progress and not state.get("finished"))
@@ -484,9 +670,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
         e = time.time() - start
         return distributed.from_main([e], d, device)[0] if d.enabled and cfg.max_minutes else e
 
+    saved_step = [state["step"] if resume and has_checkpoint(run_dir) else -1]
+
     def checkpoint(best=False):
         if not _finite_weights(model):
             raise NonFiniteLoss(f"the weights stopped being finite after step {state['step']}")
+        saved_step[0] = state["step"]
         if not main:
             return
         state["elapsed"] = time.time() - start
@@ -496,17 +685,27 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
         save_checkpoint(run_dir, model, opt, None, state, keep=cfg.keep_checkpoints, best=best)
 
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    ctrl_c = _StopRequest(main)
+    in_step = False   # True from a step's forward until its counters are updated
+    if cfg.max_steps and state["step"] >= cfg.max_steps and not state.get("finished"):
+        stopped = "max_steps"   # e.g. --resume --max-steps 3 at step 5: not one more step
     try:
-        while state["epoch"] < cfg.epochs and not state.get("finished"):
+        ctrl_c.install()
+        while state["epoch"] < cfg.epochs and not state.get("finished") and stopped == "done":
             epoch = state["epoch"]
             if cfg.data == "synth" and cfg.fresh_data:
                 train_ds.set_epoch(epoch)
             batches = _epoch_batches(cfg, len(train_ds), epoch)[state["batch"]:]
             loader = DataLoader(_SeededSamples(train_ds, cfg.seed, epoch),
                                 batch_sampler=distributed.shard_batches(batches, d),
-                                num_workers=workers, pin_memory=device.type == "cuda")
+                                num_workers=workers, pin_memory=device.type == "cuda",
+                                worker_init_fn=_ignore_sigint)
             net.train()
             for batch in loader:
+                if ctrl_c.requested and not d.enabled:   # (ranks decide together, below)
+                    stopped = "interrupted"
+                    break
+                in_step = True
                 now = elapsed()
                 _set_lr(opt, cfg, state, now)
                 comp, mask, real = (batch[k].to(device, non_blocking=True) for k in ("comp", "mask", "real"))
@@ -516,7 +715,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 if cfg.inject_nan_step and state["step"] + 1 == cfg.inject_nan_step:
                     loss = loss * float("nan")
                 # the global batch's loss (mean of the equal slices), checked before it can reach the weights
-                value = distributed.mean_across([float(loss.detach())], d, device)[0]
+                # with the Ctrl-C flags: every rank finishes this step and stops after it alike
+                value, stop_any = distributed.mean_across([float(loss.detach()), float(ctrl_c.requested)],
+                                                          d, device)
                 if not math.isfinite(value):
                     raise NonFiniteLoss(f"the loss became {value} at step {state['step'] + 1} (epoch {epoch + 1})")
                 opt.zero_grad(set_to_none=True)
@@ -531,18 +732,21 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 state["batch"] += 1
                 state["loss_sum"] += value
                 state["loss_count"] += 1
+                in_step = False
                 step_losses.append((state["step"], value))
                 running = value if running is None else 0.95 * running + 0.05 * value
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running:.4f}")
+                if stop_any > 0 or (ctrl_c.requested and not d.enabled):
+                    stopped = "interrupted"
+                    break
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     stopped = "max_steps"
                     break
                 if cfg.max_minutes and now > 60 * cfg.max_minutes:
                     stopped = "time"
                     break
-            if stopped == "max_steps":
-                checkpoint()
+            if stopped in ("max_steps", "interrupted"):
                 break
             # epoch end (or the time budget ran out inside it: log it as the last epoch)
             record = {"epoch": epoch + 1, "step": state["step"],
@@ -553,6 +757,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
             if stopped == "time":
                 record["stopped"] = "time budget (max_minutes)"
                 state["finished"] = True
+                state["time_budget"] = True   # --resume --epochs N cannot continue it (_continue_finished)
             elif state["epoch"] >= cfg.epochs:
                 state["finished"] = True
             best = False
@@ -577,6 +782,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
             retuned = _retune_threads(core_meter)
             if retuned and main:
                 bar.write(retuned)
+        if stopped in ("max_steps", "interrupted"):   # at a step boundary: exact for --resume
+            _save_if_new(checkpoint, saved_step, state)
     except NonFiniteLoss as exc:
         stopped = "nan"
         try:   # what --resume continues from
@@ -587,18 +794,32 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                  + (f"The last good checkpoint is {last}: fix the cause (e.g. a lower --lr, --amp bf16 "
                     f"instead of fp16) and continue with --resume" if last else "No checkpoint had been written."))
     except KeyboardInterrupt:
+        # a second Ctrl-C (or one this process could not catch): inside a step, part of it may
+        # already be in the weights, BatchNorm statistics or Adam moments, so nothing is saved
         stopped = "interrupted"
-        checkpoint()
-        if main:
-            print(f"\ninterrupted at step {state['step']}; continue with: python -m regharm_ext.train "
-                  f"--out {run_dir} --resume", file=sys.stderr, flush=True)
+        if in_step:
+            if main:
+                print(f"\ninterrupted inside step {state['step'] + 1}: not saved (a partial step would make "
+                      f"--resume inexact)", file=sys.stderr, flush=True)
+        else:
+            _save_if_new(checkpoint, saved_step, state)
     finally:
+        ctrl_c.restore()
         bar.close()
         if writer is not None:
             writer.close()
+    if stopped == "interrupted" and main:
+        try:
+            last = resolve_checkpoint(run_dir, prefer="latest").parent.name
+        except CheckpointError:
+            last = "none yet"
+        print(f"\ninterrupted at step {state['step']} (last checkpoint: {last}); continue with: "
+              f"python -m regharm_ext.train --out {run_dir} --resume", file=sys.stderr, flush=True)
 
     val = None
-    if stopped in ("done", "time") and cfg.validate and main:
+    # a finished run resumed with nothing left to train keeps its table
+    revalidate = not (was_finished and (run_dir / "val.json").is_file())
+    if stopped in ("done", "time") and cfg.validate and main and revalidate:
         # the table describes what --checkpoint RUN_DIR loads: the best checkpoint when there is one
         weights = resolve_checkpoint(run_dir)
         load_weights(model, weights)
@@ -683,11 +904,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the newest "
                                                          "runs/<preset>-*) from its latest checkpoint")
+    presets = {n: preset_config(n) for n in ("demo", "paper", "smoke")}   # checked once, not per field
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
         kw = _field_parser(f)
-        defaults = ", ".join(f"{n} {_show(getattr(preset_config(n), f.name))}" for n in ("demo", "paper", "smoke"))
+        defaults = ", ".join(f"{n} {_show(getattr(c, f.name))}" for n, c in presets.items())
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                        help=f"{HELP.get(f.name, '')} [{defaults}]".strip(), **kw)
     return p
@@ -696,22 +918,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _newest_run(preset: str) -> Path:
     runs = sorted(Path("runs").glob(f"{preset}-*"))
     if not runs:
-        raise SystemExit(f"--resume: no runs/{preset}-* directory here; pass --out RUN_DIR")
+        raise ConfigError(f"--resume: no runs/{preset}-* directory here; pass --out RUN_DIR")
     return runs[-1]
 
 
 def _resume_config(run_dir: Path, preset: Optional[str], overrides: Dict[str, Any]) -> TrainConfig:
     path = run_dir / "config.json"
     if not path.is_file():
-        raise SystemExit(f"--resume: {path} not found (is {run_dir} a run directory?)")
+        raise ConfigError(f"--resume: {path} not found (is {run_dir} a run directory?)")
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"--resume: cannot read {path}: {exc}") from None
+        raise ConfigError(f"--resume: cannot read {path}: {exc}") from None
     if not isinstance(saved, dict) or saved.get("preset") not in PRESETS:
-        raise SystemExit(f"--resume: {path} is not a run configuration (no known 'preset')")
+        raise ConfigError(f"--resume: {path} is not a run configuration (no known 'preset')")
     if preset is not None and preset != saved.get("preset"):
-        raise SystemExit(f"--resume: {run_dir} is a {saved.get('preset')!r} run, not {preset!r}")
+        raise ConfigError(f"--resume: {run_dir} is a {saved.get('preset')!r} run, not {preset!r}")
     base = preset_config(saved["preset"])
     values = dict(saved)
     for name in RUN_CONTROL - INHERITED:
@@ -719,10 +941,41 @@ def _resume_config(run_dir: Path, preset: Optional[str], overrides: Dict[str, An
     cfg = _make(values)
     for name, v in overrides.items():
         if name not in RUN_CONTROL and v != getattr(cfg, name):
-            raise SystemExit(f"--resume: cannot change {name} of an existing run "
+            raise ConfigError(f"--resume: cannot change {name} of an existing run "
                              f"({getattr(cfg, name)!r} -> {v!r}); start a new run instead")
         setattr(cfg, name, v)
     return _make(dataclasses.asdict(cfg))
+
+
+def _cli_config(args, overrides: Dict[str, Any]) -> Tuple[TrainConfig, Path]:
+    """The checked config and run directory of a command line (ConfigError when unusable)."""
+    try:
+        if args.resume:
+            run_dir = Path(args.out) if args.out else _newest_run(args.preset or "demo")
+            cfg = _resume_config(run_dir, args.preset, overrides)
+        else:
+            preset = args.preset or "demo"
+            cfg = preset_config(preset, **overrides)
+            run_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if (run_dir / "latest.json").exists():
+                raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or another --out")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:   # e.g. the model's own checks of a field
+        raise ConfigError(f"bad configuration: {one_line(exc)}") from exc
+    _refuse_ignored(cfg, overrides)
+    _check_out(run_dir)
+    return cfg, run_dir
+
+
+def _refuse_ignored(cfg: TrainConfig, overrides: Dict[str, Any]) -> None:
+    # an option that would change nothing is a mistake the user should hear about
+    if "data_root" in overrides and cfg.data_root is not None and cfg.data != "iharmony4":
+        raise ConfigError(f"--data-root is used by --data iharmony4 only; this run's data is {cfg.data!r} "
+                          f"(use --preset paper or --data iharmony4, or drop --data-root)")
+    if "ltl_levels" in overrides and parse_variant(cfg.variant)[1] is None:
+        raise ConfigError(f"--ltl-levels applies to variants with ltl or sa; {cfg.variant!r} has neither "
+                          f"(drop --ltl-levels or pick e.g. --variant rbase+ltl+ptl)")
 
 
 def main(argv=None) -> int:
@@ -733,22 +986,11 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "out", "resume")}
-    try:
-        if args.resume:
-            run_dir = Path(args.out) if args.out else _newest_run(args.preset or "demo")
-            cfg = _resume_config(run_dir, args.preset, overrides)
-        else:
-            preset = args.preset or "demo"
-            cfg = preset_config(preset, **overrides)
-            run_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-            if (run_dir / "latest.json").exists():
-                raise SystemExit(f"{run_dir} already holds a run; use --resume to continue it or another --out")
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"bad configuration: {exc}")
     t0 = time.time()
     try:
+        cfg, run_dir = _cli_config(args, overrides)
         result = train(cfg, run_dir, resume=args.resume)
-    except (DataError, ImageFileError, CheckpointError) as exc:
+    except (ConfigError, DataError, ImageFileError, CheckpointError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     if result["stopped"] == "nan":

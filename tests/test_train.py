@@ -245,12 +245,13 @@ def test_cli_overrides_table_and_resume_rules(tmp_path, capsys):
     assert trained["machine"] == "test box" and trained["config"]["variant"] == "rbase+sa"
     assert set(trained["validation"]) == {"model", "composite", "reinhard"}
 
-    with pytest.raises(SystemExit, match="cannot change variant"):
-        main(["--out", str(out), "--resume", "--variant", "rbase"])
-    with pytest.raises(SystemExit, match="already holds a run"):
-        main(["--preset", "smoke", "--out", str(out)])
-    with pytest.raises(SystemExit, match="--data-root"):
-        main(["--preset", "paper", "--out", str(tmp_path / "paper")])
+    # refusals: one line `error: ...`, exit status 2
+    for argv, expect in [(["--out", str(out), "--resume", "--variant", "rbase"], "cannot change variant"),
+                         (["--preset", "smoke", "--out", str(out)], "already holds a run"),
+                         (["--preset", "paper", "--out", str(tmp_path / "paper")], "--data-root")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
     with pytest.raises(SystemExit):
         main(["--preset", "smoke", "--no-such-field", "1"])
 

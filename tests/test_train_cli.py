@@ -1,0 +1,215 @@
+"""The training CLI's edges: Ctrl-C stops at a step boundary (the checkpoint equals an
+uninterrupted run's at that step), bad settings and run folders are refused on one line with exit
+status 2 before anything is written, and --resume with --epochs / --max-steps does what it says."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from regharm_ext import checkpoint as ck
+from regharm_ext import train as tr
+from regharm_ext.cpu_cores import allowed_cores
+
+SMOKE = ["--preset", "smoke", "--validate", "false"]
+
+
+def run(*args):
+    return tr.main([str(a) for a in args])
+
+
+def _one_error_line(capsys):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+def _interrupt_at_forward(monkeypatch, step: int, action):
+    """Calls ``action()`` inside the model's forward of training step ``step`` (a forward hook on
+    the first layer: BatchNorm statistics of that step are being updated)."""
+    calls = [0]
+    build = tr.build_model
+
+    def hooked(cfg):
+        model = build(cfg)
+
+        def pre(module, args):
+            if model.training:
+                calls[0] += 1
+                if calls[0] == step:
+                    action()
+        model.stem.register_forward_pre_hook(pre)
+        return model
+    monkeypatch.setattr(tr, "build_model", hooked)
+
+
+def _saved(run_dir):
+    cfg = tr.preset_config("smoke")
+    model = tr.build_model(cfg)
+    opt = torch.optim.Adam(model.parameters())
+    state = ck.load_checkpoint(run_dir, model, opt)
+    return state, model.state_dict(), opt.state_dict()["state"]
+
+
+def _assert_same(a, b):
+    (sa, ma, oa), (sb, mb, ob) = a, b
+    assert sa["step"] == sb["step"]
+    assert ma.keys() == mb.keys()
+    for k in ma:   # weights and BatchNorm buffers (running stats, num_batches_tracked)
+        assert torch.equal(ma[k], mb[k]), k
+    assert oa.keys() == ob.keys()
+    for i in oa:   # Adam: step count and both moments
+        for k in oa[i]:
+            assert torch.equal(torch.as_tensor(oa[i][k]), torch.as_tensor(ob[i][k])), (i, k)
+
+
+def test_ctrl_c_mid_forward_saves_the_step_boundary(tmp_path, monkeypatch, capsys):
+    """SIGINT inside step 4's forward: step 4 completes, the run stops there (exit 1) and its
+    checkpoint equals an uninterrupted run's at step 4; the handler is put back afterwards."""
+    cfg = dict(validate=False, epochs=3, deterministic=True)
+    tr.train(tr.preset_config("smoke", max_steps=4, **cfg), tmp_path / "ref")
+    before = signal.getsignal(signal.SIGINT)
+    _interrupt_at_forward(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
+    rc = run(*SMOKE, "--epochs", 3, "--deterministic", "--out", tmp_path / "cut")
+    assert rc == 1
+    assert "interrupted at step 4" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+    assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 4
+    _assert_same(_saved(tmp_path / "cut"), _saved(tmp_path / "ref"))
+
+
+def test_hard_interrupt_inside_a_step_saves_nothing_of_it(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt inside a step (a second Ctrl-C) cannot finish the step: no checkpoint
+    is written, the last one (step 2, end of epoch 1) stays latest and holds step 2 exactly."""
+    cfg = dict(validate=False, epochs=3, deterministic=True)
+    tr.train(tr.preset_config("smoke", max_steps=2, **cfg), tmp_path / "ref")
+
+    def hard():
+        raise KeyboardInterrupt
+    _interrupt_at_forward(monkeypatch, 4, hard)
+    assert run(*SMOKE, "--epochs", 3, "--deterministic", "--out", tmp_path / "cut") == 1
+    assert "not saved" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 2
+    _assert_same(_saved(tmp_path / "cut"), _saved(tmp_path / "ref"))
+
+
+# --------------------------------------------------------------------------- refusals
+BAD_NEW_RUN = [
+    (["--variant", "foo"], "variant 'foo'"),
+    (["--width", "0"], "width must be > 0"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--ltl-levels", "7"], "ltl_levels [7]"),
+    (["--input-size", "50"], "multiples of 32"),
+    (["--data", "foo"], "data must be"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--batch-size", "100"], "--batch-size 100 is larger than an epoch"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--backend", "nat"], "unknown backend 'nat'"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda"),
+    (["--amp", "fp8"], "amp must be one of"),
+    (["--threads", "-3"], "threads must be >= 0"),
+    (["--data-root", "/tmp"], "--data-root is used by --data iharmony4 only"),
+    (["--variant", "rbase", "--ltl-levels", "16"], "--ltl-levels applies to variants with ltl or sa"),
+]
+
+
+@pytest.mark.parametrize("args,expect", BAD_NEW_RUN, ids=[" ".join(a) for a, _ in BAD_NEW_RUN])
+def test_bad_settings_are_one_line_exit_2_and_write_nothing(args, expect, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(*SMOKE, "--out", out, *args) == 2
+    assert expect in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_unavailable_backend_and_device_are_refused(tmp_path, capsys):
+    from regharm_ext.backends import unavailable_reason
+    if unavailable_reason("triton", "cpu") is not None:
+        assert run(*SMOKE, "--out", tmp_path / "t", "--backend", "triton", "--device", "cpu") == 2
+        assert "--backend triton cannot run on cpu" in _one_error_line(capsys)
+    if not torch.cuda.is_available():
+        assert run(*SMOKE, "--out", tmp_path / "c", "--device", "cuda") == 2
+        assert "PyTorch sees no CUDA GPU" in _one_error_line(capsys)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
+
+
+def test_unusable_out_is_refused(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    for out, expect in [(file, "is a file"), (file / "sub", "is under"),
+                        ("/proc/regharm-no-such-dir", "cannot write the run directory")]:
+        assert run(*SMOKE, "--epochs", 1, "--out", out) == 2
+        assert expect in _one_error_line(capsys)
+    assert file.read_text() == "x"
+
+
+def _finished_run(tmp_path, capsys, *extra):
+    out = tmp_path / "run"
+    assert run(*SMOKE, "--epochs", 1, "--out", out, *extra) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_resume_refusals_are_one_line_exit_2(tmp_path, capsys):
+    out = _finished_run(tmp_path, capsys)
+    config = (out / "config.json").read_text()
+    for args, expect in [(["--variant", "rbase"], "cannot change variant"),
+                         (["--preset", "demo"], "is a 'smoke' run, not 'demo'")]:
+        assert run("--out", out, "--resume", *args) == 2
+        assert expect in _one_error_line(capsys)
+    assert run("--preset", "smoke", "--out", out) == 2
+    assert "already holds a run" in _one_error_line(capsys)
+    assert run("--out", tmp_path, "--resume") == 2
+    assert "not found (is" in _one_error_line(capsys)
+    assert (out / "config.json").read_text() == config
+    for field, value, expect in [("lr", -1, "lr must be > 0"), ("width", "wide", "width must be"),
+                                 ("variant", "foo", "variant 'foo'")]:
+        saved = json.loads(config)
+        saved[field] = value
+        (out / "config.json").write_text(json.dumps(saved))
+        assert run("--out", out, "--resume") == 2
+        assert expect in _one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- resume edges
+def test_resume_with_more_epochs_continues_a_finished_run(tmp_path, capsys):
+    """--resume --epochs 2 on a finished 1-epoch run trains epoch 2: the same losses as a 2-epoch
+    run. A plain --resume of a finished run rewrites nothing."""
+    out = _finished_run(tmp_path, capsys, "--deterministic")
+    config = (out / "config.json").read_text()
+    assert run("--out", out, "--resume") == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    assert (out / "config.json").read_text() == config
+
+    assert run("--out", out, "--resume", "--epochs", 2) == 0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+    full = tr.train(tr.preset_config("smoke", epochs=2, deterministic=True, validate=False), tmp_path / "full")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref]
+    assert full["stopped"] == "done"
+
+
+def test_resume_past_max_steps_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(*SMOKE, "--out", out, "--max-steps", 5) == 1
+    assert run("--out", out, "--resume", "--max-steps", 3) == 1
+    assert "max_steps: step 5" in capsys.readouterr().out
+    assert json.loads((out / "latest.json").read_text())["step"] == 5
+    assert not list((out / "checkpoints").glob("step-00000006*"))
+
+
+def test_threads_above_the_cores_are_capped_with_a_warning(tmp_path, capsys):
+    n = len(allowed_cores())
+    saved = torch.get_num_threads()
+    try:
+        assert run(*SMOKE, "--epochs", 1, "--out", tmp_path / "run", "--threads", n + 100) == 0
+    finally:
+        torch.set_num_threads(saved)
+    captured = capsys.readouterr()
+    assert f"warning: --threads {n + 100} is more than the {n} usable cores" in captured.err
+    assert f", {n} threads" in captured.out
