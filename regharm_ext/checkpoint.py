@@ -302,12 +302,28 @@ def _prune(run_dir: Path, keep: int) -> None:
         if p.is_file():
             try:
                 pinned.add(Path(json.loads(p.read_text())["checkpoint"]).name)
-            except (ValueError, KeyError, OSError):
+            except (ValueError, KeyError, TypeError, OSError):  # a damaged pointer pins nothing
                 pass
     done = sorted(d for d in (run_dir / "checkpoints").iterdir() if d.is_dir() and d.name.startswith("step-"))
     for d in done[:-max(1, keep)]:
         if d.name not in pinned:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _pointer_target(ptr: Path) -> str:
+    """The checkpoint folder (relative to the run directory) a ``latest.json``/``best.json`` names.
+
+    Valid JSON of another shape (``{}``, ``[1]``, ``{"checkpoint": 5}``) is a damaged pointer, not a
+    KeyError deep in a loader: it is named with the way to repair it."""
+    pointer = _read_json(ptr, "checkpoint pointer")
+    target = pointer.get("checkpoint") if isinstance(pointer, dict) else None
+    if not isinstance(target, str) or not target:
+        raise CheckpointError(
+            f"{ptr} is not a checkpoint pointer: expected a JSON object like "
+            f'{{"checkpoint": "checkpoints/step-00000120"}}, got {json.dumps(pointer)[:80]}; '
+            f"point it at a folder of {ptr.parent / 'checkpoints'}, or delete it to fall back to "
+            f"the newest complete checkpoint")
+    return target
 
 
 def resolve_checkpoint(checkpoint: Optional[PathLike], prefer: str = "best") -> Path:
@@ -334,7 +350,7 @@ def resolve_checkpoint(checkpoint: Optional[PathLike], prefer: str = "best") -> 
         order = ("best.json", "latest.json") if prefer == "best" else ("latest.json", "best.json")
         for ptr in order:
             if (path / ptr).is_file():
-                target = path / _read_json(path / ptr, "checkpoint pointer")["checkpoint"]
+                target = path / _pointer_target(path / ptr)
                 weights = target / "model.safetensors"
                 if not weights.is_file():
                     raise CheckpointError(f"{path / ptr} points to {target}, but {weights} is missing")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -72,6 +73,20 @@ def _as_pair(value: Size):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def _check_channels(channels, layer: str) -> None:
+    # refused here: 0 would surface as a ZeroDivisionError in the attention scale
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+        raise ValueError(f"{layer} channels must be an int >= 1 (C of the input), got {channels!r}")
+
+
+def _check_sizes(pair, name: str) -> None:
+    """patch/stride checked at construction, not at the first forward (or in reset_parameters)."""
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be one size or a pair (height, width), got {pair!r}")
+    for value in pair:
+        _resolve_size(value, 1, name)  # the same rules as at forward time; the extent is irrelevant
+
+
 class PTL(nn.Module):
     """Patches-to-Location Translation (§3.3, SPEC §4).
 
@@ -102,8 +117,11 @@ class PTL(nn.Module):
         super().__init__()
         if scale != "auto" and not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be 'auto' or a number, got {scale!r}")
+        _check_channels(channels, "PTL")
         self.channels = channels
         self.patch, self.stride = _as_pair(patch), _as_pair(stride)
+        _check_sizes(self.patch, "patch")
+        _check_sizes(self.stride, "stride")
         self.eps, self.min_mass, self.backend = eps, min_mass, backend
         preload(backend)  # torch.compile cannot import a backend while it traces
         self.scale = channels ** -0.5 if scale == "auto" else float(scale)
@@ -281,6 +299,7 @@ class LTL(nn.Module):
 
     def __init__(self, channels: int, heads: int = 1, backend: Optional[str] = None):
         super().__init__()
+        _check_channels(channels, "LTL")
         self.channels, self.backend = channels, backend
         preload(backend)
         self.attn = SelfAttention(channels, heads)

@@ -12,7 +12,10 @@ crop (scale 0.5-1 of the area, the photo's aspect ratio ×[3/4, 4/3]) and a rand
 
 Export to the iHarmony4 layout (SPEC §6)::
 
-    python -m regharm_ext.data.synth --out DIR --n 200 [--n-train 1000] [--subsets Synthetic]
+    python -m regharm_ext.data.synth --out DIR --n 200 [--n-train 1000] [--subsets Synthetic] [--force]
+
+Existing image lists under DIR (an iHarmony4 root's ``IHD_*.txt``) are kept: the export refuses
+to run there unless ``--force`` is given.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import one_line
 from .masks import random_mask
 from .photo_set import load_photo, split_photos
 from .shifts import random_shift
@@ -142,8 +146,36 @@ def _u8(x: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8))
 
 
+def _check_export(out: Path, counts: Sequence[int], subsets: Sequence[str], size: int) -> None:
+    """Refuses bad arguments before anything is created, so that a mistake leaves no folders."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"size must be an int >= 16 (pixels per side), got {size!r}")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"counts must be >= 0, got {list(counts)}")
+    if not subsets:
+        raise ValueError("give at least one subset name")
+    for name in subsets:
+        # a name is one folder under --out: a separator or '..' would write elsewhere
+        if not name or name in (".", "..") or any(c in name for c in "/\\") or name != name.strip():
+            raise ValueError(f"subset name {name!r} must be one folder name (no '/', '\\', '..', "
+                             f"or surrounding spaces), e.g. Synthetic")
+    dupes = sorted({name for name in subsets if list(subsets).count(name) > 1})
+    if dupes:
+        raise ValueError(f"subset names repeat: {dupes}; give each subset once")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder to write the dataset into")
+
+
+def _existing_lists(out: Path, subsets: Sequence[str]) -> list:
+    """The image lists an export would replace (an iHarmony4 root keeps its own IHD_*.txt)."""
+    lists = [out / f"IHD_{split}.txt" for split in ("train", "test")]
+    lists += [out / s / f"{s}_{split}.txt" for s in subsets for split in ("train", "test")]
+    return [p for p in lists if p.exists()]
+
+
 def export(out: Path, n: int, n_train: Optional[int] = None, subsets: Sequence[str] = (SUBSET,),
-           size: int = 256, seed: int = 0, quality: int = 95) -> Dict[str, Dict[str, int]]:
+           size: int = 256, seed: int = 0, quality: int = 95,
+           force: bool = False) -> Dict[str, Dict[str, int]]:
     """Write composites in the iHarmony4 layout (SPEC §6) under ``out``.
 
     Each subset folder gets ``n`` test composites (from the val photos) and ``n_train`` (default
@@ -151,10 +183,18 @@ def export(out: Path, n: int, n_train: Optional[int] = None, subsets: Sequence[s
     and ``real_images/<id>.jpg`` with ids ``v00000``... (test) and ``t00000``... (train), plus
     ``<Subset>_train.txt`` / ``<Subset>_test.txt`` (bare names); the root gets ``IHD_train.txt`` /
     ``IHD_test.txt`` (``<Subset>/composite_images/<name>``). Subset k draws with seed ``seed + k``.
-    Returns {subset: {"train": count, "test": count}}.
+    Existing lists (``IHD_*.txt``, ``<Subset>_*.txt``) are never replaced unless ``force``: a
+    real iHarmony4 root would lose its own lists (``FileExistsError``). Returns
+    {subset: {"train": count, "test": count}}.
     """
     n_train = n if n_train is None else n_train
     out = Path(out)
+    _check_export(out, (n, n_train), subsets, size)
+    existing = _existing_lists(out, subsets)
+    if existing and not force:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise FileExistsError(f"{out} already holds image lists ({shown}); exporting would replace "
+                              f"them: give an empty --out, or --force to overwrite")
     root_lists = {"train": [], "test": []}
     counts = {}
     for k, subset in enumerate(subsets):
@@ -189,10 +229,16 @@ def main(argv=None) -> int:
     p.add_argument("--subsets", nargs="+", default=[SUBSET], help="subset folder names (default: Synthetic)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace existing IHD_*.txt / <Subset>_*.txt lists and images under --out")
     a = p.parse_args(argv)
     if a.n < 0 or (a.n_train is not None and a.n_train < 0):
         p.error("counts must be >= 0")
-    counts = export(a.out, a.n, a.n_train, a.subsets, a.size, a.seed)
+    try:
+        counts = export(a.out, a.n, a.n_train, a.subsets, a.size, a.seed, force=a.force)
+    except (OSError, ValueError) as exc:  # the user's mistake: one line, no traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     for subset, c in counts.items():
         print(f"{a.out / subset}: {c['test']} test, {c['train']} train composites")
     return 0

@@ -61,7 +61,11 @@ def _same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
 
 
 def check_patch_stats(x, bg, weight, bias, patch_size, stride, eps, min_mass):
-    """Validates the arguments of ``patch_stats``; returns ``(ph, pw), (sh, sw)``."""
+    """Validates the arguments of ``patch_stats``; returns ``(ph, pw), (sh, sw)``.
+
+    ``bg``, ``weight`` and ``bias`` may come in any float dtype: every backend casts them to the
+    precision it computes x in (a float64 mask with float32 features is common, and refusing it
+    on one backend only made backends disagree)."""
     for t, n in ((x, "x"), (bg, "bg"), (weight, "weight"), (bias, "bias")):
         _float(t, n)
     _rank(x, "x", 4, "(B, C, H, W)")
@@ -100,6 +104,8 @@ def check_masked_attention(q, k, v, key_bias, query_mask):
     _rank(v, "v", 3, "(B, N, E)")
     _rank(key_bias, "key_bias", 2, "(B, N)")
     B, L, D = q.shape
+    if D == 0:  # the default scale D ** -0.5 would divide by zero
+        raise ValueError(f"q must have at least one feature per token (D >= 1), got q {tuple(q.shape)}")
     if k.shape[0] != B or k.shape[2] != D:
         raise ValueError(f"k must have shape (B, N, D) with B={B}, D={D} from q {tuple(q.shape)}, got {tuple(k.shape)}")
     N = k.shape[1]

@@ -2,7 +2,7 @@
 
 It materializes every block (``unfold``) and the full ``L x N`` score matrix, so it is slow and
 memory-hungry by design: it is the oracle the fast backends are tested against. Autograd comes
-from PyTorch. Computation runs in float32 (float64 when given float64), results take the input
+from PyTorch. Computation runs in float32 (float64 when x / q is float64), results take the input
 dtype.
 """
 from __future__ import annotations
@@ -37,10 +37,13 @@ def patch_stats(
     """See :func:`regharm_ext.ops.patch_stats`; arguments are already checked."""
     B, C, H, W = x.shape
     ph, pw = patch_size
-    xa, bga, wa, ba = _acc(x), _acc(bg), _acc(weight), _acc(bias)
+    K = ((H - ph) // stride[0] + 1) * ((W - pw) // stride[1] + 1)    # explicit: B may be 0
+    # every backend computes in x's precision, whatever float dtype bg/weight/bias come in
+    xa = _acc(x)
+    bga, wa, ba = (t.to(xa.dtype) for t in (bg, weight, bias))
     # blocks: (B, C, P, K) and (B, 1, P, K), P = ph*pw in row-major order, K patches row-major
-    xb = F.unfold(xa, patch_size, stride=stride).view(B, C, ph * pw, -1)
-    pb = F.unfold(bga, patch_size, stride=stride).view(B, 1, ph * pw, -1)
+    xb = F.unfold(xa, patch_size, stride=stride).view(B, C, ph * pw, K)
+    pb = F.unfold(bga, patch_size, stride=stride).view(B, 1, ph * pw, K)
 
     mass = pb.sum(2)                                                  # (B, 1, K)
     valid = mass >= min_mass
@@ -71,8 +74,11 @@ def masked_attention(
     scores = scale * qa @ ka.transpose(1, 2) + kb[:, None, :]        # (B, L, N)
     # the max is only a shift: detaching it leaves the softmax and its gradient unchanged, and a
     # row with every key removed (max = -inf) is shifted by 0 instead of producing inf - inf
-    row_max = scores.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if scores.shape[-1] == 0:  # no keys at all (N = 0): like all removed, the rows give 0
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
+    else:
+        row_max = scores.amax(-1, keepdim=True).detach()
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max)
     denom = e.sum(-1, keepdim=True)
     probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))

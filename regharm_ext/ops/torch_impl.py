@@ -69,20 +69,30 @@ def _attend(q, k, v, key_bias, scale):
     dead = ~torch.isfinite(key_bias).any(-1)                      # (B,)
     bias = torch.where(dead[:, None], torch.zeros_like(key_bias), key_bias).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, :], scale=scale)
+    # autocast runs SDPA in its low-precision dtype; the op promises q's dtype (like the other
+    # backends), and the scatter into a q-dtype buffer below needs it
+    out = out.to(q.dtype)
     return torch.where(dead[:, None, None], torch.zeros_like(out), out)
+
+
+def _holds_values(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read: meta tensors have none, and tensor subclasses (the
+    FakeTensor of shape propagation, export) may not; they take the path that needs no values."""
+    return not t.is_meta and type(t) is torch.Tensor
 
 
 def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scale: float):
     """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked."""
     if query_mask is None:
         return _attend(q, k, v, key_bias, scale)
-    if torch.compiler.is_compiling():
-        # a compiled graph cannot size a tensor by the number of active queries (data): every
-        # query is computed and the inactive ones zeroed, as the gather below would leave them
+    counts = query_mask.sum(1)
+    if torch.compiler.is_compiling() or not _holds_values(counts):
+        # a compiled graph (or a meta / fake tensor) cannot size a tensor by the number of
+        # active queries (data): every query is computed and the inactive ones zeroed, as the
+        # gather below would leave them
         out = _attend(q, k, v, key_bias, scale)
         return torch.where(query_mask[..., None], out, torch.zeros_like(out))
     B, L, _ = q.shape
-    counts = query_mask.sum(1)
     lmax = int(counts.max()) if B else 0
     out = q.new_zeros(B, L, v.shape[-1])
     if lmax == 0:
