@@ -39,6 +39,15 @@ TRAINING: List[Tuple[str, str, str, str]] = [
      "same data order, RNG states, gradient-scaler state and thread count: every later loss equals "
      "the uninterrupted run's exactly (CPU; fp32, bf16 and fp16 autocast)",
      "test_crash_safety.py::test_deterministic_resume_equals_the_uninterrupted_run"),
+    ("training", "Ctrl-C (SIGINT) in the middle of a step",
+     "the step finishes and the run stops there, exit status 1: the checkpoint equals an "
+     "uninterrupted run's at that step (weights, BatchNorm statistics, Adam state); a second Ctrl-C "
+     "stops at once and saves nothing of the unfinished step",
+     "test_train_cli.py::test_ctrl_c_mid_forward_saves_the_step_boundary"),
+    ("training", "bad setting (`--lr -1`, `--variant foo`, `--batch-size 0`, an unavailable "
+     "`--backend` or `--device`, an `--out` that cannot be a folder)",
+     "`error: ...` on one line, exit status 2, before anything is written",
+     "test_train_cli.py::test_bad_settings_are_one_line_exit_2_and_write_nothing"),
     ("training", "loss becomes NaN or Inf",
      "stops before the optimizer step with `error: the loss became nan at step N ...`, exit status 3; "
      "nothing is saved, `latest.json` still names the last good checkpoint",
@@ -65,6 +74,9 @@ TRAINING: List[Tuple[str, str, str, str]] = [
     ("loading", "missing or unexpected tensors, corrupt safetensors file, wrong `format`",
      "refused with a message naming them",
      "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
+    ("loading", "`latest.json` / `best.json` that is JSON of the wrong shape",
+     "refused, naming the pointer file and how to repair it",
+     "test_edge_cases.py::test_wrong_pointer_is_a_checkpoint_error"),
     ("loading", "unknown field in a run's `config.json` or training state (`--resume`)",
      "refused, naming the fields",
      "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
