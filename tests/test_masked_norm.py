@@ -124,3 +124,43 @@ def test_environment_switch_runs_the_composite(monkeypatch):
     monkeypatch.delenv("REGHARM_MASKED_NORM")
     if backend == "native":
         assert "CompositeNorm" not in type(masked_norm(x, w, backend=backend).grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_cpu_reads_channels_last_x(case, dtype):
+    """The CPU kernel reads a channels-last x in place (the model's CPU layout): against the
+    float64 composite like NCHW x, the same values as NCHW x, and dx contiguous as the fake says."""
+    _skip("native", "cpu")
+    shape, offset, kind = NORM_CASES[case]
+    x, w = make_norm_inputs(*shape, dtype=dtype, offset=offset, kind=kind)
+    grad = torch.randn(shape[0], shape[2] * shape[3], shape[1],
+                       generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout).requires_grad_()
+        y = masked_norm(xl, w, 1e-5, backend="native")
+        (dx,) = torch.autograd.grad(y, xl, grad.to(dtype))
+        outs[layout] = (y, dx)
+    y, dx = outs[torch.channels_last]
+    y_ref, dx_ref = _expected(x, w, 1e-5, grad)
+    assert_close(y, y_ref, dtype, msg=f"{case} y")
+    assert_close(dx, dx_ref, dtype, grad=True, msg=f"{case} dx")
+    for got, want in zip(outs[torch.channels_last], outs[torch.contiguous_format]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ops = torch.ops.regharm
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y, mu, rstd = ops.masked_norm(xl, w, 1e-5)
+    assert ops.masked_norm_backward(torch.randn_like(y), xl, w, mu, rstd).is_contiguous()
+
+
+def test_native_cpu_channels_last_gradcheck_and_opcheck():
+    _skip("native", "cpu")
+    x, w = make_norm_inputs(2, 19, 5, 4, dtype=torch.float64)   # a full block of 16 and a tail
+    xl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: masked_norm(t, w, backend="native"), (xl,))
+    ops = torch.ops.regharm
+    xf = xl.detach().float()
+    torch.library.opcheck(ops.masked_norm.default, (xf.clone().requires_grad_(), w.float(), 1e-5))
+    y, mu, rstd = ops.masked_norm(xf, w.float(), 1e-5)
+    torch.library.opcheck(ops.masked_norm_backward.default, (torch.randn_like(y), xf, w.float(), mu, rstd))
