@@ -36,6 +36,7 @@ from .baselines import composite, reinhard, reinhard_cielab
 from .errors import one_line
 from .inference import harmonize_tensor, pick_device
 from .metrics import MetricTable, image_metrics
+from .paths import nearest_existing
 
 BASELINES = {"composite": composite, "reinhard": reinhard, "reinhard-cielab": reinhard_cielab}
 METHODS = ("model", "composite", "reinhard", "reinhard-cielab")
@@ -137,10 +138,8 @@ def build_dataset(data_root=None, split="test", subsets=None, size=EVAL_SIZE, va
 
 def _blocking_file(path: Path):
     """The first existing ancestor of ``path`` when it is a file rather than a folder."""
-    for parent in path.parents:
-        if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
+    existing = nearest_existing(path.parent)
+    return None if existing.is_dir() else existing
 
 
 def check_writable(path: Path, flag: str) -> None:

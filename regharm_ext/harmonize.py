@@ -56,6 +56,7 @@ from .data.image_file import (ImageFileError, check_memory, image_size, read_mas
                               sixteen_bit_peak)
 from .errors import one_line
 from .inference import model_size, pick_device, resize
+from .paths import nearest_existing
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # piecewise-linear "inferno"-like colormap: value -> RGB
@@ -235,9 +236,7 @@ def _output_format(path: Path, role: str) -> str:
 
 def _check_folder(folder: Path, role: str, target: Optional[Path] = None) -> None:
     """``folder`` is a folder or can be created: its nearest existing ancestor is a writable folder."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if target is None and existing == folder and not folder.is_dir():
         raise InputError(f"{role} {folder} is a file, not a folder; give a folder (it is created if missing)")
     what = f"{role} {target if target is not None else folder}"

@@ -60,6 +60,7 @@ from .cpu_cores import CoreMeter, allowed_cores, idle_cores, threads_for
 from .errors import one_line
 from .losses import fmse_loss
 from .model import Harmonizer, memory_format_for, parse_variant
+from .paths import nearest_existing
 
 
 @dataclass
@@ -577,12 +578,10 @@ def _setup_errors():
 
 def _check_out(run_dir: Path) -> None:
     """Refuses an --out that cannot become a directory (a file, a path under a file) up front."""
-    for p in (run_dir, *run_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is" if p == run_dir else f"is under {p}, which is"
-                raise ConfigError(f"--out {run_dir} {what} a file, not a directory; choose another --out")
-            return
+    p = nearest_existing(run_dir)
+    if p.exists() and not p.is_dir():
+        what = "is" if p == run_dir else f"is under {p}, which is"
+        raise ConfigError(f"--out {run_dir} {what} a file, not a directory; choose another --out")
 
 
 # --------------------------------------------------------------------------- training

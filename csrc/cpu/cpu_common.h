@@ -67,5 +67,11 @@ inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous();
 }
 
+// A (B, C, H, W) tensor in the accumulation dtype, channels-last (no copy when it already is
+// both): the model's CPU layout, read in place by the kernels that take it.
+inline at::Tensor to_acc_channels_last(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 }  // namespace cpu
 }  // namespace regharm

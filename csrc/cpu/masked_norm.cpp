@@ -37,7 +37,7 @@ constexpr int64_t kBlock = 16;  // channels summed side by side (independent lan
 at::Tensor to_acc_layout(const at::Tensor& x, at::ScalarType acc, bool& channels_last) {
   channels_last = x.size(1) > 1 && x.size(2) * x.size(3) > 1 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return channels_last ? x.to(acc).contiguous(at::MemoryFormat::ChannelsLast) : to_acc(x, acc);
+  return channels_last ? to_acc_channels_last(x, acc) : to_acc(x, acc);
 }
 
 // mu and rstd of channels [c0, c0 + n) of image b, x channels-last: each channel's sums run over

@@ -38,11 +38,6 @@ struct XView {
   const T* at(int64_t b, int64_t h, int64_t w) const { return p + b * sB + h * sH + w * sW; }
 };
 
-// x in the accumulation dtype, channels-last (no copy when it already is both), and its view.
-at::Tensor to_acc_channels_last(const at::Tensor& x, at::ScalarType acc) {
-  return x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 template <typename T>
 XView<T> x_view(const at::Tensor& xa) {
   TORCH_INTERNAL_ASSERT(xa.size(1) == 1 || xa.stride(1) == 1,
