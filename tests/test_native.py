@@ -252,6 +252,40 @@ def test_results_do_not_depend_on_thread_count():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_masked_attention_any_layout_of_inputs(dtype):
+    """The CPU kernels read q, k, v, grad_out and out in place, whatever their strides: LTL's
+    tokens (one transposed view of NCHW features as q, k and v), column slices of wider tensors
+    and the contiguous copies give the same bits, forward and backward, and the results are
+    contiguous (the fake kernels' layout). L = 55 leaves a partial chunk of the blocked gather."""
+    B, C, H, W = 2, 21, 5, 11
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(B, C, H, W, generator=g).to(dtype)
+    tokens = feats.flatten(2).transpose(1, 2)                     # (B, L, C), strides (., 1, L)
+    L = H * W
+    key_bias = torch.log1p(-torch.rand(B, L, generator=g).clamp(max=0.9))
+    key_bias[:, :9] = float("-inf")
+    qm = torch.rand(B, L, generator=g) > 0.4
+    grad_wide = torch.randn(B, L, 2 * C, generator=g).to(dtype)
+    grad = grad_wide[..., C:]                                     # a slice, as cat's backward gives
+    ops = torch.ops.regharm
+    dense = tokens.contiguous()
+    out, lse = ops.masked_attention(dense, dense, dense, key_bias, qm, 0.25)
+    want = ops.masked_attention_backward(grad.contiguous(), dense, dense, dense, key_bias, qm, out,
+                                         lse, 0.25)
+    assert not tokens.is_contiguous() and not grad.is_contiguous()
+    got_out, got_lse = ops.masked_attention(tokens, tokens, tokens, key_bias, qm, 0.25)
+    assert torch.equal(got_out, out) and torch.equal(got_lse, lse) and got_out.is_contiguous()
+    out_t = torch.empty(B, C, L, dtype=dtype).transpose(1, 2).copy_(out)   # strided out too
+    got = ops.masked_attention_backward(grad, tokens, tokens, tokens, key_bias, qm, out_t, lse,
+                                        0.25)
+    for name, a, e in zip(("dq", "dk", "dv"), got, want):
+        assert a.is_contiguous(), name
+        assert torch.equal(a, e), name
+    assert want[0].abs().sum() > 0 and want[1].abs().sum() > 0
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_attention_backward_in_one_sweep_per_image_gives_the_two_passes_bits(dtype):
     """With two images per thread the CPU backward sweeps each image once (P and dS per tile

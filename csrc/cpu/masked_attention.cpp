@@ -51,34 +51,76 @@ struct LiveKeys {
   KeysView<T> view;
 };
 
+// A (B, R, C) operand read in place, whatever its strides: LTL's tokens are a transposed view of
+// NCHW features, and q, k, v are that one view (copying it three times cost more than the
+// gathers below, which touch every element once anyway).
 template <typename T>
-void gather_keys(const Dims& s, int64_t b, const T* k, const T* v, const T* key_bias,
-                 bool backward, LiveKeys<T>& lk) {
+struct Strided {
+  const T* p;
+  int64_t sb, sr, sc;
+};
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// dst[i * drs + c * dcs] = f(src[b, rows[i], c]) for i < n, c < cols. When src's columns are
+// nearer in memory than its rows, chunks of kChunk rows are walked column by column (a blocked
+// transpose: a chunk's reads and writes stay in L1); else row by row, as a contiguous src is.
+template <typename T, typename F>
+void gather(const Strided<T>& src, int64_t b, const int64_t* rows, int64_t n, int64_t cols,
+            T* dst, int64_t drs, int64_t dcs, F f) {
+  constexpr int64_t kChunk = 16;
+  const T* base = src.p + b * src.sb;
+  if (src.sc <= src.sr || cols == 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* r = base + rows[i] * src.sr;
+      T* d = dst + i * drs;
+      if (src.sc == 1)
+        for (int64_t c = 0; c < cols; ++c) d[c * dcs] = f(r[c]);
+      else
+        for (int64_t c = 0; c < cols; ++c) d[c * dcs] = f(r[c * src.sc]);
+    }
+    return;
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    for (int64_t c = 0; c < cols; ++c) {
+      const T* col = base + c * src.sc;
+      for (int64_t i = i0; i < i1; ++i) dst[i * drs + c * dcs] = f(col[rows[i] * src.sr]);
+    }
+  }
+}
+
+struct Same {
+  template <typename T>
+  T operator()(T x) const {
+    return x;
+  }
+};
+
+template <typename T>
+void gather_keys(const Dims& s, int64_t b, const Strided<T>& k, const Strided<T>& v,
+                 const T* key_bias, bool backward, LiveKeys<T>& lk) {
   const T* kb = key_bias + b * s.N;
   for (int64_t n = 0; n < s.N; ++n)
     if (kb[n] > -std::numeric_limits<T>::infinity()) lk.idx.push_back(n);
   const int64_t nl = static_cast<int64_t>(lk.idx.size()), nlp = round8(nl);
   const int64_t Dp = round8(s.D), Ep = round8(s.E);
   lk.bias.assign(nlp, -std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < nl; ++j) lk.bias[j] = kb[lk.idx[j]];
+  const int64_t* idx = lk.idx.data();
   lk.kt.assign(s.D * nlp, T(0));
+  gather(k, b, idx, nl, s.D, lk.kt.data(), 1, nlp, Same{});
   if (backward) {
     lk.k.assign(nlp * Dp, T(0));
     lk.vt.assign(s.E * nlp, T(0));
+    gather(k, b, idx, nl, s.D, lk.k.data(), Dp, 1, Same{});
+    gather(v, b, idx, nl, s.E, lk.vt.data(), 1, nlp, Same{});
   } else {
     lk.v.assign(nlp * Ep, T(0));
-  }
-  for (int64_t j = 0; j < nl; ++j) {
-    const int64_t n = lk.idx[j];
-    lk.bias[j] = kb[n];
-    const T* kr = k + (b * s.N + n) * s.D;
-    const T* vr = v + (b * s.N + n) * s.E;
-    for (int64_t d = 0; d < s.D; ++d) lk.kt[d * nlp + j] = kr[d];
-    if (backward) {
-      std::copy(kr, kr + s.D, lk.k.data() + j * Dp);
-      for (int64_t e = 0; e < s.E; ++e) lk.vt[e * nlp + j] = vr[e];
-    } else {
-      std::copy(vr, vr + s.E, lk.v.data() + j * Ep);
-    }
+    gather(v, b, idx, nl, s.E, lk.v.data(), Ep, 1, Same{});
   }
   lk.view = {nl, nlp, s.D, Dp, s.E, Ep, lk.bias.data(), lk.kt.data(), lk.k.data(),
              lk.v.data(), lk.vt.data()};
@@ -115,7 +157,8 @@ std::vector<Block> blocks_of(const std::vector<std::vector<int64_t>>& rows, int6
 }
 
 template <typename T>
-void forward_kernel(const Dims& s, const T* q, const T* k, const T* v, const T* key_bias,
+void forward_kernel(const Dims& s, const Strided<T>& q, const Strided<T>& k, const Strided<T>& v,
+                    const T* key_bias,
                     const bool* qmask, T scale, T* out, float* lse) {
   std::vector<LiveKeys<T>> keys(s.B);
   std::vector<std::vector<int64_t>> queries(s.B);
@@ -133,10 +176,7 @@ void forward_kernel(const Dims& s, const T* q, const T* k, const T* v, const T* 
       const Block& blk = blocks[t];
       const int64_t* rows = queries[blk.b].data() + blk.start;
       const int64_t nq = blk.count;
-      for (int64_t i = 0; i < nq; ++i) {
-        const T* qr = q + (blk.b * s.L + rows[i]) * s.D;
-        for (int64_t d = 0; d < s.D; ++d) qs[i * Dp + d] = scale * qr[d];
-      }
+      gather(q, blk.b, rows, nq, s.D, qs.data(), Dp, 1, [scale](T x) { return scale * x; });
       REGHARM_ISA_CALL(forward_block<T>, keys[blk.b].view, qs.data(), nq, S.data(), O.data(),
                        mrow.data(), lrow.data());
       for (int64_t i = 0; i < nq; ++i) {
@@ -151,8 +191,9 @@ void forward_kernel(const Dims& s, const T* q, const T* k, const T* v, const T* 
 }
 
 template <typename T>
-void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, const T* v,
-                     const T* key_bias, const bool* qmask, const T* out, const T* lse_in,
+void backward_kernel(const Dims& s, const Strided<T>& grad_out, const Strided<T>& q,
+                     const Strided<T>& k, const Strided<T>& v, const T* key_bias,
+                     const bool* qmask, const Strided<T>& out, const T* lse_in,
                      T scale, T* dq, T* dk, T* dv) {
   const int64_t Dp = round8(s.D), Ep = round8(s.E);
   // per image: live keys, and active queries (mask on, finite lse) gathered contiguously
@@ -167,20 +208,20 @@ void backward_kernel(const Dims& s, const T* grad_out, const T* q, const T* k, c
       if ((qmask == nullptr || qmask[row]) && std::isfinite(lse_in[row])) queries[b].push_back(l);
     }
     const int64_t la = static_cast<int64_t>(queries[b].size());
+    const int64_t* rows = queries[b].data();
     qs[b].assign(la * Dp, T(0));
     go[b].assign(la * Ep, T(0));
+    gather(q, b, rows, la, s.D, qs[b].data(), Dp, 1, [scale](T x) { return scale * x; });
+    gather(grad_out, b, rows, la, s.E, go[b].data(), Ep, 1, Same{});
+    std::vector<T> o(la * Ep);
+    gather(out, b, rows, la, s.E, o.data(), Ep, 1, Same{});
     delta[b].resize(la);
     lse[b].resize(la);
     for (int64_t i = 0; i < la; ++i) {
-      const int64_t row = b * s.L + queries[b][i];
-      for (int64_t d = 0; d < s.D; ++d) qs[b][i * Dp + d] = scale * q[row * s.D + d];
       T dl = 0;
-      for (int64_t e = 0; e < s.E; ++e) {
-        go[b][i * Ep + e] = grad_out[row * s.E + e];
-        dl += grad_out[row * s.E + e] * out[row * s.E + e];
-      }
+      for (int64_t e = 0; e < s.E; ++e) dl += go[b][i * Ep + e] * o[i * Ep + e];
       delta[b][i] = dl;
-      lse[b][i] = lse_in[row];
+      lse[b][i] = lse_in[b * s.L + rows[i]];
     }
   }
   const bool exact_lse = std::is_same<T, double>::value;
@@ -283,7 +324,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
     const std::optional<at::Tensor>& query_mask, double scale) {
   const Dims s = check_attention_args(OnCpu{kOp}, q, k, v, key_bias, query_mask, kOp);
   const auto acc = acc_dtype(q);
-  const auto qa = to_acc(q, acc), ka = to_acc(k, acc), va = to_acc(v, acc);
+  // q, k, v in the accumulation dtype, read in place (the gathers take any strides)
+  const auto qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
   const auto kb = to_acc(key_bias, acc);
   at::Tensor mask_holder;
   const bool* qm = mask_ptr(query_mask, mask_holder);
@@ -292,8 +334,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
                       qa.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES(acc, "masked_attention_cpu", [&] {
     using T = scalar_t;
-    forward_kernel<T>(s, qa.data_ptr<T>(), ka.data_ptr<T>(), va.data_ptr<T>(), kb.data_ptr<T>(),
-                      qm, static_cast<T>(scale), out.data_ptr<T>(), lse.data_ptr<float>());
+    forward_kernel<T>(s, strided<T>(qa), strided<T>(ka), strided<T>(va), kb.data_ptr<T>(), qm,
+                      static_cast<T>(scale), out.data_ptr<T>(), lse.data_ptr<float>());
   });
   return {out.to(q.scalar_type()), lse};
 }
@@ -306,16 +348,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
       check_attention_args(OnCpu{kOpBw}, q, k, v, key_bias, query_mask, kOpBw);
   check_attention_saved(OnCpu{kOpBw}, s, grad_out, out, lse, kOpBw);
   const auto acc = acc_dtype(q);
-  const auto qa = to_acc(q, acc), ka = to_acc(k, acc), va = to_acc(v, acc);
-  const auto kb = to_acc(key_bias, acc), ga = to_acc(grad_out, acc), oa = to_acc(out, acc);
+  const auto qa = q.to(acc), ka = k.to(acc), va = v.to(acc), ga = grad_out.to(acc);
+  const auto oa = out.to(acc), kb = to_acc(key_bias, acc);
   const auto la = to_acc(lse, acc);
   at::Tensor mask_holder;
   const bool* qm = mask_ptr(query_mask, mask_holder);
-  auto dq = at::zeros_like(qa), dk = at::zeros_like(ka), dv = at::zeros_like(va);
+  // contiguous, whatever the inputs' strides (the fake kernel's layout)
+  auto dq = at::zeros({s.B, s.L, s.D}, qa.options()), dk = at::zeros({s.B, s.N, s.D}, ka.options());
+  auto dv = at::zeros({s.B, s.N, s.E}, va.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "masked_attention_backward_cpu", [&] {
     using T = scalar_t;
-    backward_kernel<T>(s, ga.data_ptr<T>(), qa.data_ptr<T>(), ka.data_ptr<T>(), va.data_ptr<T>(),
-                       kb.data_ptr<T>(), qm, oa.data_ptr<T>(), la.data_ptr<T>(),
+    backward_kernel<T>(s, strided<T>(ga), strided<T>(qa), strided<T>(ka), strided<T>(va),
+                       kb.data_ptr<T>(), qm, strided<T>(oa), la.data_ptr<T>(),
                        static_cast<T>(scale), dq.data_ptr<T>(), dk.data_ptr<T>(),
                        dv.data_ptr<T>());
   });
