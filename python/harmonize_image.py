@@ -12,9 +12,12 @@ import sys
 from regharm_ext.checkpoint import load_model
 from regharm_ext.harmonize import InputError, check_output, harmonize_array, load_pair, save_image
 
-image_path, mask_path, out_path = sys.argv[1:4]
+if len(sys.argv) != 4:
+    sys.exit("usage: python python/harmonize_image.py IMAGE MASK OUT")
+image_path, mask_path, out_path = sys.argv[1:]
 try:
-    check_output(out_path)                       # before the work, not after it
+    # before the work, not after it; refuses an OUT that would overwrite IMAGE or MASK
+    check_output(out_path, "OUT", inputs=(("IMAGE", image_path), ("MASK", mask_path)))
     image, mask = load_pair(image_path, mask_path)   # uint8 [H, W, 3] and [H, W] (255 = foreground)
 except InputError as e:
     sys.exit(f"error: {e}")

@@ -2,9 +2,10 @@
 
 ``regharm_ext.ops`` holds the two ops of the SPEC (``patch_stats``, ``masked_attention``) and
 PTL's masked instance norm (``masked_norm``), ``regharm_ext.backends()`` says which backends can
-run them, ``PTL`` and ``LTL`` are the layers.
+run them (the module :mod:`regharm_ext.backends`, callable), ``PTL`` and ``LTL`` are the layers.
 """
-from .backends import BackendUnavailable, backends
+from .backends import BackendUnavailable
+from . import backends  # the module itself (callable): backends() and backends.preload both work
 from .layers import LTL, PTL, SelfAttention, masked_instance_norm, resize_mask
 from . import ops
 

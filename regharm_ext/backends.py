@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import types
 from typing import Dict, Optional, Union
 
 import torch
@@ -61,18 +62,29 @@ def preload(backend: Optional[str] = None) -> None:
     """
     name = backend or os.environ.get(_ENV) or None
     if name is not None:
-        if name in NAMES:
-            unavailable_reason(name, "cpu")  # imports it; any reason is given again on use
+        if name not in NAMES:  # refused when a layer is built, not at its first forward
+            src = f"backend={name!r}" if backend else f"{_ENV}={name!r}"
+            raise ValueError(f"{src}: unknown backend; choose one of {', '.join(NAMES)} "
+                             f"(or None to pick the fastest that can run)")
+        unavailable_reason(name, "cpu")  # imports it; any reason is given again on use
         return
     if torch.cuda.is_available():
         resolve(None, torch.device("cuda"))  # the automatic choice imports what it tries
+
+
+def _device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or a "
+                         f"torch.device") from None
 
 
 def unavailable_reason(name: str, device: Union[str, torch.device]) -> Optional[str]:
     """None when backend ``name`` can run on ``device``, otherwise the reason in words."""
     if name not in NAMES:
         return f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"
-    dev = torch.device(device)
+    dev = _device(device)
     try:
         mod = _module(name)
     except ImportError as exc:  # an optional dependency (e.g. triton) is missing
@@ -111,3 +123,15 @@ def resolve(backend: Optional[str], device: torch.device):
 # extension is reported by its unavailable()), so that torch.compile never has to trace importlib.
 for _name in ("reference", "torch", "native"):
     _module(_name)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``regharm_ext.backends()`` is :func:`backends` and
+    ``regharm_ext.backends.preload`` this module's function (the package exports both under one
+    name; a plain function there hid the module's other names)."""
+
+    def __call__(self, device: Union[str, torch.device, None] = None) -> Dict[str, str]:
+        return backends(device)
+
+
+sys.modules[__name__].__class__ = _CallableModule

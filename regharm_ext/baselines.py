@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .image_args import check_images, check_mask, check_mask_values
+
 _RGB2LMS = torch.tensor([[0.3811, 0.5783, 0.0402],
                          [0.1967, 0.7244, 0.0782],
                          [0.0241, 0.1288, 0.8444]], dtype=torch.float64)
@@ -84,8 +86,9 @@ def reinhard(image: torch.Tensor, mask: torch.Tensor, space: str = "lab-alpha-be
     if space not in _SPACES:
         raise ValueError(f"space must be one of {sorted(_SPACES)}, got {space!r}")
     to_lab, from_lab = _SPACES[space]
+    m = check_mask(mask, check_images(("image", image))).double()
+    check_mask_values(m)
     x = image.double()
-    m = mask.double()
     lab = to_lab(x)
 
     def stats(w):

@@ -247,14 +247,19 @@ def _check_folder(folder: Path, role: str, target: Optional[Path] = None) -> Non
         raise InputError(f"{what}: cannot write in folder {existing} (permission denied)")
 
 
-def check_output(path, role: str = "output") -> None:
+def check_output(path, role: str = "output", inputs=()) -> None:
     """Refuse, before any work, an output file that could not be written (unknown or read-only
-    format, a folder in its place, a file where its folder should be)."""
+    format, a folder in its place, a file where its folder should be) or that is one of the
+    ``inputs`` (``(role, path)`` pairs), which writing it would overwrite."""
     path = Path(path)
     _output_format(path, role)
     if path.is_dir():
         raise InputError(f"{role} {path} is a folder; give a file name such as {path / 'out.png'}")
     _check_folder(path.parent, role, path)
+    for in_role, src in inputs:
+        if _same_file(path, src):
+            raise InputError(f"{role} {path} is the {in_role} file: it would be overwritten; "
+                             f"give another name")
 
 
 def save_image(array: np.ndarray, path, role: str = "output") -> None:
@@ -347,15 +352,10 @@ def _check_single_paths(a) -> None:
     """Every output of single mode can be written and overwrites neither an input nor the other."""
     outputs = [("--out", a.out)] + ([("--explain", a.explain)] if a.explain is not None else [])
     for role, path in outputs:
-        check_output(path, role)
+        check_output(path, role, inputs=(("--image", a.image), ("--mask", a.mask)))
     if a.explain is not None and _same_file(a.out, a.explain):
         raise InputError(f"--explain {a.explain} is the --out file: the map would overwrite the "
                          f"harmonized image; give another name")
-    for role, path in outputs:
-        for in_role, src in (("--image", a.image), ("--mask", a.mask)):
-            if _same_file(path, src):
-                raise InputError(f"{role} {path} is the {in_role} file: it would be overwritten; "
-                                 f"give another name")
 
 
 def _check_folder_paths(a, pairs) -> None:

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .layers import mask_weights
+from .image_args import check_images, check_mask, check_mask_values
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,7 +54,10 @@ def predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     """Î at the image's resolution: computed at ``model.input_size`` and upsampled.
 
     image (Tensor[B, 3, H, W]) in [0, 1], mask (Tensor[B, 1, H, W]) -> Tensor[B, 3, H, W]."""
-    mask = mask_weights(mask, image.dtype)
+    return _predict_raw_at(model, image, check_pair(image, mask))
+
+
+def _predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     size = model_size(model)
     if size is None or tuple(image.shape[-2:]) == size:
         return model.predict_raw(image, mask)
@@ -62,13 +65,48 @@ def predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return F.interpolate(raw, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
 
 
+def check_pair(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The checks of the user-facing entry points, before anything is resized: image
+    (Tensor[B, 3, H, W] float in [0, 1]) and mask (Tensor[B, 1, H, W], bool or float weights in
+    [0, 1]) of one batch and size. Returns the mask as weights in the image's dtype."""
+    weights = check_mask(mask, check_images(("image", image)))  # integer masks refused uncast
+    check_mask_values(weights)
+    return weights.to(image.dtype)
+
+
+class _EvalMode:
+    """The model in eval mode for the duration (BatchNorm's running statistics are inference's,
+    and a model built in training mode must not have them updated), its mode restored after."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, getattr(model, "training", False)
+
+    def __enter__(self):
+        if self.was_training:
+            self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
+
+
+def _param_dtype(model) -> Optional[torch.dtype]:
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.dtype if p is not None and p.is_floating_point() else None
+
+
 @torch.no_grad()
 def harmonize_tensor(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Harmonized image (Tensor[B, 3, H, W]) at the input's resolution, not clamped.
+    """Harmonized image (Tensor[B, 3, H, W]) at the input's resolution, not clamped, in the
+    image's dtype (the network runs in its parameters' dtype), with the model in eval mode.
 
     ``model`` is a Harmonizer (``predict_raw``, ``compose``, ``input_size``); any other module
-    with ``forward(image, mask) -> O`` is called directly."""
-    mask = mask_weights(mask, image.dtype)
-    if not (hasattr(model, "predict_raw") and hasattr(model, "compose")):
-        return model(image, mask)
-    return model.compose(image, predict_raw_at(model, image, mask), mask)
+    with ``forward(image, mask) -> O`` is called directly. ``image`` is float in [0, 1], ``mask``
+    bool or float weights in [0, 1] of shape (B, 1, H, W)."""
+    mask = check_pair(image, mask)
+    out_dtype, run_dtype = image.dtype, _param_dtype(model) or image.dtype
+    image, mask = image.to(run_dtype), mask.to(run_dtype)
+    with _EvalMode(model):
+        if not (hasattr(model, "predict_raw") and hasattr(model, "compose")):
+            return model(image, mask).to(out_dtype)
+        return model.compose(image, _predict_raw_at(model, image, mask), mask).to(out_dtype)

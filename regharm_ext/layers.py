@@ -10,23 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import preload
+from .image_args import mask_weights  # noqa: F401  (re-exported: model.py and users import it here)
 from .ops import _checks, masked_attention, masked_norm, patch_stats
 from .ops.norm_composite import composite
 from .ptl_node import (Blend, FusedPTLNode, PTLNode, attention_keys, blend_weight, node_ops,
                        node_steps)
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
-
-
-def mask_weights(mask: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A mask as weights: a float mask as it is (in ``dtype`` when given), a bool mask as 0/1.
-    Integer masks are refused (an 8-bit picture's 255 would be a weight of 255)."""
-    if mask.dtype == torch.bool:
-        return mask.to(dtype or torch.float32)
-    if not mask.is_floating_point():
-        raise TypeError(f"mask must be a float tensor of weights in [0, 1] (or bool), got {mask.dtype}; "
-                        f"for an 8-bit mask picture use mask.float() / 255")
-    return mask if dtype is None else mask.to(dtype)
 
 
 def resize_mask(mask: torch.Tensor, size: Tuple[int, int], batch: Optional[int] = None) -> torch.Tensor:
@@ -54,6 +44,7 @@ def masked_instance_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
     each channel. An image whose weights sum to 0 gets ``mu = 0, var = 0`` (callers discard it).
     Gradients flow to ``x``; a ``weight`` that needs a gradient takes the plain autograd formula.
     """
+    _checks.check_masked_norm(x, weight, eps)
     return composite(x, weight, eps, tokens=False)
 
 

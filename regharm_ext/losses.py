@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .image_args import check_images, check_mask
+
 
 def fmse_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, a_min: float = 100.0) -> torch.Tensor:
     """Eq. 8, per image, then the mean over the batch::
@@ -19,15 +21,10 @@ def fmse_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, a_
         a_min (float): the area floor A_min (100 in the paper).
 
     Returns:
-        Scalar tensor (float32, or float64 for float64 inputs).
+        Scalar tensor (float32, or float64 when output or target is float64).
     """
-    if output.shape != target.shape:
-        raise ValueError(f"output {tuple(output.shape)} and target {tuple(target.shape)} must have one shape")
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != output.shape[0] \
-            or mask.shape[-2:] != output.shape[-2:]:
-        raise ValueError(f"mask must have shape (B, 1, H, W) = {(output.shape[0], 1, *output.shape[-2:])}, "
-                         f"got {tuple(mask.shape)}")
-    dt = torch.float64 if output.dtype == torch.float64 else torch.float32
+    mask = check_mask(mask, check_images(("output", output), ("target", target)))
+    dt = torch.float64 if torch.float64 in (output.dtype, target.dtype) else torch.float32
     err = ((output.to(dt) - target.to(dt)) ** 2).flatten(1).sum(1)
     area = mask.to(dt).flatten(1).sum(1).clamp_min(a_min)
     return (err / area).mean()

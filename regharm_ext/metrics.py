@@ -13,10 +13,13 @@ Subset figures are means of the per-image values; "All" is the mean over all ima
 """
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from typing import Dict, Iterable, Union
 
 import torch
+
+from .image_args import check_images, check_mask
 
 EPS = 1e-6
 Peak = Union[str, float]
@@ -33,13 +36,13 @@ def image_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 
     Returns: {"mse", "fmse", "psnr"}, each Tensor[B] float64.
     """
-    if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 3:
-        raise ValueError(f"pred and target must be (B, 3, H, W) alike, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if mask.shape != (pred.shape[0], 1) + tuple(pred.shape[2:]):
-        raise ValueError(f"mask must be (B, 1, H, W) = {(pred.shape[0], 1) + tuple(pred.shape[2:])}, got {tuple(mask.shape)}")
+    m = check_mask(mask, check_images(("pred", pred), ("target", target))).double()
+    if not (peak == "target" or (isinstance(peak, numbers.Real) and not isinstance(peak, bool)
+                                 and peak > 0)):
+        raise ValueError(f'peak must be "target" (each target\'s maximum) or a number > 0 such as '
+                         f'255, got {peak!r}')
     p = (pred.double() * 255.0).clamp(0.0, 255.0)
     t = target.double() * 255.0
-    m = mask.double()
     se = (p - t) ** 2
     mse = se.mean((1, 2, 3))
     fmse = (se * m).sum((1, 2, 3)) / (3.0 * m.sum((1, 2, 3)) + EPS)
@@ -58,7 +61,17 @@ class MetricTable:
         self._sums: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
 
     def add(self, subsets: Iterable[str], values: Dict[str, torch.Tensor]) -> None:
+        """One batch: ``subsets[i]`` names image i's subset, ``values`` is
+        :func:`image_metrics`' result for the batch (one value per image)."""
+        if isinstance(subsets, str):
+            raise TypeError(f"subsets must be one name per image (a list), got the string {subsets!r}")
         subsets = list(subsets)
+        sizes = {k: len(values[k]) for k in ("mse", "fmse", "psnr")}
+        if set(sizes.values()) != {len(subsets)}:
+            raise ValueError(f"{len(subsets)} subset name(s) for metrics of sizes {sizes}: give one "
+                             f"name per image")
+        if "All" in subsets:
+            raise ValueError('"All" is the total of the table; name the subset otherwise')
         for i, s in enumerate(subsets):
             acc = self._sums.setdefault(s, {"n": 0, "mse": 0.0, "fmse": 0.0, "psnr": 0.0})
             acc["n"] += 1

@@ -112,6 +112,19 @@ def rows() -> List[Tuple[str, str, str, str]]:
         ("evaluate", "unreadable file found by a DataLoader worker (`--workers N`)",
          "the worker's error is reported on one line, without its traceback",
          "test_bad_input.py::test_evaluate_cli_reports_a_bad_file_in_one_line"),
+        ("Python API", "`harmonize_tensor` given a 0..255 or NaN mask, an 8-bit image or mask, or "
+         "a mask of another shape", "`ValueError`/`TypeError` naming the argument, its shape, dtype "
+         "or range and the fix (e.g. `mask / 255`); nothing is broadcast or cast silently",
+         "test_api_checks.py::test_harmonize_tensor_refuses_bad_input_by_name"),
+        ("Python API", "8-bit images or masks given to `image_metrics`, `fmse_loss` or `reinhard`",
+         "`TypeError` naming the argument and the fix (`.float() / 255`)",
+         "test_api_checks.py::test_metrics_and_loss_refuse_8_bit_data_and_bad_arguments"),
+        ("Python API", "an unknown backend name (`backend=` or `REGHARM_BACKEND`)",
+         "`ValueError` when the layer is built, listing the backends",
+         "test_api_checks.py::test_layers_refuse_an_unknown_backend_when_built"),
+        ("Python API", "`bg` or `key_bias` that requires a gradient",
+         "treated as data on every backend (SPEC §2, §3): no gradient reaches them",
+         "test_api_checks.py::test_data_arguments_get_no_gradient_on_any_backend"),
     ]
     return out
 

@@ -173,7 +173,7 @@ BAD_PATCH = [
     (dict(weight=torch.zeros(5)), ValueError, r"weight must have shape"),
     (dict(stride=(1, 0)), ValueError, r"stride must be >= 1"),
     (dict(patch_size="4"), TypeError, r"patch_size must be an int"),
-    (dict(min_mass=0.0), ValueError, r"min_mass must be > 0"),
+    (dict(min_mass=0.0), ValueError, r"min_mass must be a finite number > 0"),
 ]
 
 

@@ -83,3 +83,22 @@ def test_harmonize_image_example_reads_files_like_the_cli(tmp_path):
                            str(tmp_path / "empty.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ") and "is empty" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "empty.png").exists()
+
+
+def test_harmonize_image_example_refuses_bad_arguments(tmp_path):
+    """The example refuses, in one line and before any work, a missing argument and an OUT that
+    is its IMAGE (it would have overwritten the user's photo)."""
+    photo = sorted(PHOTOS.glob("*.jpg"))[0]
+    comp_path, mask_path = tmp_path / "comp.png", tmp_path / "mask.png"
+    Image.open(photo).convert("RGB").resize((64, 48)).save(comp_path)
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(mask_path)
+    before = comp_path.read_bytes()
+    for args, expect in [((comp_path, mask_path), "usage: "),
+                         ((comp_path, mask_path, comp_path), "error: OUT ")]:
+        proc = subprocess.run([sys.executable, "python/harmonize_image.py", *map(str, args)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and proc.stderr.strip().startswith(expect), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "is the IMAGE file" in proc.stderr and comp_path.read_bytes() == before

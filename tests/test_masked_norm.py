@@ -110,7 +110,7 @@ def test_masked_norm_bad_input_names_the_argument():
         masked_norm(x[0], w)
     with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
         masked_norm(x, w > 0)
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         masked_norm(x, w, 0.0)
 
 

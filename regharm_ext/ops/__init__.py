@@ -28,7 +28,9 @@ def patch_stats(
 
     Args:
         x (Tensor[B, C, H, W]): features.
-        bg (Tensor[B, 1, H, W]): background weights in [0, 1] (data: no gradient).
+        bg (Tensor[B, 1, H, W]): background weights in [0, 1] (data: no gradient). Values are
+            not read to check them (that would stall a GPU): outside [0, 1] the results are
+            undefined (negative weights can give NaN).
         weight (Tensor[ph*pw]): the linear map from a normalized block to its content token.
         bias (Tensor[1]): its bias.
         patch_size, stride (int or (int, int)): patches without padding, row-major order
@@ -45,7 +47,8 @@ def patch_stats(
 
     ps, st = _checks.check_patch_stats(x, bg, weight, bias, patch_size, stride, eps, min_mass)
     impl = resolve(backend, x.device)
-    return impl.patch_stats(x, bg, weight, bias, ps, st, float(eps), float(min_mass))
+    # bg is data (SPEC §2): detached here, so that no backend lets a gradient reach it
+    return impl.patch_stats(x, bg.detach(), weight, bias, ps, st, float(eps), float(min_mass))
 
 
 def masked_attention(
@@ -64,9 +67,10 @@ def masked_attention(
 
     Args:
         q (Tensor[B, L, D]), k (Tensor[B, N, D]), v (Tensor[B, N, E]): one dtype.
-        key_bias (Tensor[B, N]): additive bias, ``-inf`` removes a key (data: no gradient).
+        key_bias (Tensor[B, N]): additive bias, finite or ``-inf`` (removes the key); data: no
+            gradient. NaN or ``+inf`` (not checked) give undefined results.
         query_mask (Tensor[B, L] bool, optional): active queries (data).
-        scale (float, optional): defaults to ``D ** -0.5``.
+        scale (float, optional): any finite number; defaults to ``D ** -0.5``.
         backend (str, optional): see :func:`patch_stats`.
 
     Returns:
@@ -75,10 +79,10 @@ def masked_attention(
     from ..backends import resolve
 
     _checks.check_masked_attention(q, k, v, key_bias, query_mask)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else _checks.number(scale, "scale", positive=False)
     impl = resolve(backend, q.device)
-    return impl.masked_attention(q, k, v, key_bias, query_mask, float(scale))
+    # key_bias is data (SPEC §3): detached, so that no backend lets a gradient reach it
+    return impl.masked_attention(q, k, v, key_bias.detach(), query_mask, float(scale))
 
 
 def masked_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,

@@ -4,6 +4,8 @@ Errors name the argument, the shape or dtype received and what was expected (the
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,19 +24,37 @@ def no_gpu_reason() -> Optional[str]:
 
 def pair(value: IntPair, name: str) -> Tuple[int, int]:
     """``3 -> (3, 3)``; ``(3, 2) -> (3, 2)``; anything else is a clear error."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        out = (value, value)
-    else:
+    def integer(v):
+        # operator.index takes numpy ints and 0-d integer tensors and refuses floats and strings
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)
+
+    try:
+        out = (integer(value),) * 2
+    except TypeError:
         try:
-            out = tuple(int(v) for v in value)
+            out = tuple(integer(v) for v in value)
         except TypeError:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-        if len(out) != 2 or any(int(v) != v for v in value):
+        if len(out) != 2:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if out[0] < 1 or out[1] < 1:
         raise ValueError(f"{name} must be >= 1, got {out}")
+    return out
+
+
+def number(value, name: str, positive: bool = True, why: str = "") -> float:
+    """A finite float (eps and min_mass also > 0; a scale may be any finite number)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(out) or (positive and not out > 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}{why}, "
+                         f"got {value!r}")
     return out
 
 
@@ -71,6 +91,8 @@ def check_patch_stats(x, bg, weight, bias, patch_size, stride, eps, min_mass):
     _rank(x, "x", 4, "(B, C, H, W)")
     _rank(bg, "bg", 4, "(B, 1, H, W)")
     B, C, H, W = x.shape
+    if C == 0:
+        raise ValueError(f"x must have at least one channel, got x {tuple(x.shape)}")
     if bg.shape != (B, 1, H, W):
         raise ValueError(
             f"bg must have shape (B, 1, H, W) = {(B, 1, H, W)} to match x {tuple(x.shape)}, "
@@ -87,10 +109,8 @@ def check_patch_stats(x, bg, weight, bias, patch_size, stride, eps, min_mass):
         raise ValueError(f"weight must have shape (ph*pw,) = ({ph * pw},), got {tuple(weight.shape)}")
     if bias.shape != (1,):
         raise ValueError(f"bias must have shape (1,), got {tuple(bias.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if not min_mass > 0:
-        raise ValueError(f"min_mass must be > 0 (an empty patch has no statistics), got {min_mass}")
+    number(eps, "eps")
+    number(min_mass, "min_mass", why=" (an empty patch has no statistics)")
     _same_device([("x", x), ("bg", bg), ("weight", weight), ("bias", bias)])
     return (ph, pw), (sh, sw)
 
@@ -133,6 +153,5 @@ def check_masked_norm(x, weight, eps):
     if weight.shape != (B, 1, H, W):
         raise ValueError(f"weight must have shape (B, 1, H, W) = {(B, 1, H, W)} to match x "
                          f"{tuple(x.shape)}, got {tuple(weight.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    number(eps, "eps")
     _same_device([("x", x), ("weight", weight)])
