@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = "regharm_ext/harmonizer-v1"
@@ -161,6 +162,10 @@ def _decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     raise CheckpointError(f"unrecognized entry in a training state file: {sorted(obj)}")
 
 
+# what set_rng_state reads from a training state
+_RNG_KEYS = ("torch", "numpy", "python")
+
+
 def rng_state() -> Dict[str, Any]:
     """Every RNG a training step may draw from (torch CPU/CUDA, numpy, python)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -222,6 +227,22 @@ def save_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
     """
     run_dir = Path(run_dir)
     state = dict(state or {})
+    try:
+        return _save_checkpoint(run_dir, model, optimizer, scheduler, state, keep, best)
+    except (OSError, SafetensorError) as exc:   # e.g. a full disk (safetensors says so its own way)
+        raise CheckpointError(_save_failed(run_dir, exc)) from exc
+
+
+def _save_failed(run_dir: Path, exc: BaseException) -> str:
+    try:
+        last = f"the last complete checkpoint, {resolve_checkpoint(run_dir, prefer='latest').parent}, is kept"
+    except CheckpointError:
+        last = "no checkpoint had been written"
+    return (f"cannot write a checkpoint in {run_dir / 'checkpoints'}: {type(exc).__name__}: {exc}; "
+            f"{last}. Free space (or lower --keep-checkpoints) and continue with --resume")
+
+
+def _save_checkpoint(run_dir: Path, model, optimizer, scheduler, state, keep, best) -> Path:
     step = int(state.get("step", 0))
     ckdir = run_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
@@ -474,9 +495,14 @@ def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
     weights = resolve_checkpoint(run_dir, prefer="latest")
     ck = weights.parent
     meta = _read_json(ck / "model.json", "model config")
-    if meta.get("model") != model.config:
-        diff = sorted(k for k in set(meta.get("model", {})) | set(model.config)
-                      if meta.get("model", {}).get(k) != model.config.get(k))
+    saved = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{ck / 'model.json'} holds no model config (a JSON object with a "
+                              f"'model' object); the checkpoint is damaged: resume from another one")
+    # the op backend is run control, not architecture: a run may resume on another backend
+    arch = {k: v for k, v in model.config.items() if k != "backend"}
+    diff = sorted(k for k in (set(saved) | set(arch)) - {"backend"} if saved.get(k) != arch.get(k))
+    if diff:
         raise CheckpointError(f"{ck} was saved for another model config (differs in {diff})")
     _load_state(model, weights)
     tree = _read_json(ck / "train_state.json", "training state")
@@ -492,6 +518,11 @@ def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
     unknown = sorted(set(full) - {"state", "rng", "optimizer", "scheduler"}) if isinstance(full, dict) else ["?"]
     if unknown or "state" not in full or "rng" not in full:
         raise CheckpointError(f"{ck / 'train_state.json'}: unknown or missing sections (unknown {unknown})")
+    missing = ([] if isinstance(full["state"], dict) else ["state"]) + \
+        [f"rng.{k}" for k in _RNG_KEYS if not isinstance(full["rng"], dict) or k not in full["rng"]]
+    if missing:
+        raise CheckpointError(f"{ck / 'train_state.json'} lacks {missing}; the checkpoint is damaged: "
+                              f"resume from another one")
     for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:
             continue

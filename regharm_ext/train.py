@@ -185,6 +185,7 @@ def _check_types(cfg: TrainConfig) -> None:
 
 # (field, test, what it must be)
 _RANGES = [
+    ("seed", lambda v: v >= 0, ">= 0"),
     ("width", lambda v: v > 0, "> 0"), ("base_channels", lambda v: v >= 1, ">= 1"),
     ("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
     ("lr", lambda v: v > 0, "> 0"), ("lr_gamma", lambda v: v > 0, "> 0"),
@@ -293,7 +294,8 @@ class _SeededSamples(torch.utils.data.Dataset):
 
         import numpy as np
 
-        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        # below 2**63 (torch.manual_seed's range) for any seed; unchanged for seeds < ~1.8 M
+        s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)) % 2 ** 63
         torch.manual_seed(s)
         random.seed(s)
         np.random.seed(s % 2 ** 32)
@@ -603,6 +605,24 @@ def train(cfg: TrainConfig, run_dir, resume: bool = False) -> Dict[str, Any]:
         distributed.cleanup()
 
 
+def _same_state_everywhere(state: Dict, run_dir: Path, d: "distributed.Dist", device: torch.device) -> None:
+    """Every rank resumed from rank 0's checkpoint (a node that does not share the run directory
+    would silently start over, with other data and fresh Adam moments)."""
+    if not d.enabled:
+        return
+    mine = [float(state[k]) for k in ("step", "epoch", "batch")]
+    main = distributed.from_main(mine, d, device)
+    if distributed.mean_across([float(mine != main)], d, device)[0] > 0:
+        raise CheckpointError(
+            f"the processes resumed from different checkpoints (rank 0 at step {int(main[0])}, rank "
+            f"{d.rank} at step {int(mine[0])}): --resume needs {run_dir} on a file system that every "
+            f"node shares")
+
+
+# the counters a training state always holds (the initial state below; a resumed one must too)
+_STATE_KEYS = ("epoch", "batch", "step", "elapsed", "loss_sum", "loss_count")
+
+
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist", device: torch.device):
     if cfg.batch_size % d.world:
         raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
@@ -632,10 +652,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
         distributed.barrier(d)
         if has_checkpoint(run_dir):
             state = load_checkpoint(run_dir, model, opt)
+            lacking = sorted(set(_STATE_KEYS) - set(state))
+            if lacking:
+                raise CheckpointError(f"the latest checkpoint of {run_dir} lacks the training counters "
+                                      f"{lacking}; it is damaged: remove it (or point latest.json at "
+                                      f"an earlier one) and resume again")
             if scaler is not None and "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
         elif main:
             print(f"{run_dir} has no checkpoint yet: starting from the beginning", flush=True)
+        _same_state_everywhere(state, run_dir, d, device)
         if main:
             _trim_log(run_dir, state["step"])
         _continue_finished(cfg, state)
@@ -778,11 +804,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 write_samples(model, val_ds, device, run_dir, writer=writer, step=state["step"])
                 bar.write(f"epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f}, "
                           f"{record['seconds']:.0f} s")
+            distributed.wait_for_main(d)   # rank 0's validation and checkpoint may take long
             retuned = _retune_threads(core_meter)
             if retuned and main:
                 bar.write(retuned)
         if stopped in ("max_steps", "interrupted"):   # at a step boundary: exact for --resume
             _save_if_new(checkpoint, saved_step, state)
+            distributed.wait_for_main(d)   # no rank exits (status 1) while rank 0 still saves
     except NonFiniteLoss as exc:
         stopped = "nan"
         try:   # what --resume continues from
@@ -977,6 +1005,19 @@ def _refuse_ignored(cfg: TrainConfig, overrides: Dict[str, Any]) -> None:
                           f"(drop --ltl-levels or pick e.g. --variant rbase+ltl+ptl)")
 
 
+def _elastic_restart(args) -> bool:
+    """Under ``torchrun --max-restarts N``, a restart after a failed rank continues the run in
+    ``--out`` (as ``--resume`` would) instead of refusing a directory that holds a run; the
+    first attempt starts it. Sets ``args.resume``; True when it did."""
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if args.resume or not args.out or not restarts.isdigit() or int(restarts) == 0:
+        return False
+    if not (Path(args.out) / "config.json").is_file():
+        return False   # the failure came before the run was written: start it afresh
+    args.resume = True
+    return True
+
+
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 stopped early (interrupted, --max-steps), 2 bad input or
     configuration (one-line message), 3 stopped on a non-finite loss."""
@@ -985,6 +1026,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "out", "resume")}
+    if _elastic_restart(args) and distributed.from_env().is_main:
+        print(f"torchrun restarted the job: resuming {args.out}", flush=True)
     t0 = time.time()
     try:
         cfg, run_dir = _cli_config(args, overrides)

@@ -80,6 +80,21 @@ TRAINING: List[Tuple[str, str, str, str]] = [
     ("loading", "unknown field in a run's `config.json` or training state (`--resume`)",
      "refused, naming the fields",
      "test_crash_safety.py::test_unsafe_or_mismatched_checkpoints_are_refused"),
+    ("loading", "a checkpoint whose JSON parses but lacks a training counter or an RNG state, or "
+     "whose `model.json` is not an object", "refused on one line naming the file (`--resume`: exit "
+     "status 2)", "test_train_cli.py::test_damaged_training_state_is_named"),
+    ("training", "disk full (or another write error) while a checkpoint is written",
+     "`error: cannot write a checkpoint …` naming the checkpoint that stays the latest, exit status "
+     "2; nothing half-written is left, `--resume` continues after space is freed",
+     "test_train_cli.py::test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint"),
+    ("training", "torchrun: rank 0 slow to validate or save (other ranks idle past the collective "
+     "timeout), or a stop at `--max-steps` while it saves",
+     "the other ranks wait at a barrier with a 24-hour timeout and leave only after rank 0's "
+     "checkpoint is complete",
+     "test_distributed.py::test_torchrun_ranks_wait_for_rank_0s_validation_and_last_save"),
+    ("training", "torchrun `--max-restarts N`: one rank dies",
+     "the restarted job resumes the run in `--out` from its last checkpoint and finishes it",
+     "test_distributed.py::test_torchrun_restart_after_a_rank_dies_resumes_the_run"),
 ]
 
 

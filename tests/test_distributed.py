@@ -127,16 +127,39 @@ def _worker(rank, world, port, out):
         if d.is_main:
             save_file({k: v.contiguous() for k, v in D.unwrap(ddp).state_dict().items()},
                       str(Path(out) / "ddp.safetensors"))
+        _resumed_states(d, dev, out)
     finally:
         D.cleanup()
+
+
+def _resumed_states(d, dev, out):
+    """Every rank checks that all resumed the same state: alike, nothing is said; a rank that
+    found another checkpoint (a node without the shared run directory) stops every rank."""
+    from regharm_ext.checkpoint import CheckpointError
+    from regharm_ext.train import _same_state_everywhere
+
+    same = {"step": 8, "epoch": 4, "batch": 0}
+    _same_state_everywhere(same, Path(out), d, dev)
+    try:
+        _same_state_everywhere(dict(same, step=8 if d.is_main else 0), Path(out), d, dev)
+        said = "nothing"
+    except CheckpointError as exc:
+        said = str(exc)
+    (Path(out) / f"resumed{d.rank}.txt").write_text(said)
 
 
 def test_two_gloo_processes_sync_batchnorm_and_ddp_steps(tmp_path):
     """One spawn of 2 processes (spawning costs seconds) checks both: CpuSyncBatchNorm equals
     BatchNorm2d on the global batch (outputs, input and parameter gradients, running stats), and
-    2 DDP Adam steps of a Harmonizer on sharded global batches equal one process's steps."""
+    2 DDP Adam steps of a Harmonizer on sharded global batches equal one process's steps; and
+    that ranks which resumed different states all stop, naming the shared-file-system rule."""
     _run(_worker, 2, str(tmp_path))
     _check_batchnorm(tmp_path)
+    for rank in range(2):   # (and the resume check of train._same_state_everywhere)
+        said = (tmp_path / f"resumed{rank}.txt").read_text()
+        assert said.startswith(f"the processes resumed from different checkpoints (rank 0 at step 8, "
+                               f"rank {rank} at step {8 if rank == 0 else 0})"), said
+        assert "on a file system that every node shares" in said
     model, comp, mask, real, batches = _ddp_data()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     _steps(model, opt, batches, comp, mask, real)
@@ -206,6 +229,53 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     print(f"final weights: |2-process - 1-process| / |training update| = {diff / moved:.1e}, "
           f"largest difference {worst:.1e}")
     assert set(got) == set(want) and diff < 1e-3 * moved
+
+
+def _torchrun(tmp_path, args, extra_env, torchrun_args=()):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", **extra_env)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *torchrun_args, str(repo / "tests" / "train_with_faults.py"), "--preset", "smoke",
+         "--validate", "false", "--device", "cpu", *args],
+        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_torchrun_ranks_wait_for_rank_0s_validation_and_last_save(tmp_path):
+    """Rank 0 alone validates and saves. With collectives that time out after 4 s and a rank 0
+    that takes 8 s more per validation and per save, the job still runs: the other rank waits at
+    a barrier of its own (no collective times out), and at --max-steps it leaves only after rank
+    0's checkpoint is complete (torchrun kills the rest of a job when one rank exits 1: rank 0
+    used to be killed mid-save, leaving latest.json at the step before)."""
+    import json
+
+    run = tmp_path / "slow"
+    proc = _torchrun(tmp_path, ["--out", str(run), "--epochs", "3", "--val-every", "1",
+                                "--max-steps", "3"], {"FAULT_SLOW_MAIN": "8"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr           # 1: stopped at --max-steps
+    assert "max_steps: step 3" in proc.stdout, proc.stdout + proc.stderr   # rank 0 finished
+    assert json.loads((run / "latest.json").read_text())["step"] == 3
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_torchrun_restart_after_a_rank_dies_resumes_the_run(tmp_path):
+    """`torchrun --max-restarts 1` with one command: rank 1 dies at its third step (after the
+    epoch-1 checkpoint); the restarted job resumes the run in --out (it used to refuse: "already
+    holds a run; use --resume") and finishes it."""
+    import json
+
+    run = tmp_path / "restart"
+    proc = _torchrun(tmp_path, ["--out", str(run), "--epochs", "3"], {"FAULT_KILL_RANK1_AT": "3"},
+                     torchrun_args=("--max-restarts", "1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"torchrun restarted the job: resuming {run}" in proc.stdout
+    assert json.loads((run / "latest.json").read_text())["step"] == 6
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")

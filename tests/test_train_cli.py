@@ -213,3 +213,75 @@ def test_threads_above_the_cores_are_capped_with_a_warning(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"warning: --threads {n + 100} is more than the {n} usable cores" in captured.err
     assert f", {n} threads" in captured.out
+
+
+# --------------------------------------------------------------------------- from a review
+def test_resume_may_change_the_backend(tmp_path, capsys):
+    """The op backend is run control: a run started on one backend resumes on another (e.g. on a
+    machine without the compiled extension); the architecture fields are still compared."""
+    out = tmp_path / "r"
+    assert run(*SMOKE, "--out", out, "--epochs", "1", "--backend", "reference") == 0
+    assert run("--out", out, "--resume", "--epochs", "2", "--backend", "torch") == 0
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+    assert ck.load_checkpoint(out, tr.build_model(tr.preset_config("smoke")))["epoch"] == 2
+    with pytest.raises(ck.CheckpointError, match=r"another model config \(differs in \['base_channels'\]\)"):
+        ck.load_checkpoint(out, tr.build_model(tr.preset_config("smoke", base_channels=8)))
+
+
+def test_any_non_negative_seed_trains_and_a_negative_one_is_refused(tmp_path, capsys):
+    """Per-sample seeds stay in torch's range for any seed (20240101 overflowed it at the first
+    sample, after config.json was written); a negative seed is refused before anything is."""
+    assert run(*SMOKE, "--out", tmp_path / "big", "--epochs", "1", "--seed", "20240101") == 0
+    assert run(*SMOKE, "--out", tmp_path / "neg", "--seed", "-1") == 2
+    assert "seed must be >= 0, got -1" in _one_error_line(capsys)
+    assert not (tmp_path / "neg").exists()
+    from regharm_ext.data.synth import SyntheticComposites
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        SyntheticComposites(seed=-1)
+
+
+def test_damaged_training_state_is_named(tmp_path, capsys):
+    """A checkpoint whose JSON parses but lacks what resuming reads (a counter, an RNG state) or
+    whose model.json is not an object: a one-line error naming the file, not a KeyError."""
+    out = tmp_path / "r"
+    assert run(*SMOKE, "--out", out, "--epochs", "1") == 0
+    ckdir = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    good = {name: (ckdir / name).read_text() for name in ("train_state.json", "model.json")}
+    for name, damage, expect in [
+            ("train_state.json", lambda t: t["__dict__"]["state"]["__dict__"].pop("epoch"),
+             "lacks the training counters ['epoch']"),
+            ("train_state.json", lambda t: t["__dict__"]["rng"]["__dict__"].pop("python"),
+             "lacks ['rng.python']"),
+            ("model.json", None, "holds no model config")]:
+        tree = json.loads(good[name])
+        if damage is None:
+            tree = [tree]
+        else:
+            damage(tree)
+        (ckdir / name).write_text(json.dumps(tree))
+        assert run("--out", out, "--resume", "--epochs", "2") == 2
+        assert expect in _one_error_line(capsys)
+        (ckdir / name).write_text(good[name])
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """A disk that fills up while a checkpoint is written (safetensors reports it as its own
+    SafetensorError, a plain write as OSError): `error: cannot write a checkpoint ...` naming the
+    checkpoint that stays the latest, exit status 2; nothing half-written is left."""
+    from safetensors import SafetensorError
+    out = tmp_path / "r"
+    assert run(*SMOKE, "--out", out, "--epochs", "1") == 0
+    save_file = ck.save_file
+    for exc in (SafetensorError("Error while serializing: No space left on device (os error 28)"),
+                OSError(28, "No space left on device")):
+        def full(*args, _exc=exc, **kwargs):
+            raise _exc
+        monkeypatch.setattr(ck, "save_file", full)
+        assert run("--out", out, "--resume", "--epochs", "2") == 2
+        line = _one_error_line(capsys)
+        assert "cannot write a checkpoint in" in line and "No space left on device" in line
+        assert "the last complete checkpoint" in line and "step-00000002, is kept" in line
+        assert json.loads((out / "latest.json").read_text())["step"] == 2
+        assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(ck, "save_file", save_file)
+    assert run("--out", out, "--resume", "--epochs", "2") == 0

@@ -75,6 +75,8 @@ class SyntheticComposites(Dataset):
         if size < 16:
             raise ValueError(f"size must be >= 16, got {size}")
         self.split, self.size, self.seed = split, int(size), int(seed)
+        if self.seed < 0:   # numpy's SeedSequence would refuse it only when a sample is drawn
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.photos = split_photos(split)
         if length is None:
             length = 2000 if split == "train" else VAL_PER_PHOTO * len(self.photos)
