@@ -44,6 +44,7 @@ import io
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -265,14 +266,40 @@ def check_output(path, role: str = "output", inputs=()) -> None:
 def save_image(array: np.ndarray, path, role: str = "output") -> None:
     """Write atomically with the usual permissions (checkpoint._atomic_write): an error leaves no
     partial file, and its message names the file and its ``role`` (e.g. ``--out``)."""
-    from .checkpoint import _atomic_write   # as samples.save_sheet; keeps bad-input runs light
+    save_images([(array, path, role)])
 
-    path = Path(path)
-    fmt = _output_format(path, role)
+
+def save_images(items) -> None:
+    """``(array, path, role)`` outputs, all or none: each is encoded into a temporary file beside
+    its target, and only when every one is written are they renamed into place, so that a failed
+    second write (a full disk) leaves neither (the first used to stay behind)."""
+    from .checkpoint import _fsync, _umask   # as samples.save_sheet; keeps bad-input runs light
+
+    staged: List[Tuple[str, Path, str]] = []
     try:
-        _atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
-    except Exception as exc:
-        raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
+        for array, path, role in items:
+            path = Path(path)
+            fmt = _output_format(path, role)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                os.close(fd)
+                staged.append((tmp, path, role))
+                Image.fromarray(array).save(tmp, format=fmt)
+                os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual permissions
+                _fsync(tmp)
+            except Exception as exc:
+                raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
+        for tmp, path, role in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
+            _fsync(path.parent)
+    finally:
+        for tmp, _, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _load_model(checkpoint, device):
@@ -300,9 +327,10 @@ def process_arrays(model, img, mask, out_path, explain_path=None, device="cpu",
     out = harmonize_array(model, img, mask, device)
     overlay = heatmap_overlay(img, contribution_map(model, img, mask, device), mask) \
         if explain_path is not None else None
-    save_image(out, out_path, roles[0])
+    outputs = [(out, out_path, roles[0])]
     if overlay is not None:
-        save_image(overlay, explain_path, roles[1])
+        outputs.append((overlay, explain_path, roles[1]))
+    save_images(outputs)
 
 
 def _is_mask(p: Path) -> bool:

@@ -245,3 +245,32 @@ def test_an_empty_looking_16bit_tiff_mask_says_why(tmp_path):
     with pytest.raises(hz.InputError, match=r"is empty: .* 16-bit .* largest, 255, .* 8 bits per pixel, "
                                             r"or scale it to 0\.\.65535"):
         hz.load_pair(image, tif)
+
+
+def test_outputs_are_written_all_or_none(tmp_path, capsys, monkeypatch):
+    """The disk fills up while the second output (--explain) is encoded: neither file is left
+    (the harmonized image used to stay), no temporary file either, and the error names the
+    output that failed."""
+    from PIL import Image as PILImage
+
+    image, mask = _pair(tmp_path, (64, 48))
+    _tiny(monkeypatch)
+    save, calls = PILImage.Image.save, []
+
+    def full_disk(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", full_disk)
+    rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
+                         "--explain", tmp_path / "m.png"], capsys)
+    assert rc == 2 and "cannot write --explain" in err and "No space left on device" in err, err
+    assert len(calls) == 2
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "m.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
+                         "--explain", tmp_path / "m.png"], capsys)
+    assert rc == 0 and (tmp_path / "o.png").is_file() and (tmp_path / "m.png").is_file(), err
