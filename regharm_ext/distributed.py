@@ -96,17 +96,34 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> "tuple[Dist, t
         return d, dev
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        kwargs = {}
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        kwargs = dict(timeout=timeout, **_restart_store(d, timeout))
         if backend == "nccl":
             kwargs["device_id"] = dev   # binds the communicator to this GPU (torch >= 2.3)
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+            dist.init_process_group(backend, **kwargs)
         except TypeError:               # older torch without device_id
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+            kwargs.pop("device_id", None)
+            dist.init_process_group(backend, **kwargs)
     global _patient
     if _patient is None:   # a collective: every rank creates it here, none waits on rank 0 yet
         _patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
     return Dist(d.rank, d.world, d.local_rank, d.local_world, backend), dev
+
+
+def _restart_store(d: Dist, timeout: datetime.timedelta) -> dict:
+    """On a torchrun restart (``--max-restarts``), init_process_group's arguments for a store of
+    this attempt's own: the workers share the agent's store, which outlives an attempt, and the
+    process groups' keys carry no attempt number, so a new attempt could read the dead one's
+    addresses ("Gloo connectFullMesh failed ... Connection refused": seen in about half the
+    restarts here). Empty on a first attempt and outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), d.world,
+                          is_master=False, timeout=timeout)
+    return dict(store=dist.PrefixStore(f"regharm/attempt-{attempt}", store), rank=d.rank,
+                world_size=d.world)
 
 
 def cleanup() -> None:

@@ -246,7 +246,7 @@ def _torchrun(tmp_path, args, extra_env, torchrun_args=()):
 
 
 def test_torchrun_ranks_wait_for_rank_0s_validation_and_last_save(tmp_path):
-    """Rank 0 alone validates and saves. With collectives that time out after 4 s and a rank 0
+    """Rank 0 alone validates and saves. With step collectives that time out after 4 s and a rank 0
     that takes 8 s more per validation and per save, the job still runs: the other rank waits at
     a barrier of its own (no collective times out), and at --max-steps it leaves only after rank
     0's checkpoint is complete (torchrun kills the rest of a job when one rank exits 1: rank 0
