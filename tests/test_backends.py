@@ -2,6 +2,7 @@
 
 Triton has its own file (it needs the interpreter); CUDA tests live in *_cuda*.py files.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -215,3 +216,26 @@ def test_key_bias_dtype_may_differ_from_q(backend):
     got = masked_attention(q, k, v, kb.double(), qm, backend=backend)
     assert got.dtype == torch.float16
     assert_close(got, want, torch.float16, msg=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_backend_attention_never_takes_sdpas_math_kernel(dtype):
+    """SPEC §3: the L x N scores are never materialized. With SDPA's math kernel (the one that
+    materializes them) switched off, the `torch` backend still runs LTL's (E = D), PTL's
+    (E = 2D) and an E < D attention, forward and backward, and matches `reference`; removed keys
+    and inactive queries included (3-d inputs used to fall back to the math kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for D, E in ((8, 8), (8, 16), (16, 8)):
+        inputs = make_attention_inputs(B=3, L=37, N=23, D=D, E=E, dtype=dtype, removed=0.4)
+        q, k, v, kb, qm = inputs
+        got = []
+        for backend in ("torch", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+            with sdpa_kernel(fused) if backend == "torch" else contextlib.nullcontext():
+                out = masked_attention(*leaves, kb, qm, backend=backend)
+                (out * torch.arange(out.numel()).view_as(out).sin().to(dtype)).sum().backward()
+            got.append([out.detach()] + [t.grad for t in leaves])
+        for name, a, e in zip(("out", "dq", "dk", "dv"), *got):
+            assert_close(a, e, dtype, grad=name != "out", msg=f"D={D} E={E} {name}")

@@ -8,8 +8,12 @@
   the convolutions in TF32 unless ``torch.backends.cudnn.allow_tf32`` is off: an H100 run found
   the float32 gradient of x 18× the tests' tolerance at the paper's setting. The ``native`` and
   ``triton`` kernels centre on each patch's mean.
-- ``masked_attention`` gathers the active queries of each image (padded to the batch's largest
-  count) and runs ``F.scaled_dot_product_attention`` on them with the key bias as an additive mask.
+- ``masked_attention`` gathers the active queries and live keys of each image (padded to the
+  batch's largest counts) and runs ``F.scaled_dot_product_attention`` on them with the key bias
+  as an additive mask, in the layout its fused kernels take (flash / memory-efficient attention:
+  the L x N scores are never materialized). Those kernels have no second derivative: a
+  ``create_graph=True`` backward through this op raises (as through the kernel backends'); the
+  ``reference`` backend has one.
 - ``masked_norm`` is the composite of :mod:`regharm_ext.ops.norm_composite`.
 """
 from __future__ import annotations
@@ -63,12 +67,33 @@ def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[
     return outs[0], outs[1], outs[2], mass.flatten(1).to(x.dtype)
 
 
-def _attend(q, k, v, key_bias, scale):
+def _attend(q, k, v, key_bias, scale, gather_keys: bool = True):
+    """SDPA of q (B, L, D) over k (B, N, D), v (B, N, E) with the additive key bias.
+
+    SDPA gets (B, 1, ·, ·) views, the layout its fused kernels (flash attention on CPUs, memory-
+    efficient attention on GPUs) take with an additive mask: 3-d inputs fall back to its math
+    kernel, which materializes the L x N scores (SPEC §3 asks for none). q and k, or v, get zero
+    columns up to one width (CPU flash attention needs D = E; zero columns add nothing to q·k).
+    With ``gather_keys`` only each image's live keys are attended to (padded to the batch's
+    largest count with removed ones), as the kernel backends skip removed keys."""
+    live = torch.isfinite(key_bias)
+    dead = ~live.any(-1)                                          # (B,)
+    if gather_keys and k.shape[1]:
+        nmax = max(int(live.sum(1).max()), 1)
+        order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices[:, :nmax]
+        k = torch.gather(k, 1, order[..., None].expand(-1, -1, k.shape[-1]))
+        v = torch.gather(v, 1, order[..., None].expand(-1, -1, v.shape[-1]))
+        key_bias = torch.gather(key_bias, 1, order)
     # SDPA returns NaN for a row whose keys are all -inf; such rows are whole images here (the
     # bias is per image), so they get a harmless 0 bias and are zeroed afterwards.
-    dead = ~torch.isfinite(key_bias).any(-1)                      # (B,)
     bias = torch.where(dead[:, None], torch.zeros_like(key_bias), key_bias).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, :], scale=scale)
+    D, E = q.shape[-1], v.shape[-1]
+    if D < E:
+        q, k = F.pad(q, (0, E - D)), F.pad(k, (0, E - D))
+    elif E < D:
+        v = F.pad(v, (0, D - E))
+    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
+                                         attn_mask=bias[:, None, None, :], scale=scale)[:, 0, :, :E]
     # autocast runs SDPA in its low-precision dtype; the op promises q's dtype (like the other
     # backends), and the scatter into a q-dtype buffer below needs it
     out = out.to(q.dtype)
@@ -84,13 +109,14 @@ def _holds_values(t: torch.Tensor) -> bool:
 def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scale: float):
     """See :func:`regharm_ext.ops.masked_attention`; arguments are already checked."""
     if query_mask is None:
-        return _attend(q, k, v, key_bias, scale)
+        return _attend(q, k, v, key_bias, scale, gather_keys=_holds_values(key_bias)
+                       and not torch.compiler.is_compiling())
     counts = query_mask.sum(1)
     if torch.compiler.is_compiling() or not _holds_values(counts):
         # a compiled graph (or a meta / fake tensor) cannot size a tensor by the number of
-        # active queries (data): every query is computed and the inactive ones zeroed, as the
-        # gather below would leave them
-        out = _attend(q, k, v, key_bias, scale)
+        # active queries or live keys (data): every query and key is computed and the inactive
+        # queries zeroed, as the gathers would leave them
+        out = _attend(q, k, v, key_bias, scale, gather_keys=False)
         return torch.where(query_mask[..., None], out, torch.zeros_like(out))
     B, L, _ = q.shape
     lmax = int(counts.max()) if B else 0
