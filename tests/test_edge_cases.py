@@ -154,6 +154,16 @@ def test_masked_attention_without_keys_gives_zeros(backend, with_mask):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_masked_attention_on_an_empty_batch(backend, with_mask):
+    q = torch.randn(0, 5, 4, requires_grad=True)
+    qm = torch.ones(0, 5, dtype=torch.bool) if with_mask else None
+    out = masked_attention(q, torch.randn(0, 7, 4), torch.randn(0, 7, 6), torch.zeros(0, 7), qm,
+                           backend=backend)
+    assert out.shape == (0, 5, 6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("x_dtype,mask_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
                                                 (torch.float32, torch.bfloat16)], ids=str)
 def test_patch_stats_casts_bg_and_weight_to_x_precision(backend, x_dtype, mask_dtype):

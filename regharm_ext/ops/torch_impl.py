@@ -78,7 +78,7 @@ def _attend(q, k, v, key_bias, scale, gather_keys: bool = True):
     largest count with removed ones), as the kernel backends skip removed keys."""
     live = torch.isfinite(key_bias)
     dead = ~live.any(-1)                                          # (B,)
-    if gather_keys and k.shape[1]:
+    if gather_keys and k.shape[0] and k.shape[1]:
         nmax = max(int(live.sum(1).max()), 1)
         order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices[:, :nmax]
         k = torch.gather(k, 1, order[..., None].expand(-1, -1, k.shape[-1]))
