@@ -4,6 +4,7 @@ on the whole global batch. Multi-process cases run 2 spawned CPU processes with 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -238,11 +239,20 @@ def _torchrun(tmp_path, args, extra_env, torchrun_args=()):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", **extra_env)
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         *torchrun_args, str(repo / "tests" / "train_with_faults.py"), "--preset", "smoke",
-         "--validate", "false", "--device", "cpu", *args],
-        capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *torchrun_args, str(repo / "tests" / "train_with_faults.py"), "--preset", "smoke",
+           "--validate", "false", "--device", "cpu", *args]
+    # its own session, killed whole on a timeout: subprocess.run's timeout kills torchrun alone
+    # and leaves its workers running (a hung one stayed behind, competing with later tests)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{out}{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_torchrun_ranks_wait_for_rank_0s_validation_and_last_save(tmp_path):
