@@ -2,10 +2,10 @@
 
 ``regharm_ext.ops`` holds the two ops of the SPEC (``patch_stats``, ``masked_attention``) and
 PTL's masked instance norm (``masked_norm``), ``regharm_ext.backends()`` says which backends can
-run them (the module :mod:`regharm_ext.backends`, callable), ``PTL`` and ``LTL`` are the layers.
+run them, ``PTL`` and ``LTL`` are the layers. (``regharm_ext.backends`` is that function: import
+the module's other names with ``from regharm_ext.backends import preload``.)
 """
-from .backends import BackendUnavailable
-from . import backends  # the module itself (callable): backends() and backends.preload both work
+from .backends import BackendUnavailable, backends
 from .layers import LTL, PTL, SelfAttention, masked_instance_norm, resize_mask
 from . import ops
 

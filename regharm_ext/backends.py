@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import types
 from typing import Dict, Optional, Union
 
 import torch
@@ -123,15 +122,3 @@ def resolve(backend: Optional[str], device: torch.device):
 # extension is reported by its unavailable()), so that torch.compile never has to trace importlib.
 for _name in ("reference", "torch", "native"):
     _module(_name)
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable: ``regharm_ext.backends()`` is :func:`backends` and
-    ``regharm_ext.backends.preload`` this module's function (the package exports both under one
-    name; a plain function there hid the module's other names)."""
-
-    def __call__(self, device: Union[str, torch.device, None] = None) -> Dict[str, str]:
-        return backends(device)
-
-
-sys.modules[__name__].__class__ = _CallableModule

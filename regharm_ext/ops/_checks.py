@@ -5,7 +5,7 @@ Errors name the argument, the shape or dtype received and what was expected (the
 from __future__ import annotations
 
 import math
-import operator
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,23 +22,32 @@ def no_gpu_reason() -> Optional[str]:
     return "CUDA tensors need a GPU, and torch sees none (torch.cuda.is_available() is False)"
 
 
+def _as_int(v) -> Optional[int]:
+    """An int of any kind (numpy ints, 0-d integer tensors) as an int; None for anything else
+    (bools included). No exception is used to decide: torch.compile traces this on every call."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() \
+            and not v.is_complex() and v.dtype != torch.bool:
+        return int(v)
+    return None
+
+
 def pair(value: IntPair, name: str) -> Tuple[int, int]:
     """``3 -> (3, 3)``; ``(3, 2) -> (3, 2)``; anything else is a clear error."""
-    def integer(v):
-        # operator.index takes numpy ints and 0-d integer tensors and refuses floats and strings
-        if isinstance(v, bool):
-            raise TypeError
-        return operator.index(v)
-
-    try:
-        out = (integer(value),) * 2
-    except TypeError:
-        try:
-            out = tuple(integer(v) for v in value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-        if len(out) != 2:
+    one = _as_int(value)
+    if one is not None:
+        out = (one, one)
+    else:
+        items = list(value) if isinstance(value, (tuple, list)) else None
+        if items is None and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+            items = list(value)   # e.g. a numpy array of two ints
+        ints = [_as_int(v) for v in items] if items is not None and len(items) == 2 else [None]
+        if None in ints:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        out = (ints[0], ints[1])
     if out[0] < 1 or out[1] < 1:
         raise ValueError(f"{name} must be >= 1, got {out}")
     return out
