@@ -67,9 +67,9 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, flush it to disk, then rename over ``path``: readers (and a process
-    resuming after a crash at any moment) see the old file or the new one, never a part."""
+def _stage(path: Path, write) -> str:
+    """``write(tmp_path)`` into a new temporary file beside ``path``, with the usual permissions
+    and flushed to disk (removed again if anything fails); returns its name for :func:`_commit`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -77,11 +77,31 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the usual permissions
         _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
+        raise
+    return tmp
+
+
+def _commit(tmp: str, path: Path) -> None:
+    """A staged file renamed over ``path``, the rename flushed too."""
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _discard(tmp: str) -> None:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, flush it to disk, then rename over ``path``: readers (and a process
+    resuming after a crash at any moment) see the old file or the new one, never a part."""
+    tmp = _stage(path, write)
+    try:
+        _commit(tmp, path)
+    except BaseException:
+        _discard(tmp)
         raise
 
 

@@ -44,7 +44,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -270,10 +269,10 @@ def save_image(array: np.ndarray, path, role: str = "output") -> None:
 
 
 def save_images(items) -> None:
-    """``(array, path, role)`` outputs, all or none: each is encoded into a temporary file beside
-    its target, and only when every one is written are they renamed into place, so that a failed
-    second write (a full disk) leaves neither (the first used to stay behind)."""
-    from .checkpoint import _fsync, _umask   # as samples.save_sheet; keeps bad-input runs light
+    """``(array, path, role)`` outputs, all or none: each is staged in a temporary file beside its
+    target (checkpoint._stage), and only when every one is written are they renamed into place,
+    so that a failed second write (a full disk) leaves neither (the first used to stay behind)."""
+    from .checkpoint import _commit, _discard, _stage   # as samples.save_sheet; keeps bad-input runs light
 
     staged: List[Tuple[str, Path, str]] = []
     try:
@@ -281,25 +280,18 @@ def save_images(items) -> None:
             path = Path(path)
             fmt = _output_format(path, role)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-                os.close(fd)
-                staged.append((tmp, path, role))
-                Image.fromarray(array).save(tmp, format=fmt)
-                os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual permissions
-                _fsync(tmp)
+                staged.append((_stage(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt)),
+                               path, role))
             except Exception as exc:
                 raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
         for tmp, path, role in staged:
             try:
-                os.replace(tmp, path)
+                _commit(tmp, path)
             except OSError as exc:
                 raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
-            _fsync(path.parent)
     finally:
         for tmp, _, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _discard(tmp)
 
 
 def _load_model(checkpoint, device):

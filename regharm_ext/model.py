@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LTL, PTL, SelfAttention, mask_weights
+from .image_args import check_images, check_mask, mask_weights
+from .layers import LTL, PTL, SelfAttention
 from .rain import RAIN
 
 VARIANTS = ("base", "rbase", "rbase+ltl", "rbase+sa", "rbase+adain", "rbase+ptl", "rbase+ltl+ptl")
@@ -210,16 +211,9 @@ class Harmonizer(nn.Module):
             self.patch_layer = RAIN(ch[_PTL_LEVEL])
 
     # ------------------------------------------------------------------ network
-    def _check(self, image: torch.Tensor, mask: torch.Tensor) -> None:
-        if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0] \
-                or mask.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"mask must have shape (B, 1, H, W) = {(image.shape[0], 1, *image.shape[-2:])} "
-                             f"to match image, got {tuple(mask.shape)}")
-        if not image.is_floating_point():
-            raise TypeError(f"image must be a float tensor with values in [0, 1], got {image.dtype}; "
-                            f"for 8-bit data use .float() / 255")
+    def _check(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The inputs' checks; returns the mask as weights in the image's dtype."""
+        weights = check_mask(mask, check_images(("image", image))).to(image.dtype)
         step = 2 ** (len(self.channels) - 1)
         if image.shape[-2] % step or image.shape[-1] % step:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of {step}; "
@@ -227,10 +221,10 @@ class Harmonizer(nn.Module):
         if self.patch_kind == "ptl" and tuple(image.shape[-2:]) != self.input_size:
             raise ValueError(f"this model (with PTL) runs at its input_size {self.input_size}, got an image "
                              f"of {tuple(image.shape[-2:])}; resize it (harmonize does this for you)")
+        return weights
 
     def _run(self, image: torch.Tensor, mask: torch.Tensor, stop_at_patch: bool = False):
-        self._check(image, mask)
-        mask = mask_weights(mask, image.dtype)
+        mask = self._check(image, mask)
         skips = [self.stem(torch.cat([image * 2 - 1, mask], 1))]
         for blk in self.down:
             skips.append(blk(skips[-1]))

@@ -67,6 +67,12 @@ def patch_stats(x, bg, weight, bias, patch_size: Tuple[int, int], stride: Tuple[
     return outs[0], outs[1], outs[2], mass.flatten(1).to(x.dtype)
 
 
+def _first(flags: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row of ``flags`` (Tensor[B, L] bool), the indices of its true entries in order, padded
+    with false ones to ``n`` (a stable sort): what the gathers of queries and keys take."""
+    return torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+
+
 def _attend(q, k, v, key_bias, scale, gather_keys: bool = True):
     """SDPA of q (B, L, D) over k (B, N, D), v (B, N, E) with the additive key bias.
 
@@ -79,8 +85,7 @@ def _attend(q, k, v, key_bias, scale, gather_keys: bool = True):
     live = torch.isfinite(key_bias)
     dead = ~live.any(-1)                                          # (B,)
     if gather_keys and k.shape[0] and k.shape[1]:
-        nmax = max(int(live.sum(1).max()), 1)
-        order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices[:, :nmax]
+        order = _first(live, max(int(live.sum(1).max()), 1))
         k = torch.gather(k, 1, order[..., None].expand(-1, -1, k.shape[-1]))
         v = torch.gather(v, 1, order[..., None].expand(-1, -1, v.shape[-1]))
         key_bias = torch.gather(key_bias, 1, order)
@@ -123,8 +128,7 @@ def masked_attention(q, k, v, key_bias, query_mask: Optional[torch.Tensor], scal
     out = q.new_zeros(B, L, v.shape[-1])
     if lmax == 0:
         return out + 0 * (q.sum() + k.sum() + v.sum())             # keep the graph connected
-    # active query indices first (stable sort keeps their order), padded with inactive ones
-    order = torch.sort((~query_mask).to(torch.uint8), dim=1, stable=True).indices[:, :lmax]
+    order = _first(query_mask, lmax)
     qa = torch.gather(q, 1, order[..., None].expand(-1, -1, q.shape[-1]))
     oa = _attend(qa, k, v, key_bias, scale)
     keep = torch.gather(query_mask, 1, order)[..., None]
