@@ -215,3 +215,28 @@ def test_credits_table_in_the_docs_is_generated():
             assert update(text) == text, f"{doc}: run python -m regharm_ext.data.credits --update {doc.name}"
             checked += 1
     assert checked >= 1
+
+
+def test_loader_resize_rounds_like_exact_arithmetic(tmp_path):
+    # a 2x downscale averages 2x2 pixels: many land on .5 ties; on the 0-1 scale their rounding
+    # depended on float error (and so on the thread count), on 0-255 whole numbers it is exact
+    root = export_tree(tmp_path, subsets=("HCOCO",), n=1, n_train=1, size=64)
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    sub = root / "HCOCO"
+    Image.fromarray(img).save(sub / "composite_images" / "v00000_1_1.png")
+    Image.fromarray(img).save(sub / "real_images" / "v00000.jpg")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:40, 20:60] = 255
+    Image.fromarray(mask).save(sub / "masks" / "v00000_1.png")
+    (sub / "HCOCO_test.txt").write_text("v00000_1_1.png\n")
+    ds = IHarmony4(root, "test", size=32)
+    exact = torch.from_numpy(img.astype(np.float64)).permute(2, 0, 1)[None]
+    want = torch.nn.functional.interpolate(exact, size=(32, 32), mode="bilinear", align_corners=False)[0].round()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = ds[0]["comp"].double() * 255
+            assert torch.equal(got.round(), want), f"{n} thread(s): {int((got.round() != want).sum())} pixels"
+    finally:
+        torch.set_num_threads(threads)

@@ -75,7 +75,9 @@ def _list_line(line: str) -> str:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
-    a = a.astype(np.float32) / 255.0
+    """float32 [C, H, W] on the 0-255 scale: whole numbers, so a resize of them rounds the same
+    way on every thread count and CPU code path (on the 0-1 scale, .5 ties did not)."""
+    a = a.astype(np.float32)
     return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
 
 
@@ -227,5 +229,6 @@ class IHarmony4(Dataset):
         if tuple(c.shape[-2:]) != s:
             c, m, r = (F.interpolate(t[None], size=s, mode="bilinear", align_corners=False)[0]
                        for t in (c, m, r))
-            c, r = ((t * 255).round().clamp(0, 255) / 255 for t in (c, r))
-        return {"comp": c, "mask": m.clamp(0, 1), "real": r, "name": f"{subset}/{name}", "subset": subset}
+            c, r = (t.round().clamp(0, 255) for t in (c, r))
+        c, m, r = c / 255, (m / 255).clamp(0, 1), r / 255
+        return {"comp": c, "mask": m, "real": r, "name": f"{subset}/{name}", "subset": subset}
