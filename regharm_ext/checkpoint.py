@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -468,7 +469,8 @@ def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.d
             ``.safetensors`` file (with its ``.json`` beside it), or None for the packaged
             default weights.
         device: where to put the model.
-        backend: op backend for PTL/LTL, overriding the stored one (None keeps it).
+        backend: op backend for PTL/LTL, overriding the stored one; "auto" picks per device;
+            None keeps the stored one where it can run on ``device`` (else, with a warning, "auto").
         memory_format: the weights' layout (:func:`regharm_ext.model.memory_format_for`: "auto"
             is channels_last on the CPU, where it runs faster). The results do not depend on it
             beyond float rounding.
@@ -483,8 +485,18 @@ def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.d
     layout = memory_format_for(memory_format, device)   # a bad name fails before any file is read
     weights = resolve_checkpoint(checkpoint)
     meta = _read_json(weights.with_suffix(".json"), "model config (JSON beside the weights)")
+    stored = (meta.get("model") or {}).get("backend") if isinstance(meta.get("model"), dict) else None
+    if backend is None and isinstance(stored, str):
+        from .backends import NAMES, unavailable_reason
+        reason = unavailable_reason(stored, device) if stored in NAMES else None
+        if reason is not None:
+            # the backend a run trained with is run control, not architecture: the results differ
+            # by float rounding only, so a model trained on a GPU still loads on a CPU
+            warnings.warn(f"{weights} was trained with backend {stored!r}, which cannot run on {device} "
+                          f"({reason}); using the automatic choice (pass backend= to pick one)", stacklevel=2)
+            backend = "auto"
     if backend is not None:
-        meta = dict(meta, model=dict(meta.get("model") or {}, backend=backend))
+        meta = dict(meta, model=dict(meta.get("model") or {}, backend=None if backend == "auto" else backend))
     model = _build(meta, weights.with_suffix(".json"))
     _load_state(model, weights)
     model.to(device, memory_format=layout).eval()

@@ -15,7 +15,9 @@ its residual is upsampled to 256² (:mod:`regharm_ext.inference`), as ``harmoniz
 outlined), each method's result with its fMSE, real (:mod:`regharm_ext.samples`).
 
 JSON (``--json``): ``{"method": ..., "subsets": {"<Subset>": {"n", "mse", "fmse", "psnr"}, ...,
-"All": {...}}}``; a list of such objects when several methods are given.
+"All": {...}}, "settings": {"data", "split", "subsets", "size", "peak", "protocol", "model":
+{"checkpoint", "step", "epoch", "variant", "backend"}}}``; a list of such objects when several
+methods are given. ``protocol`` is true for the iDIH protocol's size and peak.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .backends import NAMES as BACKEND_NAMES
 from .baselines import composite, reinhard, reinhard_cielab
 from .errors import one_line
 from .inference import harmonize_tensor, pick_device
@@ -175,13 +178,26 @@ def write_json(path: Path, results: List[Dict]) -> None:
         raise OSError(f"--json {path} cannot be written: {e.strerror or e}") from None
 
 
-def _load_model(checkpoint, device):
+def _load_model(checkpoint, device, backend=None):
+    """(model, what to record of it): the weights file it came from and its training counters."""
     try:
         from .checkpoint import load_model
     except ImportError as e:
         raise RuntimeError(f"cannot load a model: {e}") from None
-    model, _config = load_model(checkpoint, device)
-    return model
+    model, config = load_model(checkpoint, device, backend=backend)
+    source = {k: config[k] for k in ("checkpoint", "step", "epoch") if k in config}
+    source["variant"] = config.get("variant")
+    source["backend"] = backend or config.get("backend") or "auto"
+    return model, source
+
+
+def _settings(a: argparse.Namespace, peak) -> Dict:
+    """What a result was computed on, written beside the figures: a JSON of --size 512 or
+    --peak 255 must not read like one of the protocol's."""
+    data = str(a.data_root) if a.data_root is not None else "embedded synthetic " + (
+        "validation" if a.split == "test" else "training") + " split"
+    return {"data": data, "split": a.split, "subsets": a.subsets, "size": a.size, "peak": peak,
+            "protocol": a.size == EVAL_SIZE and peak == "target"}
 
 
 def main(argv=None) -> int:
@@ -199,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, type=Path, help="write the result(s) as JSON here")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--backend", default=None, choices=("auto",) + BACKEND_NAMES,
+                   help="op backend of the model's PTL/LTL (default: the one it trained with where it "
+                        "can run on --device, else auto)")
     p.add_argument("--peak", default="target", help="PSNR peak: 'target' (iDIH) or a number, e.g. 255")
     p.add_argument("--size", type=int, default=EVAL_SIZE, help="evaluation resolution (protocol: 256)")
     p.add_argument("--val-length", type=int, default=None,
@@ -214,10 +233,20 @@ def main(argv=None) -> int:
     try:
         device = pick_device(a.device)
         dataset = build_dataset(a.data_root, a.split, a.subsets, a.size, a.val_length)
-        targets = {m: _load_model(a.checkpoint, device) if m == "model" else m for m in a.method}
+        targets, source = {}, None
+        for m in a.method:
+            if m == "model":
+                targets[m], source = _load_model(a.checkpoint, device, a.backend)
+                step = f", step {source['step']}" if "step" in source else ""
+                print(f"model: {source['checkpoint']} ({source['variant']}{step})", file=sys.stderr)
+            else:
+                targets[m] = m
         _check_outputs(a)
         results = [evaluate(t, dataset, device, a.batch_size, peak, progress=not a.no_progress, name=m,
                             num_workers=a.workers) for m, t in targets.items()]
+        settings = _settings(a, peak)
+        for r in results:
+            r["settings"] = dict(settings, **({"model": source} if r["method"] == "model" else {}))
         # the figures first: a failure drawing the sheet must not take them with it
         print(format_table(results), flush=True)
         if a.json is not None:

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from .backends import NAMES
 from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
                               sixteen_bit_peak)
 from .errors import one_line
@@ -294,9 +295,9 @@ def save_images(items) -> None:
             _discard(tmp)
 
 
-def _load_model(checkpoint, device):
+def _load_model(checkpoint, device, backend=None):
     from .checkpoint import load_model
-    model, _config = load_model(checkpoint, device)
+    model, _config = load_model(checkpoint, device, backend=backend)
     return model
 
 
@@ -429,6 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, help="folder for <name>.png results (folder mode)")
     p.add_argument("--explain-dir", type=Path, default=None, help="folder for contribution maps (folder mode)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--backend", default=None, choices=("auto",) + NAMES,
+                   help="op backend of PTL/LTL (default: the one the model trained with where it can "
+                        "run on --device, else auto)")
     p.add_argument("--max-pixels", type=float, default=None,
                    help="refuse larger images (default: about 179e6, Pillow's decompression-bomb limit)")
     a = p.parse_args(argv)
@@ -449,7 +453,7 @@ def main(argv=None) -> int:
             # bad outputs, then bad inputs, fail before any pixel is read or a model loaded
             _check_single_paths(a)
             img, mask = load_pair(a.image, a.mask, max_pixels, a.explain is not None)
-            model = _load_model(a.checkpoint, device)
+            model = _load_model(a.checkpoint, device, a.backend)
             if a.explain is not None:
                 _check_explainable(model)
             process_arrays(model, img, mask, a.out, a.explain, device)
@@ -459,7 +463,7 @@ def main(argv=None) -> int:
         _check_folder_paths(a, pairs)
         for m in orphans:
             print(f"note: skipping {m}: no image {m.stem[:-len('_mask')]}.<ext> beside it", file=sys.stderr)
-        model = _load_model(a.checkpoint, device)
+        model = _load_model(a.checkpoint, device, a.backend)
         if a.explain_dir is not None:
             _check_explainable(model)
     except KeyboardInterrupt:

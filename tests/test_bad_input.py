@@ -242,7 +242,7 @@ def pair(tmp_path):
 def no_model(monkeypatch):
     """A tiny model instead of the packaged weights; ``loaded`` tells whether it was asked for."""
     calls = []
-    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: calls.append(1) or tiny_harmonizer(64, head_std=0.05))
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev, backend=None: calls.append(1) or tiny_harmonizer(64, head_std=0.05))
     return calls
 
 

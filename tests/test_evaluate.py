@@ -118,8 +118,13 @@ def test_evaluate_cli_on_a_tiny_ihamony4_tree(tmp_path):
     assert "| HCOCO | 2 | PSNR ↑ |" in proc.stdout and "| Hday2night | 2 |" in proc.stdout
     results = json.loads(out.read_text())
     assert [r["method"] for r in results] == ["model", "composite"]
+    assert f"model: {ck} (rbase+ltl+ptl)" in proc.stderr
     for r in results:
-        assert set(r) == {"method", "subsets"}
+        assert set(r) == {"method", "subsets", "settings"}
+        settings = r["settings"]
+        assert (settings["data"], settings["split"], settings["size"], settings["peak"]) == (str(root), "test", 64, "target")
+        assert settings["subsets"] == ["HCOCO", "HFlickr", "Hday2night"] and settings["protocol"] is False
+        assert ("model" in settings) == (r["method"] == "model")
         assert list(r["subsets"]) == ["HCOCO", "Hday2night", "All"]
         for s, v in r["subsets"].items():
             assert set(v) == {"n", "mse", "fmse", "psnr"}
@@ -201,6 +206,51 @@ def test_evaluate_cli_writes_json_atomically_and_keeps_the_table_if_the_sheet_fa
     assert f"error: --samples {sheet} cannot be written: No space left on device" in cap.err
     assert json.loads(out.read_text())["subsets"]["All"]["n"] == 2
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]   # no temporary file left
+
+
+def test_evaluate_json_names_the_checkpoint_and_the_protocol(tmp_path, capsys):
+    run = tmp_path / "run"
+    ck = tiny_checkpoint(tmp_path / "w.safetensors", input_size=64)
+    out = tmp_path / "r.json"
+    assert evaluate_main(["--checkpoint", str(ck), "--val-length", "2", "--no-progress", "--json", str(out),
+                          "--peak", "255"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["size"] == 256 and settings["peak"] == 255.0 and settings["protocol"] is False
+    assert settings["data"] == "embedded synthetic validation split"
+    assert settings["model"] == {"checkpoint": str(ck), "variant": "rbase+ltl+ptl", "backend": "auto"}
+    assert evaluate_main(["--checkpoint", str(ck), "--val-length", "2", "--no-progress", "--json", str(out),
+                          "--backend", "torch"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["protocol"] is True and settings["model"]["backend"] == "torch"
+    assert not run.exists()
+
+
+def test_a_model_trained_on_a_backend_this_device_lacks_loads_on_the_automatic_one(tmp_path, monkeypatch, capsys):
+    from regharm_ext.checkpoint import load_model
+    from regharm_ext.ops import triton_backend
+    if triton_backend.unavailable(torch.device("cpu")) is not None:
+        pytest.skip(f"needs the Triton interpreter to train the model first: "
+                    f"{triton_backend.unavailable(torch.device('cpu'))}")
+    ck = tiny_checkpoint(tmp_path / "w.safetensors", input_size=64)
+    meta = json.loads(ck.with_suffix(".json").read_text())
+    meta["model"]["backend"] = "triton"
+    ck.with_suffix(".json").write_text(json.dumps(meta))
+    assert load_model(ck)[1]["backend"] == "triton"   # where it can run, the stored one is kept
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)   # now it cannot
+    with pytest.warns(UserWarning, match="trained with backend 'triton', which cannot run on cpu .*TRITON_INTERPRET"):
+        model, config = load_model(ck)
+    assert config["backend"] is None
+    out = tmp_path / "r.json"
+    with pytest.warns(UserWarning):
+        assert evaluate_main(["--checkpoint", str(ck), "--val-length", "2", "--size", "64", "--no-progress",
+                              "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["model"]["backend"] == "auto"
+    # asked for by name, it is refused with the reason
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(ck), "--val-length", "2", "--size", "64", "--no-progress",
+                          "--backend", "triton"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: backend='triton' cannot run on cpu: ") and "TRITON_INTERPRET=1" in err[-1]
 
 
 def test_evaluate_cli_subset_selection(tmp_path, capsys):

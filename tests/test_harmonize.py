@@ -72,7 +72,7 @@ def _run_main(args, capsys):
 @pytest.mark.parametrize("case", ["size", "unreadable", "empty", "missing", "not_image"])
 def test_rejections_are_one_line_with_no_output(case, tmp_path, capsys, monkeypatch):
     image, mask = _pair(tmp_path, (120, 90))
-    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: tiny_harmonizer(input_size=64))
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev, backend=None: tiny_harmonizer(input_size=64))
     if case == "size":
         Image.new("L", (121, 90), 255).save(mask)
         expect = "same size"
@@ -99,7 +99,7 @@ def test_rejections_are_one_line_with_no_output(case, tmp_path, capsys, monkeypa
 
 def test_explain_needs_ptl(tmp_path, capsys, monkeypatch):
     image, mask = _pair(tmp_path, (64, 64))
-    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: tiny_harmonizer(input_size=64, variant="rbase"))
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev, backend=None: tiny_harmonizer(input_size=64, variant="rbase"))
     rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
                          "--explain", tmp_path / "m.png"], capsys)
     assert rc != 0 and "PTL" in err and not (tmp_path / "o.png").exists()
@@ -111,7 +111,7 @@ def test_folder_mode(tmp_path, capsys, monkeypatch):
     _pair(src, (100, 70), "a")
     _pair(src, (64, 96), "b")
     Image.new("RGB", (50, 50)).save(src / "lonely.jpg")  # no mask: reported, the others go on
-    monkeypatch.setattr(hz, "_load_model", lambda ck, dev: tiny_harmonizer(input_size=64, head_std=0.05))
+    monkeypatch.setattr(hz, "_load_model", lambda ck, dev, backend=None: tiny_harmonizer(input_size=64, head_std=0.05))
     rc, err = _run_main(["--input-dir", src, "--out-dir", dst, "--explain-dir", maps], capsys)
     assert rc == 1 and "lonely" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "b.png"]
@@ -120,7 +120,7 @@ def test_folder_mode(tmp_path, capsys, monkeypatch):
 
 # --------------------------------------------------------------------------- output paths
 def _tiny(monkeypatch, calls=None):
-    def load(ck, dev):
+    def load(ck, dev, backend=None):
         if calls is not None:
             calls.append(1)
         return tiny_harmonizer(input_size=64, head_std=0.05)
