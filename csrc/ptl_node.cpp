@@ -97,7 +97,9 @@ Tensors ptl_forward(const Tensor& x, const Tensor& m, const Tensor& weight, cons
     std::tie(key_bias, values, blend_weight) = cuda::ptl_keys(mass, mu, sigma, mc, min_mass);
 #endif
   if (!key_bias.defined()) {
-    Tensor valid = at::ge(mass, min_mass);
+    // sigma is exactly 0 for the patches patch_stats found invalid on its float32 mass, which
+    // may round up to min_mass in a 16-bit dtype (ptl_node.py's attention_keys says more)
+    Tensor valid = at::ge(mass, min_mass).logical_and_(at::gt(sigma.select(-1, 0), 0));
     key_bias = at::where(valid, at::scalar_tensor(0.0, at::kFloat),
                          at::scalar_tensor(-std::numeric_limits<double>::infinity(), at::kFloat));
     query_mask = at::gt(m, 0).flatten(1);

@@ -36,8 +36,12 @@ ENV = "REGHARM_PTL_NODE"
 
 def attention_keys(m: torch.Tensor, mu, sigma, mass, min_mass: float):
     """(valid (Tensor[B, K] bool), key_bias (Tensor[B, K], float32: 0 or -inf), query_mask
-    (Tensor[B, HW] bool), values [mu | sigma] (Tensor[B, K, 2C])) of SPEC §4 step 4."""
-    valid = mass >= min_mass
+    (Tensor[B, HW] bool), values [mu | sigma] (Tensor[B, K, 2C])) of SPEC §4 step 4.
+
+    patch_stats decides validity on its float32 mass, then rounds the mass to x's dtype: in
+    float16, 1.99951 (invalid under min_mass 2) comes back as 2.0. Its invalid patches also have
+    sigma exactly 0, and valid ones sigma >= sqrt(eps) > 0, so sigma keeps the op's decision."""
+    valid = (mass >= min_mass) & (sigma[..., 0] > 0)
     key_bias = torch.where(valid, 0.0, float("-inf"))  # float32: one launch, no fill first
     return valid, key_bias, (m > 0).flatten(1), torch.cat([mu, sigma], -1)
 

@@ -952,8 +952,9 @@ def test_cuda_emulated_ptl_blend_rounds_every_step_as_written(configured, dtype)
                          ids=str)
 def test_cuda_emulated_ptl_keys_and_mask_equal_the_torch_ops(configured, dtype):
     """The forward's small steps (ptl_node.attention_keys, blend_weight and 1 - m) bit for bit:
-    masses at min_mass and a hair on either side of it as the dtype holds it, an image without
-    a valid patch, soft masks with zeros; sizes across several blocks per image."""
+    masses at min_mass and a hair on either side of it as the dtype holds it, a patch the op
+    found invalid (sigma 0) whose mass reads min_mass, an image without a valid patch, soft masks
+    with zeros; sizes across several blocks per image."""
     emu = configured()
     g = torch.Generator().manual_seed(3)
     B, C, H, W, K = 3, 7, 30, 41, 1300
@@ -966,7 +967,12 @@ def test_cuda_emulated_ptl_keys_and_mask_equal_the_torch_ops(configured, dtype):
     mass[1] = 0.1
     mass[1, -1] = 0.9  # one valid patch, the image's last: every block must see it
     mass[-1] = 0.1  # no valid patch in the last image
-    mu, sigma = (torch.randn(B, K, C, generator=g).to(dtype) for _ in range(2))
+    mu = torch.randn(B, K, C, generator=g).to(dtype)
+    sigma = (torch.rand(B, K, C, generator=g) + 0.01).to(dtype)
+    # patch_stats' invalid patches: sigma exactly 0, whatever their mass rounded to
+    sigma[mass < min_mass] = 0
+    sigma[0, 3] = 0
+    mass[0, 3] = edge   # invalid on the op's float32 mass, rounded up to min_mass
     m = torch.rand(B, 1, H, W, generator=g)
     m[m < 0.3] = 0.0
     m = m.to(dtype)
@@ -977,7 +983,7 @@ def test_cuda_emulated_ptl_keys_and_mask_equal_the_torch_ops(configured, dtype):
     assert torch.equal(values, want_values)
     assert torch.equal(weight, blend_weight(m, valid)) and (weight[-1] == 0).all()
     assert torch.equal(weight[1], m[1])
-    assert bool(valid[0, 0]) and bool(valid[0, 1]) and not bool(valid[0, 2])
+    assert bool(valid[0, 0]) and bool(valid[0, 1]) and not bool(valid[0, 2]) and not bool(valid[0, 3])
     if dtype in (torch.float16, torch.bfloat16):
         assert float(mass[0, 0]) < min_mass  # valid only as the dtype holds min_mass
     bg, active = emu.ptl_mask(m)

@@ -73,6 +73,23 @@ def test_ptl_passes_through_without_foreground_or_background():
     assert torch.isfinite(xr.grad).all() and torch.isfinite(ptl.weight.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ptl_keeps_the_ops_verdict_on_a_mass_that_rounds_up_to_min_mass(backend, dtype):
+    """A patch whose float32 mass is a hair under min_mass is invalid (SPEC §2); its mass, rounded
+    to 16 bits, reads min_mass. With no other valid patch the image passes through unchanged."""
+    ulp = float(torch.finfo(dtype).eps)   # the step of both dtypes in [1, 2)
+    # two 2x2 patches: the left all foreground, the right with background 3 x 0.5 + (0.5 - ulp/2)
+    m = torch.tensor([[1.0, 1.0, 0.5, 0.5], [1.0, 1.0, 0.5, 0.5 + ulp / 2]]).view(1, 1, 2, 4).to(dtype)
+    x = torch.randn(1, 3, 2, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ptl = PTL(3, patch=2, stride=2, min_mass=2.0, backend=backend).to(dtype)
+    torch.nn.init.normal_(ptl.weight)
+    mass = (1 - m.float()).view(2, 4)[:, 2:].sum()   # the right patch's, as patch_stats sums it
+    assert float(mass) < 2.0 and float(mass.to(dtype)) == 2.0   # the case in question
+    with torch.no_grad():
+        assert torch.equal(ptl(x, m), x)
+
+
 def _ptl_by_formula(ptl, x, mask):
     """SPEC §4's PTL written out with plain differentiable torch ops (the layer's own blend and
     normalization have hand-written backwards)."""

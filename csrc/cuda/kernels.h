@@ -148,8 +148,8 @@ cudaError_t ptl_mask(DType dt, const void* m, int64_t n, void* bg, bool* active,
                      cudaStream_t stream);
 
 // mass (B, K), mu and sigma (B, K, C), m (B, H*W): contiguous, in dt. Outputs: key_bias (B, K)
-// float32, 0 where mass >= min_mass (min_mass converted to dt, as torch compares) and -inf
-// elsewhere; values (B, K, 2C) = [mu | sigma]; weight (B, H*W) = m for an image with a valid
+// float32, 0 where mass >= min_mass (min_mass converted to dt, as torch compares) and sigma's
+// channel 0 > 0 (patch_stats' own float32 decision), -inf elsewhere; values (B, K, 2C) = [mu | sigma]; weight (B, H*W) = m for an image with a valid
 // patch, 0 for one without.
 cudaError_t ptl_keys(DType dt, const void* mass, const void* mu, const void* sigma, const void* m,
                      const BlendShape& s, int64_t K, double min_mass, float* key_bias,

@@ -126,10 +126,12 @@ __global__ void __launch_bounds__(256)
 }
 
 // What the attention and the blend take from patch_stats (SPEC §4 step 4): key_bias (B, K) float,
-// 0 for a patch with mass >= min_mass and -inf otherwise; values (B, K, 2C) = [mu | sigma]; and
-// the blend weight (B, HW), m for an image with a valid patch and 0 otherwise. min_mass as T
-// holds it: torch compares a tensor with a Python float in the tensor's dtype. Blocks
-// (blockIdx.x, image); each finds its image's "any valid" itself (K reads, from L2).
+// 0 for a patch with mass >= min_mass and sigma > 0, -inf otherwise; values (B, K, 2C) = [mu |
+// sigma]; and the blend weight (B, HW), m for an image with a valid patch and 0 otherwise.
+// min_mass as T holds it: torch compares a tensor with a Python float in the tensor's dtype.
+// sigma is exactly 0 for a patch patch_stats found invalid on its float32 mass, which a 16-bit
+// dtype may round up to min_mass. Blocks (blockIdx.x, image); each finds its image's "any valid"
+// itself (K reads, from L2).
 template <typename T, typename A>
 __global__ void __launch_bounds__(256)
     keys_kernel(const T* __restrict__ mass, const T* __restrict__ mu, const T* __restrict__ sigma,
@@ -137,13 +139,16 @@ __global__ void __launch_bounds__(256)
                 float* __restrict__ key_bias, T* __restrict__ values, T* __restrict__ weight) {
   const int64_t b = blockIdx.y;
   const T* mass_b = mass + b * K;
+  const T* sigma0_b = sigma + b * K * C;   // channel 0 of patch k at k * C
+  auto valid = [&](int64_t k) {
+    return to_acc<A>(mass_b[k]) >= min_mass && to_acc<A>(sigma0_b[k * C]) > A(0);
+  };
   int found = 0;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) found |= to_acc<A>(mass_b[k]) >= min_mass;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) found |= valid(k);
   const bool any = __syncthreads_or(found) != 0;
   const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t k = start; k < K; k += step)
-    key_bias[b * K + k] = to_acc<A>(mass_b[k]) >= min_mass ? 0.0f : -INFINITY;
+  for (int64_t k = start; k < K; k += step) key_bias[b * K + k] = valid(k) ? 0.0f : -INFINITY;
   for (int64_t i = start; i < K * C; i += step) {
     const int64_t row = i / C, c = i - row * C;
     T* out = values + (b * K + row) * 2 * C + c;
