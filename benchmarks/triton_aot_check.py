@@ -115,7 +115,8 @@ def capture_launches():
         w, b = torch.zeros(p * p, dtype=dtype), torch.zeros(1, dtype=dtype)
         mu, sigma, content, mass = tp.patch_stats_fwd(x, bg, w, b, p, p, 4, 4, 1e-5, 0.5)
         tp.patch_stats_bwd(mu, sigma, content, x, bg, w, mu, sigma, mass, p, p, 4, 4, 0.5)
-        sizes = [(64, 128), (64, 64), (128, 256), (256, 256), (256, 512), (3, 6)]
+        # (512, 512): LTL at width 2, where float32's dK/dV kernel needs its one-stage pipeline
+        sizes = [(64, 128), (64, 64), (128, 256), (256, 256), (256, 512), (512, 512), (3, 6)]
         if dtype == torch.float64:
             sizes = [(3, 2), (8, 6)]
         for D, E in sizes:

@@ -191,6 +191,44 @@ def test_key_bias_dtype_may_differ():
         assert torch.equal(got, want), dt
 
 
+def test_float64_min_mass_is_not_rounded_to_float32():
+    """A mass of exactly 0.1 is valid under min_mass 0.1 in float64; float32(0.1) is larger, so a
+    kernel that took min_mass as a float32 launch argument dropped the patch and its gradient."""
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bg = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    bg[..., 1, 2] = 0.1                      # the only background of the one 4x4 patch
+    w, b = torch.full((16,), 0.25, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    res = {}
+    for name in ("reference", "triton"):
+        xx = x.clone().requires_grad_()
+        mu, sigma, content, mass = patch_stats(xx, bg, w, b, 4, 4, min_mass=0.1, backend=name)
+        (mu.sum() + sigma.sum()).backward()
+        res[name] = (mu.detach(), sigma.detach(), xx.grad)
+    assert float(res["reference"][1].abs().min()) > 0   # valid: sigma = sqrt(eps) > 0
+    for got, want in zip(res["triton"], res["reference"]):
+        assert_close(got, want, torch.float64)
+
+
+def test_attention_wider_than_an_h100_block_is_refused_with_the_reason(monkeypatch):
+    """The compiled kernels' shared memory at sm_90 (Triton 3.6's compiler) bounds D + E; past
+    it the op says so before any launch, instead of Triton's out-of-resources error mid-step."""
+    from regharm_ext.backends import BackendUnavailable
+    from regharm_ext.ops import triton_attention as ta
+    monkeypatch.setattr(ta, "interpreting", lambda: False)   # the limits of compiled kernels
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert ta.too_wide(512, 512, f32, backward=True) is None          # LTL at width 2
+    assert ta.too_wide(300, 600, f32, backward=True) is not None      # 512 + 1024
+    assert ta.too_wide(1024, 2048, f32, backward=False) is None
+    assert ta.too_wide(2048, 2048, bf16, backward=True) is None
+    assert ta.too_wide(2048, 2049, bf16, backward=True) is not None
+    assert ta.too_wide(4096, 4096, torch.float64, backward=True) is None   # gradcheck sizes only
+    q = torch.zeros(1, 4, 1024, requires_grad=True)
+    kb = torch.zeros(1, 4)
+    with pytest.raises(BackendUnavailable, match=r"D=1024, E=1024 in float32 .* sum to 1024 in "
+                                                  r"float32.*backend='native'"):
+        masked_attention(q, q, q, kb, None, backend="triton")
+
+
 def test_gradcheck_float64():
     """float64 runs in float64 in the kernels (broadcast products instead of tl.dot)."""
     x, bg, w, b = make_patch_inputs(1, 2, 9, 8, (3, 4), (2, 3), torch.float64)

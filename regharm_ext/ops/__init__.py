@@ -68,7 +68,10 @@ def masked_attention(
     Args:
         q (Tensor[B, L, D]), k (Tensor[B, N, D]), v (Tensor[B, N, E]): one dtype.
         key_bias (Tensor[B, N]): additive bias, finite or ``-inf`` (removes the key); data: no
-            gradient. NaN or ``+inf`` (not checked) give undefined results.
+            gradient. NaN or ``+inf`` (not checked) give undefined results. Remove keys with
+            ``-inf``, not ``-1e9``: the backward recomputes the probabilities from one float32
+            log-sum-exp per row, whose last bits a score of that size takes (a row of scores
+            near ±1e9 gets gradients N times too large; ±1e4 costs ~1e-4 of relative accuracy).
         query_mask (Tensor[B, L] bool, optional): active queries (data).
         scale (float, optional): any finite number; defaults to ``D ** -0.5``.
         backend (str, optional): see :func:`patch_stats`.

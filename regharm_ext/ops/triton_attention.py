@@ -344,6 +344,13 @@ def _blocks(BD: int, BE: int, dtype: torch.dtype):
                 dkdv=(stream, _fit(6144, wide), warps))
 
 
+def _dkdv_stages(BD: int, BE: int, dtype: torch.dtype) -> int:
+    """Software-pipeline stages of the dK/dV kernel: float32 tiles with BD + BE = 1024 need
+    233,600 B of shared memory at two stages on sm_90 (an H100/H200 has 232,448 B per block) and
+    167,936 B at one (Triton 3.6's compiler, benchmarks/triton_aot_check.py)."""
+    return 1 if dtype == torch.float32 and BD + BE >= 1024 else 2
+
+
 def _orders(query_mask: Optional[torch.Tensor], key_bias: torch.Tensor, keys: bool, L: int,
             block: Optional[int] = None):
     """The query order (active queries first, in order, then the inactive ones; with a mask)
@@ -475,7 +482,8 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     BM, BN, warps = blocks["dkdv"]
     launcher(_attn_bwd_dkdv)[(cdiv(N, BN), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dk, dv, L, N, _ld(idx, L), D, E,
-        *split_f32(scale), BM=BM, BN=BN, num_warps=warps, **flags)
+        *split_f32(scale), BM=BM, BN=BN, num_warps=warps,
+        **dict(flags, num_stages=_dkdv_stages(BD, BE, q.dtype)))
     BM, BN, warps = blocks["dq"]
     launcher(_attn_bwd_dq)[(cdiv(L, BM), B)](
         q, k, v, key_bias, idx, cnt, do, lse, delta, dq, L, N, _ld(idx, L), D, E,
@@ -508,8 +516,39 @@ _MaskedAttention = register_autograd("regharm_triton::masked_attention", _backwa
                                      masked_attention_fwd.eager_body)
 
 
+# Widest tiles (BD + BE, D and E rounded up to powers of two, at least 16) whose kernels fit an
+# sm_90 block's 232,448 B of shared memory, from Triton 3.6's compiler: (forward, backward).
+# float32 backward: 1024 takes 167,936 B (one stage), 1536 takes 262,144 B; forward: 3072 takes
+# 196,608 B, 4096 takes 262,144 B. 16-bit backward: 4096 takes 198,784 B, 6144 takes 329,856 B;
+# forward: 6144 takes 197,120 B, 8192 takes 262,656 B.
+_WIDEST = {torch.float32: (3072, 1024), torch.float16: (6144, 4096), torch.bfloat16: (6144, 4096)}
+
+
+def too_wide(D: int, E: int, dtype: torch.dtype, backward: bool) -> Optional[str]:
+    """Why the compiled kernels cannot take these widths, or None (float64 and the interpreter
+    are not limited)."""
+    widest = _WIDEST.get(dtype)
+    if widest is None or interpreting():
+        return None
+    width = _pow2(int(D)) + _pow2(int(E))
+    limit = widest[1] if backward else widest[0]
+    if width <= limit:
+        return None
+    f32, b16 = _WIDEST[torch.float32], _WIDEST[torch.bfloat16]
+    return (f"backend 'triton': masked_attention {'with its backward ' if backward else ''}at "
+            f"D={D}, E={E} in {str(dtype).replace('torch.', '')} needs more shared memory than an "
+            f"H100/H200 block has (D and E rounded up to powers of two may sum to {f32[1]} in "
+            f"float32, {b16[1]} in 16-bit; without a backward {f32[0]} and {b16[0]}); use "
+            f"backend='native' or 'torch', or bfloat16 (train --amp bf16)")
+
+
 def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:
     """out (Tensor[B, L, E]) of SPEC §3; see :func:`regharm_ext.ops.masked_attention`."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    problem = too_wide(q.shape[-1], v.shape[-1], q.dtype, grad)
+    if problem is not None:
+        from ..backends import BackendUnavailable
+        raise BackendUnavailable(problem)
     args = (q, k, v, key_bias, query_mask, scale)
     if eager_grad(q, k, v):
         return _MaskedAttention.apply(*args)[0]

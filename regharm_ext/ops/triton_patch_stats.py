@@ -73,13 +73,13 @@ def _first_sweep(xb, gb, top, n_ok, m2, Wd, acc_t: tl.constexpr, PH: tl.constexp
 
 @triton.jit
 def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, eps_lo, min_mass,
-            PH: tl.constexpr, PW: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+            min_mass_lo, PH: tl.constexpr, PW: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     acc_t = MU.dtype.element_ty
     eps = join_f32(eps, eps_lo, acc_t)
-    min_mass = tl.cast(min_mass, acc_t)
+    min_mass = join_f32(min_mass, min_mass_lo, acc_t)
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
     xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
@@ -118,13 +118,13 @@ def _ps_fwd(X, BG, W, BIAS, MU, SIG, CON, MASS, C, H, Wd, Kw, K, sh, sw, eps, ep
 
 @triton.jit
 def _ps_bwd_patch(X, BG, W, MU, SIG, MASS, GMU, GSIG, GCON, ABG, GWP,
-                  C, H, Wd, Kw, K, sh, sw, min_mass, PH: tl.constexpr, PW: tl.constexpr,
-                  PWP: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+                  C, H, Wd, Kw, K, sh, sw, min_mass, min_mass_lo, PH: tl.constexpr,
+                  PW: tl.constexpr, PWP: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     acc_t = ABG.dtype.element_ty
-    min_mass = tl.cast(min_mass, acc_t)
+    min_mass = join_f32(min_mass, min_mass_lo, acc_t)
     n, c, n_ok, c_ok, top = _tile(pid_k, pid_c, C, Kw, K, sh, sw, Wd, BK, BC)
     m2 = n_ok[:, None] & c_ok[None, :]
     xb = X + b * C * H * Wd + c[None, :] * (H * Wd)
@@ -246,8 +246,7 @@ def patch_stats_fwd(x: torch.Tensor, bg: torch.Tensor, weight: torch.Tensor, bia
     if B and C:
         launcher(_ps_fwd)[(cdiv(K, BK), cdiv(C, BC), B)](
             x, bg, weight, bias, mu, sigma, content, mass, C, H, W, Kw, K, sh, sw, *split_f32(eps),
-            min_mass,
-            PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
+            *split_f32(min_mass), PH=ph, PW=pw, BK=BK, BC=BC, num_warps=4)
     return mu, sigma, content, mass
 
 
@@ -271,7 +270,7 @@ def patch_stats_bwd(grad_mu: torch.Tensor, grad_sigma: torch.Tensor, grad_conten
     if B and C:
         launcher(_ps_bwd_patch)[tiles](
             x, bg, weight, mu, sigma, mass, *grads, abg, partial,
-            C, H, W, Kw, K, sh, sw, min_mass, PH=ph, PW=pw, PWP=next_pow2(pw), BK=BK, BC=BC,
+            C, H, W, Kw, K, sh, sw, *split_f32(min_mass), PH=ph, PW=pw, PWP=next_pow2(pw), BK=BK, BC=BC,
             num_warps=4)
         launcher(_ps_bwd_pixel)[(cdiv(H * W, BP), cdiv(C, BCP), B)](
             x, bg, weight, abg, grad_x, C, H, W, Kh, Kw, K, sh, sw, PH=ph, PW=pw,
