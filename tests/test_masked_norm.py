@@ -68,6 +68,30 @@ def test_masked_norm_backward_counts_every_split(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend, device", RUNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_masked_norm_with_a_subnormal_weight_stays_finite(backend, device, dtype, layout):
+    """Σ weight = 1e-40 (float32) or 1e-310 (float64): 1 / Σ overflows to inf and inf times a
+    zero weight is NaN; like the composite's clamp_min(tiny), the kernels count it as tiny."""
+    _skip(backend, device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=dtype).to(device, memory_format=layout)
+    w = torch.zeros(2, 1, 4, 5, dtype=dtype, device=device)
+    w[0, 0, 1, 2] = 1e-40 if dtype == torch.float32 else 1e-310
+    w[1] = 0.5
+    x.requires_grad_()
+    y = masked_norm(x, w, 1e-5, backend=backend)
+    grad = torch.randn(y.shape, generator=g, dtype=dtype).to(device)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    xd = x.detach().clone().requires_grad_()
+    y_ref = composite(xd, w, 1e-5)   # in the same dtype: float64 would not see a subnormal
+    (dx_ref,) = torch.autograd.grad(y_ref, xd, grad)
+    assert_close(y, y_ref, dtype, msg=f"{backend} y")
+    assert_close(dx, dx_ref, dtype, grad=True, msg=f"{backend} dx")
+
+
+@pytest.mark.parametrize("backend, device", RUNS)
 def test_masked_norm_reads_strided_x(backend, device):
     _skip(backend, device)
     x, w = make_norm_inputs(2, 6, 8, 10, device=device)

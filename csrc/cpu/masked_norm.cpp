@@ -9,6 +9,7 @@
 // T is the accumulation type: float for float32/float16/bfloat16 inputs, double for float64.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -21,13 +22,15 @@ namespace {
 constexpr const char* kOp = "regharm::masked_norm";
 constexpr const char* kOpBw = "regharm::masked_norm_backward";
 
-// 1 / Σ weight of each image, 0 for an image without weight (then w_n = 0: mu = var = 0)
+// 1 / Σ weight of each image, 0 for an image without weight (then w_n = 0: mu = var = 0). A
+// subnormal Σ counts as the smallest normal number, as the composite's clamp_min(tiny) does:
+// 1 / 1e-40 is inf in float32, and inf times a zero weight NaN.
 template <typename T>
 void inverse_mass(const T* w, int64_t B, int64_t HW, T* inv) {
   for (int64_t b = 0; b < B; ++b) {
     T mass = 0;
     for (int64_t l = 0; l < HW; ++l) mass += w[b * HW + l];
-    inv[b] = mass > 0 ? T(1) / mass : T(0);
+    inv[b] = mass > 0 ? T(1) / std::max(mass, std::numeric_limits<T>::min()) : T(0);
   }
 }
 
@@ -76,14 +79,15 @@ void grad_block_cl(const T* px, const T* pw, const T* pg, const T* pmu, const T*
       sgy[c] += gr[c] * (xr[c] - m[c]) * r[c];
     }
   }
-  for (int64_t c = 0; c < n; ++c) a[c] = r[c] * sg[c] * inv, k[c] = r[c] * sgy[c] * inv;
+  for (int64_t c = 0; c < n; ++c) a[c] = r[c] * sg[c], k[c] = r[c] * sgy[c];
   const T* wr = pw + b * HW;
   T* out = pdx + (b * C + c0) * HW;
   for (int64_t l = 0; l < HW; ++l) {
     const T* xr = px + (b * HW + l) * C + c0;
     const T* gr = pg + (b * HW + l) * C + c0;
+    const T wn = wr[l] * inv;   // first: inv may be 1 / FLT_MIN, a[c] * inv would overflow
     for (int64_t c = 0; c < n; ++c)
-      out[c * HW + l] = r[c] * gr[c] - wr[l] * (a[c] + (xr[c] - m[c]) * r[c] * k[c]);
+      out[c * HW + l] = r[c] * gr[c] - wn * (a[c] + (xr[c] - m[c]) * r[c] * k[c]);
   }
 }
 
@@ -194,10 +198,10 @@ at::Tensor masked_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
           sg += g;
           sgy += g * (xr[l] - m) * r;
         }
-        const T a = r * sg * inv[b], k = r * sgy * inv[b];
+        const T a = r * sg, k = r * sgy, ib = inv[b];
         T* out = pdx + bc * HW;
-        for (int64_t l = 0; l < HW; ++l)
-          out[l] = r * gc[l * d.C] - wr[l] * (a + (xr[l] - m) * r * k);
+        for (int64_t l = 0; l < HW; ++l)   // w_n first: inv may be 1 / FLT_MIN
+          out[l] = r * gc[l * d.C] - (wr[l] * ib) * (a + (xr[l] - m) * r * k);
       }
     });
   });

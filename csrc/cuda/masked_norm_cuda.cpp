@@ -19,6 +19,10 @@ constexpr const char* kOpBw = "regharm::masked_norm_backward (CUDA)";
 
 NormShape shape_of(const NormDims& d, const char* op) {
   check_grid_dim(d.B, "batch size B", op);
+  check_grid_dim((d.C + 31) / 32, "channel tiles (C + 31) / 32", op);
+  // the statistics kernel has one block per (image, channel) along grid x
+  TORCH_CHECK(d.B * d.C <= 2147483647, op, ": B * C = ", d.B * d.C,
+              " exceeds the CUDA kernels' limit of 2^31 - 1 blocks");
   return NormShape{d.B, d.C, d.H * d.W};
 }
 

@@ -8,6 +8,7 @@
 // coalesced) in partial sums over chunks of positions, added up in a fixed order by a small
 // kernel, then the tile kernel writes dx in x's layout. No atomics: results are deterministic.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 
 #include "device_utils.cuh"
@@ -42,6 +43,15 @@ __device__ __forceinline__ void sweep_row(const T* xr, const A* wr, int64_t HW, 
 }
 
 // mu and rstd of one (image, channel) row; w: the image's weights (acc).
+// 1 / Σ weight, 0 without weight (w_n = 0: mu = var = 0); a subnormal Σ counts as the smallest
+// normal number, as the composite's clamp_min(tiny) does (1 / 1e-40 is inf in float32, and inf
+// times a zero weight NaN)
+template <typename A>
+__device__ __forceinline__ A inverse_mass(A mass) {
+  const A tiny = sizeof(A) == 8 ? A(DBL_MIN) : A(FLT_MIN);
+  return mass > A(0) ? A(1) / (mass > tiny ? mass : tiny) : A(0);
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRowThreads)
     norm_stats_kernel(const T* __restrict__ x, const A* __restrict__ w, int64_t C, int64_t HW,
@@ -57,7 +67,7 @@ __global__ void __launch_bounds__(kRowThreads)
   });
   mass = block_sum(mass, scratch);
   s1 = block_sum(s1, scratch);
-  const A inv = mass > A(0) ? A(1) / mass : A(0);  // no weight: mu = var = 0
+  const A inv = inverse_mass(mass);
   const A m = s1 * inv;
   A s2 = 0;
   sweep_row<T>(xr, wr, HW, m, [&](A wv, A dv) { s2 += wv * dv * dv; });
@@ -166,7 +176,7 @@ __global__ void __launch_bounds__(kRowThreads)
     A s = 0;
     for (int64_t k = 0; k < chunks; ++k) s += part[k * n + i];
     if (i < 2 * B * C) sums[i] = s;
-    else inv_mass[i - 2 * B * C] = s > A(0) ? A(1) / s : A(0);
+    else inv_mass[i - 2 * B * C] = inverse_mass(s);
   }
 }
 

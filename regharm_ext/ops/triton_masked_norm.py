@@ -34,8 +34,14 @@ from .norm_composite import op_autograd
 
 @triton.jit
 def _inverse(total):
-    """1 / Σ weight, 0 without weight (w_n = 0: mu = var = 0)."""
-    return tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    """1 / Σ weight, 0 without weight (w_n = 0: mu = var = 0); a subnormal Σ counts as the
+    smallest normal number, as the composite's clamp_min(tiny) does (1 / 1e-40 is inf in float32,
+    and inf times a zero weight NaN)."""
+    if total.dtype == tl.float64:
+        tiny = tl.full([], 2.2250738585072014e-308, tl.float64)
+    else:
+        tiny = tl.full([], 1.1754943508222875e-38, tl.float32)
+    return tl.where(total > 0, 1.0 / tl.maximum(total, tiny), 0.0)
 
 
 @triton.jit
