@@ -82,6 +82,7 @@ class TrainConfig:
     images_per_epoch: int = 0                # synth: samples per epoch; iharmony4: 0 = all
     fresh_data: bool = True                  # synth: new draws every epoch
     val_images: int = 0                      # 0 = the whole validation split
+    holdout: int = 0                         # iharmony4: training images kept out to select on
     # optimization
     epochs: int = 140
     batch_size: int = 4
@@ -195,6 +196,7 @@ _RANGES = [
     ("num_workers", lambda v: v >= -1, ">= -1 (-1 = auto)"), ("eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("max_steps", lambda v: v >= 0, ">= 0 (0 = no limit)"), ("max_minutes", lambda v: v >= 0, ">= 0 (0 = none)"),
     ("val_every", lambda v: v >= 0, ">= 0 (0 = never)"), ("val_subset", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("holdout", lambda v: v >= 0, ">= 0 (0 = none)"),
     ("keep_checkpoints", lambda v: v >= 1, ">= 1"), ("inject_nan_step", lambda v: v >= 0, ">= 0"),
 ]
 
@@ -207,6 +209,15 @@ def _check_values(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be {must}, got {getattr(cfg, name)!r}")
     if cfg.data not in ("synth", "iharmony4"):
         raise ConfigError(f"data must be 'synth' or 'iharmony4', got {cfg.data!r}")
+    if cfg.holdout and cfg.data != "iharmony4":
+        raise ConfigError("--holdout is for --data iharmony4; on the synthetic data --val-every selects on "
+                          "other composites of the validation photos than the final table's")
+    if cfg.val_every and cfg.data == "iharmony4" and not cfg.holdout:
+        # a checkpoint picked by its test scores would make the test table optimistic
+        raise ConfigError("iHarmony4 has no validation split, and a checkpoint picked on the test split "
+                          "makes its test scores optimistic: --val-every needs --holdout N (training "
+                          "images kept out of training to score and select on, e.g. 1000), given when "
+                          "the run starts")
     if cfg.amp not in AMP_MODES:
         raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
     if cfg.backend is not None and cfg.backend not in BACKENDS:
@@ -248,6 +259,8 @@ def _check_runnable(cfg: TrainConfig) -> None:
 
 # --------------------------------------------------------------------------- data
 def _datasets(cfg: TrainConfig):
+    """(train, val, select): the training set, the final table's, and the one ``--val-every``
+    scores to pick the best checkpoint (never the final table's images)."""
     if cfg.data == "synth":
         from .data.synth import SyntheticComposites
 
@@ -255,7 +268,10 @@ def _datasets(cfg: TrainConfig):
                                     seed=cfg.seed)
         # scored like every evaluation (SPEC §6): at 256², the model at its own size, Î upsampled
         val = SyntheticComposites("val", size=EVAL_SIZE, length=cfg.val_images or None, seed=0)
-        return train, val
+        # the 70 training photos are trained on, the 15 others make the table: selection draws
+        # other masks and appearance shifts on those 15 (seed 1), the nearest to unseen data
+        select = SyntheticComposites("val", size=EVAL_SIZE, seed=1)
+        return train, val, select
     if cfg.data == "iharmony4":
         if not cfg.data_root:
             raise ConfigError("the iharmony4 data (preset 'paper') needs --data-root DIR pointing at iHarmony4 "
@@ -266,7 +282,18 @@ def _datasets(cfg: TrainConfig):
         val = IHarmony4(cfg.data_root, "test", subsets=cfg.subsets, size=EVAL_SIZE, augment=False)
         if cfg.val_images:
             val = torch.utils.data.Subset(val, range(min(cfg.val_images, len(val))))
-        return train, val
+        select = None
+        if cfg.holdout:
+            if cfg.holdout >= len(train):
+                raise ConfigError(f"--holdout {cfg.holdout} keeps out all {len(train)} training images; "
+                                  f"hold out fewer")
+            # fixed by the seed, so a resumed run trains on the same images
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            held, kept = sorted(order[:cfg.holdout]), sorted(order[cfg.holdout:])
+            as_eval = IHarmony4(cfg.data_root, "train", subsets=cfg.subsets, size=EVAL_SIZE, augment=False)
+            select = torch.utils.data.Subset(as_eval, held)
+            train = torch.utils.data.Subset(train, kept)
+        return train, val, select
     raise ValueError(f"data must be 'synth' or 'iharmony4', got {cfg.data!r}")
 
 
@@ -502,7 +529,8 @@ def write_samples(model, val, device: torch.device, run_dir: Path, baselines: Se
 
 
 def _quick_val(model, val, cfg: TrainConfig, device: torch.device) -> float:
-    """fMSE of the model on the first ``val_subset`` validation images (during training)."""
+    """fMSE of the model on the first ``val_subset`` images of the selection set (during
+    training; see :func:`_datasets`)."""
     from .evaluate import evaluate
 
     if cfg.val_subset:
@@ -635,7 +663,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
         model = build_model(cfg).to(device, memory_format=layout)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         amp_dtype, scaler = _amp(cfg, device)
-        train_ds, val_ds = _datasets(cfg)
+        train_ds, val_ds, select_ds = _datasets(cfg)
     n_batches = len(_epoch_batches(cfg, len(train_ds), 0))
     if n_batches == 0:   # refused before the run directory is written
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than an epoch "
@@ -787,7 +815,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
                 state["finished"] = True
             best = False
             if main and cfg.val_every and (record["epoch"] % cfg.val_every == 0 or state.get("finished")):
-                record["val_fmse"] = _quick_val(model, val_ds, cfg, device)
+                record["val_fmse"] = _quick_val(model, select_ds, cfg, device)
                 best = record["val_fmse"] < state.get("best_fmse", float("inf"))
                 if best:
                     state["best_fmse"] = record["val_fmse"]
@@ -905,7 +933,10 @@ HELP = {
     "max_steps": "stop after this global step, as an interruption (0 = no limit)",
     "max_minutes": "training time budget, then validate (0 = none); lr milestones also pass by time",
     "validate": "print and save the final table",
-    "val_every": "score val_subset images every N epochs and keep the best checkpoint (0 = never)",
+    "val_every": "score val_subset images every N epochs and keep the best checkpoint (0 = never); "
+                 "scored on images the final table does not use (iharmony4: needs --holdout)",
+    "holdout": "iharmony4: training images kept out of training, on which --val-every scores "
+               "(the test split never picks a checkpoint)",
     "amp": "mixed precision: bf16, fp16 (with a gradient scaler) or none",
     "deterministic": "deterministic algorithms and thread count: a resumed run's losses equal an "
                      "uninterrupted run's (exactly on CPU)",

@@ -269,3 +269,26 @@ def test_paper_preset_trains_on_an_iharmony4_tree(tmp_path):
     assert [r["images"] for r in log] == [16, 16]                        # 2 subsets x 8 images
     val = json.loads((out / "val.json").read_text())
     assert set(val["results"][0]["subsets"]) == {"HFlickr", "Hday2night", "All"}
+
+
+def test_iharmony4_picks_its_best_checkpoint_on_held_out_training_images(tmp_path):
+    """--val-every never scores the test split (a checkpoint picked there makes the test table
+    optimistic): --holdout training images are kept out of training and scored instead."""
+    from regharm_ext.data.synth import export
+    from regharm_ext.train import _datasets, preset_config
+
+    export(tmp_path / "ihd", n=2, n_train=8, subsets=("HFlickr", "Hday2night"), size=64)
+    out = tmp_path / "run"
+    args = ["--preset", "paper", "--data-root", str(tmp_path / "ihd"), "--out", str(out), "--input-size", "64",
+            "--base-channels", "4", "--epochs", "2", "--progress", "false", "--val-every", "1",
+            "--holdout", "4", "--eval-batch-size", "4"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in log] == [12, 12] and all("val_fmse" in r for r in log)
+    assert (out / "best.json").is_file()
+    cfg = preset_config("paper", data_root=str(tmp_path / "ihd"), input_size=64, holdout=4, val_every=1)
+    train, val, select = _datasets(cfg)
+    names = lambda ds: {ds.dataset.items[i][:2] for i in ds.indices}   # (subset, file)  # noqa: E731
+    assert len(select) == 4 and not names(train) & names(select)
+    assert len(names(train) | names(select)) == 16 and all(n.startswith("t") for _, n in names(select))
+    assert {item[1][0] for item in val.items} == {"v"}   # the table: the test split alone

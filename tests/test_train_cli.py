@@ -114,6 +114,9 @@ BAD_NEW_RUN = [
     (["--threads", "-3"], "threads must be >= 0"),
     (["--data-root", "/tmp"], "--data-root is used by --data iharmony4 only"),
     (["--variant", "rbase", "--ltl-levels", "16"], "--ltl-levels applies to variants with ltl or sa"),
+    (["--holdout", "3"], "--holdout is for --data iharmony4"),
+    (["--data", "iharmony4", "--data-root", "/tmp", "--val-every", "1"],
+     "a checkpoint picked on the test split makes its test scores optimistic: --val-every needs --holdout N"),
 ]
 
 
