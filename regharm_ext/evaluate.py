@@ -270,6 +270,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--subsets needs --data-root (without it the embedded synthetic validation split is scored)")
     if a.data_root is not None and a.val_length is not None:
         p.error("--val-length sizes the embedded validation split: drop it or --data-root")
+    if a.val_length is not None and a.val_length < 1:
+        p.error(f"--val-length must be at least 1 (images to score), got {a.val_length}")
 
 
 def _parse_peak(p: argparse.ArgumentParser, text: str):

@@ -273,6 +273,8 @@ def test_evaluate_cli_subset_selection(tmp_path, capsys):
 @pytest.mark.parametrize("args,words", [
     (["--subsets", "HCOCO"], "--subsets needs --data-root"),
     (["--data-root", "ihd", "--val-length", "3"], "--val-length sizes the embedded validation split"),
+    (["--val-length", "0"], "--val-length must be at least 1"),
+    (["--val-length", "-5"], "--val-length must be at least 1"),
     (["--peak", "0"], "--peak must be 'target' or a positive number"),
     (["--peak", "nan"], "--peak must be 'target' or a positive number"),
     (["--peak", "-255"], "--peak must be 'target' or a positive number"),

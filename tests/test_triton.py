@@ -229,6 +229,20 @@ def test_attention_wider_than_an_h100_block_is_refused_with_the_reason(monkeypat
         masked_attention(q, q, q, kb, None, backend="triton")
 
 
+def test_batches_past_a_cuda_grid_axis_are_refused_with_the_reason():
+    from regharm_ext.backends import BackendUnavailable
+    from regharm_ext.ops import masked_norm
+    B = 65536
+    x = torch.zeros(B, 1, 1, 1)
+    q, kb = torch.zeros(B, 1, 1), torch.zeros(B, 1)
+    calls = {"masked_attention": lambda: masked_attention(q, q, q, kb, backend="triton"),
+             "patch_stats": lambda: patch_stats(x, x, torch.ones(1), torch.zeros(1), 1, 1, backend="triton"),
+             "masked_norm": lambda: masked_norm(x, x, backend="triton")}
+    for op, call in calls.items():
+        with pytest.raises(BackendUnavailable, match=f"{op} takes at most 65535 images per call .* B=65536"):
+            call()
+
+
 def test_gradcheck_float64():
     """float64 runs in float64 in the kernels (broadcast products instead of tl.dot)."""
     x, bg, w, b = make_patch_inputs(1, 2, 9, 8, (3, 4), (2, 3), torch.float64)

@@ -47,6 +47,16 @@ def join_f32(hi, lo, acc_t: tl.constexpr):
     return tl.cast(hi, acc_t) + tl.cast(lo, acc_t)
 
 
+def check_batch(B, op: str) -> None:
+    """The kernels put the image index on grid axis 1 or 2, which CUDA caps at 65535: a larger
+    batch is refused with the reason (BackendUnavailable) rather than failing to launch."""
+    if B > 65535:
+        from ..backends import BackendUnavailable
+        raise BackendUnavailable(f"backend 'triton': {op} takes at most 65535 images per call (a CUDA "
+                                 f"grid axis), got B={B}; split the batch, or use backend='native' "
+                                 f"or 'torch'")
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
     return 1 << max(int(n) - 1, 0).bit_length()

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, interpreting, join_f32, launcher, next_pow2,
-                           split_f32, traced_op)
+from ._triton_util import (acc_dtype, cdiv, check_batch, interpreting, join_f32, launcher,
+                           next_pow2, split_f32, traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -544,6 +544,7 @@ def too_wide(D: int, E: int, dtype: torch.dtype, backward: bool) -> Optional[str
 
 def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:
     """out (Tensor[B, L, E]) of SPEC §3; see :func:`regharm_ext.ops.masked_attention`."""
+    check_batch(q.shape[0], "masked_attention")
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     problem = too_wide(q.shape[-1], v.shape[-1], q.dtype, grad)
     if problem is not None:

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, interpreting, join_f32, launcher, next_pow2,
-                           split_f32, traced_op)
+from ._triton_util import (acc_dtype, cdiv, check_batch, interpreting, join_f32, launcher,
+                           next_pow2, split_f32, traced_op)
 from .norm_composite import op_autograd
 
 
@@ -224,6 +224,7 @@ _MaskedNorm = register_autograd("regharm_triton::masked_norm", _backward, _setup
 
 def masked_norm(x, weight, eps: float) -> torch.Tensor:
     """y (Tensor[B, HW, C]); see :func:`regharm_ext.ops.masked_norm`."""
+    check_batch(x.shape[0], "masked_norm")
     if eager_grad(x):
         return _MaskedNorm.apply(x, weight, eps)[0]
     return torch.ops.regharm_triton.masked_norm(x, weight, eps)[0]

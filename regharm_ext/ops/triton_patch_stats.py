@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, interpreting, join_f32, launcher, next_pow2,
-                           split_f32, traced_op)
+from ._triton_util import (acc_dtype, cdiv, check_batch, interpreting, join_f32, launcher,
+                           next_pow2, split_f32, traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
 
@@ -308,6 +308,7 @@ _PatchStats = register_autograd("regharm_triton::patch_stats", _backward, _setup
 
 def patch_stats(x, bg, weight, bias, patch_size, stride, eps: float, min_mass: float):
     """mu, sigma, content (Tensor[B, K, C]) and mass (Tensor[B, K]) in x's dtype (SPEC §2)."""
+    check_batch(x.shape[0], "patch_stats")
     (ph, pw), (sh, sw) = patch_size, stride
     args = (x, bg, weight, bias, ph, pw, sh, sw, eps, min_mass)
     op = _PatchStats.apply if eager_grad(x, weight, bias) else torch.ops.regharm_triton.patch_stats
