@@ -106,6 +106,9 @@ Tensors ptl_forward(const Tensor& x, const Tensor& m, const Tensor& weight, cons
     values = at::cat({mu, sigma}, -1);
     blend_weight = at::where(valid.any(1).view({-1, 1, 1, 1}), m, 0.0).contiguous();
   }
+  // float16 C_f may overflow outside the foreground, and the blend's 0 * inf would be NaN where
+  // the output must be x (ptl_node.py's inactive_content_zeroed says more)
+  if (c_f.scalar_type() == at::kHalf) c_f.masked_fill_(query_mask.logical_not().unsqueeze(-1), 0);
   auto [attn_out, lse] =
       masked_attention.call(c_f, content, values, key_bias, query_mask, scale);
   // T_fb = C_f * V + A, out = lerp(x, T_fb, weight)

@@ -13,8 +13,8 @@ from .backends import preload
 from .image_args import mask_weights  # noqa: F401  (re-exported: model.py and users import it here)
 from .ops import _checks, masked_attention, masked_norm, patch_stats
 from .ops.norm_composite import composite
-from .ptl_node import (Blend, FusedPTLNode, PTLNode, attention_keys, blend_weight, node_ops,
-                       node_steps)
+from .ptl_node import (Blend, FusedPTLNode, PTLNode, attention_keys, blend_weight,
+                       inactive_content_zeroed, node_ops, node_steps)
 
 Size = Union[int, float, Tuple[Union[int, float], Union[int, float]]]
 
@@ -202,6 +202,7 @@ class PTL(nn.Module):
                                                self.eps, self.min_mass, backend=self.backend)
         c_f = masked_norm(x, m, self.eps, backend=self.backend)                  # (B, HW, C)
         valid, key_bias, query_mask, values = attention_keys(m, mu, sigma, mass, self.min_mass)
+        c_f = inactive_content_zeroed(c_f, query_mask)
         return m, c_f, content, values, key_bias, query_mask, valid
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

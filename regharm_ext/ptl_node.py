@@ -46,6 +46,18 @@ def attention_keys(m: torch.Tensor, mu, sigma, mass, min_mass: float):
     return valid, key_bias, (m > 0).flatten(1), torch.cat([mu, sigma], -1)
 
 
+def inactive_content_zeroed(c_f: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """C_f (Tensor[B, HW, C]) with 0 at the positions outside the foreground, in float16 only.
+    C_f is normalized by the foreground's statistics at every position: a background value 207
+    away from a near-constant foreground channel exceeds float16's 65504 (rstd reaches 316),
+    and the blend's 0 · inf there is NaN where the output must be x itself. Those positions are
+    neither attention queries nor blended, so 0 changes nothing else; their gradient is 0
+    either way (dQ and dA vanish there)."""
+    if c_f.dtype != torch.float16:
+        return c_f   # float32 and bfloat16 reach 1e38: no pass over C_f for them
+    return c_f.masked_fill(~query_mask.unsqueeze(-1), 0)
+
+
 def blend_weight(m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The blend's weight: m, or 0 for an image without a valid patch (nothing to match, so the
     input passes through unchanged: the attention gives 0 there and lerp with weight 0 returns
@@ -140,6 +152,7 @@ class PTLNode(torch.autograd.Function):
         mu, sigma, content, mass = (as_dtype(t, x.dtype) for t in stats)  # Triton's are float32
         c_f = norm.forward(x, m, eps)[0]                                    # (B, HW, C)
         valid, key_bias, query_mask, values = attention_keys(m, mu, sigma, mass, min_mass)
+        c_f = inactive_content_zeroed(c_f, query_mask)
         attended = attn.forward(c_f, content, values, key_bias, query_mask, scale)
         out = blend.forward(x, attended[0], c_f, blend_weight(m, valid))
         ctx.steps = (ps, norm, attn, blend)

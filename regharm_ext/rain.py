@@ -49,6 +49,9 @@ class RAIN(nn.Module):
         mu_b, sd_b, mass_b = _masked_stats(xf, 1 - m.float(), self.eps)
         moved = (xf - mu_f) / sd_f * sd_b + mu_b
         moved = moved * (1 + self.gamma.view(1, -1, 1, 1)) + self.beta.view(1, -1, 1, 1)
-        out = ((1 - m) * x + m * moved.to(x.dtype))
+        # blended in float32: moved may exceed float16's range outside the foreground, where
+        # 0 * inf would be NaN instead of x
+        mf = m.float()
+        out = ((1 - mf) * xf + mf * moved).to(x.dtype)
         has_both = ((mass_f > 0) & (mass_b > 0)).view(-1, 1, 1, 1)
         return torch.where(has_both, out, x)

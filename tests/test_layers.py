@@ -90,6 +90,30 @@ def test_ptl_keeps_the_ops_verdict_on_a_mass_that_rounds_up_to_min_mass(backend,
         assert torch.equal(ptl(x, m), x)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_float16_ptl_and_rain_keep_the_background_when_c_f_overflows(backend, grad):
+    """A channel ReLU zeroed over the whole foreground and one background value of 210 there:
+    C_f = 210 · rstd (316) exceeds float16's 65504 at that pixel, where the output must still be
+    x exactly (not 0 · inf = NaN), forward and backward."""
+    from regharm_ext.rain import RAIN
+    g = torch.Generator().manual_seed(0)
+    m = torch.zeros(1, 1, 32, 32)
+    m[..., 8:20, 8:20] = 1
+    x = torch.relu(torch.randn(1, 4, 32, 32, generator=g))
+    x[:, 0, 8:20, 8:20] = 0
+    x[:, 0, 0, 0] = 210.0
+    x, m = x.half().requires_grad_(grad), m.half()
+    for layer in (PTL(4, backend=backend, feature_size=(32, 32)), RAIN(4)):
+        with torch.set_grad_enabled(grad):
+            y = layer(x, m)
+        bg = (m == 0).expand_as(y)
+        assert torch.equal(y[bg], x.detach()[bg]), type(layer).__name__
+        if grad:
+            (dx,) = torch.autograd.grad(y.float().sum(), x)
+            assert torch.isfinite(dx).all(), type(layer).__name__
+
+
 def _ptl_by_formula(ptl, x, mask):
     """SPEC §4's PTL written out with plain differentiable torch ops (the layer's own blend and
     normalization have hand-written backwards)."""
