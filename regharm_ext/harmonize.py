@@ -56,7 +56,7 @@ from .backends import NAMES
 from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
                               sixteen_bit_peak)
 from .errors import one_line
-from .inference import model_size, pick_device, resize
+from .inference import _EvalMode, model_size, pick_device, resize
 from .paths import nearest_existing
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -178,7 +178,7 @@ def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") ->
     [H, W]); identical to ``image`` wherever ``mask`` is 0."""
     dev = torch.device(device)
     out = np.empty_like(image)
-    with torch.no_grad():
+    with torch.no_grad(), _EvalMode(model):
         up = _Upsampler(model.predict_raw(*_model_inputs(model, image, mask, dev)), mask.shape)
         for y0, y1 in _strips(*mask.shape):
             o = model.compose(_batch(image[y0:y1], dev), up.rows(y0, y1), _batch(mask[y0:y1], dev))
@@ -191,7 +191,7 @@ def contribution_map(model, image: np.ndarray, mask: np.ndarray, device="cpu") -
     """PTL contribution (float32 [H, W], sums to 1 over the image) at the image's resolution."""
     dev = torch.device(device)
     out = np.empty(mask.shape, np.float32)
-    with torch.no_grad():
+    with torch.no_grad(), _EvalMode(model):
         c = model.ptl_contribution(*_model_inputs(model, image, mask, dev))
         up = _Upsampler(c[:, None], mask.shape)
         for y0, y1 in _strips(*mask.shape):

@@ -1,7 +1,8 @@
 """Running a Harmonizer on images of any size (shared by ``evaluate`` and ``harmonize``).
 
 The network sees the image at its training resolution ``model.input_size`` (bilinear resize with
-antialiasing, like the training data); its raw output Î (``model.predict_raw``: the residual, or
+antialiasing, like the synthetic training data; the iHarmony4 loader resizes without it); it runs in
+its parameters' dtype, and its raw output Î (``model.predict_raw``: the residual, or
 the foreground for ``base``) is upsampled bilinearly to the original size and applied there with
 the original mask (``model.compose``: Eq. 7 / Eq. 6). At the training resolution this is exactly
 ``model(image, mask)``.
@@ -57,12 +58,19 @@ def predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return _predict_raw_at(model, image, check_pair(image, mask))
 
 
-def _predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor,
+                    run_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Î in the image's dtype; the network runs in ``run_dtype`` (default: the image's). Resizes
+    run in float32 (or float64): PyTorch's CPU antialiasing has no 16-bit kernels."""
     size = model_size(model)
+    run = run_dtype or image.dtype
     if size is None or tuple(image.shape[-2:]) == size:
-        return model.predict_raw(image, mask)
-    raw = model.predict_raw(resize(image, size), resize(mask, size).clamp(0, 1))
-    return F.interpolate(raw, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
+        return model.predict_raw(image.to(run), mask.to(run)).to(image.dtype)
+    wide = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
+    small = resize(image.to(wide), size), resize(mask.to(wide), size).clamp(0, 1)
+    raw = model.predict_raw(*(t.to(run) for t in small))
+    return F.interpolate(raw.to(wide), size=tuple(image.shape[-2:]), mode="bilinear",
+                         align_corners=False).to(image.dtype)
 
 
 def check_pair(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,9 +112,9 @@ def harmonize_tensor(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Te
     with ``forward(image, mask) -> O`` is called directly. ``image`` is float in [0, 1], ``mask``
     bool or float weights in [0, 1] of shape (B, 1, H, W)."""
     mask = check_pair(image, mask)
-    out_dtype, run_dtype = image.dtype, _param_dtype(model) or image.dtype
-    image, mask = image.to(run_dtype), mask.to(run_dtype)
+    run_dtype = _param_dtype(model) or image.dtype
     with _EvalMode(model):
         if not (hasattr(model, "predict_raw") and hasattr(model, "compose")):
-            return model(image, mask).to(out_dtype)
-        return model.compose(image, _predict_raw_at(model, image, mask), mask).to(out_dtype)
+            return model(image.to(run_dtype), mask.to(run_dtype)).to(image.dtype)
+        # composed in the image's dtype: a 16-bit model must not round the background
+        return model.compose(image, _predict_raw_at(model, image, mask, run_dtype), mask)

@@ -148,7 +148,7 @@ class Harmonizer(nn.Module):
         input_size: training/inference resolution S (int or (H, W)), each a multiple of 32. PTL's
             learned patch projection depends on it (its patch is a fraction of the feature).
         backend: op backend of PTL/LTL (None picks; see :mod:`regharm_ext.backends`).
-        base_channels: stem channels at width 1 (32 = the documented 10 M model); smaller values
+        base_channels: stem channels at width 1 (32 = the paper-size model, 8.8 M parameters); smaller values
             give light models for CPU demos.
 
     Shapes: image (Tensor[B, 3, H, W]) in [0, 1], mask (Tensor[B, 1, H, W]) in [0, 1]

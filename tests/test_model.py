@@ -214,3 +214,39 @@ def test_memory_format_names():
     assert memory_format_for("channels_last", torch.device("cuda", 1)) == torch.channels_last
     with pytest.raises(ValueError, match="memory_format must be one of auto, channels_last, contiguous, got 'nhwc'"):
         memory_format_for("nhwc", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("size", [64, 80], ids=["model_size", "other_size"])
+def test_a_16_bit_model_keeps_the_background_exact(dtype, size):
+    """The network runs in its parameters' dtype; the image is composed in its own, so the
+    background is the input's to the bit (it was the input rounded to 16 bits), and resizes run
+    in float32 (the CPU's antialiasing has no 16-bit kernels)."""
+    from regharm_ext.inference import harmonize_tensor
+    torch.manual_seed(0)
+    model = Harmonizer("rbase+ltl+ptl", input_size=64, base_channels=4)
+    torch.nn.init.normal_(model.head.weight, std=0.05)
+    model = model.to(dtype).eval()
+    img = torch.randint(0, 256, (1, 3, size, size)) / 255.0
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 20:50, 16:40] = 1
+    out = harmonize_tensor(model, img, mask)
+    bg = (mask == 0).expand_as(img)
+    assert out.dtype == torch.float32 and torch.equal(out[bg], img[bg])
+    assert not torch.equal(out[~bg], img[~bg])   # the foreground did change
+
+
+def test_harmonize_array_runs_a_training_mode_model_in_eval_mode():
+    import numpy as np
+    from regharm_ext.harmonize import contribution_map, harmonize_array
+    torch.manual_seed(0)
+    model = Harmonizer("rbase+ltl+ptl", input_size=64, base_channels=4)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    img = np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8)
+    mask = np.zeros((80, 72), np.uint8)
+    mask[20:50, 10:40] = 255
+    running = [b.clone() for b in model.buffers()]
+    got = harmonize_array(model.train(), img, mask), contribution_map(model, img, mask)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(running, model.buffers()))
+    want = harmonize_array(model.eval(), img, mask), contribution_map(model, img, mask)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
