@@ -182,19 +182,28 @@ __device__ void load_tile(T* dst, int ld, const T* src, int64_t src_ld, int rows
   cp_async_wait_all();
 }
 
+// A failed query that the caller answers with a fallback: its error is also the runtime's "last
+// error", which the cudaGetLastError() after the next launch would report as that kernel's.
+inline void forget_error() { (void)cudaGetLastError(); }
+
 // Bytes of shared memory the launchers may use: the opt-in maximum of the current device.
 inline int max_dynamic_smem() {
   int dev = 0, bytes = 48 * 1024;
-  if (cudaGetDevice(&dev) != cudaSuccess) return bytes;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    forget_error();
     return 48 * 1024;
+  }
   return bytes;
 }
 
 inline int multiprocessor_count() {
   int dev = 0, n = 1;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    forget_error();
+    return 1;
+  }
   return n;
 }
 

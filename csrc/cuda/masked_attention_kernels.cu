@@ -519,9 +519,11 @@ template <typename T> bool uses_tc(const AttnShape& s) {
 
 inline bool sm80_or_newer() {
   int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    forget_error();
     return false;
+  }
   return major >= 8;
 }
 
@@ -573,7 +575,10 @@ int64_t reg_wave(const AttnShape& s) {
   static std::mutex lock;
   static std::map<std::tuple<const void*, int, int>, int> known;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    dev = -1;
+    forget_error();
+  }
   const auto key = std::make_tuple(reinterpret_cast<const void*>(rk.dkdv), dev, max_dynamic_smem());
   int per_sm = 0;
   {
@@ -584,8 +589,10 @@ int64_t reg_wave(const AttnShape& s) {
     } else {
       if (allow_smem(reinterpret_cast<const void*>(rk.dkdv), rk.dkdv_smem) != cudaSuccess ||
           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rk.dkdv, kThreads,
-                                                        rk.dkdv_smem) != cudaSuccess)
+                                                        rk.dkdv_smem) != cudaSuccess) {
         per_sm = 1;
+        forget_error();
+      }
       known[key] = per_sm;
     }
   }
@@ -937,7 +944,7 @@ cudaError_t backward_launch(const void* grad_out, RowStrides gs, const void* q, 
   const Tiles tkv = choose_bwd<T, A>(a.Dp, a.Ep, true, a.tc, limit);
   const Tiles tq = choose_bwd<T, A>(a.Dp, a.Ep, false, a.tc, limit);
   if (!regs && (tkv.smem == 0 || tq.smem == 0)) return cudaErrorInvalidValue;
-  int nsplit = num_splits(s, tkv);
+  int nsplit = tkv.BN > 0 ? num_splits(s, tkv) : 1;   // no shared-memory tile: registers alone
   int wave = 0;
   if constexpr (has_registers<T>()) {
     if (regs) nsplit = reg_split_room<T>(s);
