@@ -243,6 +243,21 @@ def test_batches_past_a_cuda_grid_axis_are_refused_with_the_reason():
             call()
 
 
+def test_compiling_interpreted_kernels_names_the_reason():
+    """torch.compile's fake tensors have no data for the interpreter: fullgraph names why (rather
+    than a fake-tensor error from inside Triton), and a plain compile runs the op eagerly."""
+    from regharm_ext.backends import preload
+    preload("triton")
+    q, kb = torch.randn(2, 7, 5), torch.zeros(2, 7)
+    f = lambda q: masked_attention(q, q, q, kb, None, backend="triton")   # noqa: E731
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="torch.compile needs the compiled kernels"):
+        torch.compile(f, fullgraph=True, backend="eager")(q)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="eager")(q)
+    assert_close(got, masked_attention(q, q, q, kb, None, backend="reference"), torch.float32)
+
+
 def test_gradcheck_float64():
     """float64 runs in float64 in the kernels (broadcast products instead of tl.dot)."""
     x, bg, w, b = make_patch_inputs(1, 2, 9, 8, (3, 4), (2, 3), torch.float64)

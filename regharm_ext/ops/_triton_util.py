@@ -48,10 +48,17 @@ def join_f32(hi, lo, acc_t: tl.constexpr):
 
 
 def check_batch(B, op: str) -> None:
-    """The kernels put the image index on grid axis 1 or 2, which CUDA caps at 65535: a larger
-    batch is refused with the reason (BackendUnavailable) rather than failing to launch."""
+    """What a call must not ask of the kernels, refused with the reason (BackendUnavailable)
+    rather than failing inside Triton or torch.compile: more than 65535 images (the kernels put
+    the image index on grid axis 1 or 2, which CUDA caps there), or torch.compile of interpreted
+    kernels (its fake tensors have no data for the interpreter to read)."""
+    from ..backends import BackendUnavailable
+    if _INTERPRETING and torch.compiler.is_compiling():
+        raise BackendUnavailable(f"backend 'triton': torch.compile needs the compiled kernels (a CUDA "
+                                 f"GPU); under TRITON_INTERPRET=1 {op} runs in eager calls only: "
+                                 f"call it without torch.compile, or compile with backend='native' "
+                                 f"or 'torch'")
     if B > 65535:
-        from ..backends import BackendUnavailable
         raise BackendUnavailable(f"backend 'triton': {op} takes at most 65535 images per call (a CUDA "
                                  f"grid axis), got B={B}; split the batch, or use backend='native' "
                                  f"or 'torch'")
