@@ -87,8 +87,9 @@ class PTL(nn.Module):
 
     Args:
         channels: C of the input.
-        patch, stride: int (pixels) or float (fraction of the feature height/width, rounded,
-            at least 1), or a pair of them. Defaults 1/8 and 1/32: 16 and 4 at 128².
+        patch, stride: int (pixels) or float (fraction of the feature height/width, rounded
+            half to even as Python's round does, at least 1: 1/32 of 80 is 2, of 144 is 4), or a
+            pair of them. Defaults 1/8 and 1/32: 16 and 4 at 128².
         eps: variance epsilon of every normalization.
         scale: attention scale; ``"auto"`` is ``C ** -0.5``, ``1.0`` the printed equation.
         feature_size: (H, W) of the input, to size ``weight`` at construction when ``patch`` is a
