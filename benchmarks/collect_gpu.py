@@ -29,13 +29,30 @@ LOGS = ("steps.log", "env.log", "build.log", "tests.log", "bench.log", "diagnose
 
 
 def _json(path: str):
+    """The JSON at ``path``; None (with a warning) when it is missing, empty or cut off: the
+    other file and the logs of a cut run are still worth filing."""
     try:
         with open(path) as fh:
             return json.load(fh)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {path}: not readable JSON ({exc}); was the run cut off?")
+        print(f"warning: {path}: not readable JSON ({exc}); was the run cut off? skipped",
+              file=sys.stderr)
+        return None
+
+
+def _device_from_steps(run_dir: str):
+    """The GPU name nvidia-smi wrote into steps.log (the env step), for a run without JSON."""
+    try:
+        with open(os.path.join(run_dir, "steps.log")) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for i, line in enumerate(lines):
+        if line.startswith("name, memory.total") and i + 1 < len(lines):
+            return lines[i + 1].split(",")[0].strip() or None
+    return None
 
 
 def collect(run_dir: str, results: str) -> list:
@@ -43,12 +60,13 @@ def collect(run_dir: str, results: str) -> list:
     written = []
     gb = _json(os.path.join(run_dir, "gpu_bench.json"))
     suite = _json(os.path.join(run_dir, "cuda.json"))
-    if gb is None and suite is None:
-        raise SystemExit(f"error: {run_dir} holds neither gpu_bench.json nor cuda.json")
     name = (gb or {}).get("environment", {}).get("device_name") or \
-        (suite or {}).get("regharm", {}).get("device_name")
+        (suite or {}).get("regharm", {}).get("device_name") or _device_from_steps(run_dir)
     if not name:
-        raise SystemExit(f"error: {run_dir}: the JSON names no device (environment.device_name)")
+        raise SystemExit(f"error: {run_dir}: no JSON and no steps.log names the device; nothing to file")
+    if gb is None and suite is None:
+        print(f"warning: {run_dir} holds no readable gpu_bench.json or cuda.json: filing the logs only",
+              file=sys.stderr)
     on_gpu = str((gb or {}).get("environment", {}).get("device", "cuda")).startswith("cuda")
     kind = gpu_kind(name) if on_gpu else "cpu-gpu-bench"
     os.makedirs(results, exist_ok=True)

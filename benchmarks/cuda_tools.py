@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from typing import List, Optional, Tuple
 
@@ -20,14 +21,21 @@ def find_tool(name: str, env_var: str) -> Optional[str]:
 
 def run_tool(cmd: List[str], limit: float, env=None) -> Tuple[str, object]:
     """(stdout + stderr, exit code) of ``cmd``, or (what it printed, "timed out ...") past
-    ``limit`` seconds."""
+    ``limit`` seconds. The tool runs in a session of its own and the whole session is killed
+    at the limit: killing the tool alone left its Python driver running on the GPU beside the
+    next steps' timings."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
-        return proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        parts = [p.decode(errors="replace") if isinstance(p, bytes) else (p or "")
-                 for p in (exc.stdout, exc.stderr)]
-        return "".join(parts), f"timed out after {limit:.0f} s"
+        out, err = proc.communicate(timeout=limit)
+        return out + err, proc.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        return (out or "") + (err or ""), f"timed out after {limit:.0f} s"
 
 
 def cuda_available() -> bool:

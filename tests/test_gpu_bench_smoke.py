@@ -283,3 +283,54 @@ def test_variants_run_newest_first(tmp_path, monkeypatch):
                        "native_tiles,native_dq_atomic,native_pixel_gather,native_key_raster"]) == 0
     assert order == ["native_key_raster", "native_pixel_gather", "native_tiles",
                      "native_dq_atomic"], order
+
+
+def _collect_module():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    spec = importlib.util.spec_from_file_location("collect_gpu", os.path.join(ROOT, "benchmarks", "collect_gpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_collect_files_the_logs_of_a_run_cut_off_mid_json(tmp_path, capsys):
+    """A device call killed at its limit can leave an empty or cut JSON: the logs (the CUDA
+    tests' verdicts among them) are still filed, under the GPU that steps.log names."""
+    run, results = tmp_path / "run", tmp_path / "results"
+    run.mkdir()
+    (run / "gpu_bench.json").write_text('{"environment": {"device_na')
+    (run / "cuda.json").write_text("")
+    (run / "steps.log").write_text("== env\nname, memory.total [MiB], driver_version, clocks.max.sm [MHz]\n"
+                                   "NVIDIA H200, 143771 MiB, 580.95.05, 1980 MHz\nbuild rc=0 80s\n")
+    (run / "tests.log").write_text("116 passed\n")
+    written = _collect_module().collect(str(run), str(results))
+    err = capsys.readouterr().err
+    assert "gpu_bench.json: not readable JSON" in err and "filing the logs only" in err
+    logs = results / "logs-cuda-nvidia-h200"
+    assert sorted(os.path.basename(p) for p in written) == ["steps.log", "tests.log"]
+    assert (logs / "tests.log").read_text() == "116 passed\n"
+
+
+def test_a_tool_past_its_limit_is_killed_with_its_children(tmp_path):
+    """compute-sanitizer or ncu past its budget: the driver it started must not go on running
+    on the GPU beside the next steps' timings."""
+    import subprocess
+    import sys
+    import time
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from cuda_tools import run_tool
+    pid_file = tmp_path / "child.pid"
+    tool = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)")
+    out, rc = run_tool([sys.executable, "-c", tool], limit=3)
+    assert rc == "timed out after 3 s" and "started" in out
+    child = int(pid_file.read_text())
+    for _ in range(50):   # reaped by init once killed
+        if subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip() \
+                in ("", "Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the tool's child {child} is still running")
