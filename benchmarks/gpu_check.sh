@@ -6,21 +6,27 @@
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers, each
 #    timed entry's results checked against float64 at the timed sizes: benchmarks/bench_check.py;
 #    then each time criterion as BENCH_PAIRS (5) alternating ours/baseline pairs in one process);
-#    the variant rows (PERF_NOTES items' before/after) come later, after the sanitizer
-#    (VARIANTS=0 skips them, BENCH_ROWS=all times everything in the bench step)
-# 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist
+#    the variant rows (PERF_NOTES items' before/after) come last but the suite
+#    (VARIANTS=0 skips them, BENCH_ROWS=all times everything in the bench step; BENCH=0 skips it)
+# 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist,
+#    each test at most 90 s where pytest-timeout is installed
 # 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
 #    and Nsight Compute (benchmarks/ncu_kernels.py), both into OUT_DIR/diagnose.log
-#    (between the two: variants, the variant rows into gpu_bench.json)
-# 6. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
-# The whole script ends by DEADLINE_S (default 570 s) so that a device call of 600 s returns its
-# files; every step has its own limit within that and is interrupted with SIGINT (pytest and
-# gpu_bench still write what they have). A failing step does not stop the next ones. Each step
-# logs to OUT_DIR/<step>.log (sanitize and ncu together to diagnose.log); OUT_DIR/steps.log sums
-# up rc and seconds and holds the env facts. At most 8 files come back from the device.
-# REGHARM_COMMIT names the commit the tree is (the device copy's .git can be stale).
-# From a session with the device tool (commit first): run with timeout_s=600 and the command
-#     REGHARM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh "$OUT"
+# 6. variants: the variant rows into gpu_bench.json
+# 7. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
+# The whole script ends by DEADLINE_S (default 420 s: a session's 15 minutes of device time then
+# leave room for a second call on the still-warm machine); every step has its own limit within
+# that and is interrupted with SIGINT (pytest and gpu_bench still write what they have). A
+# failing step does not stop the next ones. Each step logs to OUT_DIR/<step>.log (sanitize and ncu
+# together to diagnose.log); OUT_DIR/steps.log sums up rc and seconds and holds the env facts.
+# At most 8 files come back from the device.
+# REGHARM_COMMIT names the commit the tree is: the device copy's .git can be stale, so give the
+# literal hash taken on the CPU machine, never $(git rev-parse HEAD) inside the device command.
+# From a session with the device tool (commit first; HASH = `git rev-parse HEAD` run here):
+#     run(command='REGHARM_COMMIT=HASH bash benchmarks/gpu_check.sh "$OUT"', timeout_s=450)
+# then at once (the machine stays warm ~30 s; the build is kept), with the time left:
+#     SKIP_BUILD=1 THROW=0 BENCH=0 TESTS=0 DEADLINE_S=<left - 60> REGHARM_COMMIT=HASH \
+#       SANITIZE_ARGS="--backend triton --rounds 5" bash benchmarks/gpu_check.sh "$OUT"
 # then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
 # A rerun that checks fixes first (build, tests, sanitizer, then some acceptance numbers, ~4 min):
@@ -40,7 +46,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # importable even if the install fails
 unset TRITON_INTERPRET                                  # the kernels must be compiled here
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-DEADLINE_S="${DEADLINE_S:-570}"
+DEADLINE_S="${DEADLINE_S:-420}"
 T0=$(date +%s)
 
 step() {  # step [--log FILE] NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S (exported to it as
@@ -95,11 +101,12 @@ fi
 # tests and the sanitizer instead, for a rerun that checks fixes first)
 # shellcheck disable=SC2086
 bench() { step bench 300 "$PY" benchmarks/gpu_bench.py --isolate --rows "${BENCH_ROWS:-lines}" --pairs "${BENCH_PAIRS:-5}" --out "$OUT_DIR" ${BENCH_ARGS:-}; }
-[ "${BENCH_LAST:-0}" = 1 ] || bench
+[ "${BENCH_LAST:-0}" = 1 ] || [ "${BENCH:-1}" = 0 ] || bench
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+"$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 90)   # a hung test, not the step
 export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 compilers in each
 if [ "${TESTS:-1}" = 1 ]; then
 step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py tests/test_masked_norm.py \
@@ -114,7 +121,7 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 step --log diagnose.log sanitize 120 bash -c '"$0" benchmarks/sanitize_cuda.py --budget $(( STEP_LIMIT_S - 10 )) '"${SANITIZE_ARGS:-}" "$PY"
 fi
 # the variant rows (each PERF_NOTES item's before/after), added to gpu_bench.json after the
-# tests and the sanitizer, before ncu: the acceptance lines and their pairs came first (bench);
+# tests, the sanitizer and ncu: the acceptance lines and their pairs came first (bench);
 # logged to bench.log (8 files come back at most)
 variants() {
   if [ "${VARIANTS:-1}" = 1 ] && [ "${BENCH_ROWS:-lines}" = lines ]; then
@@ -123,10 +130,11 @@ variants() {
       --out "$OUT_DIR" ${BENCH_ARGS:-}
   fi
 }
-[ "${BENCH_LAST:-0}" = 1 ] || variants
+# ncu before the variants: PERF_NOTES' next steps read its kernel times
 if [ "${NCU:-1}" = 1 ]; then
 step --log diagnose.log ncu 75 bash -c '"$0" benchmarks/ncu_kernels.py --budget $(( STEP_LIMIT_S - 10 ))' "$PY"
 fi
+[ "${BENCH_LAST:-0}" = 1 ] || variants
 
 [ "${BENCH_LAST:-0}" = 1 ] && { bench; variants; }
 
