@@ -10,6 +10,7 @@ resolution; its residual is upsampled and applied at the image's own resolution 
 import sys
 
 from regharm_ext.checkpoint import load_model
+from regharm_ext.errors import one_line
 from regharm_ext.harmonize import InputError, check_output, harmonize_array, load_pair, save_image
 
 if len(sys.argv) != 4:
@@ -19,9 +20,9 @@ try:
     # before the work, not after it; refuses an OUT that would overwrite IMAGE or MASK
     check_output(out_path, "OUT", inputs=(("IMAGE", image_path), ("MASK", mask_path)))
     image, mask = load_pair(image_path, mask_path)   # uint8 [H, W, 3] and [H, W] (255 = foreground)
-except InputError as e:
-    sys.exit(f"error: {e}")
-model, config = load_model(None)              # a run folder or .safetensors file works too
-out = harmonize_array(model, image, mask)     # uint8; pixels where the mask is 0 are unchanged
-save_image(out, out_path)                     # atomic: no partial file on failure
+    model, config = load_model(None)              # a run folder or .safetensors file works too
+    out = harmonize_array(model, image, mask)     # uint8; pixels where the mask is 0 are unchanged
+    save_image(out, out_path)                     # atomic: no partial file on failure
+except (InputError, OSError) as e:                # the user's files: one line, no traceback
+    sys.exit(f"error: {one_line(e)}")
 print(f"{config['variant']} model -> {out_path}")

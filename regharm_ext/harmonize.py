@@ -105,6 +105,10 @@ def load_pair(image_path, mask_path, max_pixels: Optional[int] = None,
         mask = read_mask(mask_path, "mask", max_pixels)
     except ImageFileError as e:
         raise InputError(str(e)) from None
+    if img.shape[:2] != mask.shape:   # an orientation only decoding revealed (a late EXIF chunk)
+        raise InputError(f"image {image_path} decodes to {img.shape[1]}x{img.shape[0]} but mask {mask_path} "
+                         f"to {mask.shape[1]}x{mask.shape[0]} (EXIF orientation applied): they must "
+                         f"have the same size")
     if not (mask > 127).any():
         raise InputError(f"mask {mask_path} is empty: no pixel above 127 marks a foreground"
                          + _sixteen_bit_hint(mask_path))

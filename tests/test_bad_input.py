@@ -564,6 +564,9 @@ DATASET_REFUSALS = [
     DatasetCase("corrupt", "corrupt real image", "cannot read real image", _write(2, _corrupt_jpeg)),
     DatasetCase("mismatch", "composite/mask size mismatch", "size mismatch", _ds_mismatch),
     DatasetCase("bomb", "image too large (header claims 60000x60000)", "too large", _ds_bomb),
+    DatasetCase("mask16_255", "16-bit mask holding 0/255 (weights of 1/255 once scaled)",
+                "its pixels are 16-bit (0..65535) and the largest, 255, scales to 1 of 255",
+                _write(1, lambda: _png16(_mask(32, 32).astype(np.uint16)))),
 ]
 
 
@@ -647,3 +650,50 @@ def test_cli_device_errors_are_one_line(cli, tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
+
+
+def test_image_size_of_a_rotated_tiff_is_its_decoded_size(tmp_path):
+    """EXIF orientation 6 in a TIFF: Pillow >= 11 opens it with the upright size already, which
+    image_size turned a second time, refusing the mask drawn on the upright image."""
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    tif = tmp_path / "cam.tif"
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tif, exif=ex, compression="tiff_lzw")
+    decoded = image_file.read_rgb(tif)
+    assert image_file.image_size(tif) == (decoded.shape[1], decoded.shape[0])
+    mask = tmp_path / "cam_mask.png"
+    _save(mask, _mask(decoded.shape[1], decoded.shape[0]))
+    img, m = hz.load_pair(tif, mask)
+    assert img.shape[:2] == m.shape
+
+
+def test_image_size_of_a_png_reads_the_header_only(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+    png = tmp_path / "a.png"
+    _save(png, np.zeros((30, 40, 3), np.uint8), "PNG")
+
+    loads, load = [], PngImagePlugin.PngImageFile.load
+
+    def counted(self):
+        loads.append(1)
+        return load(self)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counted)
+    assert image_file.image_size(png) == (40, 30)
+    assert not loads, "image_size decoded the PNG (getexif() loads it without an early eXIf chunk)"
+
+
+def test_opening_files_in_threads_leaves_pillows_limit_as_it_was(tmp_path):
+    import threading
+    png = tmp_path / "a.png"
+    _save(png, np.zeros((8, 8, 3), np.uint8), "PNG")
+    before = Image.MAX_IMAGE_PIXELS
+
+    def work(limit):
+        for _ in range(200):
+            image_file.image_size(png, max_pixels=limit)
+    threads = [threading.Thread(target=work, args=(1000 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Image.MAX_IMAGE_PIXELS == before

@@ -217,26 +217,30 @@ def test_credits_table_in_the_docs_is_generated():
     assert checked >= 1
 
 
-def test_loader_resize_rounds_like_exact_arithmetic(tmp_path):
-    # a 2x downscale averages 2x2 pixels: many land on .5 ties; on the 0-1 scale their rounding
-    # depended on float error (and so on the thread count), on 0-255 whole numbers it is exact
+@pytest.mark.parametrize("shape", [(64, 96), (333, 777)], ids=["halved", "odd_ratio"])
+def test_loader_resize_rounds_like_exact_arithmetic(tmp_path, shape):
+    # a 2x downscale averages 2x2 pixels: many land on .5 ties; at other ratios float32 leaves
+    # values near .5 to the CPU code path (the thread count), float64 of whole numbers does not
     root = export_tree(tmp_path, subsets=("HCOCO",), n=1, n_train=1, size=64)
-    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    img = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     sub = root / "HCOCO"
     Image.fromarray(img).save(sub / "composite_images" / "v00000_1_1.png")
     Image.fromarray(img).save(sub / "real_images" / "v00000.jpg")
-    mask = np.zeros((64, 96), np.uint8)
+    mask = np.zeros(shape, np.uint8)
     mask[10:40, 20:60] = 255
     Image.fromarray(mask).save(sub / "masks" / "v00000_1.png")
     (sub / "HCOCO_test.txt").write_text("v00000_1_1.png\n")
-    ds = IHarmony4(root, "test", size=32)
+    size = 32 if shape == (64, 96) else 256
+    ds = IHarmony4(root, "test", size=size)
     exact = torch.from_numpy(img.astype(np.float64)).permute(2, 0, 1)[None]
-    want = torch.nn.functional.interpolate(exact, size=(32, 32), mode="bilinear", align_corners=False)[0].round()
+    want = torch.nn.functional.interpolate(exact, size=(size, size), mode="bilinear", align_corners=False)[0].round()
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            got = ds[0]["comp"].double() * 255
+            item = ds[0]
+            got = item["comp"].double() * 255
             assert torch.equal(got.round(), want), f"{n} thread(s): {int((got.round() != want).sum())} pixels"
+            assert item["comp"].dtype == item["mask"].dtype == torch.float32
     finally:
         torch.set_num_threads(threads)

@@ -242,8 +242,9 @@ def test_an_empty_looking_16bit_tiff_mask_says_why(tmp_path):
     tif = tmp_path / "m.tif"
     Image.fromarray(m).save(tif)
     assert Image.open(tif).mode == "I"
-    with pytest.raises(hz.InputError, match=r"is empty: .* 16-bit .* largest, 255, .* 8 bits per pixel, "
-                                            r"or scale it to 0\.\.65535"):
+    # refused when read (the dataset loader refuses it too), before the empty-mask check
+    with pytest.raises(hz.InputError, match=r"m\.tif: its pixels are 16-bit .* largest, 255, .* 8 bits per "
+                                            r"pixel, or scale it to 0\.\.65535"):
         hz.load_pair(image, tif)
 
 

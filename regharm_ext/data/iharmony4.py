@@ -75,10 +75,23 @@ def _list_line(line: str) -> str:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
-    """float32 [C, H, W] on the 0-255 scale: whole numbers, so a resize of them rounds the same
-    way on every thread count and CPU code path (on the 0-1 scale, .5 ties did not)."""
-    a = a.astype(np.float32)
-    return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
+    """uint8 [C, H, W] of a uint8 [H, W] or [H, W, C] array."""
+    return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1)
+
+
+def _scaled(t: torch.Tensor, size: Tuple[int, int], whole: bool) -> torch.Tensor:
+    """float32 [C, S, S] in [0, 1] of uint8 ``t`` (Tensor[C, H, W]), bilinearly resized to ``size``
+    and, with ``whole``, rounded to 8-bit levels first. The resize runs on the 0-255 values in
+    float64, one channel at a time: float32 (or the 0-1 scale) left values near .5 to the CPU
+    code path, so a pixel in a few images moved by one level between 1 and 2 threads; one float64
+    channel also takes less memory than the three float32 ones did."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t.float() / 255
+    out = torch.empty(t.shape[0], *size, dtype=torch.float32)
+    for i in range(t.shape[0]):
+        ch = F.interpolate(t[i][None, None].double(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        out[i] = (ch.round().clamp(0, 255) if whole else ch) / 255
+    return out
 
 
 class IHarmony4(Dataset):
@@ -226,9 +239,5 @@ class IHarmony4(Dataset):
             if bool(torch.rand(()) < 0.5):
                 c, m, r = (t.flip(-1) for t in (c, m, r))
         s = (self.size, self.size)
-        if tuple(c.shape[-2:]) != s:
-            c, m, r = (F.interpolate(t[None], size=s, mode="bilinear", align_corners=False)[0]
-                       for t in (c, m, r))
-            c, r = (t.round().clamp(0, 255) for t in (c, r))
-        c, m, r = c / 255, (m / 255).clamp(0, 1), r / 255
+        c, m, r = _scaled(c, s, True), _scaled(m, s, False).clamp(0, 1), _scaled(r, s, True)
         return {"comp": c, "mask": m, "real": r, "name": f"{subset}/{name}", "subset": subset}

@@ -22,6 +22,7 @@ Conversions (the same for the ``harmonize`` CLI and the iHarmony4 loader):
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -43,6 +44,11 @@ class ImageFileError(ValueError):
     """A file cannot be used as an image or mask; the message is one line naming the file."""
 
 
+# Image.MAX_IMAGE_PIXELS is Pillow's global: threads opening files at once would restore each
+# other's values (and leave the process with a raised decompression-bomb limit)
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
 def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
     """The file opened lazily (header only) after the existence and size checks."""
     path = Path(path)
@@ -51,6 +57,7 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
     if not path.is_file():
         raise ImageFileError(f"{what} is not a file: {path}")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    _PIXEL_LIMIT_LOCK.acquire()
     old = Image.MAX_IMAGE_PIXELS
     try:
         # our own check below gives the message; Pillow's (at 2 x its limit) stays a safety net
@@ -67,6 +74,7 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
         raise ImageFileError(f"cannot read {what} {path}: {_reason(exc)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
+        _PIXEL_LIMIT_LOCK.release()
     w, h = img.size
     if w * h > limit:
         img.close()
@@ -91,11 +99,31 @@ def _reason(exc: BaseException) -> str:
 
 
 def _orientation_swaps(img: Image.Image) -> bool:
-    """EXIF orientations 5-8 rotate by 90 degrees: width and height trade places."""
+    """EXIF orientations 5-8 rotate by 90 degrees: width and height trade places. Read from the
+    header: a PNG's getexif() decodes the whole image when no eXIf chunk precedes the pixels, so
+    a PNG's orientation comes from the chunk alone (one after the pixels is seen on decoding)."""
     try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return False
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        return exif.get(0x0112, 1) in (5, 6, 7, 8)
     except Exception:  # an unreadable EXIF block is ignored, as exif_transpose ignores it
         return False
+
+
+def _already_upright(img: Image.Image) -> bool:
+    """Pillow >= 11 opens a TIFF of orientation 5-8 with its upright size already: the size
+    differs from the stored one (tags 256, 257)."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return False
+    stored = (tags.get(256), tags.get(257))
+    return None not in stored and stored != tuple(img.size)
 
 
 def image_size(path, what: str = "image", max_pixels: Optional[int] = None) -> Tuple[int, int]:
@@ -104,7 +132,7 @@ def image_size(path, what: str = "image", max_pixels: Optional[int] = None) -> T
     Raises :class:`ImageFileError` for a missing, unidentifiable or too large file."""
     with _open(Path(path), what, max_pixels) as img:
         w, h = img.size
-        return (h, w) if _orientation_swaps(img) else (w, h)
+        return (h, w) if _orientation_swaps(img) and not _already_upright(img) else (w, h)
 
 
 def _decode(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
@@ -164,7 +192,13 @@ def read_mask(path, what: str = "mask", max_pixels: Optional[int] = None) -> np.
     _refuse_float(img, path, what)
     if img.mode in _SIXTEEN_BIT:
         a = _sixteen_bit(img, path, what)
-        return (a * 255).astype(np.uint8) if a.max(initial=0) == 1 else _to_8bit(a)
+        peak = int(a.max(initial=0))
+        if 1 < peak <= 255:
+            # 8-bit values stored in 16 bits: scaled, the mask would be weights of 1/255 or less
+            raise ImageFileError(f"{what} {path}: its pixels are 16-bit (0..65535) and the largest, {peak}, "
+                                 f"scales to {round(peak * 255 / 65535)} of 255: save the mask with 8 bits "
+                                 f"per pixel, or scale it to 0..65535")
+        return (a * 255).astype(np.uint8) if peak == 1 else _to_8bit(a)
     if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         alpha = img.convert("RGBA").getchannel("A")
         if alpha.getextrema() != (255, 255):
