@@ -16,8 +16,9 @@ outlined), each method's result with its fMSE, real (:mod:`regharm_ext.samples`)
 
 JSON (``--json``): ``{"method": ..., "subsets": {"<Subset>": {"n", "mse", "fmse", "psnr"}, ...,
 "All": {...}}, "settings": {"data", "split", "subsets", "size", "peak", "protocol", "model":
-{"checkpoint", "step", "epoch", "variant", "backend"}}}``; a list of such objects when several
-methods are given. ``protocol`` is true for the iDIH protocol's size and peak.
+{"checkpoint", "step", "epoch", "variant", "backend"}}}`` (step and epoch where the weights record
+them); a list of such objects when several methods are given. ``protocol`` is true for the iDIH
+protocol's size and peak.
 """
 from __future__ import annotations
 
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak", default="target", help="PSNR peak: 'target' (iDIH) or a number, e.g. 255")
     p.add_argument("--size", type=int, default=EVAL_SIZE, help="evaluation resolution (protocol: 256)")
     p.add_argument("--val-length", type=int, default=None,
-                   help="images of the embedded validation split (default 120)")
+                   help="images of the embedded split scored (default: 120 of the validation split, "
+                        "2000 with --split train)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--samples", default=None, type=Path, metavar="PNG",

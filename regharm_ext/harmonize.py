@@ -31,7 +31,7 @@ Large images: sizes are read from the file headers first, so an image above ``--
 needing more memory than is available is refused before any pixel is decoded. Full-resolution
 work (upsampling the residual, compositing, the explanation map) runs in strips of rows, and
 above 16 megapixels the image is shrunk for the network by Pillow on 8-bit data, so memory stays
-near 20 bytes per pixel.
+near 31 bytes per pixel (15 above 16 megapixels; ``--explain`` adds 17): :func:`memory_needed`.
 
 ``--explain`` writes the PTL contribution map (the paper's Fig. 5): how much the foreground as a
 whole attends to each background region, as a heat map over a dimmed copy of the image, with the
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
             explain = a.explain_dir / f"{name}.png" if a.explain_dir is not None else None
             process(model, img_path, mask_path, a.out_dir / f"{name}.png", explain, device, max_pixels,
                     roles=("--out-dir", "--explain-dir"))
-            print(f"{a.out_dir / (name + '.png')}")
+            print(f"{a.out_dir / (name + '.png')}" + (f"\n{explain}" if explain is not None else ""))
         except KeyboardInterrupt:
             return 130
         except Exception as e:

@@ -290,7 +290,8 @@ def _datasets(cfg: TrainConfig):
             # fixed by the seed, so a resumed run trains on the same images
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             held, kept = sorted(order[:cfg.holdout]), sorted(order[cfg.holdout:])
-            as_eval = IHarmony4(cfg.data_root, "train", subsets=cfg.subsets, size=EVAL_SIZE, augment=False)
+            as_eval = IHarmony4(cfg.data_root, "train", subsets=cfg.subsets, size=EVAL_SIZE, augment=False,
+                                check_files=False)   # the training set's construction checked them
             select = torch.utils.data.Subset(as_eval, held)
             train = torch.utils.data.Subset(train, kept)
         return train, val, select
@@ -923,7 +924,7 @@ HELP = {
     "backend": "op backend: reference, torch, native, triton (none = fastest available)",
     "data": "synth (embedded photos) or iharmony4 (--data-root)",
     "subsets": "iHarmony4 subsets, comma-separated (none = all present)",
-    "images_per_epoch": "images per epoch (0 = the whole training list)",
+    "images_per_epoch": "images per epoch (0 = iharmony4: the whole training list; synth: 2000)",
     "fresh_data": "synth: new composites every epoch",
     "val_images": "validation images for the final table (0 = all)",
     "lr_milestones": "epochs after which lr *= lr_gamma",

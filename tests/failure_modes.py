@@ -118,8 +118,8 @@ def rows() -> List[Tuple[str, str, str, str]]:
         ("harmonize", "image too large for memory", "refused from the headers before decoding "
          "(`error: … needs about N GiB of memory but only M GiB is available`)",
          "test_bad_input.py::test_not_enough_memory_is_refused_before_decoding"),
-        ("harmonize", "very large image that fits", "processed in strips of rows (memory about 25-40 "
-         "bytes per pixel); above 16 megapixels Pillow shrinks it for the network on 8-bit data",
+        ("harmonize", "very large image that fits", "processed in strips of rows (memory about 31 "
+         "bytes per pixel, 15 above 16 megapixels, `--explain` adds 17); above 16 megapixels Pillow shrinks it for the network on 8-bit data",
          "test_bad_input.py::test_memory_estimate_covers_a_real_run"),
         ("datasets", "empty or full mask", "accepted: the loss floors the area at A_min, fMSE of an "
          "empty mask is 0; loss, gradients and metrics stay finite",

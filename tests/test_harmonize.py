@@ -112,9 +112,12 @@ def test_folder_mode(tmp_path, capsys, monkeypatch):
     _pair(src, (64, 96), "b")
     Image.new("RGB", (50, 50)).save(src / "lonely.jpg")  # no mask: reported, the others go on
     monkeypatch.setattr(hz, "_load_model", lambda ck, dev, backend=None: tiny_harmonizer(input_size=64, head_std=0.05))
-    rc, err = _run_main(["--input-dir", src, "--out-dir", dst, "--explain-dir", maps], capsys)
+    rc = hz.main([str(a) for a in ["--input-dir", src, "--out-dir", dst, "--explain-dir", maps]])
+    out, err = capsys.readouterr()
     assert rc == 1 and "lonely" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "b.png"]
+    # what was written, results and maps, as single mode lists them
+    assert out.split() == [str(dst / "a.png"), str(maps / "a.png"), str(dst / "b.png"), str(maps / "b.png")]
     assert Image.open(dst / "b.png").size == (64, 96) and Image.open(maps / "a.png").size == (100, 70)
 
 

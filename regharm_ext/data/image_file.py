@@ -11,8 +11,9 @@ Conversions (the same for the ``harmonize`` CLI and the iHarmony4 loader):
   viewers and OpenCV's ``imread`` (the iDIH code) do.
 - Images become 8-bit RGB: grayscale is replicated, palettes are expanded, an alpha channel is
   dropped (the stored colours are used), CMYK / YCbCr / LAB go through Pillow's conversion (no
-  colour management). 16-bit images are scaled to 8 bits (``round(v · 255 / 65535)``; Pillow itself
-  would clip them). 32-bit float images are refused.
+  colour management). 16-bit grayscale images are scaled to 8 bits (``round(v · 255 / 65535)``;
+  Pillow itself would clip them), 16-bit colour ones keep their high byte (Pillow's conversion).
+  32-bit float images are refused.
 - Masks become 8-bit grayscale weights ``m = value / 255`` (soft values are weights):
   a mask with a not fully opaque alpha channel (a cut-out) uses its alpha; a gray image stored
   as RGB is read as gray; a mask whose colour channels differ (a colour picture) is refused; a mask
