@@ -1035,6 +1035,17 @@ def _refuse_ignored(cfg: TrainConfig, overrides: Dict[str, Any]) -> None:
     if "ltl_levels" in overrides and parse_variant(cfg.variant)[1] is None:
         raise ConfigError(f"--ltl-levels applies to variants with ltl or sa; {cfg.variant!r} has neither "
                           f"(drop --ltl-levels or pick e.g. --variant rbase+ltl+ptl)")
+    for name, data in (("subsets", "iharmony4"), ("augment", "iharmony4"), ("fresh_data", "synth")):
+        if name in overrides and cfg.data != data:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} is used by --data {data} only; this run's data is {cfg.data!r} "
+                              f"(drop {flag})")
+    if "lr_gamma" in overrides and not cfg.lr_milestones:
+        raise ConfigError("--lr-gamma multiplies the lr at --lr-milestones, and this run has none "
+                          "(add --lr-milestones E1,E2 or drop --lr-gamma)")
+    if "val_subset" in overrides and cfg.val_subset and not cfg.val_every:
+        raise ConfigError("--val-subset sizes the scores of --val-every, which this run does not take "
+                          "(add --val-every N, or drop --val-subset; the final table's size is --val-images)")
 
 
 def _elastic_restart(args) -> bool:

@@ -115,6 +115,11 @@ BAD_NEW_RUN = [
     (["--data-root", "/tmp"], "--data-root is used by --data iharmony4 only"),
     (["--variant", "rbase", "--ltl-levels", "16"], "--ltl-levels applies to variants with ltl or sa"),
     (["--holdout", "3"], "--holdout is for --data iharmony4"),
+    (["--subsets", "HCOCO"], "--subsets is used by --data iharmony4 only"),
+    (["--augment", "false"], "--augment is used by --data iharmony4 only"),
+    (["--data", "iharmony4", "--data-root", "/tmp", "--fresh-data", "false"], "--fresh-data is used by --data synth only"),
+    (["--val-subset", "3"], "--val-subset sizes the scores of --val-every"),
+    (["--lr-gamma", "0.5"], "--lr-gamma multiplies the lr at --lr-milestones, and this run has none"),
     (["--data", "iharmony4", "--data-root", "/tmp", "--val-every", "1"],
      "a checkpoint picked on the test split makes its test scores optimistic: --val-every needs --holdout N"),
 ]
