@@ -493,7 +493,7 @@ def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.d
             # the backend a run trained with is run control, not architecture: the results differ
             # by float rounding only, so a model trained on a GPU still loads on a CPU
             warnings.warn(f"{weights} was trained with backend {stored!r}, which cannot run on {device} "
-                          f"({reason}); using the automatic choice (pass backend= to pick one)", stacklevel=2)
+                          f"({reason}); using the automatic choice (backend= or --backend picks one)", stacklevel=2)
             backend = "auto"
     if backend is not None:
         meta = dict(meta, model=dict(meta.get("model") or {}, backend=None if backend == "auto" else backend))

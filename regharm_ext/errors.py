@@ -1,6 +1,10 @@
 """One-line error messages for the command-line tools (no tracebacks for the user's mistakes)."""
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+
 
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line.
@@ -21,3 +25,14 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[0] if len(lines) == 1 else f"{lines[0]} ..."
+
+
+@contextlib.contextmanager
+def warnings_as_notes():
+    """Warnings raised inside, printed after it as one ``note: ...`` line each on stderr (the
+    command-line tools' style) rather than Python's two lines with a source line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .backends import NAMES as BACKEND_NAMES
 from .baselines import composite, reinhard, reinhard_cielab
-from .errors import one_line
+from .errors import one_line, warnings_as_notes
 from .inference import harmonize_tensor, pick_device
 from .metrics import MetricTable, image_metrics
 from .paths import nearest_existing
@@ -185,7 +185,8 @@ def _load_model(checkpoint, device, backend=None):
         from .checkpoint import load_model
     except ImportError as e:
         raise RuntimeError(f"cannot load a model: {e}") from None
-    model, config = load_model(checkpoint, device, backend=backend)
+    with warnings_as_notes():
+        model, config = load_model(checkpoint, device, backend=backend)
     source = {k: config[k] for k in ("checkpoint", "step", "epoch") if k in config}
     source["variant"] = config.get("variant")
     source["backend"] = backend or config.get("backend") or "auto"

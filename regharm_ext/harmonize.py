@@ -55,7 +55,7 @@ from PIL import Image, ImageFilter
 from .backends import NAMES
 from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
                               sixteen_bit_peak)
-from .errors import one_line
+from .errors import one_line, warnings_as_notes
 from .inference import _EvalMode, model_size, pick_device, resize
 from .paths import nearest_existing
 
@@ -301,7 +301,8 @@ def save_images(items) -> None:
 
 def _load_model(checkpoint, device, backend=None):
     from .checkpoint import load_model
-    model, _config = load_model(checkpoint, device, backend=backend)
+    with warnings_as_notes():
+        model, _config = load_model(checkpoint, device, backend=backend)
     return model
 
 
