@@ -14,7 +14,8 @@ git clone -q "$(cd "$(dirname "$0")/.." && pwd)" "$WORK/tree"
 cd "$WORK/tree"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.11.0 "numpy<2.4" ninja setuptools wheel
-"$VENV/bin/pip" install -q pillow safetensors tqdm pytest pytest-benchmark
+# xdist and pytest-timeout as in the device image: gpu_check.sh's tests step runs -n 8 --timeout 90
+"$VENV/bin/pip" install -q pillow safetensors tqdm pytest pytest-benchmark pytest-xdist pytest-timeout
 export PATH="$VENV/bin:$PATH"
 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" pip install -q --no-build-isolation --no-deps -e .
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
