@@ -92,6 +92,18 @@ TRAINING: List[Tuple[str, str, str, str]] = [
      "the other ranks wait at a barrier with a 24-hour timeout and leave only after rank 0's "
      "checkpoint is complete",
      "test_distributed.py::test_torchrun_ranks_wait_for_rank_0s_validation_and_last_save"),
+    ("training", "`--val-every` on iHarmony4 without `--holdout` (a best checkpoint picked on the "
+     "test split)", "refused before anything is written: selection needs `--holdout N` training "
+     "images kept out of training; the test split never picks a checkpoint",
+     "test_train_cli.py::test_bad_settings_are_one_line_exit_2_and_write_nothing"),
+    ("loading", "a checkpoint trained with a backend this device cannot run (`triton` on a CPU)",
+     "loads on the automatic choice with one `note:` line; `--backend NAME` picks one, and one "
+     "that cannot run is refused with the reason",
+     "test_evaluate.py::test_a_model_trained_on_a_backend_this_device_lacks_loads_on_the_automatic_one"),
+    ("training", "`triton` attention wider than an H100/H200 block's shared memory (float32 LTL at "
+     "`--width 3`)", "refused before any launch, naming the width limits and the ways out "
+     "(`native`, `torch`, `--amp bf16`)",
+     "test_triton.py::test_attention_wider_than_an_h100_block_is_refused_with_the_reason"),
     ("training", "torchrun `--max-restarts N`: one rank dies",
      "the restarted job resumes the run in `--out` from its last checkpoint and finishes it",
      "test_distributed.py::test_torchrun_restart_after_a_rank_dies_resumes_the_run"),
