@@ -485,7 +485,8 @@ def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.d
     layout = memory_format_for(memory_format, device)   # a bad name fails before any file is read
     weights = resolve_checkpoint(checkpoint)
     meta = _read_json(weights.with_suffix(".json"), "model config (JSON beside the weights)")
-    stored = (meta.get("model") or {}).get("backend") if isinstance(meta.get("model"), dict) else None
+    saved = meta.get("model")
+    stored = saved.get("backend") if isinstance(saved, dict) else None
     if backend is None and isinstance(stored, str):
         from .backends import NAMES, unavailable_reason
         reason = unavailable_reason(stored, device) if stored in NAMES else None
@@ -496,7 +497,7 @@ def load_model(checkpoint: Optional[PathLike] = None, device: Union[str, torch.d
                           f"({reason}); using the automatic choice (backend= or --backend picks one)", stacklevel=2)
             backend = "auto"
     if backend is not None:
-        meta = dict(meta, model=dict(meta.get("model") or {}, backend=None if backend == "auto" else backend))
+        meta = dict(meta, model=dict(saved or {}, backend=None if backend == "auto" else backend))
     model = _build(meta, weights.with_suffix(".json"))
     _load_state(model, weights)
     model.to(device, memory_format=layout).eval()

@@ -54,7 +54,7 @@ from PIL import Image, ImageFilter
 
 from .backends import NAMES
 from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
-                              sixteen_bit_peak)
+                              sixteen_bit_advice, sixteen_bit_peak)
 from .errors import one_line, warnings_as_notes
 from .inference import _EvalMode, model_size, pick_device, resize
 from .paths import nearest_existing
@@ -127,8 +127,7 @@ def _sixteen_bit_hint(mask_path: Path) -> str:
         return ""
     if peak is None or peak <= 1:
         return ""
-    return (f"; its pixels are 16-bit (0..65535) and the largest, {peak}, scales to "
-            f"{round(peak * 255 / 65535)} of 255: save the mask with 8 bits per pixel, or scale it to 0..65535")
+    return f"; {sixteen_bit_advice(peak)}"
 
 
 def _strips(height: int, width: int):

@@ -58,24 +58,23 @@ def _open(path: Path, what: str, max_pixels: Optional[int]) -> Image.Image:
     if not path.is_file():
         raise ImageFileError(f"{what} is not a file: {path}")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
-    _PIXEL_LIMIT_LOCK.acquire()
-    old = Image.MAX_IMAGE_PIXELS
-    try:
-        # our own check below gives the message; Pillow's (at 2 x its limit) stays a safety net
-        Image.MAX_IMAGE_PIXELS = max(limit, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-    except Image.DecompressionBombError:
-        raise ImageFileError(f"{what} {path} is too large: above the limit of "
-                             f"{_megapixels(limit)} megapixels") from None
-    except UnidentifiedImageError:
-        raise ImageFileError(f"cannot read {what} {path}: not an image file that Pillow can read") from None
-    except OSError as exc:
-        raise ImageFileError(f"cannot read {what} {path}: {_reason(exc)}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-        _PIXEL_LIMIT_LOCK.release()
+    with _PIXEL_LIMIT_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        try:
+            # our own check below gives the message; Pillow's (at 2 x its limit) stays a safety net
+            Image.MAX_IMAGE_PIXELS = max(limit, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ImageFileError(f"{what} {path} is too large: above the limit of "
+                                 f"{_megapixels(limit)} megapixels") from None
+        except UnidentifiedImageError:
+            raise ImageFileError(f"cannot read {what} {path}: not an image file that Pillow can read") from None
+        except OSError as exc:
+            raise ImageFileError(f"cannot read {what} {path}: {_reason(exc)}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
     w, h = img.size
     if w * h > limit:
         img.close()
@@ -196,9 +195,7 @@ def read_mask(path, what: str = "mask", max_pixels: Optional[int] = None) -> np.
         peak = int(a.max(initial=0))
         if 1 < peak <= 255:
             # 8-bit values stored in 16 bits: scaled, the mask would be weights of 1/255 or less
-            raise ImageFileError(f"{what} {path}: its pixels are 16-bit (0..65535) and the largest, {peak}, "
-                                 f"scales to {round(peak * 255 / 65535)} of 255: save the mask with 8 bits "
-                                 f"per pixel, or scale it to 0..65535")
+            raise ImageFileError(f"{what} {path}: {sixteen_bit_advice(peak)}")
         return (a * 255).astype(np.uint8) if peak == 1 else _to_8bit(a)
     if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         alpha = img.convert("RGBA").getchannel("A")
@@ -212,6 +209,13 @@ def read_mask(path, what: str = "mask", max_pixels: Optional[int] = None) -> np.
         raise ImageFileError(f"{what} {path} is a colour image; expected a grayscale mask "
                              f"(white = foreground, black = background)")
     return _label_map(np.array(img.convert("L")))
+
+
+def sixteen_bit_advice(peak: int) -> str:
+    """What to do about a 16-bit mask whose largest value is ``peak``: its scaling to 8 bits
+    leaves it near 0 (0/255 stored in 16 bits becomes 0/1)."""
+    return (f"its pixels are 16-bit (0..65535) and the largest, {peak}, scales to "
+            f"{round(peak * 255 / 65535)} of 255: save the mask with 8 bits per pixel, or scale it to 0..65535")
 
 
 def sixteen_bit_peak(path, what: str = "mask", max_pixels: Optional[int] = None) -> Optional[int]:

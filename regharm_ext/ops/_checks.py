@@ -41,9 +41,8 @@ def pair(value: IntPair, name: str) -> Tuple[int, int]:
     if one is not None:
         out = (one, one)
     else:
-        items = list(value) if isinstance(value, (tuple, list)) else None
-        if items is None and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
-            items = list(value)   # e.g. a numpy array of two ints
+        # a tuple, a list, or e.g. a numpy array of two ints
+        items = list(value) if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else None
         ints = [_as_int(v) for v in items] if items is not None and len(items) == 2 else [None]
         if None in ints:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
