@@ -141,17 +141,22 @@ def two_masks(H, device):
     return mask
 
 
-def check_compiled_matches_eager(backend, device, compile_backend="inductor", C=16, H=24, mask_size=None):
-    """torch.compile(fullgraph=True, backend=compile_backend) of PtlThenLtl on ``backend`` gives
-    eager's output and the gradients of the input and every parameter. ``mask_size`` other than H
-    makes the layers resize the mask too."""
+def check_compiled_matches_eager(backend, device, compile_backend="inductor", C=16, H=24, mask_size=None,
+                                 channels_last=False, dynamic=None):
+    """torch.compile(fullgraph=True, backend=compile_backend, dynamic=dynamic) of PtlThenLtl on
+    ``backend`` gives eager's output and the gradients of the input and every parameter.
+    ``mask_size`` other than H makes the layers resize the mask too; ``channels_last`` gives x
+    that layout (the model's default on CPU)."""
     torch.manual_seed(0)
     mod = PtlThenLtl(C, backend).to(device)
     x = torch.randn(2, C, H, H, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     mask = two_masks(mask_size or H, device)
     outs = {}
     # compiled first: a user may compile before any eager call (nothing imported or cached yet)
-    for name, fn in (("compiled", torch.compile(mod, fullgraph=True, backend=compile_backend)), ("eager", mod)):
+    compiled = torch.compile(mod, fullgraph=True, backend=compile_backend, dynamic=dynamic)
+    for name, fn in (("compiled", compiled), ("eager", mod)):
         xi = x.clone().requires_grad_()
         out = fn(xi, mask)
         grads = torch.autograd.grad((out * out).sum(), [xi] + list(mod.parameters()))

@@ -12,6 +12,7 @@ import torch
 
 import regharm_ext
 from regharm_ext.backends import BackendUnavailable, unavailable_reason
+from regharm_ext.layers import masked_instance_norm
 from regharm_ext.ops import masked_attention, patch_stats
 from helpers import (EDGE_ATTN_CASES, EDGE_PATCH_CASES, assert_close, check_compiled_matches_eager,
                      make_attention_inputs, make_patch_inputs)
@@ -146,6 +147,29 @@ def test_torch_compile_fullgraph_ptl_ltl(backend):
     """The pure-PyTorch backends compile with fullgraph=True too (the fallback where the
     extension is not built); `torch` gathers the active queries only when not compiled."""
     check_compiled_matches_eager(backend, "cpu", "aot_eager", C=8, H=12, mask_size=24)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "native"])
+def test_torch_compile_channels_last_and_dynamic(backend):
+    """channels_last x (the model's CPU layout) and dynamic=True (eps, min_mass and the scale
+    traced as symbols) compile with fullgraph=True too, and agree with eager."""
+    reason = unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    check_compiled_matches_eager(backend, "cpu", "aot_eager", C=8, H=12, channels_last=True)
+    check_compiled_matches_eager(backend, "cpu", "aot_eager", C=8, H=12, dynamic=True)
+
+
+def test_masked_instance_norm_compiles_on_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(2, 1, 6, 5)
+    grads = []
+    for fn in (torch.compile(masked_instance_norm, fullgraph=True, backend="aot_eager"),
+               masked_instance_norm):
+        xi = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad((fn(xi, w) ** 2).sum(), xi)[0])
+    assert_close(grads[0], grads[1], torch.float32, grad=True)
 
 
 def test_backend_first_needed_inside_compile_says_what_to_do():

@@ -60,7 +60,9 @@ def number(value, name: str, positive: bool = True, why: str = "") -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out) or (positive and not out > 0):
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces a float argument as a
+    # symbol, which compares (a guard) but cannot go through math.isfinite; NaN fails both
+    if not -math.inf < out < math.inf or (positive and not out > 0):
         raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}{why}, "
                          f"got {value!r}")
     return out

@@ -81,7 +81,10 @@ class CompositeNorm(torch.autograd.Function):
         sum_gy = (grad * y).sum((2, 3), keepdim=True)
         # dx = r·g - w·r·(Σg + y·Σgy), written in x's memory layout: an elementwise op follows
         # its first input's, and tokens give grad a transposed one, which autograd would copy
-        dx = torch.mul(grad, r, out=torch.empty_like(y))
+        if torch.compiler.is_compiling():  # the compiler refuses out= of a non-contiguous
+            dx = grad * r                      # (channels_last) tensor, and picks layouts itself
+        else:
+            dx = torch.mul(grad, r, out=torch.empty_like(y))
         dx.addcmul_(w_norm, torch.addcmul(sum_g * r, y, sum_gy * r), value=-1)
         return as_dtype(dx, x.dtype), None, None, None
 
