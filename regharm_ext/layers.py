@@ -107,9 +107,14 @@ class PTL(nn.Module):
                  scale: Union[str, float] = "auto", feature_size: Optional[Tuple[int, int]] = None,
                  min_mass: float = 0.5, backend: Optional[str] = None):
         super().__init__()
-        if scale != "auto" and not isinstance(scale, (int, float)):
+        if scale != "auto" and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise TypeError(f"scale must be 'auto' or a number, got {scale!r}")
         _check_channels(channels, "PTL")
+        # refused here rather than at the first forward (the ops check them again there)
+        _checks.number(eps, "eps")
+        _checks.number(min_mass, "min_mass", why=" (an empty patch has no statistics)")
+        if scale != "auto":
+            _checks.number(scale, "scale", positive=False)
         self.channels = channels
         self.patch, self.stride = _as_pair(patch), _as_pair(stride)
         _check_sizes(self.patch, "patch")
@@ -215,7 +220,9 @@ class PTL(nn.Module):
         steps = node_steps(self.backend, x, m, weight, bias)
         if steps is not None:  # one autograd node for the kernel backends (ptl_node.py)
             geometry = _checks.check_patch_stats(x, m, weight, bias, ps, st, self.eps, self.min_mass)
-            args = (geometry, float(self.eps), float(self.min_mass), self.scale)
+            # the unfused path checks the scale in masked_attention, which the node never calls
+            scale = _checks.number(self.scale, "scale", positive=False)
+            args = (geometry, float(self.eps), float(self.min_mass), scale)
             ops = node_ops(self.backend, x, m, weight, bias)
             if ops is not None:  # the same node in C++ (csrc/ptl_node.cpp)
                 return FusedPTLNode.apply(x, weight, bias, m, ops, *args)
@@ -264,6 +271,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, heads: int = 1):
         super().__init__()
+        if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+            raise ValueError(f"heads must be an int >= 1, got {heads!r}")
         if channels % heads:
             raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
         self.heads = heads
@@ -304,9 +313,12 @@ class LTL(nn.Module):
         B, C, H, W = x.shape
         z = F.instance_norm(x + self.attn(x))
         t = z.flatten(2).transpose(1, 2)                                    # (B, HW, C)
-        m = resize_mask(mask, (H, W), B).to(x.dtype)
+        m = resize_mask(mask, (H, W), B)
+        # the bias from the mask before any 16-bit rounding: bfloat16 rounds 0.999 to 1, which
+        # would turn log(1 - m) = -6.9 into -inf (a key removed)
         mf = m.flatten(1).detach()
         key_bias = torch.log1p(-mf.float().clamp(0, 1))                      # -inf at pure foreground
         t_r = masked_attention(t, t, t, key_bias, mf > 0, backend=self.backend)
         t_h = self.fuse(torch.cat([t, t_r], -1)).transpose(1, 2).reshape(B, C, H, W)
+        m = m.to(x.dtype)
         return (1 - m) * z + m * t_h

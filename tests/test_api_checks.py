@@ -179,3 +179,27 @@ def test_op_arguments_numbers_and_sizes():
         with pytest.raises(error, match="scale must be a"):
             ops.masked_attention(q, q, q, torch.zeros(1, 3), scale=scale, backend="reference")
     ops.masked_attention(q, q, q, torch.zeros(1, 3), scale=-0.5, backend="reference")  # any finite
+
+
+def test_layers_check_their_numbers_when_built_and_on_every_path():
+    """eps, min_mass, scale and heads are refused at construction; a scale set later is refused
+    at the forward on every path (the kernel backends' one-node PTL never calls masked_attention,
+    where the ops check it)."""
+    for kw, match in ((dict(eps=0.0), "eps must be a finite number > 0"),
+                      (dict(min_mass=0.0), "min_mass must be a finite number > 0"),
+                      (dict(scale=float("nan")), "scale must be a finite number"),
+                      (dict(scale=float("inf")), "scale must be a finite number")):
+        with pytest.raises(ValueError, match=match):
+            PTL(4, 4, 2, **kw)
+    with pytest.raises(ValueError, match="heads must be an int >= 1, got 0"):
+        LTL(4, heads=0)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 2:5, 2:6] = 1
+    for backend in ("reference", "torch", "native"):
+        if regharm_ext.backends("cpu")[backend] != "available":
+            continue
+        layer = PTL(4, 4, 2, backend=backend)
+        layer.scale = float("nan")
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            layer(x, m)    # grad enabled: the one-node path on native

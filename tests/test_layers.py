@@ -183,6 +183,18 @@ def test_ltl_without_background_is_finite():
     assert torch.isfinite(out).all() and torch.isfinite(xr.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ltl_in_bfloat16_keeps_a_soft_mask_near_one(backend):
+    """m = 0.999 everywhere: every key keeps its bias log(1 - m) = -6.9 in bfloat16 too (the
+    mask is not rounded to 1 first, which would remove every key and zero T_r)."""
+    torch.manual_seed(0)
+    x, m = torch.randn(1, 8, 8, 8), torch.full((1, 1, 8, 8), 0.999)
+    ltl = LTL(8, backend=backend)
+    want = ltl(x, m)
+    got = ltl.to(torch.bfloat16)(x.bfloat16(), m).float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+
+
 def test_masked_instance_norm_normalizes_the_weighted_region():
     x, mask = _inputs()
     m = torch.nn.functional.interpolate(mask, size=x.shape[-2:], mode="area")
