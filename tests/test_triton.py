@@ -368,3 +368,28 @@ def test_launch_integer_helpers_match_triton():
     for a in range(0, 300):
         for b in (1, 2, 3, 16, 31, 64, 128):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_bfloat16_attention_is_refused_where_the_interpreter_gets_it_wrong():
+    """bfloat16 tl.dot is wrong in some interpreters (Triton 3.9's: ~1e10 off); there the
+    attention, and PTL/LTL on it, refuse bfloat16 with the reason instead of returning garbage;
+    where the probe passes, bfloat16 matches the reference."""
+    from regharm_ext.backends import BackendUnavailable
+    from regharm_ext.ops._triton_util import BF16_DOT_PROBLEM
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, d, generator=g) for n, d in ((5, 4), (3, 4), (3, 2)))
+    bias = torch.zeros(1, 3)
+    args = [t.bfloat16() for t in (q, k, v)] + [bias]
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 2:5, 2:6] = 1
+    x = torch.randn(1, 4, 8, 8, generator=g).bfloat16().requires_grad_()
+    if BF16_DOT_PROBLEM is None:
+        assert_close(masked_attention(*args, backend="triton"),
+                     masked_attention(q, k, v, bias, backend="reference"), torch.bfloat16)
+        return
+    assert "bfloat16 tl.dot" in BF16_DOT_PROBLEM
+    for call in (lambda: masked_attention(*args, backend="triton"),
+                 lambda: PTL(4, 3, 2, backend="triton").bfloat16()(x, m),
+                 lambda: LTL(4, backend="triton").bfloat16()(x, m)):
+        with pytest.raises(BackendUnavailable, match="interpreter gets bfloat16 tl.dot wrong"):
+            call()

@@ -120,6 +120,38 @@ def _interpreter_problem() -> Optional[str]:
 INTERPRETER_PROBLEM = _interpreter_problem()
 
 
+@triton.jit
+def _dot_probe(A, B, C):
+    r = tl.arange(0, 16)
+    a = tl.load(A + r[:, None] * 16 + r[None, :])
+    b = tl.load(B + r[:, None] * 16 + r[None, :])
+    tl.store(C + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+
+def _bf16_dot_problem() -> Optional[str]:
+    """Why the interpreter cannot run bfloat16 attention, or None. Seen: Triton 3.9's interpreter
+    returns ~1e10 from a tl.dot of two bfloat16 tiles (NumPy has no bfloat16), silently."""
+    if not _INTERPRETING or INTERPRETER_PROBLEM is not None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=g).bfloat16() for _ in range(2))
+    c = torch.zeros(16, 16)
+    try:
+        _dot_probe[(1,)](a, b, c)
+        err = float((c - a.float() @ b.float()).abs().max())
+    except Exception as exc:  # noqa: BLE001 - any failure means the attention cannot run either
+        err, why = float("nan"), f"{type(exc).__name__}: {str(exc)[:120]}"
+    else:
+        why = f"a 16x16 product off by {err:.3g}"
+    if err < 1e-2:
+        return None
+    return (f"Triton {triton.__version__}'s interpreter gets bfloat16 tl.dot wrong ({why}): "
+            f"run the attention in float16 or float32 on CPU, or bfloat16 on a GPU")
+
+
+BF16_DOT_PROBLEM = _bf16_dot_problem()
+
+
 class _Launches(threading.local):
     direct = False  # inside eager_body: no tracing wrapper
 

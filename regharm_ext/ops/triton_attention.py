@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._eager import Direct, eager_grad, register_autograd
-from ._triton_util import (acc_dtype, cdiv, check_batch, interpreting, join_f32, launcher,
+from ._triton_util import (BF16_DOT_PROBLEM, acc_dtype, cdiv, check_batch, interpreting, join_f32, launcher,
                            next_pow2, split_f32, traced_op)
 
 # ----------------------------------------------------------------------------------- kernels
@@ -429,6 +429,9 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     and key orders (idx (Tensor[B, L + N]), cnt (Tensor[B, 2]), int32; empty where neither
     applies: :func:`_orders`), which the backward reuses instead of building them again (the
     op's fwd+bwd is host-bound on a GPU)."""
+    if q.dtype == torch.bfloat16 and BF16_DOT_PROBLEM is not None:
+        from ..backends import BackendUnavailable
+        raise BackendUnavailable(f"backend 'triton': {BF16_DOT_PROBLEM}")
     B, L, D = q.shape
     N, E = v.shape[1], v.shape[2]
     q, k, v, key_bias = _dense(q, k, v, key_bias)
