@@ -182,6 +182,8 @@ def test_fused_node_ops_opcheck():
     args = (x, mask, w, b, 4, 3, 2, 3, 1e-5, 0.5, 5 ** -0.5)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.regharm.ptl_forward.default, args, test_utils=tests)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # the output keeps x's layout
+    torch.library.opcheck(torch.ops.regharm.ptl_forward.default, (x_cl,) + args[1:], test_utils=tests)
     out, *saved = torch.ops.regharm.ptl_forward(*args)
     for need_x in (True, False):
         bargs = (torch.randn_like(x), x, mask, w, saved) + args[4:] + (need_x,)

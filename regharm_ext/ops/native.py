@@ -185,7 +185,9 @@ def _register() -> None:
         K, L = ((H - ph) // sh + 1) * ((W - pw) // sw + 1), H * W
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats = [x.new_empty(B, K, C) for _ in range(2)]
-        return [x.new_empty(B, C, H, W), m.new_empty(B, 1, H, W), *stats, x.new_empty(B, K),
+        # the output in x's layout (channels_last in, channels_last out), as lerp and the CUDA
+        # blend's empty_like(x) give it
+        return [torch.empty_like(x), m.new_empty(B, 1, H, W), *stats, x.new_empty(B, K),
                 x.new_empty(B, L, C), x.new_empty(B, C, dtype=acc), x.new_empty(B, C, dtype=acc),
                 x.new_empty(B, K, C), x.new_empty(B, K, 2 * C),
                 x.new_empty(B, K, dtype=torch.float32), x.new_empty(B, L, dtype=torch.bool),
