@@ -115,8 +115,12 @@ EVAL_SIZE = 256   # the iDIH protocol's resolution for every score (SPEC §6)
 RUN_CONTROL = {"device", "threads", "num_workers", "eval_batch_size", "max_steps", "max_minutes",
                "validate", "progress", "data_root", "epochs", "backend", "val_every", "val_subset",
                "keep_checkpoints", "amp", "deterministic", "memory_format", "inject_nan_step"}
-# run control that a resumed run keeps unless given again (the others return to the preset's value)
-INHERITED = {"epochs", "data_root", "backend", "amp", "deterministic", "memory_format"}
+# run control that a resumed run keeps unless given again: what shapes the run's outcome (the
+# time budget, model selection, the checkpoints kept, the final table) and how it was asked to
+# run. The rest returns to the preset's value: the machine's (device, threads, workers, eval
+# batch) and the stops of one process (max_steps).
+INHERITED = {"epochs", "data_root", "backend", "amp", "deterministic", "memory_format",
+             "max_minutes", "validate", "val_every", "val_subset", "keep_checkpoints", "progress"}
 AMP_MODES = ("none", "bf16", "fp16")
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -293,3 +293,24 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsy
         assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     monkeypatch.setattr(ck, "save_file", save_file)
     assert run("--out", out, "--resume", "--epochs", "2") == 0
+
+
+def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
+    """A plain --resume keeps what the run was started with: the time budget, model selection
+    (--val-every, --val-subset), the checkpoints kept, the final table's switch; --max-steps is
+    one process's stop and is not kept. (It reset them to the preset's values, which pruned
+    kept checkpoints and stopped picking the best one.)"""
+    out = tmp_path / "run"
+    assert run(*SMOKE, "--out", out, "--max-steps", 4, "--keep-checkpoints", 10, "--val-every", 1,
+               "--val-subset", 2, "--max-minutes", 30) == 1
+    assert run("--out", out, "--resume") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in ("keep_checkpoints", "val_every", "val_subset", "max_minutes",
+                                   "validate", "max_steps")} == dict(
+        keep_checkpoints=10, val_every=1, val_subset=2, max_minutes=30, validate=False, max_steps=0)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # step 4 twice: the stop's checkpoint, then its epoch's end (scored, logged) as step-4.2
+    assert kept == [f"step-{s:08d}" for s in (2, 4)] + ["step-00000004.2"] + [
+        f"step-{s:08d}" for s in (6, 8, 10, 12)], kept
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all("val_fmse" in r for r in log)
