@@ -114,13 +114,34 @@ def write_text(path: PathLike, text: str) -> None:
     _atomic_write(Path(path), write)
 
 
-def write_json(path: PathLike, obj: Any) -> None:
-    """JSON written atomically."""
+def _json_writer(obj: Any):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
-    _atomic_write(Path(path), write)
+    return write
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """JSON written atomically."""
+    _atomic_write(Path(path), _json_writer(obj))
+
+
+def create_json(path: PathLike, obj: Any) -> None:
+    """JSON written atomically to a file that must not exist yet: FileExistsError when another
+    process (or an earlier run) holds it. A hard link is the exclusive and atomic step."""
+    path = Path(path)
+    tmp = _stage(path, _json_writer(obj))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:   # a file system without hard links: exclusive, though not atomic
+        with open(path, "x") as f, open(tmp) as src:
+            f.write(src.read())
+    finally:
+        _discard(tmp)
+    _fsync(path.parent)
 
 
 def _read_json(path: Path, what: str) -> Dict:

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .backends import NAMES as BACKENDS, BackendUnavailable, unavailable_reason
 from .checkpoint import (CheckpointError, clean_partial, has_checkpoint, load_checkpoint, load_weights,
-                         resolve_checkpoint, save_checkpoint, write_json, write_text)
+                         create_json, resolve_checkpoint, save_checkpoint, write_json, write_text)
 from .cpu_cores import CoreMeter, allowed_cores, idle_cores, threads_for
 from .errors import one_line
 from .losses import fmse_loss
@@ -480,9 +480,10 @@ def final_validation(model, val, cfg: TrainConfig, device: torch.device, run_dir
     from .evaluate import evaluate, format_table
 
     model.eval()
-    results = [evaluate(model, val, device=str(device), batch_size=cfg.eval_batch_size)]
+    kw = dict(device=str(device), batch_size=cfg.eval_batch_size, progress=cfg.progress)
+    results = [evaluate(model, val, **kw)]
     for baseline in ("composite", "reinhard"):
-        results.append(evaluate(baseline, val, device=str(device), batch_size=cfg.eval_batch_size))
+        results.append(evaluate(baseline, val, **kw))
     print(format_table(results), flush=True)
     write_samples(model, val, device, run_dir, baselines=("reinhard",))
     fm = [r["subsets"]["All"]["fmse"] for r in results]
@@ -544,37 +545,42 @@ def _quick_val(model, val, cfg: TrainConfig, device: torch.device) -> float:
     return float(res["subsets"]["All"]["fmse"])
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; schedulers, `timeout`, `docker stop`
+
+
 class _StopRequest:
-    """Ctrl-C (SIGINT) while training: the first asks the loop to stop at the next step boundary,
-    where a checkpoint is exact (a KeyboardInterrupt inside a step would leave BatchNorm statistics
-    or Adam moments with part of that step); a second one interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM while training: the first asks the loop to stop at the next
+    step boundary, where a checkpoint is exact (a KeyboardInterrupt inside a step would leave
+    BatchNorm statistics or Adam moments with part of that step); a second one interrupts at once."""
 
     def __init__(self, main: bool):
-        self.main, self.requested, self.installed, self.previous = main, False, False, None
+        self.main, self.requested, self.previous = main, False, {}
 
     def install(self) -> None:
         # Python lets only the main thread set handlers; elsewhere Ctrl-C stays a KeyboardInterrupt
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+            self.previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         if self.main:   # os.write: print could be the very call this handler interrupted
-            os.write(2, b"\nCtrl-C: stopping after this step (press again to stop at once, without saving it)\n")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            os.write(2, f"\n{name}: stopping after this step (again: stop at once, without saving "
+                        f"it)\n".encode())
 
     def restore(self) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
-            self.installed = False
+        for s, previous in self.previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+        self.previous = {}
 
 
 def _ignore_sigint(_worker_id: int) -> None:
-    """DataLoader workers: Ctrl-C reaches the whole process group; the workers keep serving the
-    step that the main process finishes before it stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers: Ctrl-C (or a SIGTERM to the process group) reaches them too; they keep
+    serving the step that the main process finishes before it stops."""
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _save_if_new(checkpoint, saved_step: List[int], state: Dict) -> None:
@@ -590,10 +596,19 @@ def _continue_finished(cfg: TrainConfig, state: Dict) -> None:
         state["finished"] = False
 
 
-def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
+def _holds_run(run_dir: Path) -> bool:
+    return (run_dir / "config.json").exists() or (run_dir / "latest.json").exists()
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path, new: bool) -> None:
+    """config.json; a new run creates it exclusively, so that two processes started with one
+    --out (or one default name) cannot train into the same directory."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+        (create_json if new else write_json)(run_dir / "config.json", dataclasses.asdict(cfg))
+    except FileExistsError:
+        raise ConfigError(f"{run_dir} already holds a run (another process started it); use "
+                          f"--resume to continue it or another --out") from None
     except OSError as exc:
         raise ConfigError(f"--out {run_dir}: cannot write the run directory there "
                           f"({exc.strerror or exc}); choose another --out") from None
@@ -703,7 +718,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, d: "distributed.Dist",
             print(f"{run_dir} already finished ({state['epoch']} epochs); nothing to resume", flush=True)
     if main:
         if not state.get("finished"):   # a finished run keeps the config it finished with
-            _write_config(cfg, run_dir)
+            _write_config(cfg, run_dir, new=not resume)
         job = f", {d.world} processes ({d.backend})" if d.enabled else ""
         print(f"run {run_dir}: {cfg.variant}, {model.count_parameters() / 1e6:.2f} M parameters, "
               f"{cfg.input_size}², {device}, {threads} threads{job}"
@@ -985,6 +1000,28 @@ def _newest_run(preset: str) -> Path:
     return runs[-1]
 
 
+def _new_run_dir(preset: str) -> Path:
+    """runs/<preset>-<time>, with -2, -3, ... when that is taken: the main process claims it by
+    creating it (two runs started in the same second get two directories; main() removes it
+    again, empty, when the run fails before writing anything)."""
+    base = Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not distributed.from_env().is_main:
+        return base   # only the main process writes a new run
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        _CLAIMED.append(path)
+        return path
+    raise ConfigError(f"no free run directory {base}-N in runs/; pass --out")
+
+
+_CLAIMED: List[Path] = []   # default run directories this process made
+
+
 def _resume_config(run_dir: Path, preset: Optional[str], overrides: Dict[str, Any]) -> TrainConfig:
     path = run_dir / "config.json"
     if not path.is_file():
@@ -1019,8 +1056,8 @@ def _cli_config(args, overrides: Dict[str, Any]) -> Tuple[TrainConfig, Path]:
         else:
             preset = args.preset or "demo"
             cfg = preset_config(preset, **overrides)
-            run_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-            if (run_dir / "latest.json").exists():
+            run_dir = Path(args.out) if args.out else _new_run_dir(preset)
+            if _holds_run(run_dir):
                 raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or another --out")
     except ConfigError:
         raise
@@ -1075,13 +1112,22 @@ def main(argv=None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "out", "resume")}
     if _elastic_restart(args) and distributed.from_env().is_main:
         print(f"torchrun restarted the job: resuming {args.out}", flush=True)
-    t0 = time.time()
+    t0, run_dir = time.time(), None
     try:
         cfg, run_dir = _cli_config(args, overrides)
         result = train(cfg, run_dir, resume=args.resume)
     except (ConfigError, DataError, ImageFileError, CheckpointError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:   # outside the training loop (set-up, the final table): no traceback
+        where = f"; continue with: python -m regharm_ext.train --out {run_dir} --resume" if run_dir else ""
+        print(f"\ninterrupted{where}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for path in _CLAIMED:   # a default run directory that nothing was written into
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        _CLAIMED.clear()
     if result["stopped"] == "nan":
         if distributed.from_env().is_main:
             print(f"error: {result['error']}", file=sys.stderr, flush=True)

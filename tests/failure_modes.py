@@ -44,6 +44,13 @@ TRAINING: List[Tuple[str, str, str, str]] = [
      "uninterrupted run's at that step (weights, BatchNorm statistics, Adam state); a second Ctrl-C "
      "stops at once and saves nothing of the unfinished step",
      "test_train_cli.py::test_ctrl_c_mid_forward_saves_the_step_boundary"),
+    ("training", "SIGTERM (a scheduler, `timeout`, `docker stop`) in the middle of a step",
+     "stops like Ctrl-C, at the step boundary with an exact checkpoint",
+     "test_train_cli.py::test_sigterm_mid_forward_saves_the_step_boundary_too"),
+    ("training", "two runs started in the same second without `--out`, or into one `--out`",
+     "the second gets `runs/<preset>-<time>-2`; an `--out` that holds a run's `config.json` is "
+     "refused (it is created exclusively, so a race is refused too)",
+     "test_train_cli.py::test_runs_started_in_the_same_second_get_their_own_directories"),
     ("training", "bad setting (`--lr -1`, `--variant foo`, `--batch-size 0`, an unavailable "
      "`--backend` or `--device`, an `--out` that cannot be a folder)",
      "`error: ...` on one line, exit status 2, before anything is written",

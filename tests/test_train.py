@@ -228,8 +228,10 @@ def test_cli_overrides_table_and_resume_rules(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--preset", "smoke", "--out", str(out), "--epochs", "1", "--variant", "rbase+sa",
                  "--ltl-levels", "16,32", "--lr", "0.002", "--val-every", "1", "--val-subset", "2"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| model | composite | reinhard |" in printed and "fMSE" in printed
+    assert "evaluate" not in captured.err   # the smoke preset's progress=False: no bars, the table's either
     config = json.loads((out / "config.json").read_text())
     assert config["variant"] == "rbase+sa" and config["ltl_levels"] == [16, 32] and config["lr"] == 0.002
     val = json.loads((out / "val.json").read_text())

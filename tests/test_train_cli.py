@@ -82,6 +82,32 @@ def test_ctrl_c_mid_forward_saves_the_step_boundary(tmp_path, monkeypatch, capsy
     _assert_same(_saved(tmp_path / "cut"), _saved(tmp_path / "ref"))
 
 
+def test_sigterm_mid_forward_saves_the_step_boundary_too(tmp_path, monkeypatch, capfd):
+    """SIGTERM (schedulers, `timeout`, `docker stop`) stops like Ctrl-C: at the step boundary,
+    with the same checkpoint as an uninterrupted run's (it killed the run, losing the epoch)."""
+    cfg = dict(validate=False, epochs=3, deterministic=True)
+    tr.train(tr.preset_config("smoke", max_steps=3, **cfg), tmp_path / "ref")
+    before = signal.getsignal(signal.SIGTERM)
+    _interrupt_at_forward(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert run(*SMOKE, "--epochs", 3, "--deterministic", "--out", tmp_path / "cut") == 1
+    err = capfd.readouterr().err   # the handler writes to fd 2 directly
+    assert "SIGTERM: stopping after this step" in err and "interrupted at step 3" in err
+    assert signal.getsignal(signal.SIGTERM) is before
+    _assert_same(_saved(tmp_path / "cut"), _saved(tmp_path / "ref"))
+
+
+def test_ctrl_c_in_the_final_table_is_one_line(tmp_path, monkeypatch, capsys):
+    """Training is saved by then; Ctrl-C while the table is computed prints how to get it
+    (--resume recomputes it), not a traceback."""
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tr, "final_validation", stop)
+    out = tmp_path / "run"
+    assert run("--preset", "smoke", "--epochs", 1, "--out", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted; continue with: python -m regharm_ext.train --out {out} --resume"]
+
+
 def test_hard_interrupt_inside_a_step_saves_nothing_of_it(tmp_path, monkeypatch, capsys):
     """A KeyboardInterrupt inside a step (a second Ctrl-C) cannot finish the step: no checkpoint
     is written, the last one (step 2, end of epoch 1) stays latest and holds step 2 exactly."""
@@ -314,3 +340,36 @@ def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
         f"step-{s:08d}" for s in (6, 8, 10, 12)], kept
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6 and all("val_fmse" in r for r in log)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch, capsys):
+    """Default run names are per second: a second run in that second gets NAME-2 (it shared the
+    first one's directory, interleaving logs and overwriting checkpoints); a failed start
+    leaves no empty directory behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tr.time, "strftime", lambda fmt, *a: "20260101-000000")
+    assert run(*SMOKE, "--epochs", 1) == 0
+    assert run(*SMOKE, "--epochs", 1, "--lr", "1e-3") == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["smoke-20260101-000000", "smoke-20260101-000000-2"]
+    assert json.loads((tmp_path / "runs" / runs[1] / "config.json").read_text())["lr"] == 1e-3
+    assert run(*SMOKE, "--epochs", 1, "--batch-size", 100) == 2   # larger than an epoch
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
+
+
+def test_a_new_run_never_takes_over_a_directory_with_a_config(tmp_path, capsys):
+    """A directory with a run's config.json (killed before its first checkpoint, or being
+    started by another process) is refused to a new run: --resume continues it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert run(*SMOKE, "--epochs", 1, "--out", out) == 2
+    assert "already holds a run; use --resume" in _one_error_line(capsys)
+    # the exclusive creation itself, for the process that loses a race after both checked
+    config = tr.preset_config("smoke")
+    with pytest.raises(tr.ConfigError, match="already holds a run"):
+        tr._write_config(config, out, new=True)
+    assert (out / "config.json").read_text() == "{}"
+    tr._write_config(config, tmp_path / "fresh", new=True)
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["preset"] == "smoke"
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["config.json"]   # no temporary left
