@@ -40,7 +40,7 @@ from .baselines import composite, reinhard, reinhard_cielab
 from .errors import one_line, warnings_as_notes
 from .inference import harmonize_tensor, pick_device
 from .metrics import MetricTable, image_metrics
-from .paths import nearest_existing
+from .paths import nearest_existing, same_file
 
 BASELINES = {"composite": composite, "reinhard": reinhard, "reinhard-cielab": reinhard_cielab}
 METHODS = ("model", "composite", "reinhard", "reinhard-cielab")
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                    help="run folder or weights file (default: the packaged default weights)")
     p.add_argument("--data-root", default=None, type=Path,
                    help="iHarmony4 root (default: the embedded synthetic validation split)")
-    p.add_argument("--subsets", nargs="+", default=None, help="subsets to score (default: all present)")
+    p.add_argument("--subsets", nargs="+", default=None, help="subsets to score, e.g. HCOCO HFlickr (or HCOCO,HFlickr; default: all present)")
     p.add_argument("--split", default="test", choices=["test", "train"],
                    help="list to score (without --data-root: 'train' scores the embedded training split)")
     p.add_argument("--method", nargs="+", default=["model"], choices=METHODS,
@@ -269,6 +269,15 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for another dataset than the one asked for."""
     if a.samples_count < 1:
         p.error(f"--samples-count must be at least 1, got {a.samples_count}")
+    for flag, value, least in (("--size", a.size, 1), ("--batch-size", a.batch_size, 1),
+                               ("--workers", a.workers, 0)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
+    if a.json is not None and a.samples is not None and same_file(a.json, a.samples):
+        p.error(f"--json and --samples name the same file ({a.samples}): the sheet would replace "
+                f"the results; give them two paths")
+    if a.subsets is not None:   # "HCOCO HFlickr", as train takes them: "HCOCO,HFlickr"
+        a.subsets = [n for t in a.subsets for n in t.replace(",", " ").split()] or None
     if a.data_root is None and a.subsets is not None:
         p.error("--subsets needs --data-root (without it the embedded synthetic validation split is scored)")
     if a.data_root is not None and a.val_length is not None:

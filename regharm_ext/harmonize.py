@@ -57,7 +57,7 @@ from .data.image_file import (ImageFileError, check_memory, image_size, read_mas
                               sixteen_bit_advice, sixteen_bit_peak)
 from .errors import one_line, warnings_as_notes
 from .inference import _EvalMode, model_size, pick_device, resize
-from .paths import nearest_existing
+from .paths import nearest_existing, same_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # piecewise-linear "inferno"-like colormap: value -> RGB
@@ -261,7 +261,7 @@ def check_output(path, role: str = "output", inputs=()) -> None:
         raise InputError(f"{role} {path} is a folder; give a file name such as {path / 'out.png'}")
     _check_folder(path.parent, role, path)
     for in_role, src in inputs:
-        if _same_file(path, src):
+        if same_file(path, src):
             raise InputError(f"{role} {path} is the {in_role} file: it would be overwritten; "
                              f"give another name")
 
@@ -369,16 +369,12 @@ def orphan_masks(input_dir: Path) -> List[Path]:
     return [p for p in files if _is_mask(p) and p.stem[:-len("_mask")] not in names]
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def _check_single_paths(a) -> None:
     """Every output of single mode can be written and overwrites neither an input nor the other."""
     outputs = [("--out", a.out)] + ([("--explain", a.explain)] if a.explain is not None else [])
     for role, path in outputs:
         check_output(path, role, inputs=(("--image", a.image), ("--mask", a.mask)))
-    if a.explain is not None and _same_file(a.out, a.explain):
+    if a.explain is not None and same_file(a.out, a.explain):
         raise InputError(f"--explain {a.explain} is the --out file: the map would overwrite the "
                          f"harmonized image; give another name")
 
@@ -388,7 +384,7 @@ def _check_folder_paths(a, pairs) -> None:
     _check_folder(a.out_dir, "--out-dir")
     if a.explain_dir is not None:
         _check_folder(a.explain_dir, "--explain-dir")
-        if _same_file(a.out_dir, a.explain_dir):
+        if same_file(a.out_dir, a.explain_dir):
             raise InputError(f"--explain-dir {a.explain_dir} is the --out-dir: the maps would overwrite "
                              f"the harmonized images; give another folder")
     inputs = {Path(p).resolve(): p for p in _folder_files(a.input_dir)}

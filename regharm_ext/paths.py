@@ -10,3 +10,8 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists() and path.parent != path:
         path = path.parent
     return path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two output paths name one file (relative, ``..`` or a symlinked folder alike)."""
+    return Path(a).resolve() == Path(b).resolve()

@@ -922,7 +922,10 @@ def _field_parser(f: dataclasses.Field):
             return tuple(int(v) for v in text.replace(",", " ").split()) if text and text != "none" else ()
         return dict(type=ints, metavar="N,N")
     if "Tuple[str" in ann:
-        return dict(type=lambda t: None if t.lower() in ("", "none", "all") else tuple(t.split(",")), metavar="A,B")
+        def names(text):   # "A,B", "A, B" or "A B"; none/all (or nothing) = every one present
+            items = tuple(text.replace(",", " ").split())
+            return None if not items or (len(items) == 1 and items[0].lower() in ("none", "all")) else items
+        return dict(type=names, metavar="A,B")
     if ann == "bool":   # "--deterministic" alone means true
         return dict(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
     if ann == "int":

@@ -266,6 +266,10 @@ def test_evaluate_cli_subset_selection(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"note: no test images listed for HFlickr in {root / 'HFlickr' / 'HFlickr_test.txt'}; skipped" in err
     assert {s: v["n"] for s, v in json.loads(out.read_text())["subsets"].items()} == {"HCOCO": 2, "All": 2}
+    # train's comma-separated form too
+    assert evaluate_main(["--data-root", str(root), "--subsets", "HCOCO,", "--size", "32",
+                          "--method", "composite", "--no-progress", "--json", str(out)]) == 0
+    assert {s: v["n"] for s, v in json.loads(out.read_text())["subsets"].items()} == {"HCOCO": 2, "All": 2}
     assert evaluate_main(["--data-root", str(root), "--subsets", "HAdobe5k", "Hday2night",
                           "--method", "composite", "--no-progress"]) == 2
     err = _one_error_line(capsys)
@@ -281,6 +285,10 @@ def test_evaluate_cli_subset_selection(tmp_path, capsys):
     (["--peak", "nan"], "--peak must be 'target' or a positive number"),
     (["--peak", "-255"], "--peak must be 'target' or a positive number"),
     (["--peak", "inf"], "--peak must be 'target' or a positive number"),
+    (["--size", "0"], "--size must be at least 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["--json", "out/x.png", "--samples", "out/../out/x.png"], "--json and --samples name the same file"),
 ])
 def test_evaluate_cli_refuses_flags_that_do_not_apply_or_make_no_sense(args, words, monkeypatch, capsys):
     _no_scoring(monkeypatch)

@@ -373,3 +373,9 @@ def test_a_new_run_never_takes_over_a_directory_with_a_config(tmp_path, capsys):
     tr._write_config(config, tmp_path / "fresh", new=True)
     assert json.loads((tmp_path / "fresh" / "config.json").read_text())["preset"] == "smoke"
     assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["config.json"]   # no temporary left
+
+
+def test_subset_lists_take_spaces_and_stray_commas():
+    parse = lambda text: tr.build_parser().parse_args(["--subsets", text]).subsets   # noqa: E731
+    assert parse("HCOCO, HFlickr,") == ("HCOCO", "HFlickr") == parse("HCOCO HFlickr")
+    assert parse("all") is None and parse("") is None and parse(" , ") is None
