@@ -11,7 +11,8 @@ import sys
 
 from regharm_ext.checkpoint import load_model
 from regharm_ext.errors import one_line
-from regharm_ext.harmonize import InputError, check_output, harmonize_array, load_pair, save_image
+from regharm_ext.harmonize import (InputError, check_output, harmonize_array, load_pair, rgb_icc_profile,
+                                  save_image)
 
 if len(sys.argv) != 4:
     sys.exit("usage: python python/harmonize_image.py IMAGE MASK OUT")
@@ -22,7 +23,8 @@ try:
     image, mask = load_pair(image_path, mask_path)   # uint8 [H, W, 3] and [H, W] (255 = foreground)
     model, config = load_model(None)              # a run folder or .safetensors file works too
     out = harmonize_array(model, image, mask)     # uint8; pixels where the mask is 0 are unchanged
-    save_image(out, out_path)                     # atomic: no partial file on failure
+    # atomic (no partial file on failure), with the photo's colour profile (if it has one)
+    save_image(out, out_path, icc_profile=rgb_icc_profile(image_path))
 except (InputError, OSError) as e:                # the user's files: one line, no traceback
     sys.exit(f"error: {one_line(e)}")
 print(f"{config['variant']} model -> {out_path}")

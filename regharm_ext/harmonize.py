@@ -54,7 +54,7 @@ from PIL import Image, ImageFilter
 
 from .backends import NAMES
 from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
-                              sixteen_bit_advice, sixteen_bit_peak)
+                              rgb_icc_profile, sixteen_bit_advice, sixteen_bit_peak)
 from .errors import one_line, warnings_as_notes
 from .inference import _EvalMode, model_size, pick_device, resize
 from .paths import nearest_existing, same_file
@@ -266,16 +266,19 @@ def check_output(path, role: str = "output", inputs=()) -> None:
                              f"give another name")
 
 
-def save_image(array: np.ndarray, path, role: str = "output") -> None:
+def save_image(array: np.ndarray, path, role: str = "output",
+               icc_profile: Optional[bytes] = None) -> None:
     """Write atomically with the usual permissions (checkpoint._atomic_write): an error leaves no
-    partial file, and its message names the file and its ``role`` (e.g. ``--out``)."""
-    save_images([(array, path, role)])
+    partial file, and its message names the file and its ``role`` (e.g. ``--out``).
+    ``icc_profile``: the input's colour profile (:func:`rgb_icc_profile`), to display alike."""
+    save_images([(array, path, role)], icc_profile)
 
 
-def save_images(items) -> None:
+def save_images(items, icc_profile: Optional[bytes] = None) -> None:
     """``(array, path, role)`` outputs, all or none: each is staged in a temporary file beside its
     target (checkpoint._stage), and only when every one is written are they renamed into place,
-    so that a failed second write (a full disk) leaves neither (the first used to stay behind)."""
+    so that a failed second write (a full disk) leaves neither (the first used to stay behind).
+    ``icc_profile``: the input's colour profile, embedded where the format takes one."""
     from .checkpoint import _commit, _discard, _stage   # as samples.save_sheet; keeps bad-input runs light
 
     staged: List[Tuple[str, Path, str]] = []
@@ -284,7 +287,8 @@ def save_images(items) -> None:
             path = Path(path)
             fmt = _output_format(path, role)
             try:
-                staged.append((_stage(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt)),
+                extra = {"icc_profile": icc_profile} if icc_profile else {}
+                staged.append((_stage(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **extra)),
                                path, role))
             except Exception as exc:
                 raise InputError(f"cannot write {role} {path}: {one_line(exc)}") from None
@@ -315,19 +319,20 @@ def process(model, image_path, mask_path, out_path, explain_path=None, device="c
             max_pixels: Optional[int] = None, roles=("--out", "--explain")) -> None:
     """One composite: checks, harmonization, optional explanation; writes only on success."""
     img, mask = load_pair(image_path, mask_path, max_pixels, explain_path is not None)
-    process_arrays(model, img, mask, out_path, explain_path, device, roles)
+    process_arrays(model, img, mask, out_path, explain_path, device, roles, rgb_icc_profile(image_path))
 
 
 def process_arrays(model, img, mask, out_path, explain_path=None, device="cpu",
-                   roles=("--out", "--explain")) -> None:
-    """``roles`` name the outputs in error messages (the options the user gave)."""
+                   roles=("--out", "--explain"), icc_profile: Optional[bytes] = None) -> None:
+    """``roles`` name the outputs in error messages (the options the user gave); ``icc_profile``
+    (the input's, :func:`rgb_icc_profile`) goes into both: their pixels are in its colours."""
     out = harmonize_array(model, img, mask, device)
     overlay = heatmap_overlay(img, contribution_map(model, img, mask, device), mask) \
         if explain_path is not None else None
     outputs = [(out, out_path, roles[0])]
     if overlay is not None:
         outputs.append((overlay, explain_path, roles[1]))
-    save_images(outputs)
+    save_images(outputs, icc_profile)
 
 
 def _is_mask(p: Path) -> bool:
@@ -456,7 +461,8 @@ def main(argv=None) -> int:
             model = _load_model(a.checkpoint, device, a.backend)
             if a.explain is not None:
                 _check_explainable(model)
-            process_arrays(model, img, mask, a.out, a.explain, device)
+            process_arrays(model, img, mask, a.out, a.explain, device,
+                           icc_profile=rgb_icc_profile(a.image))
             print(a.out if a.explain is None else f"{a.out}\n{a.explain}")  # as folder mode lists them
             return 0
         pairs, orphans = _folder_inputs(a)

@@ -278,3 +278,27 @@ def test_outputs_are_written_all_or_none(tmp_path, capsys, monkeypatch):
     rc, err = _run_main(["--image", image, "--mask", mask, "--out", tmp_path / "o.png",
                          "--explain", tmp_path / "m.png"], capsys)
     assert rc == 0 and (tmp_path / "o.png").is_file() and (tmp_path / "m.png").is_file(), err
+
+
+def test_outputs_keep_the_inputs_rgb_colour_profile(tmp_path, capsys, monkeypatch):
+    """A photo with a colour profile (Display P3 and the like) gets it back on the result and the
+    map, single and folder mode: without it the whole picture, background included, would be
+    shown in other colours. A profile of another colour space (here Lab) is not copied."""
+    from PIL import ImageCms
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, icc in (("a", srgb), ("b", lab)):
+        image, _ = _pair(src, (64, 48), name)
+        Image.open(image).save(image, quality=92, icc_profile=icc)
+    _tiny(monkeypatch)
+    out, maps = tmp_path / "out", tmp_path / "maps"
+    assert hz.main([str(a) for a in ["--input-dir", src, "--out-dir", out, "--explain-dir", maps]]) == 0
+    assert Image.open(out / "a.png").info.get("icc_profile") == srgb
+    assert Image.open(maps / "a.png").info.get("icc_profile") == srgb
+    assert "icc_profile" not in Image.open(out / "b.png").info
+    single = tmp_path / "single.jpg"
+    assert hz.main([str(a) for a in ["--image", src / "a.jpg", "--mask", src / "a_mask.png",
+                                     "--out", single]]) == 0
+    assert Image.open(single).info.get("icc_profile") == srgb

@@ -185,6 +185,20 @@ def read_rgb(path, what: str = "image", max_pixels: Optional[int] = None) -> np.
     return np.array(img)
 
 
+def rgb_icc_profile(path) -> Optional[bytes]:
+    """The colour profile embedded in an RGB image (ICC bytes), or None: none there, or one for
+    another colour space (a grey or CMYK profile does not describe the RGB pixels read_rgb
+    returns). An output written with it displays in the input's colours (Display P3 and other
+    wide-gamut photos would otherwise be shown as sRGB)."""
+    try:
+        with Image.open(path) as img:
+            icc = img.info.get("icc_profile")
+    except Exception:  # noqa: BLE001 - the pixels were read already: no profile is not an error
+        return None
+    # bytes 16-19 of an ICC header name the data colour space
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
+
+
 def read_mask(path, what: str = "mask", max_pixels: Optional[int] = None) -> np.ndarray:
     """The mask as uint8 [H, W] (writable; 255 = foreground), converted as the module doc says."""
     path = Path(path)
