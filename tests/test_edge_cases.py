@@ -111,6 +111,11 @@ def test_synth_export_keeps_an_existing_root_lists_unless_forced(tmp_path, capsy
     assert all((root / n).read_text() == t for n, t in lists.items())
     rc, _ = _synth(["--out", str(root), "--n", "1", "--n-train", "0", "--size", "16", "--force"], capsys)
     assert rc == 0 and (root / "IHD_test.txt").read_text() == "Synthetic/composite_images/v00000_1_1.jpg\n"
+    # a forced export of another subset leaves Synthetic alone, and says a loader still finds it
+    rc, err = _synth(["--out", str(root), "--n", "1", "--n-train", "0", "--size", "16", "--force",
+                      "--subsets", "Other"], capsys)
+    assert rc == 0 and (root / "Synthetic" / "Synthetic_test.txt").is_file()
+    assert err.startswith("note: ") and "the subset(s) Synthetic from before" in err, err
 
 
 @pytest.mark.parametrize("args", [["--size", "0"], ["--size", "-5"], ["--size", "1"], ["--size", "7"],

@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true",
-                   help="replace existing IHD_*.txt / <Subset>_*.txt lists and images under --out")
+                   help="replace existing IHD_*.txt and the exported subsets' lists and images under "
+                        "--out (other subset folders are left alone, and noted)")
     a = p.parse_args(argv)
     if a.n < 0 or (a.n_train is not None and a.n_train < 0):
         p.error("counts must be >= 0")
@@ -243,7 +244,18 @@ def main(argv=None) -> int:
         return 2
     for subset, c in counts.items():
         print(f"{a.out / subset}: {c['test']} test, {c['train']} train composites")
+    others = _other_subsets(a.out, a.subsets)
+    if others:   # left as they are (they may be real data), but a loader would still find them
+        print(f"note: {a.out} also holds the subset(s) {', '.join(others)} from before, with lists "
+              f"of their own: evaluate and train read them too unless --subsets names the ones "
+              f"exported now (or remove those folders)", file=sys.stderr)
     return 0
+
+
+def _other_subsets(out: Path, subsets: Sequence[str]) -> list:
+    """Subset folders under ``out`` with image lists that this export did not write."""
+    return sorted(d.name for d in Path(out).iterdir() if d.is_dir() and d.name not in subsets
+                  and any((d / f"{d.name}_{split}.txt").is_file() for split in ("train", "test")))
 
 
 if __name__ == "__main__":
