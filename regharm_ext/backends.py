@@ -101,8 +101,9 @@ def backends(device: Union[str, torch.device, None] = None) -> Dict[str, str]:
     return {n: (unavailable_reason(n, device) or "available") for n in NAMES}
 
 
-def resolve(backend: Optional[str], device: torch.device):
-    """The module that runs an op for tensors on ``device``."""
+def chosen(backend: Optional[str], device: torch.device) -> str:
+    """The name of the backend that runs ops for tensors on ``device`` (``backend``, else
+    $REGHARM_BACKEND, else the first available of the device's preference order)."""
     name = backend
     if name is None:
         name = os.environ.get(_ENV) or None
@@ -111,11 +112,16 @@ def resolve(backend: Optional[str], device: torch.device):
         if reason is not None:
             src = f"backend={name!r}" if backend is not None else f"{_ENV}={name!r}"
             raise BackendUnavailable(f"{src} cannot run on {device.type}: {reason}")
-        return _module(name)
+        return name
     for cand in _PREFERENCE.get(device.type, ("torch",)):
         if unavailable_reason(cand, device) is None:
-            return _module(cand)
-    return _module("reference")
+            return cand
+    return "reference"
+
+
+def resolve(backend: Optional[str], device: torch.device):
+    """The module that runs an op for tensors on ``device``."""
+    return _module(chosen(backend, device))
 
 
 # Backends that import cheaply are imported up front (native's import never fails: a missing

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .backends import NAMES as BACKEND_NAMES
+from .backends import NAMES as BACKEND_NAMES, chosen
 from .baselines import composite, reinhard, reinhard_cielab
 from .errors import one_line, warnings_as_notes
 from .inference import harmonize_tensor, pick_device
@@ -189,7 +189,9 @@ def _load_model(checkpoint, device, backend=None):
         model, config = load_model(checkpoint, device, backend=backend)
     source = {k: config[k] for k in ("checkpoint", "step", "epoch") if k in config}
     source["variant"] = config.get("variant")
-    source["backend"] = backend or config.get("backend") or "auto"
+    stored = config.get("backend")   # --backend applied; None: picked per device
+    used = chosen(stored, torch.device(device))
+    source["backend"] = used if stored else f"auto ({used})"
     return model, source
 
 

@@ -217,7 +217,9 @@ def test_evaluate_json_names_the_checkpoint_and_the_protocol(tmp_path, capsys):
     settings = json.loads(out.read_text())["settings"]
     assert settings["size"] == 256 and settings["peak"] == 255.0 and settings["protocol"] is False
     assert settings["data"] == "embedded synthetic validation split"
-    assert settings["model"] == {"checkpoint": str(ck), "variant": "rbase+ltl+ptl", "backend": "auto"}
+    from regharm_ext.backends import chosen
+    assert settings["model"] == {"checkpoint": str(ck), "variant": "rbase+ltl+ptl",
+                                 "backend": f"auto ({chosen(None, torch.device('cpu'))})"}
     assert evaluate_main(["--checkpoint", str(ck), "--val-length", "2", "--no-progress", "--json", str(out),
                           "--backend", "torch"]) == 0
     settings = json.loads(out.read_text())["settings"]
@@ -244,7 +246,7 @@ def test_a_model_trained_on_a_backend_this_device_lacks_loads_on_the_automatic_o
     capsys.readouterr()
     assert evaluate_main(["--checkpoint", str(ck), "--val-length", "2", "--size", "64", "--no-progress",
                           "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["settings"]["model"]["backend"] == "auto"
+    assert json.loads(out.read_text())["settings"]["model"]["backend"].startswith("auto (")
     # the CLI's style: one note line, not Python's warning with its source line
     assert capsys.readouterr().err.splitlines()[0].startswith(f"note: {ck} was trained with backend 'triton'")
     # asked for by name, it is refused with the reason
