@@ -178,13 +178,17 @@ def _model_inputs(model, image: np.ndarray, mask: np.ndarray, dev) -> Tuple[torc
 
 def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
     """Harmonized image (uint8 [H, W, 3]) of ``image`` (uint8 [H, W, 3]) with ``mask`` (uint8
-    [H, W]); identical to ``image`` wherever ``mask`` is 0."""
+    [H, W]); identical to ``image`` wherever ``mask`` is 0. A grey image (three equal channels)
+    stays grey: the network, trained on colour photos, would tint its foreground."""
     dev = torch.device(device)
     out = np.empty_like(image)
+    grey = bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
     with torch.no_grad(), _EvalMode(model):
         up = _Upsampler(model.predict_raw(*_model_inputs(model, image, mask, dev)), mask.shape)
         for y0, y1 in _strips(*mask.shape):
             o = model.compose(_batch(image[y0:y1], dev), up.rows(y0, y1), _batch(mask[y0:y1], dev))
+            if grey:
+                o = o.mean(1, keepdim=True).expand_as(o)
             o = (o.clamp(0, 1) * 255.0).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
             out[y0:y1] = np.where(mask[y0:y1, :, None] > 0, o, image[y0:y1])
     return out

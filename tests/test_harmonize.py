@@ -302,3 +302,14 @@ def test_outputs_keep_the_inputs_rgb_colour_profile(tmp_path, capsys, monkeypatc
     assert hz.main([str(a) for a in ["--image", src / "a.jpg", "--mask", src / "a_mask.png",
                                      "--out", single]]) == 0
     assert Image.open(single).info.get("icc_profile") == srgb
+
+
+def test_a_grey_composite_stays_grey(tmp_path):
+    """Three equal channels in, three equal channels out: the foreground changes in tone only
+    (the network, trained on colour photos, tinted it)."""
+    image, mask = _pair(tmp_path, (96, 64))
+    img = np.repeat(np.asarray(Image.open(image).convert("L"))[..., None], 3, axis=2)
+    m = np.asarray(Image.open(mask))
+    out = hz.harmonize_array(tiny_harmonizer(input_size=64, head_std=0.05), img, m)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert np.array_equal(out[m == 0], img[m == 0]) and (out[m > 127] != img[m > 127]).any()
