@@ -227,6 +227,13 @@ def test_attention_wider_than_an_h100_block_is_refused_with_the_reason(monkeypat
     with pytest.raises(BackendUnavailable, match=r"D=1024, E=1024 in float32 .* sum to 1024 in "
                                                   r"float32.*backend='native'"):
         masked_attention(q, q, q, kb, None, backend="triton")
+    # PTL's one node runs the attention's Functions directly: refused there too, at the forward
+    ptl = PTL(512, 2, 2, backend="triton")   # E = 2C: 512 + 1024 with a backward
+    x = torch.randn(1, 512, 4, 4, requires_grad=True)
+    m = torch.zeros(1, 1, 4, 4)
+    m[..., :2, :] = 1
+    with pytest.raises(BackendUnavailable, match=r"D=512, E=1024 in float32"):
+        ptl(x, m)
 
 
 def test_batches_past_a_cuda_grid_axis_are_refused_with_the_reason():

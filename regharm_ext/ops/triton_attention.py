@@ -432,6 +432,7 @@ def masked_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dtype == torch.bfloat16 and BF16_DOT_PROBLEM is not None:
         from ..backends import BackendUnavailable
         raise BackendUnavailable(f"backend 'triton': {BF16_DOT_PROBLEM}")
+    _refuse_too_wide(q, v, backward=False)
     B, L, D = q.shape
     N, E = v.shape[1], v.shape[2]
     q, k, v, key_bias = _dense(q, k, v, key_bias)
@@ -497,6 +498,7 @@ def masked_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_bias, query_mask, scale = inputs
+    _refuse_too_wide(q, v, backward=True)   # at the forward, not at loss.backward()
     out, lse, idx, cnt = output
     ctx.save_for_backward(q, k, v, key_bias, query_mask, out, lse, idx, cnt)
     ctx.scale = scale
@@ -545,14 +547,20 @@ def too_wide(D: int, E: int, dtype: torch.dtype, backward: bool) -> Optional[str
             f"backend='native' or 'torch', or bfloat16 (train --amp bf16)")
 
 
-def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:
-    """out (Tensor[B, L, E]) of SPEC §3; see :func:`regharm_ext.ops.masked_attention`."""
-    check_batch(q.shape[0], "masked_attention")
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    problem = too_wide(q.shape[-1], v.shape[-1], q.dtype, grad)
+def _refuse_too_wide(q, v, backward: bool) -> None:
+    """:func:`too_wide`'s reason as BackendUnavailable: in the forward's body and where autograd
+    sets up a backward, so that every path (this op, PTL's one node, torch.compile) meets it."""
+    problem = too_wide(q.shape[-1], v.shape[-1], q.dtype, backward)
     if problem is not None:
         from ..backends import BackendUnavailable
         raise BackendUnavailable(problem)
+
+
+def masked_attention(q, k, v, key_bias, query_mask, scale: float) -> torch.Tensor:
+    """out (Tensor[B, L, E]) of SPEC §3; see :func:`regharm_ext.ops.masked_attention`."""
+    check_batch(q.shape[0], "masked_attention")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        _refuse_too_wide(q, v, backward=True)   # before the forward's work
     args = (q, k, v, key_bias, query_mask, scale)
     if eager_grad(q, k, v):
         return _MaskedAttention.apply(*args)[0]
