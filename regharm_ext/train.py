@@ -1010,13 +1010,18 @@ def _new_run_dir(preset: str) -> Path:
     base = Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not distributed.from_env().is_main:
         return base   # only the main process writes a new run
-    base.parent.mkdir(parents=True, exist_ok=True)
+    if base.parent.exists() and not base.parent.is_dir():
+        raise ConfigError(f"{base.parent} here is a file, not a folder: the default run directory "
+                          f"{base} cannot be made; pass --out")
     for n in range(1, 1000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
-            path.mkdir()
+            path.mkdir(parents=True)
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {path} ({exc.strerror or exc}); "
+                              f"pass --out") from None
         _CLAIMED.append(path)
         return path
     raise ConfigError(f"no free run directory {base}-N in runs/; pass --out")

@@ -355,6 +355,13 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     assert json.loads((tmp_path / "runs" / runs[1] / "config.json").read_text())["lr"] == 1e-3
     assert run(*SMOKE, "--epochs", 1, "--batch-size", 100) == 2   # larger than an epoch
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "runs").write_text("")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert run(*SMOKE, "--epochs", 1) == 2
+    assert "runs here is a file, not a folder" in _one_error_line(capsys)
 
 
 def test_a_new_run_never_takes_over_a_directory_with_a_config(tmp_path, capsys):
