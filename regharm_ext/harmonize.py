@@ -56,7 +56,7 @@ from .backends import NAMES
 from .data.image_file import (ImageFileError, check_memory, image_size, read_mask, read_rgb,
                               rgb_icc_profile, sixteen_bit_advice, sixteen_bit_peak)
 from .errors import one_line, warnings_as_notes
-from .inference import _EvalMode, model_size, pick_device, resize
+from .inference import _EvalMode, _param_dtype, model_size, pick_device, resize
 from .paths import nearest_existing, same_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -176,15 +176,47 @@ def _model_inputs(model, image: np.ndarray, mask: np.ndarray, dev) -> Tuple[torc
     return resize(_batch(image, dev), size), resize(_batch(mask, dev), size).clamp(0, 1)
 
 
+def check_arrays(image, mask) -> None:
+    """``image`` uint8 [H, W, 3] and ``mask`` uint8 [H, W] (255 = foreground) of one size, as
+    :func:`load_pair` returns them; anything else is refused with the fix (nothing is cast)."""
+    for name, a, shape in (("image", image, "(H, W, 3)"), ("mask", mask, "(H, W)")):
+        if not isinstance(a, np.ndarray):
+            other = " (for torch tensors: regharm_ext.inference.harmonize_tensor)" \
+                if isinstance(a, torch.Tensor) else ""
+            raise TypeError(f"{name} must be a numpy array, uint8 {shape}, got {type(a).__name__}{other}")
+        if a.dtype != np.uint8:
+            raise TypeError(f"{name} must be uint8 (0-255), got {a.dtype}; convert it with "
+                            f"({name} * 255).round().astype(np.uint8) if it holds values in [0, 1]")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must have shape (H, W, 3), got {image.shape}; convert a grey or "
+                         f"RGBA picture to RGB first (read_rgb does)")
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (H, W), got {mask.shape} (one channel: mask[..., 0])")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"image {image.shape[1]}x{image.shape[0]} and mask {mask.shape[1]}x{mask.shape[0]} "
+                         f"(width x height) must have one size")
+    if mask.size and int(mask.max()) == 1:
+        raise ValueError("mask holds only 0 and 1: it is read as weights of 1/255; give 255 for the "
+                         "foreground (mask * 255), as read_mask does for 0/1 label maps")
+
+
+def _model_dtype_inputs(model, image, mask, dev):
+    """:func:`_model_inputs` in the model's parameter dtype (a 16-bit model takes 16-bit input)."""
+    dtype = _param_dtype(model) or torch.float32
+    return tuple(t.to(dtype) for t in _model_inputs(model, image, mask, dev))
+
+
 def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
     """Harmonized image (uint8 [H, W, 3]) of ``image`` (uint8 [H, W, 3]) with ``mask`` (uint8
-    [H, W]); identical to ``image`` wherever ``mask`` is 0. A grey image (three equal channels)
-    stays grey: the network, trained on colour photos, would tint its foreground."""
+    [H, W], 255 = foreground, soft values are weights); identical to ``image`` wherever ``mask``
+    is 0. A grey image (three equal channels) stays grey: the network, trained on colour
+    photos, would tint its foreground. The model runs in eval mode and its own dtype."""
+    check_arrays(image, mask)
     dev = torch.device(device)
     out = np.empty_like(image)
     grey = bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
     with torch.no_grad(), _EvalMode(model):
-        up = _Upsampler(model.predict_raw(*_model_inputs(model, image, mask, dev)), mask.shape)
+        up = _Upsampler(model.predict_raw(*_model_dtype_inputs(model, image, mask, dev)), mask.shape)
         for y0, y1 in _strips(*mask.shape):
             o = model.compose(_batch(image[y0:y1], dev), up.rows(y0, y1), _batch(mask[y0:y1], dev))
             if grey:
@@ -196,10 +228,11 @@ def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") ->
 
 def contribution_map(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
     """PTL contribution (float32 [H, W], sums to 1 over the image) at the image's resolution."""
+    check_arrays(image, mask)
     dev = torch.device(device)
     out = np.empty(mask.shape, np.float32)
     with torch.no_grad(), _EvalMode(model):
-        c = model.ptl_contribution(*_model_inputs(model, image, mask, dev))
+        c = model.ptl_contribution(*_model_dtype_inputs(model, image, mask, dev))
         up = _Upsampler(c[:, None], mask.shape)
         for y0, y1 in _strips(*mask.shape):
             out[y0:y1] = up.rows(y0, y1)[0, 0].clamp_min(0).cpu().numpy()

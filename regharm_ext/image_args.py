@@ -51,6 +51,19 @@ def check_mask(mask: torch.Tensor, image_shape: torch.Size, name: str = "mask") 
     return mask_weights(mask)
 
 
+def check_image_values(image: torch.Tensor, name: str = "image") -> None:
+    """Values finite and in [0, 1] (1e-3 of slack for a resize's rounding): a 0..255 image would
+    come back far off, and one NaN spreads through the network to the whole foreground."""
+    if not image.numel():
+        return
+    lo, hi = (float(v) for v in image.aminmax())
+    if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
+        raise ValueError(f"{name} holds NaN or infinite values: it must be colours in [0, 1]")
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        hint = f"; for 8-bit values use {name} / 255" if hi > 1 else ""
+        raise ValueError(f"{name} must hold colours in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
+
+
 def check_mask_values(weights: torch.Tensor, name: str = "mask") -> None:
     """Weights finite and in [0, 1] (a 0..255 mask would scale the foreground by 255)."""
     if not weights.numel():

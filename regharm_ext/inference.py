@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .image_args import check_images, check_mask, check_mask_values
+from .image_args import check_image_values, check_images, check_mask, check_mask_values
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,10 +52,14 @@ def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Î at the image's resolution: computed at ``model.input_size`` and upsampled.
+    """Î at the image's resolution: computed at ``model.input_size`` and upsampled, with the
+    model in eval mode and in its parameters' dtype (as :func:`harmonize_tensor`).
 
-    image (Tensor[B, 3, H, W]) in [0, 1], mask (Tensor[B, 1, H, W]) -> Tensor[B, 3, H, W]."""
-    return _predict_raw_at(model, image, check_pair(image, mask))
+    image (Tensor[B, 3, H, W]) in [0, 1], mask (Tensor[B, 1, H, W]) -> Tensor[B, 3, H, W] in
+    the image's dtype."""
+    mask = check_pair(image, mask)
+    with _EvalMode(model):
+        return _predict_raw_at(model, image, mask, _param_dtype(model) or image.dtype)
 
 
 def _predict_raw_at(model, image: torch.Tensor, mask: torch.Tensor,
@@ -78,24 +82,28 @@ def check_pair(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     (Tensor[B, 3, H, W] float in [0, 1]) and mask (Tensor[B, 1, H, W], bool or float weights in
     [0, 1]) of one batch and size. Returns the mask as weights in the image's dtype."""
     weights = check_mask(mask, check_images(("image", image)))  # integer masks refused uncast
+    check_image_values(image)
     check_mask_values(weights)
     return weights.to(image.dtype)
 
 
 class _EvalMode:
     """The model in eval mode for the duration (BatchNorm's running statistics are inference's,
-    and a model built in training mode must not have them updated), its mode restored after."""
+    and a model built in training mode must not have them updated), every submodule's mode
+    restored after (a fine-tuning setup may keep some BatchNorm layers in eval mode)."""
 
     def __init__(self, model):
-        self.model, self.was_training = model, getattr(model, "training", False)
+        self.model = model
+        modules = model.modules() if hasattr(model, "modules") else ()
+        self.modes = [(m, m.training) for m in modules]
 
     def __enter__(self):
-        if self.was_training:
+        if any(training for _, training in self.modes):
             self.model.eval()
 
     def __exit__(self, *exc):
-        if self.was_training:
-            self.model.train()
+        for m, training in self.modes:
+            m.training = training
 
 
 def _param_dtype(model) -> Optional[torch.dtype]:

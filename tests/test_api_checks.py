@@ -54,6 +54,8 @@ def test_data_arguments_get_no_gradient_on_any_backend(backend):
     ("mask_other_size", ValueError, r"got \(1, 1, 48, 32\)"),
     ("mask_broadcast", ValueError, r"got \(1, 1, 1, 1\)"),
     ("image_3d", ValueError, r"image must have shape \(B, 3, H, W\), got \(3, 48, 40\)"),
+    ("image_255", ValueError, r"image must hold colours in \[0, 1\], got values in \[0.0\d+, 25\d\.\d+\]; for 8-bit values use image / 255"),
+    ("image_nan", ValueError, "image holds NaN or infinite values"),
 ])
 def test_harmonize_tensor_refuses_bad_input_by_name(bad, error, match):
     model = Harmonizer("rbase+ltl+ptl", input_size=64, base_channels=4).eval()
@@ -63,6 +65,7 @@ def test_harmonize_tensor_refuses_bad_input_by_name(bad, error, match):
         "image_uint8": ((image * 255).to(torch.uint8), mask), "mask_uint8": (image, mask.to(torch.uint8)),
         "mask_3d": (image, mask[0]), "mask_other_size": (image, mask[..., :32]),
         "mask_broadcast": (image, mask[..., :1, :1]), "image_3d": (image[0], mask),
+        "image_255": (image * 255, mask), "image_nan": (image.index_fill(3, torch.tensor([0]), float("nan")), mask),
     }[bad]
     for fn in (harmonize_tensor, predict_raw_at):
         with pytest.raises(error, match=match):
@@ -84,6 +87,39 @@ def test_harmonize_tensor_runs_in_eval_mode_and_the_models_dtype():
     got = harmonize_tensor(model, image.double(), mask.bool())
     assert got.dtype == torch.float64 and torch.allclose(got, want.double(), atol=1e-6)
     assert harmonize_tensor(model, image.half(), mask).dtype == torch.float16
+
+
+def test_predict_raw_at_runs_in_eval_mode_and_the_models_dtype():
+    """As harmonize_tensor: a training-mode model gives each image the result it gets alone (its
+    BatchNorm statistics were the batch's) and keeps its statistics; other dtypes run."""
+    torch.manual_seed(0)
+    model = Harmonizer("rbase+ltl+ptl", input_size=64, base_channels=4)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    image, mask = _image_and_mask(B=3)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    alone, batch = predict_raw_at(model, image[:1], mask[:1]), predict_raw_at(model, image, mask)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    torch.testing.assert_close(alone, batch[:1], atol=1e-5, rtol=1e-5)
+    assert predict_raw_at(model, image.double(), mask).dtype == torch.float64
+    assert predict_raw_at(model.bfloat16(), image, mask).dtype == torch.float32
+
+
+def test_eval_mode_restores_every_submodules_mode():
+    """A fine-tuning setup keeps BatchNorm layers in eval mode inside a training model: they stay
+    so after inference; a training submodule of an eval model does not update its statistics."""
+    import torch.nn as nn
+    model = Harmonizer("rbase", input_size=64, base_channels=4).train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.eval()
+    image, mask = _image_and_mask()
+    harmonize_tensor(model, image, mask)
+    assert model.training and not any(m.training for m in norms)
+    model.eval()
+    model.stem.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    harmonize_tensor(model, image, mask)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items()) and model.stem.training
 
 
 def test_metrics_and_loss_refuse_8_bit_data_and_bad_arguments():

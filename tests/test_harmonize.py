@@ -313,3 +313,43 @@ def test_a_grey_composite_stays_grey(tmp_path):
     out = hz.harmonize_array(tiny_harmonizer(input_size=64, head_std=0.05), img, m)
     assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
     assert np.array_equal(out[m == 0], img[m == 0]) and (out[m > 127] != img[m > 127]).any()
+
+
+def test_harmonize_array_refuses_what_it_cannot_read_rightly():
+    """The array API takes what load_pair returns; a mask of another size (it returned rows of
+    uninitialised memory), float or 0/1 data (silently wrong), tensors and channel axes are
+    refused with the fix."""
+    import torch
+    model = tiny_harmonizer(input_size=64, head_std=0.05)
+    img = np.full((80, 72, 3), 100, np.uint8)
+    mask = np.zeros((80, 72), np.uint8)
+    mask[20:50, 10:40] = 255
+    for args, error, match in [
+        ((img, mask[:70]), ValueError, "image 72x80 and mask 72x70 .* must have one size"),
+        ((img / 255.0, mask), TypeError, r"image must be uint8 .* \(image \* 255\).round\(\)"),
+        ((img, mask / 255.0), TypeError, "mask must be uint8"),
+        ((img, mask // 255), ValueError, r"mask holds only 0 and 1: .* \(mask \* 255\)"),
+        ((img, mask[..., None]), ValueError, r"mask must have shape \(H, W\), got \(80, 72, 1\)"),
+        ((img[..., 0], mask), ValueError, r"image must have shape \(H, W, 3\), got \(80, 72\)"),
+        ((torch.from_numpy(img), mask), TypeError, "for torch tensors: regharm_ext.inference.harmonize_tensor"),
+    ]:
+        with pytest.raises(error, match=match):
+            hz.harmonize_array(model, *args)
+
+
+def test_harmonize_array_runs_a_16_bit_model():
+    import torch
+    model = tiny_harmonizer(input_size=64, head_std=0.05)
+    image, mask = _pair_arrays()
+    want = hz.harmonize_array(model, image, mask)
+    got = hz.harmonize_array(model.to(torch.bfloat16), image, mask)
+    assert np.array_equal(got[mask == 0], image[mask == 0])
+    assert np.abs(got.astype(int) - want).max() <= 8   # bfloat16's 8 bits of mantissa
+    assert hz.contribution_map(model, image, mask).shape == mask.shape
+
+
+def _pair_arrays():
+    img = np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8)
+    mask = np.zeros((80, 72), np.uint8)
+    mask[20:50, 10:40] = 255
+    return img, mask
