@@ -243,8 +243,17 @@ def save_weights(path: PathLike, model: torch.nn.Module, extra: Optional[Dict] =
     if path.suffix != ".safetensors":
         raise ValueError(f"weights file must end in .safetensors, got {path}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    write_json(path.with_suffix(".json"), _model_meta(model, extra))
+    # both staged before either is renamed into place: a description that cannot be written
+    # (e.g. a value JSON refuses) must not leave new weights beside an old description
+    staged = [(_stage(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT})), path)]
+    try:
+        json_path = path.with_suffix(".json")
+        staged.append((_stage(json_path, _json_writer(_model_meta(model, extra))), json_path))
+        for tmp, target in staged:
+            _commit(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            _discard(tmp)
     return path
 
 
@@ -455,8 +464,45 @@ def _build(meta: Dict, source: Path):
 
 def load_weights(model: torch.nn.Module, weights: Path) -> None:
     """Load a ``.safetensors`` file into ``model``; missing, unexpected or misshapen tensors are a
-    :class:`CheckpointError` naming them."""
-    _load_state(model, Path(weights))
+    :class:`CheckpointError` naming them, and so is a description beside the file (``X.json``)
+    of another model config than ``model.config`` (``base`` and ``rbase``, or one variant at two
+    input sizes, have the same tensors)."""
+    weights = Path(weights)
+    described = weights.with_suffix(".json")
+    if getattr(model, "config", None) is not None and described.is_file():
+        meta = _read_json(described, "model config (JSON beside the weights)")
+        saved = meta.get("model") if isinstance(meta, dict) else None
+        if isinstance(saved, dict):
+            _refuse_other_config(saved, model.config, weights)
+    _load_state(model, weights)
+
+
+def _normal_config(config: Dict) -> Dict:
+    """A model config in one spelling per model: the variant's parts in order, the input size
+    as (H, W), the LTL levels sorted; the op backend left out (run control, not architecture)."""
+    from .model import canonical_variant
+    out = {k: v for k, v in config.items() if k != "backend"}
+    try:
+        out["variant"] = canonical_variant(out["variant"])
+    except (KeyError, ValueError):
+        pass
+    size = out.get("input_size")
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        out["input_size"] = [size, size]
+    if isinstance(out.get("ltl_levels"), (list, tuple)):
+        out["ltl_levels"] = sorted(out["ltl_levels"])
+    if isinstance(out.get("input_size"), tuple):
+        out["input_size"] = list(out["input_size"])
+    return out
+
+
+def _refuse_other_config(saved: Dict, config: Dict, source: Path) -> None:
+    a, b = _normal_config(saved), _normal_config(config)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise CheckpointError(f"{source} was saved for another model config (differs in {diff}: "
+                              f"{ {k: a.get(k) for k in diff} } there, { {k: b.get(k) for k in diff} } "
+                              f"here); load it with load_model, which builds its own")
 
 
 def _load_state(model: torch.nn.Module, weights: Path) -> None:
@@ -554,10 +600,7 @@ def load_checkpoint(run_dir: PathLike, model: torch.nn.Module, optimizer=None, s
         raise CheckpointError(f"{ck / 'model.json'} holds no model config (a JSON object with a "
                               f"'model' object); the checkpoint is damaged: resume from another one")
     # the op backend is run control, not architecture: a run may resume on another backend
-    arch = {k: v for k, v in model.config.items() if k != "backend"}
-    diff = sorted(k for k in (set(saved) | set(arch)) - {"backend"} if saved.get(k) != arch.get(k))
-    if diff:
-        raise CheckpointError(f"{ck} was saved for another model config (differs in {diff})")
+    _refuse_other_config(saved, model.config, ck)
     _load_state(model, weights)
     tree = _read_json(ck / "train_state.json", "training state")
     st = ck / "train_state.safetensors"

@@ -41,6 +41,8 @@ SPEC's fractional patch (1/8) and stride (1/32) of that feature.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -72,6 +74,13 @@ def memory_format_for(name: str, device: Union[str, torch.device]) -> torch.memo
     if name == "auto":
         name = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def canonical_variant(variant: str) -> str:
+    """The variant's name with its parts in :data:`VARIANTS`' order (``rbase+ptl+ltl`` ->
+    ``rbase+ltl+ptl``): one model, one name, in configs and checkpoints."""
+    residual, token, patch = parse_variant(variant)
+    return "+".join(["rbase" if residual else "base"] + [p for p in (token, patch) if p])
 
 
 def parse_variant(variant: str) -> Tuple[bool, Optional[str], Optional[str]]:
@@ -129,12 +138,15 @@ class _Residual(nn.Module):
         return x + self.attn(x)
 
 
+def _int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _pair(size) -> Tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        if len(size) != 2:
-            raise ValueError(f"input_size must be an int or (H, W), got {size!r}")
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
+    items = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if len(items) != 2 or not all(_int(v) for v in items):
+        raise ValueError(f"input_size must be an int or (H, W) of ints, got {size!r}")
+    return int(items[0]), int(items[1])
 
 
 class Harmonizer(nn.Module):
@@ -160,10 +172,15 @@ class Harmonizer(nn.Module):
                  base_channels: int = 32):
         super().__init__()
         self.residual, self.token_kind, self.patch_kind = parse_variant(variant)
-        if not width > 0:
-            raise ValueError(f"width must be > 0, got {width}")
-        if int(base_channels) < 1:
-            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
+        # checked as the config stores them: a checkpoint must rebuild this very model
+        if isinstance(width, bool) or not isinstance(width, numbers.Real) or not (0 < width < math.inf):
+            raise ValueError(f"width must be a number > 0 (Table 5: 1 to 4), got {width!r}")
+        if not _int(base_channels) or base_channels < 1:
+            raise ValueError(f"base_channels must be an int >= 1, got {base_channels!r}")
+        if isinstance(ltl_levels, (str, bytes)) or not hasattr(ltl_levels, "__iter__") \
+                or not all(_int(v) for v in ltl_levels):
+            raise ValueError(f"ltl_levels must be a list of sizes such as [32] or [16, 32, 64], "
+                             f"got {ltl_levels!r}")
         levels = tuple(sorted({int(v) for v in ltl_levels}))
         bad = [v for v in levels if v not in _LTL_SIZES]
         if bad:
@@ -177,8 +194,8 @@ class Harmonizer(nn.Module):
             raise ValueError(f"input_size {(h, w)} must be positive multiples of {step}")
         self.input_size = (h, w)
         self.config: Dict = {
-            "variant": "+".join(variant.lower().split("+")), "width": width,
-            "ltl_levels": list(levels), "input_size": input_size if isinstance(input_size, int) else [h, w],
+            "variant": canonical_variant(variant), "width": float(width) if width != int(width) else int(width),
+            "ltl_levels": list(levels), "input_size": h if h == w else [h, w],
             "backend": backend, "base_channels": int(base_channels),
         }
         ch = [max(1, min(_CAP, int(round(base_channels * width * m)))) for m in _MULT]
@@ -262,7 +279,9 @@ class Harmonizer(nn.Module):
     @torch.no_grad()
     def ptl_contribution(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fig. 5: how much the foreground attends to each background pixel of the PTL feature
-        (Tensor[B, S/2, S/2], each map sums to 1). Only for variants with PTL."""
+        (Tensor[B, S/2, S/2], each map sums to 1). Only for variants with PTL. Runs in the
+        module's mode, as forward does (in training mode BatchNorm updates its statistics);
+        :func:`regharm_ext.harmonize.contribution_map` runs it in eval mode."""
         if self.patch_kind != "ptl":
             raise ValueError(f"variant {self.config['variant']!r} has no PTL: contribution maps need "
                              f"a variant with '+ptl' (e.g. 'rbase+ltl+ptl')")

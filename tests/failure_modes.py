@@ -146,10 +146,18 @@ def rows() -> List[Tuple[str, str, str, str]]:
         ("evaluate", "unreadable file found by a DataLoader worker (`--workers N`)",
          "the worker's error is reported on one line, without its traceback",
          "test_bad_input.py::test_evaluate_cli_reports_a_bad_file_in_one_line"),
-        ("Python API", "`harmonize_tensor` given a 0..255 or NaN mask, an 8-bit image or mask, or "
-         "a mask of another shape", "`ValueError`/`TypeError` naming the argument, its shape, dtype "
+        ("Python API", "`harmonize_tensor` given a 0..255 or NaN mask or image, an 8-bit image or "
+         "mask, or a mask of another shape", "`ValueError`/`TypeError` naming the argument, its shape, dtype "
          "or range and the fix (e.g. `mask / 255`); nothing is broadcast or cast silently",
          "test_api_checks.py::test_harmonize_tensor_refuses_bad_input_by_name"),
+        ("Python API", "`harmonize_array` given a mask of another size, float or 0/1 data, a tensor "
+         "or an extra channel axis", "`ValueError`/`TypeError` naming the array, its shape or dtype "
+         "and the fix (e.g. `mask * 255`)",
+         "test_harmonize.py::test_harmonize_array_refuses_what_it_cannot_read_rightly"),
+        ("Python API", "`load_weights` into a model of another config with the same tensors "
+         "(`base` vs `rbase`, another input size)", "`CheckpointError` naming the differing fields "
+         "(the description beside the weights decides; `load_model` builds the right model)",
+         "test_crash_safety.py::test_weights_load_only_into_the_model_they_describe"),
         ("Python API", "8-bit images or masks given to `image_metrics`, `fmse_loss` or `reinhard`",
          "`TypeError` naming the argument and the fix (`.float() / 255`)",
          "test_api_checks.py::test_metrics_and_loss_refuse_8_bit_data_and_bad_arguments"),

@@ -280,3 +280,50 @@ def test_cuda_amp_training_and_deterministic_resume(amp, tmp_path):
     ref = dict(full["step_losses"])
     for step, value in rest["step_losses"]:
         assert value == pytest.approx(ref[step], rel=1e-2), step
+
+
+def test_weights_load_only_into_the_model_they_describe(tmp_path):
+    """base and rbase (or one non-PTL variant at two input sizes) have the same tensors: the
+    description beside the weights decides, in another spelling of one config too."""
+    rbase = Harmonizer("rbase", input_size=64, base_channels=4)
+    w = ck.save_weights(tmp_path / "r.safetensors", rbase)
+    for other, field in ((Harmonizer("base", input_size=64, base_channels=4), "variant"),
+                         (Harmonizer("rbase", input_size=128, base_channels=4), "input_size")):
+        with pytest.raises(ck.CheckpointError, match=rf"another model config \(differs in \['{field}'\]"):
+            ck.load_weights(other, w)
+    ck.load_weights(Harmonizer("rbase", input_size=(64, 64), base_channels=4, backend="torch"), w)
+    # a run saved with another spelling of one model resumes into it
+    model = Harmonizer("rbase+ptl+ltl", input_size=(64, 64), base_channels=4)
+    assert model.config["variant"] == "rbase+ltl+ptl" and model.config["input_size"] == 64
+    ck.save_checkpoint(tmp_path / "run", model, state={"step": 1})
+    meta_path = next((tmp_path / "run" / "checkpoints").iterdir()) / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"].update(variant="rbase+ptl+ltl", input_size=[64, 64], ltl_levels=[32])
+    meta_path.write_text(json.dumps(meta))
+    ck.load_checkpoint(tmp_path / "run", Harmonizer("rbase+ltl+ptl", input_size=64, base_channels=4))
+
+
+def test_weights_and_their_description_are_written_together(tmp_path):
+    """A description that cannot be written leaves neither file new (the weights were in place
+    before the JSON failed, beside an old or no description)."""
+    w = ck.save_weights(tmp_path / "m.safetensors", _model(0))
+    before = w.read_bytes(), (tmp_path / "m.json").read_text()
+    with pytest.raises(TypeError):
+        ck.save_weights(w, _model(1), extra={"bad": object()})
+    assert (w.read_bytes(), (tmp_path / "m.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(base_channels=4.6), "base_channels must be an int >= 1, got 4.6"),
+    (dict(ltl_levels=32), r"ltl_levels must be a list of sizes such as \[32\]"),
+    (dict(width=None), "width must be a number > 0"),
+    (dict(width=True), "width must be a number > 0"),
+    (dict(input_size="64"), r"input_size must be an int or \(H, W\) of ints, got '64'"),
+    (dict(input_size=64.7), r"input_size must be an int or \(H, W\) of ints"),
+])
+def test_model_config_values_are_refused_before_they_are_stored(kw, match):
+    """The config must rebuild the very model: a float base_channels built channels from 4.6
+    and stored 4, so its checkpoint never loaded again."""
+    with pytest.raises(ValueError, match=match):
+        Harmonizer("rbase+ltl+ptl", **{"input_size": 64, "base_channels": 4, **kw})
