@@ -7,7 +7,8 @@
 Without ``--data-root`` the embedded validation split is scored (synthetic composites of the 15
 validation photos, 120 images); with it, the iHarmony4 tree at DIR (the subsets present, or those
 named). Without ``--checkpoint`` the packaged default weights are used. Every method sees the same
-images: composite, mask and real image at 256² (bilinear, soft mask), metrics of
+images: composite, mask and real image at 256² (iHarmony4: bilinear, soft mask, as the protocol;
+the synthetic split's are drawn at 256², :mod:`regharm_ext.data.synth`), metrics of
 :mod:`regharm_ext.metrics`. A model whose training resolution differs runs at that resolution and
 its residual is upsampled to 256² (:mod:`regharm_ext.inference`), as ``harmonize`` does.
 

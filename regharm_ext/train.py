@@ -195,7 +195,7 @@ _RANGES = [
     ("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
     ("lr", lambda v: v > 0, "> 0"), ("lr_gamma", lambda v: v > 0, "> 0"),
     ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("a_min", lambda v: v >= 0, ">= 0"), ("images_per_epoch", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("a_min", lambda v: v > 0, "> 0 (an empty mask's area is floored at it)"), ("images_per_epoch", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("val_images", lambda v: v >= 0, ">= 0 (0 = all)"), ("threads", lambda v: v >= 0, ">= 0 (0 = auto)"),
     ("num_workers", lambda v: v >= -1, ">= -1 (-1 = auto)"), ("eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("max_steps", lambda v: v >= 0, ">= 0 (0 = no limit)"), ("max_minutes", lambda v: v >= 0, ">= 0 (0 = none)"),
@@ -291,15 +291,36 @@ def _datasets(cfg: TrainConfig):
             if cfg.holdout >= len(train):
                 raise ConfigError(f"--holdout {cfg.holdout} keeps out all {len(train)} training images; "
                                   f"hold out fewer")
-            # fixed by the seed, so a resumed run trains on the same images
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            held, kept = sorted(order[:cfg.holdout]), sorted(order[cfg.holdout:])
+            held, kept = _holdout_split(train, cfg.holdout, cfg.seed)
             as_eval = IHarmony4(cfg.data_root, "train", subsets=cfg.subsets, size=EVAL_SIZE, augment=False,
                                 check_files=False)   # the training set's construction checked them
             select = torch.utils.data.Subset(as_eval, held)
             train = torch.utils.data.Subset(train, kept)
         return train, val, select
     raise ValueError(f"data must be 'synth' or 'iharmony4', got {cfg.data!r}")
+
+
+def _holdout_split(train, holdout: int, seed: int) -> Tuple[List[int], List[int]]:
+    """(held, kept) item indices: whole real images held out, drawn in an order fixed by the
+    seed (a resumed run trains on the same images) until ``holdout`` composites are held. An
+    iHarmony4 real image has several composites (masks and appearance shifts): one of them
+    trained on would make its siblings' scores optimistic (the target was learned)."""
+    groups: Dict[Path, List[int]] = {}
+    for i in range(len(train)):
+        groups.setdefault(train.paths(i)[2], []).append(i)
+    keys = list(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    held: List[int] = []
+    for g in order:
+        if len(held) >= holdout:
+            break
+        held += groups[keys[g]]
+    if len(held) == len(train):
+        raise ConfigError(f"--holdout {holdout} keeps out every one of the {len(keys)} real images of "
+                          f"the training set (a real image's composites are held out together); "
+                          f"hold out fewer")
+    kept = sorted(set(range(len(train))) - set(held))
+    return sorted(held), kept
 
 
 def _epoch_batches(cfg: TrainConfig, n: int, epoch: int) -> List[List[int]]:
@@ -958,8 +979,9 @@ HELP = {
     "validate": "print and save the final table",
     "val_every": "score val_subset images every N epochs and keep the best checkpoint (0 = never); "
                  "scored on images the final table does not use (iharmony4: needs --holdout)",
-    "holdout": "iharmony4: training images kept out of training, on which --val-every scores "
-               "(the test split never picks a checkpoint)",
+    "holdout": "iharmony4: at least this many training composites kept out of training, whole "
+               "real images at a time, on which --val-every scores (the test split never picks a "
+               "checkpoint)",
     "amp": "mixed precision: bf16, fp16 (with a gradient scaler) or none",
     "deterministic": "deterministic algorithms and thread count: a resumed run's losses equal an "
                      "uninterrupted run's (exactly on CPU)",

@@ -294,3 +294,30 @@ def test_iharmony4_picks_its_best_checkpoint_on_held_out_training_images(tmp_pat
     assert len(select) == 4 and not names(train) & names(select)
     assert len(names(train) | names(select)) == 16 and all(n.startswith("t") for _, n in names(select))
     assert {item[1][0] for item in val.items} == {"v"}   # the table: the test split alone
+
+
+def test_holdout_keeps_every_composite_of_a_held_out_real_image_out(tmp_path):
+    """iHarmony4 has several composites per real image (masks, appearance shifts): holding out
+    composites one by one trained on the held-out targets through their siblings."""
+    import shutil
+    from regharm_ext.data.synth import export
+    from regharm_ext.train import ConfigError, _datasets, preset_config
+
+    root = tmp_path / "ihd"
+    export(root, n=1, n_train=6, subsets=("HFlickr",), size=32)
+    base, lines = root / "HFlickr", []
+    for i in range(6):   # three composites per real image: masks 1 and 2, shifts 1 and 2
+        sid = f"t{i:05d}"
+        shutil.copy(base / "masks" / f"{sid}_1.png", base / "masks" / f"{sid}_2.png")
+        for extra in ("_1_2", "_2_1"):
+            shutil.copy(base / "composite_images" / f"{sid}_1_1.jpg", base / "composite_images" / f"{sid}{extra}.jpg")
+        lines += [f"{sid}{k}.jpg" for k in ("_1_1", "_1_2", "_2_1")]
+    (base / "HFlickr_train.txt").write_text("".join(f"{x}\n" for x in lines))
+    for holdout in (1, 4, 7):
+        cfg = preset_config("paper", data_root=str(root), input_size=32, holdout=holdout, val_every=1)
+        train, _, select = _datasets(cfg)
+        real = lambda ds: {ds.dataset.paths(i)[2] for i in ds.indices}   # noqa: E731
+        assert not real(train) & real(select)
+        assert len(select) == 3 * -(-holdout // 3) and len(train) + len(select) == 18
+    with pytest.raises(ConfigError, match="keeps out every one of the 6 real images"):
+        _datasets(preset_config("paper", data_root=str(root), input_size=32, holdout=17, val_every=1))

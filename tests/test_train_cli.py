@@ -134,6 +134,7 @@ BAD_NEW_RUN = [
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--batch-size", "100"], "--batch-size 100 is larger than an epoch"),
     (["--epochs", "0"], "epochs must be >= 1"),
+    (["--a-min", "0"], "a_min must be > 0"),
     (["--backend", "nat"], "unknown backend 'nat'"),
     (["--device", "tpu"], "device must be auto, cpu, cuda"),
     (["--amp", "fp8"], "amp must be one of"),

@@ -7,7 +7,9 @@ exposure, gamma, white balance, saturation, hue, contrast, tone curve, day<->nig
 a sample is the same in every process and run.
 
 Splits: ``val`` uses only ``sorted(photos)[0::6]`` (15 photos) and shows each whole photo resized
-to ``size``² (the evaluation protocol's resize); ``train`` uses the 70 others with a random resized
+to ``size``² by Pillow's bilinear filter (antialiased when shrinking, unlike the protocol's plain
+bilinear resize of iHarmony4 images, which :mod:`.iharmony4` follows; the mask is drawn at
+``size``², hard-edged); ``train`` uses the 70 others with a random resized
 crop (scale 0.5-1 of the area, the photo's aspect ratio ×[3/4, 4/3]) and a random horizontal flip.
 
 Export to the iHarmony4 layout (SPEC §6)::
