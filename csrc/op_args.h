@@ -51,6 +51,9 @@ PatchDims check_patch_args(OnDevice&& on_device, const at::Tensor& x, const at::
   }
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C, H, W), got ", x.sizes());
   PatchDims d{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0};
+  // as the Python checks: with no channel the CUDA kernels (which sum the mass with channel 0)
+  // would leave mass unwritten
+  TORCH_CHECK(d.C >= 1, op, ": x must have at least one channel, got ", x.sizes());
   check_shape(bg, {d.B, 1, d.H, d.W}, "bg", op, "(B, 1, H, W)");
   TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size must be >= 1, got (", ph, ", ", pw, ")");
   TORCH_CHECK(sh >= 1 && sw >= 1, op, ": stride must be >= 1, got (", sh, ", ", sw, ")");

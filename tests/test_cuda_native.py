@@ -481,3 +481,17 @@ def test_cuda_native_layers_match_torch_backend():
         results[backend] = (out, *torch.autograd.grad(out.square().sum(), [xi, mod.ptl.weight]))
     for a, e in zip(results["native"], results["torch"]):
         assert_close(a, e, F32, grad=True)
+
+
+@needs_native_cuda
+def test_degenerate_shapes_match_the_cpu_kernels():
+    """An empty map's statistics (the kernels skip it; the glue fills them) and a refused
+    channel-less x, as the CPU kernels give them (tests/test_native.py)."""
+    x, w = torch.randn(2, 3, 0, 5, device="cuda"), torch.rand(2, 1, 0, 5, device="cuda")
+    _, mu, rstd = torch.ops.regharm.masked_norm(x, w, 1e-5)
+    assert torch.equal(mu.cpu(), torch.zeros(2, 3))
+    torch.testing.assert_close(rstd.cpu(), torch.full((2, 3), 1e-5 ** -0.5))
+    x0, bg = torch.randn(2, 0, 6, 6, device="cuda"), torch.rand(2, 1, 6, 6, device="cuda")
+    with pytest.raises(RuntimeError, match="x must have at least one channel"):
+        torch.ops.regharm.patch_stats(x0, bg, torch.randn(4, device="cuda"), torch.randn(1, device="cuda"),
+                                      2, 2, 2, 2, 1e-5, 0.5)

@@ -461,3 +461,16 @@ def test_baseline_isa_copy_matches_reference():
          "-k", "matches_reference and float32 and (odd or tiles or offset100 or channel)"],
         capture_output=True, text=True, env=dict(os.environ, REGHARM_CPU_BASELINE="1"), cwd=tests)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+@needs_native
+def test_degenerate_shapes_get_defined_outputs_or_a_refusal():
+    """No channel: refused by the op itself as by the Python checks (the CUDA kernels sum the
+    patch mass with channel 0, so it would be left unwritten); an empty map: the statistics of no
+    weight (mu 0, rstd eps^-1/2), which the CUDA glue fills as the CPU kernel computes them."""
+    x, bg = torch.randn(2, 0, 6, 6), torch.rand(2, 1, 6, 6)
+    with pytest.raises(RuntimeError, match="x must have at least one channel"):
+        torch.ops.regharm.patch_stats(x, bg, torch.randn(4), torch.randn(1), 2, 2, 2, 2, 1e-5, 0.5)
+    _, mu, rstd = torch.ops.regharm.masked_norm(torch.randn(2, 3, 0, 5), torch.rand(2, 1, 0, 5), 1e-5)
+    assert torch.equal(mu, torch.zeros(2, 3))
+    torch.testing.assert_close(rstd, torch.full((2, 3), 1e-5 ** -0.5))

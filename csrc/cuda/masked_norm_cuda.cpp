@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "cuda_glue.h"
@@ -38,6 +39,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_norm_cuda(const at::Tensor
   auto y = at::empty({s.B, s.HW, s.C}, x.options());
   auto mu = at::empty({s.B, s.C}, x.options().dtype(acc));
   auto rstd = at::empty({s.B, s.C}, x.options().dtype(acc));
+  if (s.HW == 0) {  // the kernels skip an empty map; the statistics of no weight, as on CPU
+    mu.zero_();
+    rstd.fill_(1.0 / std::sqrt(eps));
+    return {y, mu, rstd};
+  }
   check_launch(masked_norm_forward(dtype_tag(x), xc.data_ptr(), wa.data_ptr(), s, eps,
                                    y.data_ptr(), mu.data_ptr(), rstd.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()),
