@@ -147,6 +147,9 @@ def check_compiled_matches_eager(backend, device, compile_backend="inductor", C=
     ``backend`` gives eager's output and the gradients of the input and every parameter.
     ``mask_size`` other than H makes the layers resize the mask too; ``channels_last`` gives x
     that layout (the model's default on CPU)."""
+    # every call compiles PtlThenLtl.forward again (backends, layouts, dynamic): one process's
+    # tests would pass dynamo's recompile limit (8 per code object) without a fresh start
+    torch._dynamo.reset()
     torch.manual_seed(0)
     mod = PtlThenLtl(C, backend).to(device)
     x = torch.randn(2, C, H, H, device=device)
