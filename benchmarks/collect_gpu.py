@@ -7,6 +7,9 @@ regenerates the README's benchmark tables.
 - ``cuda.json`` (the pytest-benchmark suite) -> ``benchmarks/results/<kind>.json``
 - the step logs (steps, build, bench, tests, diagnose, suite) -> ``benchmarks/results/logs-<kind>/``,
   the evidence of what ran there (the CUDA tests' pass/fail lines among them)
+- a later call of the same session (the same commit in its JSON, e.g. gpu_check.sh's second
+  call, which starts with an empty $OUT) is merged in: its rows join the filed report (the
+  acceptance block recomputed) and its logs are appended, rather than replacing the first call's
 
 ``<kind>`` is ``cuda-<GPU name>`` as the JSON record it (``cuda-nvidia-h100-80gb-hbm3``). Then
 ``report.py --readme`` runs over everything in ``benchmarks/results/``.
@@ -25,7 +28,7 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402
 from benchlib import gpu_kind  # noqa: E402
 
-LOGS = ("steps.log", "env.log", "build.log", "tests.log", "bench.log", "diagnose.log", "suite.log")
+LOGS = ("steps.log", "build.log", "tests.log", "bench.log", "diagnose.log", "suite.log")
 
 
 def _json(path: str):
@@ -70,9 +73,16 @@ def collect(run_dir: str, results: str) -> list:
     on_gpu = str((gb or {}).get("environment", {}).get("device", "cuda")).startswith("cuda")
     kind = gpu_kind(name) if on_gpu else "cpu-gpu-bench"
     os.makedirs(results, exist_ok=True)
+    follow_up = False
     if gb is not None:
         written.append(os.path.join(results, f"gpu_bench-{kind}.json"))
-        shutil.copyfile(os.path.join(run_dir, "gpu_bench.json"), written[-1])
+        filed = _json(written[-1]) if os.path.exists(written[-1]) else None
+        follow_up = _same_commit(filed, gb)
+        if follow_up:   # a later call of one session: its rows join the first call's
+            with open(written[-1], "w") as fh:
+                json.dump(_merged(filed, gb), fh, indent=1, default=str)
+        else:
+            shutil.copyfile(os.path.join(run_dir, "gpu_bench.json"), written[-1])
     if suite is not None and suite.get("benchmarks"):
         written.append(os.path.join(results, f"{suite['regharm'].get('device_kind', kind)}.json"))
         shutil.copyfile(os.path.join(run_dir, "cuda.json"), written[-1])
@@ -82,8 +92,36 @@ def collect(run_dir: str, results: str) -> list:
         os.makedirs(log_dir, exist_ok=True)
         for f in logs:
             written.append(os.path.join(log_dir, f))
-            shutil.copyfile(os.path.join(run_dir, f), written[-1])
+            if follow_up and os.path.exists(written[-1]):   # after the first call's, not over it
+                with open(os.path.join(run_dir, f)) as src, open(written[-1], "a") as dst:
+                    dst.write(f"\n== a later call of the same commit ({run_dir}) ==\n" + src.read())
+            else:
+                shutil.copyfile(os.path.join(run_dir, f), written[-1])
     return written
+
+
+def _same_commit(filed, new) -> bool:
+    """Whether ``new`` (a gpu_bench.json) comes from the commit of the one already filed: a
+    second call of one GPU session (gpu_check.sh's header), whose device starts with an empty
+    $OUT, so its report holds only what that call ran."""
+    commit = lambda r: (r or {}).get("environment", {}).get("git_commit")   # noqa: E731
+    return filed is not None and commit(filed) is not None and commit(filed) == commit(new)
+
+
+def _merged(filed: dict, new: dict) -> dict:
+    """``filed`` with ``new``'s rows (a row of the same bench and backend replaced), pairs and
+    skips; the acceptance block recomputed over the whole (gpu_bench.acceptance)."""
+    from gpu_bench import acceptance
+    out = dict(filed)
+    fresh = {(r.get("bench"), r.get("backend")) for r in new.get("results", [])}
+    out["results"] = [r for r in filed.get("results", []) if (r.get("bench"), r.get("backend")) not in fresh] \
+        + list(new.get("results", []))
+    out["paired"] = {**filed.get("paired", {}), **new.get("paired", {})}
+    out["skipped"] = list(filed.get("skipped", [])) + [x for x in new.get("skipped", [])
+                                                       if x not in filed.get("skipped", [])]
+    out["settings"] = {**filed.get("settings", {}), **new.get("settings", {})}
+    out["acceptance"] = acceptance(out["results"], out["paired"] or None)
+    return out
 
 
 def main(argv=None) -> int:

@@ -2,20 +2,22 @@
 # The one script a GPU session runs, from the repository root:
 #     REGHARM_COMMIT=<hash> bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/run)
 # 1. env: GPU, versions, commit (into steps.log)  2. build: editable install with the CUDA ops for sm_90
-# 2b. throw: benchmarks/cuda_throw_check.py (errors raised in the CUDA glue), into diagnose.log
 # 3. bench: benchmarks/gpu_bench.py -> OUT_DIR/gpu_bench.json (the issues' acceptance numbers, each
 #    timed entry's results checked against float64 at the timed sizes: benchmarks/bench_check.py;
 #    then each time criterion as BENCH_PAIRS (5) alternating ours/baseline pairs in one process);
 #    the variant rows (PERF_NOTES items' before/after) come last but the suite
-#    (VARIANTS=0 skips them, BENCH_ROWS=all times everything in the bench step; BENCH=0 skips it)
+#    (VARIANTS=0 skips them, BENCH_ROWS=all times everything in the bench step; BENCH=0 skips it);
+#    it leaves TESTS_RESERVE_S (120) of the deadline to the tests
 # 4. tests: the CUDA tests (Triton and native kernels, CUDA training), in parallel with xdist,
 #    each test at most 90 s where pytest-timeout is installed
+# 4b. throw: benchmarks/cuda_throw_check.py (errors raised in the CUDA glue), into diagnose.log
 # 5. sanitize, ncu: the native CUDA kernels under compute-sanitizer (benchmarks/sanitize_cuda.py)
 #    and Nsight Compute (benchmarks/ncu_kernels.py), both into OUT_DIR/diagnose.log
 # 6. variants: the variant rows into gpu_bench.json
 # 7. suite: the pytest-benchmark suite on cuda -> OUT_DIR/cuda.json, with the time that is left
-# The whole script ends by DEADLINE_S (default 420 s: a session's 15 minutes of device time then
-# leave room for a second call on the still-warm machine); every step has its own limit within
+# The whole script ends by DEADLINE_S (default 480 s: build ~75, bench <= 275, tests 120; a
+# session's 15 minutes of device time, less a start of a minute or two, then leave room for a
+# second call on the still-warm machine); every step has its own limit within
 # that and is interrupted with SIGINT (pytest and gpu_bench still write what they have). A
 # failing step does not stop the next ones. Each step logs to OUT_DIR/<step>.log (sanitize and ncu
 # together to diagnose.log); OUT_DIR/steps.log sums up rc and seconds and holds the env facts.
@@ -23,11 +25,13 @@
 # REGHARM_COMMIT names the commit the tree is: the device copy's .git can be stale, so give the
 # literal hash taken on the CPU machine, never $(git rev-parse HEAD) inside the device command.
 # From a session with the device tool (commit first; HASH = `git rev-parse HEAD` run here):
-#     run(command='REGHARM_COMMIT=HASH bash benchmarks/gpu_check.sh "$OUT"', timeout_s=450)
+#     run(command='REGHARM_COMMIT=HASH bash benchmarks/gpu_check.sh "$OUT"', timeout_s=510)
 # then at once (the machine stays warm ~30 s; the build is kept), with the time left:
 #     SKIP_BUILD=1 THROW=0 BENCH=0 TESTS=0 DEADLINE_S=<left - 60> REGHARM_COMMIT=HASH \
 #       SANITIZE_ARGS="--backend triton --rounds 5" bash benchmarks/gpu_check.sh "$OUT"
-# then here: python benchmarks/collect_gpu.py <the reply's files_at>; commit benchmarks/results.
+# then here, for each call in order: python benchmarks/collect_gpu.py <that reply's files_at>
+# (a later call of the same commit is merged into the first's report and logs); commit
+# benchmarks/results.
 # Dry run without a GPU: SKIP_BUILD=1 BENCH_ARGS="--device cpu --quick" SUITE=0 bash benchmarks/gpu_check.sh /tmp/x
 # A rerun that checks fixes first (build, tests, sanitizer, then some acceptance numbers, ~4 min):
 #     BENCH_LAST=1 NCU=0 SUITE=0 DEADLINE_S=240 BENCH_ARGS="--only ptl,masked_attention" bash benchmarks/gpu_check.sh "$OUT"
@@ -46,7 +50,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # importable even if the install fails
 unset TRITON_INTERPRET                                  # the kernels must be compiled here
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-DEADLINE_S="${DEADLINE_S:-420}"
+DEADLINE_S="${DEADLINE_S:-480}"
 T0=$(date +%s)
 
 step() {  # step [--log FILE] NAME LIMIT_S CMD...: runs CMD for at most LIMIT_S (exported to it as
@@ -87,20 +91,21 @@ step build 150 bash -c 'export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16;
 assert torch._C._dispatch_has_kernel_for_dispatch_key(\"regharm::patch_stats\", \"CUDA\"), \"built without CUDA\""' "$PY"
 fi
 
-# an argument error raised in the CUDA glue must reach Python (a pytest worker once segfaulted
-# at one); a native backtrace from cuda-gdb when it does not. Into diagnose.log (8 files come back)
 : >"$OUT_DIR/diagnose.log"
-if [ "${THROW:-1}" = 1 ]; then
-step --log diagnose.log throw 60 bash -c '"$0" benchmarks/cuda_throw_check.py && exit 0
-  gdb=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
-  echo "== rerun under $gdb"; timeout 40 "$gdb" -q -batch -ex run -ex bt --args "$0" benchmarks/cuda_throw_check.py
-  exit 1' "$PY"
-fi
 
 # the acceptance numbers first: they are what a GPU session is for (BENCH_LAST=1: after the
 # tests and the sanitizer instead, for a rerun that checks fixes first)
 # shellcheck disable=SC2086
-bench() { step bench 300 "$PY" benchmarks/gpu_bench.py --isolate --rows "${BENCH_ROWS:-lines}" --pairs "${BENCH_PAIRS:-5}" --out "$OUT_DIR" ${BENCH_ARGS:-}; }
+bench() {  # the tests after it keep TESTS_RESERVE_S (their ~70-90 s on an H100) of the deadline
+  local limit=300 reserve=0
+  [ "${TESTS:-1}" = 1 ] && [ "${BENCH_LAST:-0}" != 1 ] && reserve=${TESTS_RESERVE_S:-120}
+  local left=$(( DEADLINE_S - ($(date +%s) - T0) - 10 - reserve ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 30 ]; then
+    echo "bench skipped: ${limit}s left before the tests' reserve" | tee -a "$OUT_DIR/steps.log"; return 0
+  fi
+  step bench "$limit" "$PY" benchmarks/gpu_bench.py --isolate --rows "${BENCH_ROWS:-lines}" --pairs "${BENCH_PAIRS:-5}" --out "$OUT_DIR" ${BENCH_ARGS:-}
+}
 [ "${BENCH_LAST:-0}" = 1 ] || [ "${BENCH:-1}" = 0 ] || bench
 
 # every test that needs a GPU; xdist (in the device image) compiles the Triton kernels in parallel
@@ -111,6 +116,16 @@ export TORCHINDUCTOR_COMPILE_THREADS=2   # 8 workers, 16 cores: no pool of 16 co
 if [ "${TESTS:-1}" = 1 ]; then
 step tests 180 "$PY" -m pytest tests/test_triton_cuda.py tests/test_cuda_native.py tests/test_masked_norm.py \
   tests/test_crash_safety.py tests/test_native.py tests/test_ptl_node.py -k "cuda or libstdcxx" -p no:cacheprovider -q -rfEs --durations=10 "${xdist[@]}"
+fi
+
+# an argument error raised in the CUDA glue must reach Python (a pytest worker once segfaulted
+# at one); a native backtrace from cuda-gdb when it does not. Into diagnose.log (8 files come
+# back). After the acceptance numbers and the tests: it took 22-42 s of their time on the H100
+if [ "${THROW:-1}" = 1 ]; then
+step --log diagnose.log throw 60 bash -c '"$0" benchmarks/cuda_throw_check.py && exit 0
+  gdb=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
+  echo "== rerun under $gdb"; timeout 40 "$gdb" -q -batch -ex run -ex bt --args "$0" benchmarks/cuda_throw_check.py
+  exit 1' "$PY"
 fi
 
 # the GPU's own view of the CUDA kernels, both into diagnose.log (8 files come back at most):
@@ -146,6 +161,7 @@ step suite 400 "$PY" -m pytest benchmarks/test_bench_ops.py benchmarks/test_benc
   -q -p no:cacheprovider --benchmark-json "$OUT_DIR/cuda.json"
 fi
 
+rm -f "$OUT_DIR"/*.tmp   # a report cut mid-write: the 8 files that come back are the results
 echo "== done in $(( $(date +%s) - T0 ))s; results in $OUT_DIR"
 cat "$OUT_DIR/steps.log"
 "$PY" - "$OUT_DIR/gpu_bench.json" <<'EOF' || true

@@ -334,3 +334,34 @@ def test_a_tool_past_its_limit_is_killed_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the tool's child {child} is still running")
+
+
+def test_a_second_call_of_one_session_joins_the_first_when_filed(tmp_path):
+    """gpu_check.sh's second call starts with an empty $OUT: its report holds the variant rows
+    only. Filed after the first (same commit), it adds them; the acceptance lines and the first
+    call's logs stay. A run of another commit replaces the report."""
+    env = {"device": "cuda:0", "device_name": "NVIDIA H200", "git_commit": "abc123"}
+    first = {"environment": env, "settings": {}, "skipped": [], "results": [
+        {"bench": "ptl", "backend": "triton", "fwd_bwd_ms": 1.0, "check": {"ok": True}},
+        {"bench": "ptl", "backend": "torch", "fwd_bwd_ms": 3.0, "check": {"ok": True}}]}
+    second = {"environment": env, "settings": {}, "skipped": [], "acceptance": {}, "results": [
+        {"bench": "ptl", "backend": "native_tiles", "fwd_bwd_ms": 2.0, "check": {"ok": True}}]}
+    results, collect = tmp_path / "results", _collect_module()
+    for i, report in enumerate((first, second)):
+        run = tmp_path / f"call{i}"
+        run.mkdir()
+        (run / "gpu_bench.json").write_text(json.dumps(report))
+        (run / "steps.log").write_text(f"call {i}\n")
+        collect.collect(str(run), str(results))
+    filed = json.loads((results / "gpu_bench-cuda-nvidia-h200.json").read_text())
+    assert {r["backend"] for r in filed["results"]} == {"triton", "torch", "native_tiles"}
+    line = filed["acceptance"]["triton PTL fwd+bwd >= 2x faster than torch (fp32)"]
+    assert line["holds"] and line["ratio"] == round(1 / 3, 4)
+    steps = (results / "logs-cuda-nvidia-h200" / "steps.log").read_text()
+    assert steps.startswith("call 0\n") and "a later call of the same commit" in steps and "call 1" in steps
+    run = tmp_path / "other"
+    run.mkdir()
+    (run / "gpu_bench.json").write_text(json.dumps(dict(second, environment=dict(env, git_commit="def456"))))
+    collect.collect(str(run), str(results))
+    filed = json.loads((results / "gpu_bench-cuda-nvidia-h200.json").read_text())
+    assert [r["backend"] for r in filed["results"]] == ["native_tiles"]
