@@ -489,10 +489,10 @@ def _normal_config(config: Dict) -> Dict:
     size = out.get("input_size")
     if isinstance(size, (int, float)) and not isinstance(size, bool):
         out["input_size"] = [size, size]
+    elif isinstance(size, tuple):
+        out["input_size"] = list(size)
     if isinstance(out.get("ltl_levels"), (list, tuple)):
         out["ltl_levels"] = sorted(out["ltl_levels"])
-    if isinstance(out.get("input_size"), tuple):
-        out["input_size"] = list(out["input_size"])
     return out
 
 

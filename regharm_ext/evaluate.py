@@ -212,7 +212,8 @@ def main(argv=None) -> int:
                    help="run folder or weights file (default: the packaged default weights)")
     p.add_argument("--data-root", default=None, type=Path,
                    help="iHarmony4 root (default: the embedded synthetic validation split)")
-    p.add_argument("--subsets", nargs="+", default=None, help="subsets to score, e.g. HCOCO HFlickr (or HCOCO,HFlickr; default: all present)")
+    p.add_argument("--subsets", nargs="+", default=None,
+                   help="subsets to score, e.g. HCOCO HFlickr (or HCOCO,HFlickr; default: all present)")
     p.add_argument("--split", default="test", choices=["test", "train"],
                    help="list to score (without --data-root: 'train' scores the embedded training split)")
     p.add_argument("--method", nargs="+", default=["model"], choices=METHODS,

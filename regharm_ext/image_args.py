@@ -1,11 +1,13 @@
 """Checks of the images and masks that users hand to the public functions (inference, metrics,
 loss, baselines), so that each names the argument, the shape or dtype it got and the fix.
 
-Dtype and shape checks only cost Python; the value check (:func:`check_mask_values`) reads the
-mask, so it is kept to entry points that are not in a training step.
+Dtype and shape checks only cost Python; the value checks (:func:`check_mask_values`,
+:func:`check_image_values`) read the data, so they are kept to entry points that are not in a
+training step.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -57,7 +59,7 @@ def check_image_values(image: torch.Tensor, name: str = "image") -> None:
     if not image.numel():
         return
     lo, hi = (float(v) for v in image.aminmax())
-    if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
+    if not (math.isfinite(lo) and math.isfinite(hi)):   # NaN anywhere makes both NaN
         raise ValueError(f"{name} holds NaN or infinite values: it must be colours in [0, 1]")
     if lo < -1e-3 or hi > 1 + 1e-3:
         hint = f"; for 8-bit values use {name} / 255" if hi > 1 else ""

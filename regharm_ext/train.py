@@ -1150,7 +1150,8 @@ def main(argv=None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:   # outside the training loop (set-up, the final table): no traceback
-        where = f"; continue with: python -m regharm_ext.train --out {run_dir} --resume" if run_dir else ""
+        written = run_dir is not None and (run_dir / "config.json").is_file()
+        where = f"; continue with: python -m regharm_ext.train --out {run_dir} --resume" if written else ""
         print(f"\ninterrupted{where}", file=sys.stderr, flush=True)
         return 1
     finally:
