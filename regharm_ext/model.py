@@ -67,7 +67,8 @@ def memory_format_for(name: str, device: Union[str, torch.device]) -> torch.memo
 
     ``"auto"`` is ``channels_last`` on the CPU, where oneDNN's convolutions then run without
     reordering every activation (measured on 2 cores: a demo training step 12-15 % faster, a paper
-    step 15-25 %, batched inference 13-24 %), and ``contiguous`` elsewhere (unmeasured on GPUs).
+    step 9-20 %, batched inference 13-24 %, one image 5-8 %: the README's benchmark table), and
+    ``contiguous`` elsewhere (unmeasured on GPUs).
     PTL and LTL accept either layout; their ops return contiguous tensors."""
     if name not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {name!r}")
