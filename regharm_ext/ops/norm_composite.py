@@ -61,10 +61,6 @@ class CompositeNorm(torch.autograd.Function):
             return as_dtype(xc * r, x.dtype)
         B, C = x.shape[:2]
         y_t = xc.flatten(2).transpose(1, 2)
-        if torch.compiler.is_compiling():
-            # torch 2.11's compiler gets the gradient wrong through the out= write below (a
-            # Function output written by out=); the compiler fuses the copy anyway
-            return (y_t * r.view(B, 1, C)).to(x.dtype).contiguous()
         # written straight in the attention's (B, HW, C) layout: a transposed view would be
         # copied to a contiguous one by the op (one more pass over x's size)
         y = torch.empty(B, x.shape[2] * x.shape[3], C, dtype=x.dtype, device=x.device)
@@ -94,6 +90,12 @@ def composite(x: torch.Tensor, weight: torch.Tensor, eps: float, tokens: bool = 
     """y of the op by plain torch ops: Tensor[B, HW, C] (``tokens``) or Tensor[B, C, H, W]. A
     weight that needs a gradient gets one through autograd of the formula."""
     if not weight.requires_grad:
+        if tokens and torch.compiler.is_compiling():
+            # torch 2.11's compiler gets x's gradient wrong through the tokens layout (the out=
+            # write below, and for channels_last x without it too: off by 25): the norm in x's
+            # layout, then the transpose, which the compiler fuses anyway
+            y = CompositeNorm.apply(x, weight, eps, False)
+            return y.flatten(2).transpose(1, 2).contiguous()
         return CompositeNorm.apply(x, weight, eps, tokens)
     _, xc, var, _ = weighted_stats(x.to(acc_dtype(x)), weight.to(acc_dtype(x)))
     y = (xc / torch.sqrt(var + eps)).to(x.dtype)
