@@ -1087,7 +1087,9 @@ def _cli_config(args, overrides: Dict[str, Any]) -> Tuple[TrainConfig, Path]:
             preset = args.preset or "demo"
             cfg = preset_config(preset, **overrides)
             run_dir = Path(args.out) if args.out else _new_run_dir(preset)
-            if _holds_run(run_dir):
+            # a default directory was just claimed (rank 0) or is not this rank's to write (the
+            # others name it by their own clock, without rank 0's -2 suffix): --out only
+            if args.out and _holds_run(run_dir):
                 raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or another --out")
     except ConfigError:
         raise
@@ -1133,8 +1135,9 @@ def _elastic_restart(args) -> bool:
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 1 stopped early (interrupted, --max-steps), 2 bad input or
-    configuration (one-line message), 3 stopped on a non-finite loss."""
+    """Exit status: 0 done, 1 stopped early (interrupted, --max-steps; 0 under torchrun
+    --max-restarts, which restarts a job on 1), 2 bad input or configuration (one-line
+    message), 3 stopped on a non-finite loss."""
     from .data.image_file import ImageFileError
     from .data.iharmony4 import DataError
 
@@ -1163,10 +1166,16 @@ def main(argv=None) -> int:
         if distributed.from_env().is_main:
             print(f"error: {result['error']}", file=sys.stderr, flush=True)
         return 3
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    # a stop asked for (--max-steps, Ctrl-C, SIGTERM) under torchrun --max-restarts: a non-zero
+    # status would make torchrun restart the job, which resumes and goes on past the stop
+    elastic = restarts.isdigit() and int(restarts) > 0
     if distributed.from_env().is_main:
+        note = (" (exit status 0: torchrun --max-restarts would restart the job on 1)"
+                if elastic and result["stopped"] in ("max_steps", "interrupted") else "")
         print(f"{result['stopped']}: step {result['state']['step']}, {time.time() - t0:.0f} s in this process; "
-              f"run directory {run_dir}", flush=True)
-    return 0 if result["stopped"] in ("done", "time") else 1
+              f"run directory {run_dir}{note}", flush=True)
+    return 0 if result["stopped"] in ("done", "time") or elastic else 1
 
 
 if __name__ == "__main__":

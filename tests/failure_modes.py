@@ -114,6 +114,9 @@ TRAINING: List[Tuple[str, str, str, str]] = [
     ("training", "torchrun `--max-restarts N`: one rank dies",
      "the restarted job resumes the run in `--out` from its last checkpoint and finishes it",
      "test_distributed.py::test_torchrun_restart_after_a_rank_dies_resumes_the_run"),
+    ("training", "torchrun `--max-restarts N`: `--max-steps`, Ctrl-C or SIGTERM",
+     "the job stops there with exit status 0 (1 would make torchrun restart it past the stop)",
+     "test_distributed.py::test_torchrun_with_restarts_stops_where_asked"),
 ]
 
 

@@ -311,3 +311,36 @@ def test_torchrun_two_gpus_nccl_match_one_gpu(tmp_path):
     logs = [[json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
             for d in ("ddp", "one")]
     assert logs[0] == pytest.approx(logs[1], rel=1e-3)
+
+
+def test_a_non_zero_rank_does_not_judge_rank_0s_default_run_directory(tmp_path, monkeypatch):
+    """Without --out, rank 0 claims runs/<preset>-<time> (or -2 when taken); another rank names
+    it by its own clock, without the suffix, and refused a taken name ("already holds a run"),
+    which killed the job. It writes nothing to a new run, so it does not check."""
+    from regharm_ext import train as tr
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tr.time, "strftime", lambda fmt, *a: "20260101-000000")
+    taken = tmp_path / "runs" / "smoke-20260101-000000"
+    taken.mkdir(parents=True)
+    (taken / "config.json").write_text("{}")
+    args = tr.build_parser().parse_args(["--preset", "smoke"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert tr._cli_config(args, {})[1] == Path("runs/smoke-20260101-000000")
+    monkeypatch.setenv("RANK", "0")
+    assert tr._cli_config(args, {})[1] == Path("runs/smoke-20260101-000000-2")
+
+
+def test_torchrun_with_restarts_stops_where_asked(tmp_path):
+    """--max-steps under `torchrun --max-restarts N`: the job ends there (exit status 0, said in
+    the last line); on 1 torchrun restarted it, and the restart resumed past the stop."""
+    import json
+
+    run = tmp_path / "stop"
+    proc = _torchrun(tmp_path, ["--out", str(run), "--epochs", "4", "--max-steps", "3"], {},
+                     torchrun_args=("--max-restarts", "2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "max_steps: step 3" in proc.stdout and "torchrun --max-restarts would restart" in proc.stdout
+    assert "restarted the job" not in proc.stdout
+    assert json.loads((run / "latest.json").read_text())["step"] == 3
