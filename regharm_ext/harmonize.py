@@ -164,16 +164,20 @@ def _batch(a: np.ndarray, dev) -> torch.Tensor:
 
 
 def _model_inputs(model, image: np.ndarray, mask: np.ndarray, dev) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Image (Tensor[1, 3, S, S]) and mask (Tensor[1, 1, S, S]) at the model's input size: torch's
-    antialiased resize as in :mod:`regharm_ext.inference`, or Pillow's on 8-bit data for images
-    above LEAN_PIXELS (no full-resolution float copy)."""
+    """Image (Tensor[1, 3, S, S]) and mask (Tensor[1, 1, S, S]) at the model's input size, in its
+    parameters' dtype (a 16-bit model takes 16-bit input): torch's antialiased resize as in
+    :mod:`regharm_ext.inference`, or Pillow's on 8-bit data for images above LEAN_PIXELS (no
+    full-resolution float copy)."""
     h, w = mask.shape
     size = model_size(model) or (h, w)
     if h * w > LEAN_PIXELS and (h, w) != size:
         x = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
         m = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.BILINEAR))
-        return _batch(x, dev), _batch(m, dev)
-    return resize(_batch(image, dev), size), resize(_batch(mask, dev), size).clamp(0, 1)
+        pair = _batch(x, dev), _batch(m, dev)
+    else:
+        pair = resize(_batch(image, dev), size), resize(_batch(mask, dev), size).clamp(0, 1)
+    dtype = _param_dtype(model) or torch.float32
+    return pair[0].to(dtype), pair[1].to(dtype)
 
 
 def check_arrays(image, mask) -> None:
@@ -200,12 +204,6 @@ def check_arrays(image, mask) -> None:
                          "foreground (mask * 255), as read_mask does for 0/1 label maps")
 
 
-def _model_dtype_inputs(model, image, mask, dev):
-    """:func:`_model_inputs` in the model's parameter dtype (a 16-bit model takes 16-bit input)."""
-    dtype = _param_dtype(model) or torch.float32
-    return tuple(t.to(dtype) for t in _model_inputs(model, image, mask, dev))
-
-
 def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") -> np.ndarray:
     """Harmonized image (uint8 [H, W, 3]) of ``image`` (uint8 [H, W, 3]) with ``mask`` (uint8
     [H, W], 255 = foreground, soft values are weights); identical to ``image`` wherever ``mask``
@@ -216,7 +214,7 @@ def harmonize_array(model, image: np.ndarray, mask: np.ndarray, device="cpu") ->
     out = np.empty_like(image)
     grey = bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
     with torch.no_grad(), _EvalMode(model):
-        up = _Upsampler(model.predict_raw(*_model_dtype_inputs(model, image, mask, dev)), mask.shape)
+        up = _Upsampler(model.predict_raw(*_model_inputs(model, image, mask, dev)), mask.shape)
         for y0, y1 in _strips(*mask.shape):
             o = model.compose(_batch(image[y0:y1], dev), up.rows(y0, y1), _batch(mask[y0:y1], dev))
             if grey:
@@ -232,7 +230,7 @@ def contribution_map(model, image: np.ndarray, mask: np.ndarray, device="cpu") -
     dev = torch.device(device)
     out = np.empty(mask.shape, np.float32)
     with torch.no_grad(), _EvalMode(model):
-        c = model.ptl_contribution(*_model_dtype_inputs(model, image, mask, dev))
+        c = model.ptl_contribution(*_model_inputs(model, image, mask, dev))
         up = _Upsampler(c[:, None], mask.shape)
         for y0, y1 in _strips(*mask.shape):
             out[y0:y1] = up.rows(y0, y1)[0, 0].clamp_min(0).cpu().numpy()
